@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Start, stop or query the local MLflow tracking server: SQLite backend, artifacts proxied to a folder.
+#   mlflow/server.sh start|stop|status|url
+# Settings (environment): MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1), MLOPS_VAR (<repo>/var),
+# MLFLOW_BIN (the steps environment's mlflow).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+var=${MLOPS_VAR:-$root/var}
+state=$var/mlflow
+port=${MLFLOW_PORT:-5000}
+host=${MLFLOW_HOST:-127.0.0.1}
+mlflow_bin=${MLFLOW_BIN:-$root/.venvs/steps/bin/mlflow}
+pidfile=$state/server.pid
+url="http://$host:$port"
+
+healthy() { curl -fsS -m 2 "$url/health" >/dev/null 2>&1; }
+running() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+
+case "${1:-}" in
+  start)
+    if running && healthy; then echo "$url"; exit 0; fi
+    if healthy; then
+      echo "error: something else already answers on $url; set MLFLOW_PORT to another port" >&2; exit 1
+    fi
+    [[ -x $mlflow_bin ]] || { echo "error: $mlflow_bin not found; run 'make envs' first" >&2; exit 1; }
+    mkdir -p "$state/artifacts"
+    # setsid: the server and its workers form one process group that 'stop' can end together.
+    setsid "$mlflow_bin" server \
+        --backend-store-uri "sqlite:///$state/mlflow.db" \
+        --artifacts-destination "$state/artifacts" \
+        --host "$host" --port "$port" --workers 1 \
+        >"$state/server.log" 2>&1 < /dev/null &
+    echo $! >"$pidfile"
+    for _ in $(seq 1 120); do
+      if healthy; then echo "$url"; exit 0; fi
+      if ! running; then break; fi
+      sleep 0.5
+    done
+    echo "error: MLflow server did not become healthy on $url; log: $state/server.log" >&2
+    tail -n 20 "$state/server.log" >&2 || true
+    exit 1
+    ;;
+  stop)
+    if running; then
+      pid=$(cat "$pidfile")
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+    ;;
+  status)
+    if running && healthy; then echo "running: $url (pid $(cat "$pidfile"))"; else echo "stopped"; exit 3; fi
+    ;;
+  url) echo "$url" ;;
+  *) echo "usage: $0 start|stop|status|url" >&2; exit 64 ;;
+esac

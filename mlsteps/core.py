@@ -1,0 +1,150 @@
+"""What every step shares: typed configs that become CLIs, result files, atomic outputs, logging."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+# KubernetesPodOperator's XCom sidecar reads exactly this file.
+DEFAULT_RESULT_PATH = "/airflow/xcom/return.json"
+RESULT_PATH_ENV = "MLSTEPS_RESULT_PATH"
+
+log = logging.getLogger("mlsteps")
+
+
+class StepError(Exception):
+    """A failure the user can act on; the CLI prints it without a stack trace and exits 2."""
+
+
+C = TypeVar("C")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:
+    """A config field with a one-line meaning that doubles as its ``--help`` text."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _cli_type(annotation: Any) -> tuple[Callable[[str], Any], bool]:
+    """Return (parser, optional) for a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return _cli_type(inner)[0], True
+    if annotation is bool:
+        return _parse_bool, False
+    if annotation in (int, float, str):
+        return annotation, False
+    if origin is tuple:
+        item = args[0]
+        return (lambda s: tuple(item(x) for x in s.split(",") if x.strip())), False
+    raise TypeError(f"unsupported config field type {annotation!r}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(config_cls: type[C], argv: Sequence[str] | None, description: str) -> tuple[C, Path]:
+    """Build an argparse CLI from a frozen config dataclass; return the config and the result path."""
+    hints = typing.get_type_hints(config_cls)
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(config_cls):
+        convert, optional = _cli_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+
+        def parse(text: str, convert: Callable[[str], Any] = convert, optional: bool = optional) -> Any:
+            if optional and text in ("", "None", "none"):
+                return None
+            return convert(text)
+
+        parser.add_argument(flag, dest=f.name, type=parse, required=required, default=default,
+                            help=f.metadata.get("help", "") + ("" if required else f" (default: {default})"))
+    parser.add_argument("--result-path", default=os.environ.get(RESULT_PATH_ENV, DEFAULT_RESULT_PATH),
+                        help=f"where the result JSON is written (env {RESULT_PATH_ENV}; default: %(default)s)")
+    ns = vars(parser.parse_args(argv))
+    result_path = Path(ns.pop("result_path"))
+    return config_cls(**ns), result_path
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("MLSTEPS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+COMPLETE_MARKER = "_COMPLETE"
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a scratch directory that becomes ``final`` (with a completion marker) only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield scratch
+        (scratch / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists():  # a concurrent writer finished first with the same content
+            shutil.rmtree(scratch)
+        else:
+            os.rename(scratch, final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def safe_name(text: str) -> str:
+    """A filesystem-safe rendering of a run key such as ``mnist_training/manual__2026-01-01T00:00:00+00:00``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str,
+        argv: Sequence[str] | None = None) -> int:
+    """Shared ``main``: parse flags into the config, run the step, write its result for XCom."""
+    setup_logging()
+    config, result_path = parse_config(config_cls, argv, description)
+    try:
+        result = run(config)
+    except StepError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_json_atomic(result_path, result)
+    log.info("result written to %s", result_path)
+    return 0

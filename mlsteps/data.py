@@ -1,0 +1,64 @@
+"""Reading what ``prep`` wrote: the manifest and tf.data pipelines over its TFRecord shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .core import StepError, is_complete
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read a prepared dataset's manifest; refuse one whose folder was never completed."""
+    path = Path(path)
+    if not path.is_file():
+        raise StepError(f"{path}: manifest not found; run the prep step first (or check --manifest)")
+    if not is_complete(path.parent):
+        raise StepError(f"{path.parent}: dataset folder is incomplete (no completion marker); run prep again")
+    manifest = json.loads(path.read_text())
+    manifest["root"] = str(path.parent)
+    return manifest
+
+
+def split_files(manifest: dict[str, Any], split: str) -> list[str]:
+    return [str(Path(manifest["root"]) / name) for name in manifest["splits"][split]["files"]]
+
+
+def dataset(manifest: dict[str, Any], split: str, *, batch_size: int, shuffle: bool = False,
+            seed: int = 0, cache: bool = True) -> Any:
+    """Batches of (float32 images HxW in 0..255, int32 labels); parse in parallel, cache, shuffle, prefetch."""
+    import tensorflow as tf
+
+    height, width = manifest["image_shape"]
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(records: Any) -> tuple[Any, Any]:
+        parsed = tf.io.parse_example(records, spec)
+        images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, height, width])
+        return images, tf.cast(parsed["label"], tf.int32)
+
+    files = split_files(manifest, split)
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 8))
+    # Parse in batches (vectorised), then cache the compact uint8 examples in memory.
+    ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(min(manifest["splits"][split]["count"], 20000), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def arrays(manifest: dict[str, Any], split: str) -> tuple[Any, Any]:
+    """The whole split as numpy arrays (uint8 images, int labels)."""
+    import numpy as np
+
+    images, labels = [], []
+    for x, y in dataset(manifest, split, batch_size=8192, cache=False).as_numpy_iterator():
+        images.append(x.astype(np.uint8))
+        labels.append(y)
+    if not images:
+        height, width = manifest["image_shape"]
+        return np.zeros((0, height, width), np.uint8), np.zeros((0,), np.int32)
+    return np.concatenate(images), np.concatenate(labels)

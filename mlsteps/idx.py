@@ -1,0 +1,56 @@
+"""Strict reader and writer for the IDX format of MNIST-style datasets (gzipped or raw)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .core import StepError
+
+_UBYTE = 0x08
+
+
+class IdxFormatError(StepError):
+    """An IDX file whose header or length is not what the format requires."""
+
+
+def decompress(path: Path, raw: bytes) -> bytes:
+    """Return the IDX payload of a file's bytes, un-gzipping when it is gzipped."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IdxFormatError(f"{path}: gzip stream is corrupt or truncated ({exc}); "
+                                 "delete the file and prepare again") from exc
+    return raw
+
+
+def parse(path: Path, payload: bytes, *, expect_ndim: int) -> np.ndarray:
+    """Parse one IDX payload; every header field and the exact length are checked."""
+    if len(payload) < 4:
+        raise IdxFormatError(f"{path}: {len(payload)} bytes is too short for an IDX header")
+    zero, dtype, ndim = struct.unpack(">HBB", payload[:4])
+    if zero != 0 or dtype != _UBYTE or ndim != expect_ndim:
+        kind = "labels (magic 0x00000801)" if expect_ndim == 1 else "images (magic 0x00000803)"
+        raise IdxFormatError(f"{path}: wrong magic number 0x{payload[:4].hex()}; expected IDX {kind}")
+    header = 4 + 4 * ndim
+    if len(payload) < header:
+        raise IdxFormatError(f"{path}: header truncated ({len(payload)} bytes, needs {header})")
+    dims = struct.unpack(f">{ndim}I", payload[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(payload) != expected:
+        what = "truncated" if len(payload) < expected else "has trailing bytes"
+        raise IdxFormatError(f"{path}: file {what}: dimensions {list(dims)} need {expected} bytes, "
+                             f"found {len(payload)}")
+    return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def encode(array: np.ndarray) -> bytes:
+    """Serialize a uint8 array as an IDX payload (used by tests and tools that make small datasets)."""
+    if array.dtype != np.uint8:
+        raise ValueError("IDX writer supports uint8 only")
+    return struct.pack(">HBB", 0, _UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()

@@ -1,0 +1,262 @@
+"""prep: obtain the four IDX files, verify and parse them, write sharded TFRecords and a manifest.
+
+Files are looked for in the user's folder, then the cache under the data root, then the folders where
+OS packages install datasets (Debian's ``dataset-fashion-mnist``), and only then downloaded from the
+dataset's public mirrors. The output lives under a content-addressed path, so the same data is never
+prepared twice, and it appears there only once complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from . import datasets, idx
+from .core import StepError, atomic_directory, cli, field, is_complete
+
+log = logging.getLogger("mlsteps.prep")
+
+# Bump when the TFRecord layout changes, so old outputs are not mistaken for new ones.
+FORMAT_VERSION = 1
+
+
+class DatasetChecksumError(StepError):
+    """A dataset file whose SHA-256 is not one of the known digests."""
+
+
+class DatasetUnavailableError(StepError):
+    """No local copy and no mirror could deliver a file."""
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    data_root: str = field(help="root folder for caches and prepared datasets (a shared PVC in production)")
+    dataset: str = field("mnist", help=f"one of {', '.join(datasets.DATASET_NAMES)}")
+    source_dir: str | None = field(None, help="folder holding the four IDX files (.gz or raw); skips search and download")
+    mirrors: tuple[str, ...] | None = field(None, help="comma-separated base URLs to download from, overriding the dataset's own")
+    verify_checksums: bool = field(True, help="check files against the known SHA-256 digests (not possible for 'custom')")
+    val_fraction: float = field(0.1, help="share of the training set held out for per-epoch validation")
+    records_per_shard: int = field(10000, help="TFRecord examples per shard file")
+    num_classes: int = field(10, help="number of classes (only used for the 'custom' dataset)")
+    download_timeout: float = field(30.0, help="seconds before one download attempt gives up")
+    seed: int = field(1234, help="seed of the train/validation split")
+
+
+def _spec(config: PrepConfig) -> datasets.DatasetSpec:
+    if config.dataset == "custom":
+        if not config.source_dir:
+            raise StepError("dataset 'custom' needs --source-dir pointing at a folder with the four IDX files")
+        return datasets.custom(config.num_classes)
+    try:
+        return datasets.KNOWN[config.dataset]
+    except KeyError:
+        raise StepError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(datasets.DATASET_NAMES)}") from None
+
+
+def _find_in(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code == 429
+    if isinstance(exc, urllib.error.URLError):
+        # DNS failures and refused connections will not heal in seconds: try the next mirror instead.
+        return not isinstance(exc.reason, (socket.gaierror, ConnectionRefusedError))
+    return isinstance(exc, (TimeoutError, ConnectionError))
+
+
+@retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=1, max=8),
+       retry=retry_if_exception(_is_transient), reraise=True)
+def _download(url: str, dest: Path, timeout: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as response, dest.open("wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        done, last_report = 0, 0.0
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            if time.monotonic() - last_report > 2 or done == total:
+                share = f"{100 * done / total:.0f}%" if total else "?"
+                log.info("downloading %s: %.1f MiB (%s)", url, done / 2**20, share)
+                last_report = time.monotonic()
+
+
+def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile) -> Path:
+    """Return a local path for one file, downloading it into the cache when no copy exists."""
+    if config.source_dir:
+        found = _find_in(Path(config.source_dir), data_file.name)
+        if found is None:
+            raise StepError(f"{config.source_dir}: missing {data_file.name} (or its uncompressed form "
+                            f"{data_file.name.removesuffix('.gz')}); the folder must hold all four IDX files")
+        return found
+    cache = Path(config.data_root) / "cache" / spec.name
+    searched = [cache, *map(Path, spec.system_dirs)]
+    for folder in searched:
+        if found := _find_in(folder, data_file.name):
+            return found
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for base in config.mirrors or spec.mirrors:
+        url = base.rstrip("/") + "/" + data_file.name
+        partial = cache / f".{data_file.name}.download"
+        try:
+            _download(url, partial, config.download_timeout)
+            _verify(spec, config, data_file, partial, partial.read_bytes())
+        except (OSError, urllib.error.URLError, DatasetChecksumError) as exc:
+            partial.unlink(missing_ok=True)
+            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+            log.warning("mirror failed: %s", errors[-1])
+            continue
+        target = cache / data_file.name
+        partial.rename(target)
+        return target
+    tried = "\n  ".join(errors) or "(no mirrors configured)"
+    raise DatasetUnavailableError(
+        f"cannot obtain {spec.name} file {data_file.name}: no local copy in "
+        f"{', '.join(map(str, searched))}, and every mirror failed:\n  {tried}\n"
+        "If this machine is offline, point prep at local IDX files with --source-dir DIR "
+        "(make demo SOURCE_DIR=DIR), or use DATASET=fashion_mnist after "
+        "'apt-get install dataset-fashion-mnist', which installs them under /usr/share/datasets/.")
+
+
+def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile,
+            path: Path, raw: bytes) -> bytes:
+    """Check one file against the known digests; return its decompressed IDX payload."""
+    payload = idx.decompress(path, raw)
+    if not config.verify_checksums or not (data_file.sha256 or data_file.content_sha256):
+        return payload
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest in data_file.sha256:
+        return payload
+    if data_file.content_sha256 and hashlib.sha256(payload).hexdigest() == data_file.content_sha256:
+        return payload
+    raise DatasetChecksumError(
+        f"{path}: SHA-256 {digest} does not match the known {spec.name} checksum(s) "
+        f"{', '.join(data_file.sha256)}; the file is corrupt or not the official {data_file.name}. "
+        "Delete it and run prep again, or use --dataset custom for your own IDX files.")
+
+
+def _load(spec: datasets.DatasetSpec, config: PrepConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays: dict[str, np.ndarray] = {}
+    sources: dict[str, Any] = {}
+    content = hashlib.sha256()
+    for data_file in spec.files:
+        path = _obtain(spec, config, data_file)
+        raw = path.read_bytes()
+        payload = _verify(spec, config, data_file, path, raw)
+        arrays[data_file.role] = idx.parse(path, payload, expect_ndim=3 if data_file.role.endswith("images") else 1)
+        content.update(hashlib.sha256(payload).digest())
+        sources[data_file.role] = {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise idx.IdxFormatError(f"{split} split: {len(images)} images but {len(labels)} labels "
+                                     f"({sources[f'{split}_images']['path']}, {sources[f'{split}_labels']['path']})")
+    num_classes = len(spec.class_names)
+    for role in ("train_labels", "test_labels"):
+        labels = arrays[role]
+        if len(labels) and int(labels.max()) >= num_classes:
+            bad = int(np.argmax(labels >= num_classes))
+            raise idx.IdxFormatError(f"{sources[role]['path']}: label {int(labels[bad])} at index {bad} is out of "
+                                     f"range 0..{num_classes - 1}; for your own data set --num-classes "
+                                     "with --dataset custom")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise idx.IdxFormatError(f"train images are {arrays['train_images'].shape[1:]} but test images are "
+                                 f"{arrays['test_images'].shape[1:]}")
+    sources["content_sha256"] = content.hexdigest()
+    return arrays, sources
+
+
+def _write_split(tf: Any, folder: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                 per_shard: int) -> list[str]:
+    shards = max(1, math.ceil(len(images) / per_shard))
+    names = []
+    for shard in range(shards):
+        name = f"{split}-{shard:05d}-of-{shards:05d}.tfrecord"
+        with tf.io.TFRecordWriter(str(folder / name)) as writer:
+            for i in range(shard * per_shard, min(len(images), (shard + 1) * per_shard)):
+                example = tf.train.Example(features=tf.train.Features(feature={
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[images[i].tobytes()])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[i])])),
+                }))
+                writer.write(example.SerializeToString())
+        names.append(name)
+    return names
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of every class (at least one example each), shuffled reproducibly."""
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held.append(members[:max(1, round(len(members) * fraction))])
+    val = rng.permutation(np.concatenate(held))
+    train = rng.permutation(np.setdiff1d(np.arange(len(labels)), val))
+    return val, train
+
+
+def run(config: PrepConfig) -> dict[str, Any]:
+    """Prepare the dataset (or find it already prepared) and return where its manifest is."""
+    if not 0 < config.val_fraction < 1:
+        raise StepError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
+    spec = _spec(config)
+    arrays, sources = _load(spec, config)
+    settings = {"format_version": FORMAT_VERSION, "val_fraction": config.val_fraction,
+                "records_per_shard": config.records_per_shard, "seed": config.seed}
+    digest = hashlib.sha256(json.dumps({"content": sources["content_sha256"], **settings},
+                                       sort_keys=True).encode()).hexdigest()
+    out = Path(config.data_root) / "datasets" / spec.name / digest[:16]
+    manifest_path = out / "manifest.json"
+    if is_complete(out):
+        log.info("dataset %s already prepared at %s (digest %s)", spec.name, out, digest[:16])
+        return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True}
+
+    val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed)
+    splits = {
+        "train": (arrays["train_images"][train_index], arrays["train_labels"][train_index]),
+        "val": (arrays["train_images"][val_index], arrays["train_labels"][val_index]),
+        "test": (arrays["test_images"], arrays["test_labels"]),
+    }
+    import tensorflow as tf  # heavy: only once there is work to do
+
+    with atomic_directory(out) as scratch:
+        manifest: dict[str, Any] = {
+            "dataset": spec.name, "digest": digest, "sources": sources, "settings": settings,
+            "image_shape": list(arrays["train_images"].shape[1:]), "dtype": "uint8",
+            "num_classes": len(spec.class_names), "class_names": list(spec.class_names),
+            "expected_counts": spec.expected_counts, "splits": {},
+        }
+        for split, (images, labels) in splits.items():
+            log.info("writing %s split: %d examples", split, len(images))
+            files = _write_split(tf, scratch, split, images, labels, config.records_per_shard)
+            histogram = np.bincount(labels, minlength=len(spec.class_names))
+            manifest["splits"][split] = {"count": int(len(images)), "files": files,
+                                         "class_histogram": histogram.tolist()}
+        (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("prepared %s at %s (digest %s)", spec.name, out, digest[:16])
+    return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": False,
+            "counts": {k: v["count"] for k, v in manifest["splits"].items()}, "config": asdict(config)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, PrepConfig, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""register: make the trained model a new version of the registered model, with lineage tags and alias.
+
+Idempotent per pipeline run: re-running it for a run key that already has a version returns that
+version instead of creating a second one. The new version gets the alias ``challenger``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__, tracking
+from .core import StepError, cli, field
+
+log = logging.getLogger("mlsteps.register")
+
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_uri: str = field(help="MLflow URI of the logged model (train's result)")
+    run_key: str = field(help="identifies the pipeline run (DAG id / run id); one model version per key")
+    dataset: str = field(help="dataset name, recorded as a tag")
+    dataset_digest: str = field(help="content digest of the prepared dataset, recorded as a tag")
+    metrics: str = field("{}", help="JSON object of metrics to record as version tags (e.g. evaluate's result)")
+    model_name: str = field("mnist_classifier", help="registered model name")
+    alias: str = field(CHALLENGER, help="alias set on the new version")
+    dag_id: str = field("", help="Airflow DAG id, recorded as a tag")
+    dag_run_id: str = field("", help="Airflow DAG run id, recorded as a tag")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
+def code_version() -> str:
+    """The steps package version, plus the commit baked into the image when there is one."""
+    commit = os.environ.get("MLSTEPS_GIT_COMMIT", "")
+    return f"{__version__}+{commit[:12]}" if commit else __version__
+
+
+def run(config: RegisterConfig) -> dict[str, Any]:
+    try:
+        metrics = json.loads(config.metrics)
+    except json.JSONDecodeError as exc:
+        raise StepError(f"--metrics must be a JSON object, got {config.metrics!r}: {exc}") from None
+    mlflow = tracking.connect(config.tracking_uri)
+    client = mlflow.MlflowClient()
+    quoted = config.run_key.replace("'", "\\'")
+    existing = client.search_model_versions(
+        f"name = '{config.model_name}' and tags.`{tracking.RUN_KEY_TAG}` = '{quoted}'")
+    if existing:
+        version = existing[0]
+        log.info("run %s already registered as %s version %s", config.run_key, config.model_name, version.version)
+    else:
+        tags = {tracking.RUN_KEY_TAG: config.run_key, "dataset": config.dataset,
+                "dataset_digest": config.dataset_digest, "code_version": code_version(),
+                "dag_id": config.dag_id, "dag_run_id": config.dag_run_id}
+        tags |= {f"metric.{k}": f"{float(v):.6f}" for k, v in metrics.items() if isinstance(v, (int, float))}
+        version = mlflow.register_model(config.model_uri, config.model_name, tags=tags)
+        log.info("registered %s version %s from %s", config.model_name, version.version, config.model_uri)
+    client.set_registered_model_alias(config.model_name, config.alias, version.version)
+    return {"model_name": config.model_name, "version": int(version.version), "alias": config.alias,
+            "model_uri": f"models:/{config.model_name}/{version.version}", "run_id": version.run_id,
+            "created": not existing}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, RegisterConfig, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

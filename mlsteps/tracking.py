@@ -1,0 +1,49 @@
+"""MLflow helpers: one MLflow run per pipeline run, found again by its run key on retries."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .core import StepError, safe_name
+
+log = logging.getLogger("mlsteps.tracking")
+
+RUN_KEY_TAG = "pipeline.run_key"
+
+
+def run_dir(data_root: str, run_key: str) -> Path:
+    """The folder where one pipeline run keeps checkpoints, models and reports."""
+    return Path(data_root).resolve() / "runs" / safe_name(run_key)
+
+
+def connect(tracking_uri: str | None) -> Any:
+    """Import MLflow, point it at the tracking server (flag, else MLFLOW_TRACKING_URI), return the module."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise StepError("no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None = None) -> str:
+    """Return the id of the MLflow run tagged with ``run_key``, creating it (and the experiment) if needed."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    quoted = run_key.replace("'", "\\'")
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name or safe_name(run_key), tags={RUN_KEY_TAG: run_key})
+    log.info("created MLflow run %s for %s", run.info.run_id, run_key)
+    return run.info.run_id
+
+
+def run_url(mlflow: Any, run_id: str) -> str:
+    run = mlflow.MlflowClient().get_run(run_id)
+    return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

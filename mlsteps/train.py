@@ -1,0 +1,182 @@
+"""train: fit the CNN on the prepared TFRecords, checkpoint every epoch, resume, log everything to MLflow.
+
+Uses every GPU of its pod (MirroredStrategy, mixed precision) and the CPU otherwise. A re-run for the
+same run key resumes after the last finished epoch (Keras BackupAndRestore); a run key whose model is
+already trained with the same settings returns that model instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import data, tracking
+from .core import StepError, atomic_directory, cli, field, is_complete, write_json_atomic
+
+log = logging.getLogger("mlsteps.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    manifest: str = field(help="manifest.json written by prep")
+    data_root: str = field(help="root folder; checkpoints and the model go to <data_root>/runs/<run key>/")
+    run_key: str = field(help="identifies the pipeline run (DAG id / run id); one MLflow run per key")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    experiment: str = field("mnist_training", help="MLflow experiment name")
+    epochs: int = field(5, help="training epochs")
+    batch_size: int = field(128, help="global batch size (split across GPUs)")
+    learning_rate: float = field(0.003, help="peak learning rate of Adam, decayed to 0 by a cosine schedule")
+    width: int = field(32, help="filters of the first conv layer; later layers use twice as many")
+    dropout: float = field(0.2, help="dropout rate before the classifier")
+    seed: int = field(42, help="seed for weights, shuffling and dropout")
+    mixed_precision: bool = field(True, help="use float16 compute when a GPU is present")
+
+
+def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        log.info("no GPU visible: training on the CPU")
+        return tf.distribute.get_strategy(), 0
+    if config.mixed_precision:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    log.info("training on %d GPU(s) with MirroredStrategy", len(gpus))
+    return tf.distribute.MirroredStrategy(), len(gpus)
+
+
+def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int, examples: int) -> Any:
+    class Progress(keras.callbacks.Callback):
+        """One log line and one MLflow metrics batch per finished epoch (after the backup is written)."""
+
+        first_epoch: int | None = None
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if self.first_epoch is None:
+                self.first_epoch = epoch
+                if epoch:
+                    log.info("resuming from checkpoint: epoch %d/%d", epoch + 1, epochs)
+            self._started = time.monotonic()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds = time.monotonic() - self._started
+            metrics = {k: float(v) for k, v in (logs or {}).items()}
+            metrics["epoch_seconds"] = seconds
+            metrics["images_per_second"] = examples / seconds if seconds else 0.0
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            mlflow_client.log_batch(run_id, metrics=[Metric(k, v, now, epoch + 1) for k, v in metrics.items()])
+            shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "second" not in k)
+            log.info("epoch %d/%d %s (%.1f s, %.0f img/s)", epoch + 1, epochs, shown, seconds,
+                     metrics["images_per_second"])
+
+    return Progress()
+
+
+def _learning_curves(mlflow_client: Any, run_id: str, path: Path) -> None:
+    """Plot loss and accuracy per epoch from MLflow's history, so resumed runs show every epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key in (metric, f"val_{metric}"):
+            history = sorted(mlflow_client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+            by_epoch = {m.step: m.value for m in history}  # last write per epoch wins after a resume
+            if by_epoch:
+                ax.plot(list(by_epoch), list(by_epoch.values()), marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    manifest = data.load_manifest(config.manifest)
+    if config.epochs < 1 or config.batch_size < 1 or config.learning_rate <= 0:
+        raise StepError("--epochs and --batch-size must be >= 1 and --learning-rate > 0")
+    workdir = tracking.run_dir(config.data_root, config.run_key)
+    model_dir = workdir / "model"
+    settings = {**asdict(config), "dataset_digest": manifest["digest"]}
+    for key in ("tracking_uri", "manifest", "data_root"):
+        settings.pop(key)
+    if is_complete(model_dir) and json.loads((model_dir / "result.json").read_text())["settings"] == settings:
+        log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
+        return json.loads((model_dir / "result.json").read_text())
+    if model_dir.exists():
+        shutil.rmtree(model_dir)  # a model for other settings, or a half-written one: train again
+
+    import keras
+    import tensorflow as tf
+
+    from . import model as model_lib
+
+    mlflow = tracking.connect(config.tracking_uri)
+    client = mlflow.MlflowClient()
+    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
+    keras.utils.set_random_seed(config.seed)
+    strategy, gpus = _strategy(tf, config)
+    n_train = manifest["splits"]["train"]["count"]
+    steps_per_epoch = -(-n_train // config.batch_size)
+    with strategy.scope():
+        net = model_lib.build(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],
+                              width=config.width, dropout=config.dropout)
+        schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps_per_epoch * config.epochs)
+        net.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
+                    metrics=["accuracy"])
+    params = {**{k: v for k, v in settings.items() if k != "run_key"}, "parameters": net.count_params(),
+              "gpus": gpus, "train_examples": n_train}
+    existing = client.get_run(run_id).data.params
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()
+                                     if k not in existing])
+    log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
+             net.name, net.count_params(), n_train, config.batch_size, config.epochs)
+
+    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    val_ds = data.dataset(manifest, "val", batch_size=max(config.batch_size, 512))
+    progress = _progress_callback(keras, client, run_id, config.epochs, n_train)
+    callbacks = [keras.callbacks.BackupAndRestore(str(workdir / "backup")), progress]
+    history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    curves = workdir / "learning_curves.png"
+    _learning_curves(client, run_id, curves)
+    client.log_artifact(run_id, str(curves), "plots")
+
+    import mlflow.tensorflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    example = np.zeros((2, *manifest["image_shape"]), dtype=np.float32)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.tensorflow.log_model(net, name="model", signature=infer_signature(example, net.predict(example, verbose=0)),
+                                           input_example=example)
+    final = {k: float(v[-1]) for k, v in history.history.items()} if history.history else {}
+    result = {"mlflow_run_id": run_id, "model_uri": info.model_uri, "model_path": str(model_dir / "model.keras"),
+              "metrics": final, "epochs": config.epochs, "resumed_from_epoch": progress.first_epoch or 0,
+              "parameters": net.count_params(), "settings": settings}
+    with atomic_directory(model_dir) as scratch:
+        net.save(scratch / "model.keras")
+        write_json_atomic(scratch / "result.json", result)
+    log.info("trained: %s; MLflow run %s", {k: round(v, 4) for k, v in final.items()}, tracking.run_url(mlflow, run_id))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, TrainConfig, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Airflow-side code of the pipeline: step factory, runtimes, settings."""

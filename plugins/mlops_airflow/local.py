@@ -1,0 +1,68 @@
+"""The local runtime: a step runs as a subprocess of the steps environment; its result JSON becomes XCom."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+USER_ERROR = 2  # exit code of mlsteps.core.cli for a StepError
+
+
+class StepFailed(Exception):
+    """The step process exited non-zero; the message carries the end of its output."""
+
+
+class LocalStepOperator(BaseOperator):
+    """Run ``python -m <module> <arguments>`` in the steps environment, streaming its log into the task log."""
+
+    template_fields: Sequence[str] = ("arguments", "env")
+    ui_color = "#e8f4ea"
+
+    def __init__(self, *, module: str, arguments: list[str], python: str, env: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.module = module
+        self.arguments = arguments
+        self.python = python
+        self.env = env or {}
+        self._process: subprocess.Popen[str] | None = None
+
+    def execute(self, context: Context) -> Any:
+        with tempfile.TemporaryDirectory(prefix=f"{self.task_id}-") as tmp:
+            result_path = Path(tmp) / "return.json"
+            command = [self.python, "-m", self.module, *self.arguments, "--result-path", str(result_path)]
+            self.log.info("running: %s", " ".join(command))
+            tail: collections.deque[str] = collections.deque(maxlen=30)
+            self._process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True)
+            assert self._process.stdout is not None
+            for line in self._process.stdout:
+                line = line.rstrip()
+                tail.append(line)
+                self.log.info("%s", line)
+            code = self._process.wait()
+            if code == USER_ERROR:
+                # Bad input or data: retrying cannot help, so fail now instead of after the retries.
+                raise AirflowFailException(f"{self.module} rejected its input:\n" + "\n".join(tail))
+            if code != 0:
+                raise StepFailed(f"{self.module} exited with code {code}; last lines:\n" + "\n".join(tail))
+            return json.loads(result_path.read_text())
+
+    def on_kill(self) -> None:
+        if self._process and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)

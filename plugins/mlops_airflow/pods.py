@@ -1,0 +1,94 @@
+"""The Kubernetes runtime: one KubernetesPodOperator per step, hardened and wired to the shared volume.
+
+Imported only when the runtime is ``kubernetes``: the provider import costs about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from mlops_airflow.settings import Settings
+    from mlops_airflow.steps import Resources
+
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 10001  # the non-root user of images/steps/Dockerfile
+
+
+class StepPodOperator(KubernetesPodOperator):
+    """KubernetesPodOperator whose GPU count and node selector come from (templated) trigger-form params."""
+
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "gpus", "node_selector_json")
+
+    def __init__(self, *, gpus: str | int = 0, node_selector_json: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gpus = gpus
+        self.node_selector_json = node_selector_json
+
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        container = pod.spec.containers[0]
+        gpus = int(self.gpus or 0)
+        if gpus < 0:
+            raise ValueError(f"{self.task_id}: gpus must be >= 0, got {gpus}")
+        if gpus:
+            resources = container.resources or k8s.V1ResourceRequirements()
+            resources.limits = {**(resources.limits or {}), GPU_RESOURCE: str(gpus)}
+            resources.requests = {**(resources.requests or {}), GPU_RESOURCE: str(gpus)}
+            container.resources = resources
+            pod.spec.tolerations = [*(pod.spec.tolerations or []),
+                                    k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+        if self.node_selector_json.strip():
+            selector = json.loads(self.node_selector_json)
+            if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):
+                raise ValueError(f"{self.task_id}: node_selector must be a JSON object of strings, "
+                                 f"got {self.node_selector_json!r}")
+            pod.spec.node_selector = {**(pod.spec.node_selector or {}), **selector}
+        return pod
+
+
+def build(*, task_id: str, module: str, arguments: list[str], resources: Resources, gpus: str | int,
+          node_selector_json: str, deadline_seconds: int, settings: Settings, **kwargs: Any) -> StepPodOperator:
+    """Render one step as a pod: image, command, resources, shared volume, MLflow secret, hardening."""
+    return StepPodOperator(
+        task_id=task_id,
+        name=task_id.replace("_", "-"),
+        namespace=settings.namespace,
+        image=settings.steps_image,
+        image_pull_policy=settings.image_pull_policy,
+        cmds=["python", "-m", module],
+        arguments=arguments,
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"cpu": resources.cpu, "memory": resources.memory},
+            limits={"cpu": resources.cpu_limit or resources.cpu, "memory": resources.memory}),
+        gpus=gpus,
+        node_selector_json=node_selector_json,
+        volumes=[k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=settings.data_pvc))],
+        volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=settings.data_root)],
+        env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.mlflow_secret))],
+        service_account_name=settings.service_account,
+        security_context=k8s.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+        container_security_context=k8s.V1SecurityContext(
+            allow_privilege_escalation=False, privileged=False, run_as_non_root=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"])),
+        active_deadline_seconds=deadline_seconds,
+        do_xcom_push=True,
+        deferrable=True,
+        logging_interval=30,
+        get_logs=True,
+        # Failed pods stay for `kubectl logs/describe`; successful ones are cleaned up.
+        on_finish_action="delete_succeeded_pod",
+        labels={"app.kubernetes.io/part-of": "mlops-mnist", "mlops/step": module.rsplit(".", 1)[-1]},
+        **kwargs,
+    )

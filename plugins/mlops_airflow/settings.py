@@ -1,0 +1,52 @@
+"""Deployment settings, read once from environment variables (never from Airflow Variables at parse time).
+
+Every name here is documented in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNTIMES = ("kubernetes", "local")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Settings:
+    runtime: str  # "kubernetes" (production) or "local" (subprocesses on this machine)
+    namespace: str  # Kubernetes namespace of the step pods
+    steps_image: str  # image holding the mlsteps package and TensorFlow
+    image_pull_policy: str  # IfNotPresent in production; Never for images built on the node
+    data_pvc: str  # PersistentVolumeClaim shared by all step pods (datasets, checkpoints, reports)
+    data_root: str  # where that volume is mounted in pods, or the folder used by the local runtime
+    mlflow_secret: str  # Secret with MLFLOW_TRACKING_URI (+ _USERNAME/_PASSWORD) for the pods
+    service_account: str  # service account of the step pods
+    steps_python: str  # interpreter of the steps environment (local runtime)
+    tracking_uri: str  # MLflow tracking URI handed to local steps
+    mlflow_ui_url: str  # base URL of the MLflow UI for links in Airflow
+
+
+def load() -> Settings:
+    runtime = os.environ.get("MLOPS_RUNTIME", "kubernetes").strip().lower()
+    if runtime not in RUNTIMES:
+        raise ValueError(f"MLOPS_RUNTIME={runtime!r} is not one of {', '.join(RUNTIMES)}")
+    default_python = PROJECT_ROOT / ".venvs" / "steps" / "bin" / "python"
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    return Settings(
+        runtime=runtime,
+        namespace=os.environ.get("MLOPS_NAMESPACE", "mlops"),
+        steps_image=os.environ.get("MLOPS_STEPS_IMAGE", "ghcr.io/mlops-mnist/steps:0.1.0"),
+        image_pull_policy=os.environ.get("MLOPS_IMAGE_PULL_POLICY", "IfNotPresent"),
+        data_pvc=os.environ.get("MLOPS_DATA_PVC", "mlops-data"),
+        data_root=os.environ.get("MLOPS_DATA_ROOT",
+                                 "/data" if runtime == "kubernetes" else str(PROJECT_ROOT / "var" / "data")),
+        mlflow_secret=os.environ.get("MLOPS_MLFLOW_SECRET", "mlflow-credentials"),
+        service_account=os.environ.get("MLOPS_SERVICE_ACCOUNT", "mlops-steps"),
+        steps_python=os.environ.get("MLOPS_STEPS_PYTHON",
+                                    str(default_python) if default_python.exists() else sys.executable),
+        tracking_uri=tracking_uri,
+        mlflow_ui_url=os.environ.get("MLOPS_MLFLOW_UI_URL", tracking_uri),
+    )

@@ -1,0 +1,67 @@
+"""The step -> operator factory: a step is declared once and rendered for the configured runtime.
+
+    prep = step("prep", args={"dataset": "{{ params.dataset }}"}, timeout=timedelta(minutes=30))
+
+renders a KubernetesPodOperator (runtime ``kubernetes``) or a local subprocess (runtime ``local``)
+running ``python -m mlsteps.prep --dataset ... --result-path <xcom file>``. Either way the step's
+result JSON becomes the task's XCom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from mlops_airflow import settings as settings_mod
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator
+
+STEPS_PACKAGE = "mlsteps"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str = "1"  # CPU request (Kubernetes quantity)
+    memory: str = "2Gi"  # memory request and limit
+    cpu_limit: str | None = None  # CPU limit; defaults to the request
+
+
+def xcom(task_id: str, key: str) -> str:
+    """A Jinja expression for one field of an earlier step's result."""
+    return f"{{{{ ti.xcom_pull(task_ids='{task_id}')['{key}'] }}}}"
+
+
+RUN_KEY = "{{ dag.dag_id }}/{{ run_id }}"
+
+
+def to_arguments(args: dict[str, Any]) -> list[str]:
+    """{"batch_size": 64} -> ["--batch-size", "64"]; values may be Jinja templates."""
+    out: list[str] = []
+    for name, value in args.items():
+        out += ["--" + name.replace("_", "-"), str(value)]
+    return out
+
+
+def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Resources = Resources(),
+         gpus: str | int = 0, node_selector_json: str = "", task_id: str | None = None,
+         settings: settings_mod.Settings | None = None, **operator_kwargs: Any) -> BaseOperator:
+    """Render step ``name`` (module ``mlsteps.<name>``) as an operator of the configured runtime."""
+    settings = settings or settings_mod.load()
+    module = f"{STEPS_PACKAGE}.{name}"
+    task_id = task_id or name
+    arguments = to_arguments(args)
+    if settings.runtime == "kubernetes":
+        from mlops_airflow import pods
+
+        return pods.build(
+            task_id=task_id, module=module, arguments=arguments, resources=resources, gpus=gpus,
+            node_selector_json=node_selector_json, settings=settings, execution_timeout=timeout,
+            # The pod must die before Airflow gives up on it, or it would outlive its task.
+            deadline_seconds=int(timeout.total_seconds()), **operator_kwargs)
+    from mlops_airflow.local import LocalStepOperator
+
+    return LocalStepOperator(task_id=task_id, module=module, arguments=arguments, python=settings.steps_python,
+                             env={"MLFLOW_TRACKING_URI": settings.tracking_uri}, execution_timeout=timeout,
+                             **operator_kwargs)
