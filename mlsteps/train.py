@@ -148,7 +148,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     val_ds = data.dataset(manifest, "val", batch_size=max(config.batch_size, 512))
     progress = _progress_callback(keras, client, run_id, config.epochs, n_train)
     callbacks = [keras.callbacks.BackupAndRestore(str(workdir / "backup")), progress]
-    history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0)
+    history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
+                      shuffle=False)  # the dataset shuffles itself
 
     workdir.mkdir(parents=True, exist_ok=True)
     curves = workdir / "learning_curves.png"

@@ -1,0 +1,97 @@
+"""mnist_training end to end: real Airflow (`airflow dags test`), real MLflow server, real TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import idxdata
+import pytest
+from conftest import STEPS_PYTHON, airflow
+
+pytestmark = pytest.mark.integration
+
+MODEL = "e2e_classifier"
+
+
+@pytest.fixture(scope="module")
+def finished_run(airflow_home, tmp_path_factory):
+    """One complete DAG run on a tiny generated dataset, one epoch."""
+    source = idxdata.write_dataset(tmp_path_factory.mktemp("idx"), train=300, test=100)
+    conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL}
+    out = airflow(airflow_home, "dags", "test", "mnist_training", "-c", json.dumps(conf))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    listing = airflow(airflow_home, "dags", "list-runs", "mnist_training", "-o", "json").stdout
+    runs = json.loads(listing.strip().splitlines()[-1])  # warnings may precede the JSON line
+    run = next(r for r in runs if r["state"] == "success")
+    return run["run_id"]
+
+
+def test_run_registers_challenger_version_with_lineage_tags(finished_run, mlflow_server):
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert tags["dataset"] == "custom"
+    assert len(tags["dataset_digest"]) == 64
+    assert tags["dag_id"] == "mnist_training"
+    assert tags["dag_run_id"] == finished_run
+    assert tags["pipeline.run_key"] == f"mnist_training/{finished_run}"
+    assert tags["code_version"].startswith("0.")
+    assert 0.0 <= float(tags["metric.test_accuracy"]) <= 1.0
+
+
+def test_run_logs_params_metrics_curves_and_evaluation_to_one_mlflow_run(finished_run, mlflow_server):
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    run = mlflow_server.get("runs/get", run_id=version["run_id"])["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert {"accuracy", "val_accuracy", "loss", "test_accuracy", "test_precision_0", "test_recall_9"} <= metrics.keys()
+    assert metrics["test_accuracy"] > 0.3  # ten well-separated synthetic classes: far above chance after one epoch
+    assert params["epochs"] == "1" and params["batch_size"] == "32" and params["dataset"] == "custom"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["data.validation"] == "passed"
+
+    def listing(path: str) -> set[str]:
+        found = mlflow_server.get("artifacts/list", run_id=version["run_id"], path=path)
+        return {f["path"] for f in found.get("files", [])}
+
+    assert "plots/learning_curves.png" in listing("plots")
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= listing("evaluation")
+    assert "validation/report.json" in listing("validation")
+
+
+def test_registered_model_loads_and_predicts_class_probabilities(finished_run, mlflow_server):
+    script = (
+        "import mlflow, numpy as np\n"
+        f"model = mlflow.pyfunc.load_model('models:/{MODEL}@challenger')\n"
+        "p = np.asarray(model.predict(np.zeros((3, 28, 28), np.float32)))\n"
+        "print('SHAPE', p.shape, 'SUMS', [round(float(s), 3) for s in p.sum(axis=1)])\n"
+    )
+    out = subprocess.run([str(STEPS_PYTHON), "-c", script], capture_output=True, text=True, timeout=300,
+                         env={"MLFLOW_TRACKING_URI": mlflow_server.url, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SHAPE (3, 10) SUMS [1.0, 1.0, 1.0]" in out.stdout
+
+
+def test_rerunning_train_and_register_of_the_same_run_creates_no_second_version(finished_run, airflow_home,
+                                                                                  mlflow_server):
+    before = mlflow_server.versions(MODEL)
+    assert len(before) == 1
+    train = airflow(airflow_home, "tasks", "test", "mnist_training", "train", finished_run)
+    assert train.returncode == 0, (train.stdout + train.stderr)[-3000:]
+    assert "already trained with these settings" in train.stdout
+    register = airflow(airflow_home, "tasks", "test", "mnist_training", "register", finished_run)
+    assert register.returncode == 0, (register.stdout + register.stderr)[-3000:]
+    assert "already registered" in register.stdout
+    after = mlflow_server.versions(MODEL)
+    assert [v["version"] for v in after] == [v["version"] for v in before]
+
+
+def test_offline_mnist_fails_fast_without_retries_and_says_how_to_proceed(airflow_home, tmp_path):
+    env = {**airflow_home, "MLOPS_DATA_ROOT": str(tmp_path / "data")}
+    out = airflow(env, "dags", "test", "mnist_training", "-c", json.dumps({"dataset": "mnist"}), timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "cannot obtain mnist file" in log
+    assert "--source-dir" in log and "fashion_mnist" in log
+    assert "AirflowFailException" in log  # bad input fails the task at once instead of retrying
+    assert "mlsteps.validate" not in log  # nothing downstream ran
