@@ -142,8 +142,8 @@ def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str
     try:
         result = run(config)
     except StepError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     write_json_atomic(result_path, result)
     log.info("result written to %s", result_path)

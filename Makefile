@@ -1,0 +1,61 @@
+# One machine, two environments (as in production, two images):
+#   .venvs/airflow  Airflow 3.3 + cncf.kubernetes provider (requirements.txt, constraints.txt)
+#   .venvs/steps    TensorFlow, MLflow and the mlsteps package (images/steps/requirements.txt)
+PYTHON ?= python3
+AIRFLOW_VENV := .venvs/airflow
+STEPS_VENV := .venvs/steps
+AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
+STEPS_PY := $(STEPS_VENV)/bin/python
+
+# make demo options
+DATASET ?= mnist
+EPOCHS ?= 5
+BATCH_SIZE ?= 128
+SOURCE_DIR ?=
+# make test options: PYTEST_ARGS="-k resume", TEST_MARKERS="not slow"
+PYTEST_ARGS ?=
+TEST_MARKERS ?= not slow
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: envs demo test test-steps test-airflow bench mlflow-start mlflow-stop airflow-ui lock clean
+
+envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+$(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirements-dev.txt images/steps/constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(STEPS_VENV)
+	$(STEPS_PY) -m pip install -q -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt
+	$(STEPS_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: envs
+	DATASET=$(DATASET) EPOCHS=$(EPOCHS) BATCH_SIZE=$(BATCH_SIZE) SOURCE_DIR=$(SOURCE_DIR) scripts/demo.sh
+
+test: envs
+	scripts/test.sh -m "$(TEST_MARKERS)" $(PYTEST_ARGS)
+
+bench: envs
+	scripts/bench.sh
+
+mlflow-start: envs
+	mlflow/server.sh start
+
+mlflow-stop:
+	mlflow/server.sh stop
+
+airflow-ui: envs
+	scripts/airflow-standalone.sh
+
+# Regenerate the locks after changing a top-level pin.
+lock:
+	$(AIRFLOW_PY) -m pip freeze --exclude-editable | sed '1i # Lock of the Airflow environment (pip freeze); regenerate with make lock.' > constraints.txt
+	$(STEPS_PY) -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
+
+clean:
+	-mlflow/server.sh stop
+	rm -rf var

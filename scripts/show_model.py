@@ -1,0 +1,27 @@
+"""Print where a registered model version came from: MLflow run URL, version and test accuracy."""
+
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-name", default="mnist_classifier")
+    parser.add_argument("--alias", default="challenger")
+    args = parser.parse_args()
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(args.model_name, args.alias)
+    run = client.get_run(version.run_id)
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    print(f"MLflow run:     {uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    print(f"model version:  {args.model_name} version {version.version} (alias {args.alias})")
+    print(f"  registry:     {uri}/#/models/{args.model_name}/versions/{version.version}")
+    print(f"test accuracy:  {run.data.metrics.get('test_accuracy', float('nan')):.4f}")
+    print(f"dataset:        {version.tags.get('dataset')} ({version.tags.get('dataset_digest', '')[:16]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# make test: the steps suite in the steps environment, the Airflow suites in the Airflow environment.
+# Arguments are passed to both pytest runs (make test PYTEST_ARGS="-k resume").
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+status=0
+echo "== steps (TensorFlow, MLflow): tests/steps"
+.venvs/steps/bin/python -m pytest tests/steps "$@" || status=1
+echo "== Airflow (DAGs, pods, end to end): tests/dags tests/integration"
+.venvs/airflow/bin/python -m pytest tests/dags tests/integration "$@" || status=1
+exit $status
