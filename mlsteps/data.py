@@ -42,6 +42,8 @@ def dataset(manifest: dict[str, Any], split: str, *, batch_size: int, shuffle: b
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 8))
     # Parse in batches (vectorised), then cache the compact uint8 examples in memory.
     ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    # A known length lets Keras size its epochs (and fails loudly if the shards disagree with the manifest).
+    ds = ds.apply(tf.data.experimental.assert_cardinality(manifest["splits"][split]["count"]))
     if cache:
         ds = ds.cache()
     if shuffle:

@@ -18,7 +18,7 @@ echo "airflow dags test mnist_training -c '$conf'   (full log: $log)"
 # Show what the steps print (minus TensorFlow's C++ chatter); Airflow's own lines go to the log only.
 set +e
 airflow dags test mnist_training -c "$conf" 2>&1 | tee "$log" \
-  | sed -nE 's/^[^ ]+ \[info +\] (.*) \[airflow\.task\.operators\.mlops_airflow\.local\.LocalStepOperator\].*/\1/p' \
+  | sed -unE 's/^[^ ]+ \[info +\] (.*) \[airflow\.task\.operators\.mlops_airflow\.local\.LocalStepOperator\].*/\1/p' \
   | grep --line-buffered -vE '^[IWE][0-9]{4} |Warning|warnings\.warn|^ *$|^running: '
 status=${PIPESTATUS[0]}
 set -e

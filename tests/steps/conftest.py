@@ -114,12 +114,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        # The server forks workers: end the whole process group it leads.
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+        # The server forks workers: end the whole process group it leads, politely first.
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                continue

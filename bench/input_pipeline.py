@@ -1,0 +1,73 @@
+"""TFRecord input pipeline vs in-memory arrays: training throughput of the same model, side by side.
+
+Goal (issue #2): the pipeline train uses (mlsteps.data.dataset over the TFRecord shards) delivers
+>= 0.95x the images/s of the same model fed from in-memory numpy arrays. Epochs of the two alternate
+(A, B, A, B, ...) so that load on the machine hits both alike; the first epoch of each (parsing, cache
+fill, graph tracing) is reported apart from the steady state.
+Run in the steps environment:  .venvs/steps/bin/python bench/input_pipeline.py [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    import keras
+    import tensorflow as tf
+
+    from mlsteps import data, model, prep
+
+    work = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    prepared = prep.run(prep.PrepConfig(data_root=str(work), dataset="fashion_mnist",
+                                        source_dir=os.environ.get("FASHION_DIR")))
+    manifest = data.load_manifest(prepared["manifest"])
+    n = manifest["splits"]["train"]["count"]
+    images, labels = data.arrays(manifest, "train")
+    feeds = {
+        "tfrecord": data.dataset(manifest, "train", batch_size=args.batch_size, shuffle=True, seed=1),
+        "arrays": tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(20000, seed=1)
+        .batch(args.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(tf.data.AUTOTUNE),
+    }
+    nets = {}
+    for name in feeds:
+        keras.utils.set_random_seed(1)
+        nets[name] = model.build(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"])
+        nets[name].compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    seconds: dict[str, list[float]] = {name: [] for name in feeds}
+    for epoch in range(args.epochs):
+        for name, feed in feeds.items():
+            start = time.perf_counter()
+            nets[name].fit(feed, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False)
+            seconds[name].append(time.perf_counter() - start)
+            print(f"epoch {epoch + 1} {name}: {seconds[name][-1]:.1f} s ({n / seconds[name][-1]:.0f} images/s)",
+                  flush=True)
+    steady = {name: n / statistics.median(s[1:]) for name, s in seconds.items()}
+    first = {name: n / s[0] for name, s in seconds.items()}
+    ratio = steady["tfrecord"] / steady["arrays"]
+    overall = (n * args.epochs / sum(seconds["tfrecord"])) / (n * args.epochs / sum(seconds["arrays"]))
+    print(table(["feed", "first epoch images/s", "steady images/s (median of later epochs)"],
+                [[name, round(first[name]), round(steady[name])] for name in feeds]))
+    print(table(["steady ratio tfrecord/arrays", "all-epochs ratio", "goal >= 0.95"],
+                [[round(ratio, 3), round(overall, 3), "yes" if ratio >= 0.95 else "no"]]))
+    print("written:", write("input_pipeline", {"epochs": args.epochs, "batch_size": args.batch_size,
+                                                "examples": n, "seconds": seconds, "steady_images_per_second": steady,
+                                                "first_epoch_images_per_second": first, "steady_ratio": ratio,
+                                                "all_epochs_ratio": overall}))
+
+
+if __name__ == "__main__":
+    main()

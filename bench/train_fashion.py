@@ -1,0 +1,68 @@
+"""Full Fashion-MNIST (60k/10k) through the real prep, train and evaluate steps on this machine's CPUs.
+
+Goal (issue #2): test accuracy >= 92 % with <= 100K parameters within 5 epochs; report seconds per epoch
+and images per second. Needs Debian's dataset-fashion-mnist (or FASHION_DIR=<folder with the IDX files>).
+Run in the steps environment:  .venvs/steps/bin/python bench/train_fashion.py [--epochs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--port", default="5077")
+    args = parser.parse_args()
+    from mlsteps import evaluate, prep, train
+
+    work = Path(tempfile.mkdtemp(prefix="bench_fashion_"))
+    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": args.port}
+    url = subprocess.run([str(ROOT / "mlflow" / "server.sh"), "start"], env=env, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        import mlflow
+
+        data_root = str(work / "data")
+        prepared = prep.run(prep.PrepConfig(data_root=data_root, dataset="fashion_mnist",
+                                            source_dir=os.environ.get("FASHION_DIR")))
+        key = "bench/fashion"
+        trained = train.run(train.TrainConfig(manifest=prepared["manifest"], data_root=data_root, run_key=key,
+                                              tracking_uri=url, epochs=args.epochs))
+        evaluated = evaluate.run(evaluate.EvaluateConfig(manifest=prepared["manifest"], data_root=data_root,
+                                                         model_path=trained["model_path"], run_key=key,
+                                                         tracking_uri=url))
+        client = mlflow.MlflowClient(url)
+        run_id = trained["mlflow_run_id"]
+        seconds = [m.value for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)]
+        rates = [m.value for m in sorted(client.get_metric_history(run_id, "images_per_second"), key=lambda m: m.step)]
+        accuracy = evaluated["metrics"]["test_accuracy"]
+        params = trained["parameters"]
+        print(table(["epoch", "seconds", "images/s"], [[i + 1, round(s, 1), round(r)] for i, (s, r) in
+                                                     enumerate(zip(seconds, rates))]))
+        ok = accuracy >= 0.92 and params <= 100_000 and args.epochs <= 5
+        print(table(["parameters", "epochs", "median s/epoch", "median images/s", "test accuracy", "goal met"],
+                    [[params, args.epochs, round(statistics.median(seconds), 1), round(statistics.median(rates)),
+                      round(accuracy, 4), "yes" if ok else "no"]]))
+        print("written:", write("train_fashion", {
+            "parameters": params, "epochs": args.epochs, "epoch_seconds": seconds, "images_per_second": rates,
+            "test_accuracy": accuracy, "train_examples": 54000, "goal": ">=0.92 accuracy, <=100K params, <=5 epochs",
+            "goal_met": ok}))
+    finally:
+        subprocess.run([str(ROOT / "mlflow" / "server.sh"), "stop"], env=env, check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# make airflow-ui: MLflow plus Airflow (scheduler, API server and UI on :8080) on this machine, local runtime.
+# Trigger mnist_training from the UI's trigger form; Ctrl-C stops Airflow (MLflow keeps running:
+# 'make mlflow-stop').
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$root"
+MLFLOW_TRACKING_URI=$(mlflow/server.sh start)
+export MLFLOW_TRACKING_URI MLOPS_MLFLOW_UI_URL=${MLOPS_MLFLOW_UI_URL:-$MLFLOW_TRACKING_URI}
+echo "MLflow: $MLFLOW_TRACKING_URI"
+echo "Airflow: http://localhost:8080 (user admin; password in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}
+# Own process group, so that Ctrl-C (or a TERM to this script) ends every Airflow child too.
+setsid airflow standalone &
+pid=$!
+trap 'kill -TERM -- -$pid 2>/dev/null; wait $pid' INT TERM EXIT
+wait $pid

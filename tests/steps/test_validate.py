@@ -1,0 +1,146 @@
+"""validate: a clean synthetic dataset passes; leakage and class imbalance are caught and named."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import idxdata
+import pytest
+
+from mlsteps import data, tracking, validate
+
+SIZE = 28
+
+
+def _config(data_root: Path, **overrides) -> validate.ValidateConfig:
+    return validate.ValidateConfig(**({"manifest": "unused", "data_root": str(data_root), "run_key": "test"}
+                                      | overrides))
+
+
+def _write(folder: Path, role: str, shape: tuple[int, ...], values: bytes) -> None:
+    (folder / idxdata.NAMES[role]).write_bytes(gzip.compress(idxdata.idx_bytes(shape, values), mtime=0))
+
+
+def _by_name(report: dict) -> dict[str, dict]:
+    return {check["name"]: check for check in report["checks"]}
+
+
+def test_clean_synthetic_dataset_passes_every_check(source_dir, data_root, prepare) -> None:
+    manifest = data.load_manifest(prepare(source_dir)["manifest"])
+    report = validate.inspect(manifest, _config(data_root))
+    assert report["passed"] is True, validate.summary(report)
+    assert report["failed"] == []
+    names = set(_by_name(report))
+    assert {"train: class balance", "test: labels in 0..9", "train/test leakage (exact duplicates)",
+            "pixel mean shift train vs test", "val: count matches manifest"} <= names
+    assert "official dataset sizes" not in names  # custom data has no official sizes
+    assert report["stats"]["train"]["count"] + report["stats"]["val"]["count"] == 300
+    assert validate.summary(report).splitlines()[0].endswith(f"passed {len(report['checks'])} checks")
+
+
+def test_test_images_copied_from_train_fail_leakage_check(tmp_path, data_root, prepare) -> None:
+    source = idxdata.write_dataset(tmp_path / "source")
+    train_images = gzip.decompress((source / idxdata.NAMES["train_images"]).read_bytes())[16:]
+    train_labels = gzip.decompress((source / idxdata.NAMES["train_labels"]).read_bytes())[8:]
+    _write(source, "test_images", (100, SIZE, SIZE), train_images[:100 * SIZE * SIZE])
+    _write(source, "test_labels", (100,), train_labels[:100])
+    manifest = data.load_manifest(prepare(source)["manifest"])
+
+    report = validate.inspect(manifest, _config(data_root))
+    leakage = _by_name(report)["train/test leakage (exact duplicates)"]
+    assert report["passed"] is False
+    assert report["failed"] == ["train/test leakage (exact duplicates)"]
+    assert leakage["count"] == 100
+    assert leakage["value"] == pytest.approx(1.0)
+    assert "100 test images (100.00%)" in leakage["detail"]
+
+
+def test_a_few_duplicates_stay_under_the_leakage_threshold(tmp_path, data_root, prepare) -> None:
+    source = idxdata.write_dataset(tmp_path / "source")
+    train_images = gzip.decompress((source / idxdata.NAMES["train_images"]).read_bytes())[16:]
+    test_images = bytearray(gzip.decompress((source / idxdata.NAMES["test_images"]).read_bytes())[16:])
+    test_images[:SIZE * SIZE] = train_images[:SIZE * SIZE]  # 1 of 100: exactly the 1% allowed
+    _write(source, "test_images", (100, SIZE, SIZE), bytes(test_images))
+    manifest = data.load_manifest(prepare(source)["manifest"])
+
+    leakage = _by_name(validate.inspect(manifest, _config(data_root)))["train/test leakage (exact duplicates)"]
+    assert leakage["passed"] is True
+    assert leakage["count"] == 1
+    assert _by_name(validate.inspect(manifest, _config(data_root, max_leakage=0.0)))[
+        "train/test leakage (exact duplicates)"]["passed"] is False
+
+
+def test_training_labels_mostly_two_classes_fail_class_balance(tmp_path, data_root, prepare) -> None:
+    source = idxdata.write_dataset(tmp_path / "source")
+    rng = random.Random(1)
+    # 280 of 300 labels are 0 or 1; every other class keeps only 2 or 3 examples (under 1% each).
+    labels = [i % 2 for i in range(280)] + [2 + i % 8 for i in range(20)]
+    rng.shuffle(labels)
+    _write(source, "train_labels", (300,), bytes(labels))
+    manifest = data.load_manifest(prepare(source)["manifest"])
+
+    report = validate.inspect(manifest, _config(data_root))
+    balance = _by_name(report)["train: class balance"]
+    assert report["passed"] is False
+    assert "train: class balance" in report["failed"]
+    assert "test: class balance" not in report["failed"]
+    assert balance["threshold"] == pytest.approx(0.05)
+    assert balance["value"] < 0.05
+    assert "floor is 5.00%" in balance["detail"]
+
+
+def test_official_size_check_fails_for_a_small_copy_of_a_known_dataset(source_dir, data_root, prepare) -> None:
+    manifest = data.load_manifest(prepare(source_dir, dataset="fashion_mnist", verify_checksums=False)["manifest"])
+    report = validate.inspect(manifest, _config(data_root))
+    assert report["failed"] == ["official dataset sizes"]
+    assert "train+val=300, test=100" in _by_name(report)["official dataset sizes"]["detail"]
+
+
+def test_records_that_are_not_images_fail_decode_check(source_dir, data_root, prepare) -> None:
+    manifest = data.load_manifest(prepare(source_dir)["manifest"])
+    manifest["image_shape"] = [27, 27]  # 784 bytes per record do not reshape into 27x27
+    report = validate.inspect(manifest, _config(data_root))
+    assert report["passed"] is False
+    assert "train: images decode as 27x27 uint8" in report["failed"]
+
+
+def test_manifest_of_incomplete_folder_is_refused(source_dir, prepare) -> None:
+    manifest_path = Path(prepare(source_dir)["manifest"])
+    (manifest_path.parent / "_COMPLETE").unlink()
+    with pytest.raises(validate.StepError, match="incomplete"):
+        data.load_manifest(manifest_path)
+
+
+@pytest.mark.integration
+def test_run_on_leaky_data_records_failure_in_report_and_mlflow(tmp_path, data_root, prepare, mlflow_server) -> None:
+    import mlflow
+
+    source = idxdata.write_dataset(tmp_path / "source")
+    train_images = gzip.decompress((source / idxdata.NAMES["train_images"]).read_bytes())[16:]
+    _write(source, "test_images", (100, SIZE, SIZE), train_images[:100 * SIZE * SIZE])
+    manifest_path = prepare(source)["manifest"]
+    config = _config(data_root, manifest=manifest_path, run_key="validate/leaky", tracking_uri=mlflow_server,
+                     experiment="validate_tests")
+
+    with pytest.raises(validate.DataValidationError, match="train/test leakage") as caught:
+        validate.run(config)
+    report_path = tracking.run_dir(str(data_root), "validate/leaky") / "validation.json"
+    assert str(report_path) in str(caught.value)
+    assert json.loads(report_path.read_text())["passed"] is False
+    run_id = tracking.run_for(mlflow, "validate/leaky", experiment="validate_tests")
+    run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
+    assert run.data.tags["data.validation"] == "failed"
+    assert run.data.params["dataset"] == "custom"
+
+
+@pytest.mark.integration
+def test_run_on_clean_data_passes_and_reuses_the_mlflow_run(source_dir, data_root, prepare, mlflow_server) -> None:
+    config = _config(data_root, manifest=prepare(source_dir)["manifest"], run_key="validate/clean",
+                     tracking_uri=mlflow_server, experiment="validate_tests")
+    first = validate.run(config)
+    second = validate.run(config)
+    assert first["passed"] is True
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
