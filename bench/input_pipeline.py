@@ -30,6 +30,9 @@ def main() -> None:
     import tensorflow as tf
 
     from mlsteps import data, model, prep
+    from mlsteps.core import setup_logging
+
+    setup_logging()
 
     work = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     prepared = prep.run(prep.PrepConfig(data_root=str(work), dataset="fashion_mnist",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,12 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--port", default="5077")
     args = parser.parse_args()
     from mlsteps import evaluate, prep, train
+    from mlsteps.core import setup_logging
+
+    setup_logging()  # the steps' own progress lines
 
     work = Path(tempfile.mkdtemp(prefix="bench_fashion_"))
-    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": args.port}
+    with socket.socket() as probe:  # a free port for this benchmark's own MLflow server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": str(port)}
     url = subprocess.run([str(ROOT / "mlflow" / "server.sh"), "start"], env=env, check=True, capture_output=True,
                          text=True).stdout.strip()
     try:

@@ -6,7 +6,7 @@ Everything is logged to the training run in MLflow, so one run holds the model a
 from __future__ import annotations
 
 import logging
-import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items()])
     for plot in plots:
         client.log_artifact(run_id, str(plot), "evaluation")
     client.log_dict(run_id, report, "evaluation/report.json")

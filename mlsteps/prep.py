@@ -117,7 +117,7 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         try:
             _download(url, partial, config.download_timeout)
             _verify(spec, config, data_file, partial, partial.read_bytes())
-        except (OSError, urllib.error.URLError, DatasetChecksumError) as exc:
+        except (OSError, urllib.error.URLError, StepError) as exc:  # StepError: bad checksum or not IDX
             partial.unlink(missing_ok=True)
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
             log.warning("mirror failed: %s", errors[-1])

@@ -86,6 +86,7 @@ def _learning_curves(mlflow_client: Any, run_id: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -95,6 +96,7 @@ def _learning_curves(mlflow_client: Any, run_id: str, path: Path) -> None:
             if by_epoch:
                 ax.plot(list(by_epoch), list(by_epoch.values()), marker="o", label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()

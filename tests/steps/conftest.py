@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-ROOT = TESTS.parent
 VENV_BIN = Path(sys.executable).parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))

@@ -15,7 +15,6 @@ import pytest
 from stepsupport import datasets_entries, partial_leftovers, step_env
 
 from mlsteps import datasets, prep
-from mlsteps.idx import IdxFormatError
 
 CLOSED_PORT = "http://127.0.0.1:9/"  # discard port: nothing listens, the connection is refused at once
 
@@ -138,9 +137,6 @@ def test_mirror_with_wrong_checksums_is_rejected_and_nothing_is_cached(data_root
     assert datasets_entries(data_root) == []
 
 
-@pytest.mark.xfail(strict=True, raises=IdxFormatError,
-                   reason="BUG prep.py _obtain(): IdxFormatError from _verify() on a truncated download escapes "
-                          "the mirror loop, leaving the .download file and never trying the next mirror")
 def test_truncated_download_falls_through_to_next_mirror_and_leaves_no_partial(data_root, prepare, http_mirror,
                                                                                 no_system_copies) -> None:
     url, folder, _ = http_mirror
@@ -155,15 +151,17 @@ def test_truncated_download_falls_through_to_next_mirror_and_leaves_no_partial(d
     assert partial_leftovers(data_root) == []
 
 
-def test_truncated_download_error_names_the_cached_file(data_root, prepare, http_mirror, no_system_copies) -> None:
-    """Today's behaviour with a single broken mirror: a clear IdxFormatError naming the downloaded file."""
+def test_truncated_download_from_only_mirror_is_reported_and_not_kept(data_root, prepare, http_mirror,
+                                                                      no_system_copies) -> None:
     url, folder, _ = http_mirror
     _serve_dataset(folder)
     name = idxdata.NAMES["train_images"]
     (folder / name).write_bytes((folder / name).read_bytes()[:-30])
-    with pytest.raises(IdxFormatError, match="gzip stream is corrupt") as caught:
+    with pytest.raises(prep.DatasetUnavailableError, match="gzip stream is corrupt") as caught:
         prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
-    assert name in str(caught.value)
+    assert f"{url}{name}" in str(caught.value)
+    assert _cache_files(data_root) == []
+    assert partial_leftovers(data_root) == []
     assert datasets_entries(data_root) == []
 
 
