@@ -49,7 +49,7 @@ def _cli_type(annotation: Any) -> tuple[Callable[[str], Any], bool]:
         return annotation, False
     if origin is tuple:
         item = args[0]
-        return (lambda s: tuple(item(x) for x in s.split(",") if x.strip())), False
+        return (lambda s: tuple(item(x.strip()) for x in s.split(",") if x.strip())), False
     raise TypeError(f"unsupported config field type {annotation!r}")
 
 
@@ -116,10 +116,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         yield scratch
         (scratch / COMPLETE_MARKER).write_text("ok\n")
-        if final.exists():  # a concurrent writer finished first with the same content
-            shutil.rmtree(scratch)
-        else:
+        try:
             os.rename(scratch, final)
+        except OSError:
+            if not is_complete(final):
+                raise
+            shutil.rmtree(scratch)  # a concurrent writer finished first with the same content
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

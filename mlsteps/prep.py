@@ -217,7 +217,8 @@ def run(config: PrepConfig) -> dict[str, Any]:
         raise StepError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     spec = _spec(config)
     arrays, sources = _load(spec, config)
-    settings = {"format_version": FORMAT_VERSION, "val_fraction": config.val_fraction,
+    settings = {"format_version": FORMAT_VERSION, "class_names": list(spec.class_names),
+                "val_fraction": config.val_fraction,
                 "records_per_shard": config.records_per_shard, "seed": config.seed}
     digest = hashlib.sha256(json.dumps({"content": sources["content_sha256"], **settings},
                                        sort_keys=True).encode()).hexdigest()

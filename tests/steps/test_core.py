@@ -85,8 +85,6 @@ def test_bad_command_lines_exit_with_argparse_error(capsys, argv, message) -> No
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG core.py _cli_type(): tuple items are tested with strip() but kept "
-                                      "unstripped, so '--mirrors \"http://a/, http://b/\"' yields ' http://b/'")
 def test_tuple_items_are_stripped_of_surrounding_spaces() -> None:
     config, _ = _parse("--name", "x", "--tags", "x, y")
     assert config.tags == ("x", "y")

@@ -96,8 +96,6 @@ def test_records_per_shard_splits_output_into_numbered_shards(source_dir, prepar
     assert len(images) == len(labels) == 100
 
 
-@pytest.mark.xfail(strict=True, reason="BUG prep.py run(): the output digest ignores num_classes/class_names, "
-                                      "so a custom dataset prepared with another --num-classes is served from cache")
 def test_num_classes_change_is_not_served_from_cache(source_dir, prepare) -> None:
     prepare(source_dir, num_classes=10)
     again = prepare(source_dir, num_classes=12)
