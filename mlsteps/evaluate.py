@@ -19,14 +19,9 @@ from .core import StepError, cli, field, write_json_atomic
 log = logging.getLogger("mlsteps.evaluate")
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    manifest: str = field(help="manifest.json written by prep")
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(tracking.RunStepConfig):
     model_path: str = field(help="the trained Keras model (model.keras) written by train")
-    data_root: str = field(help="root folder; plots go to <data_root>/runs/<run key>/evaluation/")
-    run_key: str = field(help="identifies the pipeline run (DAG id / run id); one MLflow run per key")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    experiment: str = field("mnist_training", help="MLflow experiment name")
     batch_size: int = field(512, help="examples per inference batch")
     max_mistakes: int = field(25, help="misclassified examples shown in the grid")
 

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .core import StepError, safe_name
+from .core import StepError, field, safe_name
 
 log = logging.getLogger("mlsteps.tracking")
 
 RUN_KEY_TAG = "pipeline.run_key"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStepConfig:
+    """Fields shared by the steps that work inside one pipeline run (validate, train, evaluate)."""
+
+    manifest: str = field(help="manifest.json written by prep")
+    data_root: str = field(help="root folder; this run's files go to <data_root>/runs/<run key>/")
+    run_key: str = field(help="identifies the pipeline run (DAG id / run id); one MLflow run per key")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    experiment: str = field("mnist_training", help="MLflow experiment name")
 
 
 def run_dir(data_root: str, run_key: str) -> Path:

@@ -22,13 +22,8 @@ from .core import StepError, atomic_directory, cli, field, is_complete, write_js
 log = logging.getLogger("mlsteps.train")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    manifest: str = field(help="manifest.json written by prep")
-    data_root: str = field(help="root folder; checkpoints and the model go to <data_root>/runs/<run key>/")
-    run_key: str = field(help="identifies the pipeline run (DAG id / run id); one MLflow run per key")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    experiment: str = field("mnist_training", help="MLflow experiment name")
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(tracking.RunStepConfig):
     epochs: int = field(5, help="training epochs")
     batch_size: int = field(128, help="global batch size (split across GPUs)")
     learning_rate: float = field(0.003, help="peak learning rate of Adam, decayed to 0 by a cosine schedule")

@@ -24,13 +24,8 @@ class DataValidationError(StepError):
     """The dataset failed one or more checks; the message lists them."""
 
 
-@dataclass(frozen=True)
-class ValidateConfig:
-    manifest: str = field(help="manifest.json written by prep")
-    data_root: str = field(help="root folder; the report goes to <data_root>/runs/<run key>/")
-    run_key: str = field(help="identifies the pipeline run (DAG id / run id); one MLflow run per key")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    experiment: str = field("mnist_training", help="MLflow experiment name")
+@dataclass(frozen=True, kw_only=True)
+class ValidateConfig(tracking.RunStepConfig):
     min_class_share: float = field(0.5, help="each class must hold at least this multiple of a uniform share (1/classes)")
     max_leakage: float = field(0.01, help="largest allowed share of test images that exactly duplicate a training image")
     max_blank_share: float = field(0.01, help="largest allowed share of constant (blank) images per split")

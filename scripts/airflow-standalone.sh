@@ -9,7 +9,6 @@ MLFLOW_TRACKING_URI=$(mlflow/server.sh start)
 export MLFLOW_TRACKING_URI MLOPS_MLFLOW_UI_URL=${MLOPS_MLFLOW_UI_URL:-$MLFLOW_TRACKING_URI}
 echo "MLflow: $MLFLOW_TRACKING_URI"
 echo "Airflow: http://localhost:8080 (user admin; password in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
-export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}
 # Own process group, so that Ctrl-C (or a TERM to this script) ends every Airflow child too.
 setsid airflow standalone &
 pid=$!
