@@ -43,7 +43,7 @@ def measure(dag_file: Path, runtime: str, mode: str, home: str) -> dict:
            "PYTHONPATH": str(ROOT / "plugins")}
     out = subprocess.run([sys.executable, "-c", PROBE, str(dag_file), mode], env=env, capture_output=True,
                          text=True, check=True)
-    return json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))[6:])
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])
 
 
 def main(repeats: int = 7) -> None:

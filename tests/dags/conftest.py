@@ -1,33 +1,3 @@
-"""Fixtures for DAG tests: an isolated AIRFLOW_HOME and the repository's DAG and plugin folders."""
+"""Importing dagsupport first gives every DAG test an isolated AIRFLOW_HOME (see there)."""
 
-from __future__ import annotations
-
-import os
-import sys
-import tempfile
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-DAGS = ROOT / "dags"
-PLUGINS = ROOT / "plugins"
-DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
-
-
-def airflow_env(home: Path, runtime: str) -> dict[str, str]:
-    """Environment for an Airflow process that sees only this project's DAGs and plugins."""
-    return {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
-        "MLOPS_RUNTIME": runtime,
-    }
-
-
-# Airflow reads its configuration when first imported, which happens while test modules are collected:
-# set the environment now, before any of them import airflow.
-os.environ.update(airflow_env(Path(tempfile.mkdtemp(prefix="airflow_home_")), "kubernetes"))
-if str(PLUGINS) not in sys.path:
-    sys.path.insert(0, str(PLUGINS))
+import dagsupport  # noqa: F401

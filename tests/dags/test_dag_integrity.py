@@ -8,7 +8,7 @@ import sys
 from datetime import timedelta
 
 import pytest
-from conftest import DAG_FILES, DAGS, PLUGINS, airflow_env
+from dagsupport import DAG_FILES, DAGS, PLUGINS, airflow_env
 
 HEAVY = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "optuna")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import DAGS
+from dagsupport import DAGS, FakeTaskInstance
 
 K8S_VERSION = "1.33"
 RUN_ID = "manual__2026-11-26T02:00:00+00:00"
@@ -20,20 +20,6 @@ RESULTS = {  # what earlier steps would have pushed to XCom
     "train": {"model_path": "/data/runs/x/model/model.keras", "model_uri": "models:/m-abc"},
     "evaluate": {"metrics": {"test_accuracy": 0.99}},
 }
-
-
-class FakeTaskInstance:
-    """Stands in for the running task instance: identity for pod labels, xcom_pull for templates."""
-
-    dag_id = "mnist_training"
-    map_index = -1
-    try_number = 1
-
-    def __init__(self, task_id: str) -> None:
-        self.task_id = task_id
-
-    def xcom_pull(self, task_ids: str, key: str = "return_value"):
-        return RESULTS[task_ids]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +37,7 @@ def render(dag, task_id: str, **params):
 
     task = copy.deepcopy(dag.get_task(task_id))  # rendering replaces templates in place
     resolved = {**dag.params.validate(), **params}
-    context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": FakeTaskInstance(task_id), "task": task}
+    context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": FakeTaskInstance(task_id, RESULTS), "task": task}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     pod = task.build_pod_request_obj(context, dry_run=True)
     return ApiClient().sanitize_for_serialization(pod), task

@@ -7,7 +7,7 @@ import subprocess
 
 import idxdata
 import pytest
-from conftest import STEPS_PYTHON, airflow
+from services import STEPS_PYTHON, airflow
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,117 @@
+"""The steps image, built from images/steps/Dockerfile, runs the pod that the DAG renders.
+
+Podman stands in for the cluster's container runtime: `podman kube play` runs the very Pod manifest
+that KubernetesPodOperator would submit for the prep task (security context, shared PVC, XCom
+sidecar), and the result is read back the way the operator reads it, from the sidecar's
+/airflow/xcom/return.json. Marked slow (the image build downloads TensorFlow); needs podman and a local
+base image (../shared/notes/containers.md); skipped where either is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "dags"))
+
+import idxdata  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+BASE = os.environ.get("MLOPS_TEST_BASE_IMAGE", "localhost/debian-python:3.11")
+IMAGE = "localhost/mlops-steps:test"
+SIDECAR = "localhost/mlops-xcom-sidecar:test"  # stands in for alpine, which cannot be pulled here
+VOLUME = "mlops-data-test"
+
+
+def podman(*args: str, timeout: int = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def steps_image():
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    if podman("image", "exists", BASE, check=False).returncode != 0:
+        pytest.skip(f"base image {BASE} not present (see ../shared/notes/containers.md)")
+    build = ["build", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "PIP_BREAK_SYSTEM_PACKAGES=1",
+             "-t", IMAGE, "-f", "images/steps/Dockerfile"]
+    if Path("/etc/ssl/certs").is_dir():
+        build[1:1] = ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
+    out = subprocess.run(["podman", *build, str(ROOT)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    podman("tag", BASE, SIDECAR)
+    return IMAGE
+
+
+def test_image_runs_steps_as_non_root_user(steps_image):
+    out = podman("run", "--rm", steps_image, "sh", "-c", "id -u && python -m mlsteps.train --help")
+    uid, _, usage = out.stdout.partition("\n")
+    assert uid.strip() == "10001"
+    assert "--run-key" in usage and "--learning-rate" in usage
+
+
+def _render_prep_pod(source_dir: str, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The prep task's pod exactly as the operator would build it, for this image."""
+    for name, value in {"MLOPS_STEPS_IMAGE": IMAGE, "MLOPS_IMAGE_PULL_POLICY": "Never",
+                        "MLOPS_RUNTIME": "kubernetes", "MLOPS_DATA_PVC": VOLUME}.items():
+        monkeypatch.setenv(name, value)
+    import dagsupport  # noqa: F401  (isolated AIRFLOW_HOME, plugins on sys.path)
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import ApiClient
+    from dagsupport import FakeTaskInstance
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["mnist_training"]
+    task = copy.deepcopy(dag.get_task("prep"))
+    params = {**dag.params.validate(), "dataset": "custom", "source_dir": source_dir}
+    context = {"params": params, "dag": dag, "run_id": "manual__test", "ti": FakeTaskInstance("prep"), "task": task}
+    task.render_template_fields(context, jinja_env=dag.get_template_env())
+    monkeypatch.setattr(KubernetesHook, "get_xcom_sidecar_container_image", lambda self: SIDECAR)
+    pod = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(context, dry_run=True))
+    pod["metadata"]["name"] = "mlops-prep-test"
+    return pod
+
+
+def test_rendered_prep_pod_runs_in_podman_and_returns_xcom(steps_image, tmp_path, monkeypatch):
+    podman("volume", "rm", "-f", VOLUME, check=False)
+    podman("volume", "create", VOLUME)
+    mountpoint = Path(podman("volume", "inspect", VOLUME, "--format", "{{.Mountpoint}}").stdout.strip())
+    idxdata.write_dataset(mountpoint / "source", train=200, test=50)
+    os.chown(mountpoint, 10001, 10001)  # the PVC is writable by the pod's fsGroup in a cluster
+    pod = _render_prep_pod("/data/source", monkeypatch)
+    manifest = tmp_path / "pod.json"
+    manifest.write_text(json.dumps(pod))
+    try:
+        podman("kube", "play", str(manifest), timeout=300)
+        main = "mlops-prep-test-base"
+        deadline = time.monotonic() + 300
+        while podman("inspect", main, "--format", "{{.State.Status}}").stdout.strip() != "exited":
+            assert time.monotonic() < deadline, podman("logs", main, check=False).stdout[-3000:]
+            time.sleep(2)
+        logs = podman("logs", main, check=False)
+        state = podman("inspect", main, "--format", "{{.State.ExitCode}}").stdout.strip()
+        assert state == "0", logs.stdout[-3000:] + logs.stderr[-3000:]
+        result = json.loads(podman("exec", "mlops-prep-test-airflow-xcom-sidecar", "cat",
+                                   "/airflow/xcom/return.json").stdout)
+        assert result["dataset"] == "custom"
+        assert result["counts"] == {"train": 180, "val": 20, "test": 50}
+        prepared = mountpoint / Path(result["manifest"]).relative_to("/data")
+        assert (prepared.parent / "_COMPLETE").is_file()
+        assert prepared.parent.stat().st_uid == 10001  # written by the pod's non-root user
+    finally:
+        podman("kube", "down", str(manifest), check=False)
+        podman("volume", "rm", "-f", VOLUME, check=False)
