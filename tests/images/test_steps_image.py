@@ -9,6 +9,7 @@ base image (../shared/notes/containers.md); skipped where either is missing.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 BASE = os.environ.get("MLOPS_TEST_BASE_IMAGE", "localhost/debian-python:3.11")
 IMAGE = "localhost/mlops-steps:test"
-SIDECAR = "localhost/mlops-xcom-sidecar:test"  # stands in for alpine, which cannot be pulled here
+SIDECAR = "localhost/mlops-test-base:test"  # base of the steps image, and stand-in for the sidecar's alpine
 VOLUME = "mlops-data-test"
 
 
@@ -42,18 +43,21 @@ def podman(*args: str, timeout: int = 120, check: bool = True) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def steps_image():
+def steps_image(tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed")
     if podman("image", "exists", BASE, check=False).returncode != 0:
         pytest.skip(f"base image {BASE} not present (see ../shared/notes/containers.md)")
-    build = ["build", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "PIP_BREAK_SYSTEM_PACKAGES=1",
+    # An image imported from a root filesystem has no PATH; give it the usual one (python:3.11-slim has it).
+    base = tmp_path_factory.mktemp("base") / "Containerfile"
+    base.write_text(f"FROM {BASE}\nENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
+    podman("build", "-t", SIDECAR, "-f", str(base), str(base.parent))
+    build = ["build", "--build-arg", f"BASE_IMAGE={SIDECAR}", "--build-arg", "PIP_BREAK_SYSTEM_PACKAGES=1",
              "-t", IMAGE, "-f", "images/steps/Dockerfile"]
     if Path("/etc/ssl/certs").is_dir():
         build[1:1] = ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
     out = subprocess.run(["podman", *build, str(ROOT)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    podman("tag", BASE, SIDECAR)
     return IMAGE
 
 
@@ -93,6 +97,12 @@ def test_rendered_prep_pod_runs_in_podman_and_returns_xcom(steps_image, tmp_path
     idxdata.write_dataset(mountpoint / "source", train=200, test=50)
     os.chown(mountpoint, 10001, 10001)  # the PVC is writable by the pod's fsGroup in a cluster
     pod = _render_prep_pod("/data/source", monkeypatch)
+    secret_name = pod["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"]
+    # podman's form of a Kubernetes Secret: a JSON map of base64 values. prep itself needs no MLflow.
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"MLFLOW_TRACKING_URI": base64.b64encode(b"http://127.0.0.1:9").decode()}))
+    podman("secret", "rm", secret_name, check=False)
+    podman("secret", "create", secret_name, str(secret))
     manifest = tmp_path / "pod.json"
     manifest.write_text(json.dumps(pod))
     try:
@@ -115,3 +125,4 @@ def test_rendered_prep_pod_runs_in_podman_and_returns_xcom(steps_image, tmp_path
     finally:
         podman("kube", "down", str(manifest), check=False)
         podman("volume", "rm", "-f", VOLUME, check=False)
+        podman("secret", "rm", secret_name, check=False)
