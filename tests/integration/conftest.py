@@ -31,6 +31,8 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory, mlflow_server: Mlflow
         "MLOPS_DATA_ROOT": str(home / "data"),
         "MLOPS_STEPS_PYTHON": str(STEPS_PYTHON),
         "MLFLOW_TRACKING_URI": mlflow_server.url,
+        # airflow standalone starts its components as `airflow ...` subprocesses.
+        "PATH": f"{AIRFLOW.parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     out = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -40,6 +40,8 @@ def _request(method: str, url: str, body: dict | None = None, token: str | None 
 def airflow_api(airflow_home, tmp_path_factory):
     port = free_port()
     env = {**airflow_home, "AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__PARALLELISM": "2",
+           # workers report to the API server's execution API, which now listens on this port
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"}
     log = (tmp_path_factory.mktemp("standalone") / "standalone.log").open("w")
