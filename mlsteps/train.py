@@ -157,9 +157,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from mlflow.models import infer_signature
 
     example = np.zeros((2, *manifest["image_shape"]), dtype=np.float32)
+    signature = infer_signature(example, net.predict(example, verbose=0))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.tensorflow.log_model(net, name="model", signature=infer_signature(example, net.predict(example, verbose=0)),
-                                           input_example=example)
+        info = mlflow.tensorflow.log_model(net, name="model", signature=signature, input_example=example)
     final = {k: float(v[-1]) for k, v in history.history.items()} if history.history else {}
     result = {"mlflow_run_id": run_id, "model_uri": info.model_uri, "model_path": str(model_dir / "model.keras"),
               "metrics": final, "epochs": config.epochs, "resumed_from_epoch": progress.first_epoch or 0,
