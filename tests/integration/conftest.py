@@ -21,8 +21,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 def airflow_home(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer):
     """An Airflow home with a migrated SQLite database, running steps on the local runtime."""
     home = tmp_path_factory.mktemp("airflow_home")
+    # Nothing Airflow- or deployment-specific leaks in from the test process (e.g. unit-test mode set by
+    # the DAG tests of the same session, which gives every Airflow process its own JWT secret).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLOPS_", "MLFLOW_"))}
     env = {
-        **os.environ,
+        **inherited,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
