@@ -51,11 +51,14 @@ class LocalStepOperator(BaseOperator):
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True)
             assert self._process.stdout is not None
-            for line in self._process.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                self.log.info("%s", line)
-            code = self._process.wait()
+            try:
+                for line in self._process.stdout:
+                    line = line.rstrip()
+                    tail.append(line)
+                    self.log.info("%s", line)
+                code = self._process.wait()
+            finally:  # a timeout or kill of the task must not leave the step running on its own
+                self.on_kill()
             if code == USER_ERROR:
                 # Bad input or data: retrying cannot help, so fail now instead of after the retries.
                 raise AirflowFailException(f"{self.module} rejected its input:\n" + "\n".join(tail))
