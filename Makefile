@@ -34,7 +34,7 @@ $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirement
 	touch $@
 
 demo: envs
-	DATASET=$(DATASET) EPOCHS=$(EPOCHS) BATCH_SIZE=$(BATCH_SIZE) SOURCE_DIR=$(SOURCE_DIR) scripts/demo.sh
+	DATASET="$(DATASET)" EPOCHS="$(EPOCHS)" BATCH_SIZE="$(BATCH_SIZE)" SOURCE_DIR="$(SOURCE_DIR)" scripts/demo.sh
 
 test: envs
 	scripts/test.sh -m "$(TEST_MARKERS)" $(PYTEST_ARGS)

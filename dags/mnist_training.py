@@ -14,15 +14,18 @@ Trigger with config to change the dataset, the hyperparameters or where training
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import partial
 
 # Named at top level so that the DAG processor pre-imports it once before forking parsers
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
 from mlops_airflow.settings import load
-from mlops_airflow.steps import RUN_KEY, Resources, step, xcom
+from mlops_airflow.steps import RUN_KEY, Resources, xcom
+from mlops_airflow.steps import step as render_step
 
 settings = load()
+step = partial(render_step, settings=settings)  # every step of this parse renders with the same settings
 common = {"data_root": settings.data_root, "run_key": RUN_KEY}
 
 with DAG(

@@ -116,6 +116,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         yield scratch
         (scratch / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists() and not is_complete(final):
+            shutil.rmtree(final)  # left by a writer that died before this mechanism existed, or by hand
         try:
             os.rename(scratch, final)
         except OSError:

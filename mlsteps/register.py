@@ -47,9 +47,8 @@ def run(config: RegisterConfig) -> dict[str, Any]:
         raise StepError(f"--metrics must be a JSON object, got {config.metrics!r}: {exc}") from None
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
-    quoted = config.run_key.replace("'", "\\'")
     existing = client.search_model_versions(
-        f"name = '{config.model_name}' and tags.`{tracking.RUN_KEY_TAG}` = '{quoted}'")
+        f"name = {tracking.quote(config.model_name)} and tags.`{tracking.RUN_KEY_TAG}` = {tracking.quote(config.run_key)}")
     if existing:
         version = existing[0]
         log.info("run %s already registered as %s version %s", config.run_key, config.model_name, version.version)

@@ -31,6 +31,11 @@ def run_dir(data_root: str, run_key: str) -> Path:
     return Path(data_root).resolve() / "runs" / safe_name(run_key)
 
 
+def quote(value: str) -> str:
+    """A string literal for MLflow's search filter syntax."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def connect(tracking_uri: str | None) -> Any:
     """Import MLflow, point it at the tracking server (flag, else MLFLOW_TRACKING_URI), return the module."""
     import mlflow
@@ -47,8 +52,7 @@ def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None 
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    quoted = run_key.replace("'", "\\'")
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'", max_results=1)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {quote(run_key)}", max_results=1)
     if found:
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name or safe_name(run_key), tags={RUN_KEY_TAG: run_key})

@@ -111,8 +111,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if is_complete(model_dir) and json.loads((model_dir / "result.json").read_text())["settings"] == settings:
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
         return json.loads((model_dir / "result.json").read_text())
+    backup_dir = workdir / "backup"
     if model_dir.exists():
-        shutil.rmtree(model_dir)  # a model for other settings, or a half-written one: train again
+        # A model for other settings, or a half-written one: train again, from scratch.
+        shutil.rmtree(model_dir)
+        shutil.rmtree(backup_dir, ignore_errors=True)
 
     import keras
     import tensorflow as tf
@@ -143,7 +146,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
     val_ds = data.dataset(manifest, "val", batch_size=max(config.batch_size, 512))
     progress = _progress_callback(keras, client, run_id, config.epochs, n_train)
-    callbacks = [keras.callbacks.BackupAndRestore(str(workdir / "backup")), progress]
+    # The backup outlives fit(): if logging to MLflow fails afterwards, the retry restores the last epoch
+    # instead of training again. It is removed once the finished model is in place.
+    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False), progress]
     history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
                       shuffle=False)  # the dataset shuffles itself
 
@@ -167,6 +172,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     with atomic_directory(model_dir) as scratch:
         net.save(scratch / "model.keras")
         write_json_atomic(scratch / "result.json", result)
+    shutil.rmtree(backup_dir, ignore_errors=True)
     log.info("trained: %s; MLflow run %s", {k: round(v, 4) for k, v in final.items()}, tracking.run_url(mlflow, run_id))
     return result
 

@@ -36,8 +36,9 @@ def _check(checks: list[dict[str, Any]], name: str, passed: bool, detail: str, *
     checks.append({"name": name, "passed": bool(passed), "detail": detail, **values})
 
 
-def _digests(images: np.ndarray) -> set[bytes]:
-    return {hashlib.blake2b(img.tobytes(), digest_size=16).digest() for img in images}
+def _digests(images: np.ndarray) -> list[bytes]:
+    """One content hash per image, for exact-duplicate detection."""
+    return [hashlib.blake2b(img.tobytes(), digest_size=16).digest() for img in images]
 
 
 def inspect(manifest: dict[str, Any], config: ValidateConfig) -> dict[str, Any]:
@@ -84,10 +85,9 @@ def inspect(manifest: dict[str, Any], config: ValidateConfig) -> dict[str, Any]:
         _check(checks, "official dataset sizes", got == tuple(expected),
                f"train+val={got[0]}, test={got[1]}; the official {manifest['dataset']} has {expected[0]}/{expected[1]}")
     if "train" in loaded and "test" in loaded:
-        train_hashes = _digests(loaded["train"][0]) | (_digests(loaded["val"][0]) if "val" in loaded else set())
+        train_hashes = set(_digests(loaded["train"][0])) | set(_digests(loaded["val"][0]) if "val" in loaded else [])
         test_images = loaded["test"][0]
-        leaked = sum(h in train_hashes for h in (hashlib.blake2b(i.tobytes(), digest_size=16).digest()
-                                                  for i in test_images))
+        leaked = sum(h in train_hashes for h in _digests(test_images))
         share = leaked / max(1, len(test_images))
         _check(checks, "train/test leakage (exact duplicates)", share <= config.max_leakage,
                f"{leaked} test images ({share:.2%}) also appear in the training data, allowed {config.max_leakage:.2%}",

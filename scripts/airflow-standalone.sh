@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$root"
 MLFLOW_TRACKING_URI=$(mlflow/server.sh start)
-export MLFLOW_TRACKING_URI MLOPS_MLFLOW_UI_URL=${MLOPS_MLFLOW_UI_URL:-$MLFLOW_TRACKING_URI}
+export MLFLOW_TRACKING_URI
 echo "MLflow: $MLFLOW_TRACKING_URI"
 echo "Airflow: http://localhost:8080 (user admin; password in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
 # Own process group, so that Ctrl-C (or a TERM to this script) ends every Airflow child too.

@@ -12,8 +12,9 @@ export MLFLOW_TRACKING_URI
 echo "MLflow: $MLFLOW_TRACKING_URI"
 airflow db migrate >var/airflow-migrate.log 2>&1 || { tail -n 30 var/airflow-migrate.log; exit 1; }
 
-conf=$(printf '{"dataset": "%s", "epochs": %d, "batch_size": %d, "source_dir": "%s", "gpus": 0}' \
-       "${DATASET:-mnist}" "${EPOCHS:-5}" "${BATCH_SIZE:-128}" "${SOURCE_DIR:-}")
+conf=$(DATASET=${DATASET:-mnist} EPOCHS=${EPOCHS:-5} BATCH_SIZE=${BATCH_SIZE:-128} SOURCE_DIR=${SOURCE_DIR:-} \
+  .venvs/airflow/bin/python -c 'import json, os; e = os.environ; print(json.dumps({"dataset": e["DATASET"],
+    "epochs": int(e["EPOCHS"]), "batch_size": int(e["BATCH_SIZE"]), "source_dir": e["SOURCE_DIR"], "gpus": 0}))')
 echo "airflow dags test mnist_training -c '$conf'   (full log: $log)"
 # Show what the steps print (minus TensorFlow's C++ chatter); Airflow's own lines go to the log only.
 set +e

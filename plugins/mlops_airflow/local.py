@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -49,7 +48,8 @@ class LocalStepOperator(BaseOperator):
             tail: collections.deque[str] = collections.deque(maxlen=30)
             self._process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True)
+                # Same process group as the task, so Airflow's kill of the task reaches the step too.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
             assert self._process.stdout is not None
             try:
                 for line in self._process.stdout:
@@ -68,4 +68,9 @@ class LocalStepOperator(BaseOperator):
 
     def on_kill(self) -> None:
         if self._process and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.common.compat.sdk import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
 
 if TYPE_CHECKING:
@@ -20,6 +22,15 @@ if TYPE_CHECKING:
 
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 10001  # the non-root user of images/steps/Dockerfile
+USER_ERROR = 2  # exit code of mlsteps.core.cli for a StepError (bad input, failed validation)
+
+
+def exit_code(pod: k8s.V1Pod | None, container: str) -> int | None:
+    """Exit code of a finished container of a pod, if the pod status has it."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state else None
+    return terminated.exit_code if terminated is not None else None
 
 
 class StepPodOperator(KubernetesPodOperator):
@@ -31,6 +42,18 @@ class StepPodOperator(KubernetesPodOperator):
         super().__init__(**kwargs)
         self.gpus = gpus
         self.node_selector_json = node_selector_json
+
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> Any:
+        """As the provider's, but a step that rejected its input fails the task without retries."""
+        try:
+            return super().cleanup(pod, remote_pod, *args, **kwargs)
+        except AirflowSkipException:
+            raise
+        except Exception as exc:
+            if exit_code(remote_pod, self.base_container_name) == USER_ERROR:
+                raise AirflowFailException(f"{self.task_id}: the step rejected its input "
+                                           f"(exit code {USER_ERROR}), retrying cannot help:\n{exc}") from exc
+            raise
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         pod = super().build_pod_request_obj(context, dry_run=dry_run)

@@ -26,7 +26,6 @@ class Settings:
     service_account: str  # service account of the step pods
     steps_python: str  # interpreter of the steps environment (local runtime)
     tracking_uri: str  # MLflow tracking URI handed to local steps
-    mlflow_ui_url: str  # base URL of the MLflow UI for links in Airflow
 
 
 def load() -> Settings:
@@ -34,7 +33,6 @@ def load() -> Settings:
     if runtime not in RUNTIMES:
         raise ValueError(f"MLOPS_RUNTIME={runtime!r} is not one of {', '.join(RUNTIMES)}")
     default_python = PROJECT_ROOT / ".venvs" / "steps" / "bin" / "python"
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     return Settings(
         runtime=runtime,
         namespace=os.environ.get("MLOPS_NAMESPACE", "mlops"),
@@ -47,6 +45,5 @@ def load() -> Settings:
         service_account=os.environ.get("MLOPS_SERVICE_ACCOUNT", "mlops-steps"),
         steps_python=os.environ.get("MLOPS_STEPS_PYTHON",
                                     str(default_python) if default_python.exists() else sys.executable),
-        tracking_uri=tracking_uri,
-        mlflow_ui_url=os.environ.get("MLOPS_MLFLOW_UI_URL", tracking_uri),
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
     )

@@ -110,3 +110,29 @@ def test_cpu_only_training_and_other_steps_request_no_gpu(dag, rendered):
     assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
     assert not pod["spec"].get("tolerations")
     assert "nvidia.com/gpu" not in rendered["prep"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def _finished_pod(code: int):
+    from kubernetes.client import models as k8s
+
+    terminated = k8s.V1ContainerStateTerminated(exit_code=code)
+    status = k8s.V1ContainerStatus(name="base", image="x", image_id="", ready=False, restart_count=0,
+                                   state=k8s.V1ContainerState(terminated=terminated))
+    return k8s.V1Pod(status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))
+
+
+@pytest.mark.parametrize(("code", "fails_at_once"), [(2, True), (1, False), (137, False)],
+                         ids=["rejected-input", "crash", "oom-killed"])
+def test_pod_whose_step_rejected_its_input_fails_without_retry(dag, monkeypatch, code, fails_at_once):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowFailException
+
+    def provider_cleanup(self, pod, remote_pod, xcom_result=None, context=None):
+        raise RuntimeError("Pod returned a failure")  # what the provider raises for any failed pod
+
+    monkeypatch.setattr(KubernetesPodOperator, "cleanup", provider_cleanup)
+    task = dag.get_task("validate")
+    pod = _finished_pod(code)
+    with pytest.raises(AirflowFailException if fails_at_once else RuntimeError) as raised:
+        task.cleanup(pod, pod)
+    assert isinstance(raised.value, AirflowFailException) is fails_at_once

@@ -4,7 +4,7 @@ Podman stands in for the cluster's container runtime: `podman kube play` runs th
 that KubernetesPodOperator would submit for the prep task (security context, shared PVC, XCom
 sidecar), and the result is read back the way the operator reads it, from the sidecar's
 /airflow/xcom/return.json. Marked slow (the image build downloads TensorFlow); needs podman and a local
-base image (../shared/notes/containers.md); skipped where either is missing.
+base image (docs/operations.md, "Containers without Docker"); skipped where either is missing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def steps_image(tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed")
     if podman("image", "exists", BASE, check=False).returncode != 0:
-        pytest.skip(f"base image {BASE} not present (see ../shared/notes/containers.md)")
+        pytest.skip(f"base image {BASE} not present (see docs/operations.md, 'Containers without Docker')")
     # An image imported from a root filesystem has no PATH; give it the usual one (python:3.11-slim has it).
     base = tmp_path_factory.mktemp("base") / "Containerfile"
     base.write_text(f"FROM {BASE}\nENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")

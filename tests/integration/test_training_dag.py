@@ -87,7 +87,10 @@ def test_rerunning_train_and_register_of_the_same_run_creates_no_second_version(
 
 
 def test_offline_mnist_fails_fast_without_retries_and_says_how_to_proceed(airflow_home, tmp_path):
-    env = {**airflow_home, "MLOPS_DATA_ROOT": str(tmp_path / "data")}
+    # A proxy that refuses connections makes every mirror unreachable, online or not.
+    unreachable = "http://127.0.0.1:9"
+    env = {**airflow_home, "MLOPS_DATA_ROOT": str(tmp_path / "data"), "http_proxy": unreachable,
+           "https_proxy": unreachable, "no_proxy": "127.0.0.1,localhost"}
     out = airflow(env, "dags", "test", "mnist_training", "-c", json.dumps({"dataset": "mnist"}), timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode != 0
