@@ -231,7 +231,9 @@ def run(config: PrepConfig) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     if is_complete(out):
         log.info("dataset %s already prepared at %s (digest %s)", spec.name, out, digest[:16])
-        return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True}
+        splits = json.loads(manifest_path.read_text())["splits"]
+        return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True,
+                "counts": {k: v["count"] for k, v in splits.items()}, "config": asdict(config)}
 
     val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed)
     splits = {

@@ -78,6 +78,7 @@ def test_rerun_returns_cached_manifest_without_rewriting(source_dir, data_root, 
     assert second["cached"] is True
     assert second["manifest"] == first["manifest"]
     assert second["digest"] == first["digest"]
+    assert second["counts"] == first["counts"] == {"train": 270, "val": 30, "test": 100}
     assert _tree(data_root / "datasets") == before
 
 
