@@ -148,8 +148,8 @@ def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
     if raw[:2] != b"\x1f\x8b" and not data_file.content_sha256:
         raise DatasetChecksumError(
             f"{path}: uncompressed, and only the official {data_file.name} archive's SHA-256 is known for "
-            f"{spec.name}, so it cannot be verified. Use the original .gz file, or pass "
-            "--verify-checksums false to trust this copy.")
+            f"{spec.name}, so it cannot be verified. Use the original .gz file, or trust this copy: "
+            "--verify-checksums false, or dataset 'custom' in the trigger form.")
     raise DatasetChecksumError(
         f"{path}: SHA-256 {digest} does not match the known {spec.name} checksum(s) "
         f"{', '.join(data_file.sha256)}; the file is corrupt or not the official {data_file.name}. "
