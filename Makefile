@@ -12,6 +12,11 @@ DATASET ?= mnist
 EPOCHS ?= 5
 BATCH_SIZE ?= 128
 SOURCE_DIR ?=
+SEARCH ?= true
+SEARCH_TRIALS ?= 6
+SEARCH_WORKERS ?= 2
+SEARCH_EPOCHS ?= 2
+SEARCH_EXAMPLES ?= 10000
 # make test options: PYTEST_ARGS="-k resume", TEST_MARKERS="not slow"
 PYTEST_ARGS ?=
 TEST_MARKERS ?= not slow
@@ -34,7 +39,9 @@ $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirement
 	touch $@
 
 demo: envs
-	DATASET="$(DATASET)" EPOCHS="$(EPOCHS)" BATCH_SIZE="$(BATCH_SIZE)" SOURCE_DIR="$(SOURCE_DIR)" scripts/demo.sh
+	DATASET="$(DATASET)" EPOCHS="$(EPOCHS)" BATCH_SIZE="$(BATCH_SIZE)" SOURCE_DIR="$(SOURCE_DIR)" SEARCH="$(SEARCH)" \
+	  SEARCH_TRIALS="$(SEARCH_TRIALS)" SEARCH_WORKERS="$(SEARCH_WORKERS)" SEARCH_EPOCHS="$(SEARCH_EPOCHS)" \
+	  SEARCH_EXAMPLES="$(SEARCH_EXAMPLES)" scripts/demo.sh
 
 test: envs
 	scripts/test.sh -m "$(TEST_MARKERS)" $(PYTEST_ARGS)

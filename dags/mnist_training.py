@@ -1,7 +1,12 @@
 """
 ### mnist_training
 
-Nightly (02:00 UTC) or on demand: **prep → validate → train → evaluate → register**.
+Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → register**.
+
+The search (Optuna: TPE sampling, Hyperband pruning) runs `search_workers` trial workers at once, as a
+mapped task in the `hyperparameter_search` pool; they share one study until the trial or time budget is
+spent, then `select` hands the best hyperparameters to train. Trigger with `search: false` to skip it
+and train with the form's hyperparameters.
 
 Each task runs one step of the `mlsteps` package: as a Kubernetes pod (runtime `kubernetes`, the
 production default) or as a local process (runtime `local`), chosen by `MLOPS_RUNTIME`. Every run
@@ -13,6 +18,7 @@ Trigger with config to change the dataset, the hyperparameters or where training
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from functools import partial
 
@@ -20,6 +26,7 @@ from functools import partial
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
+from mlops_airflow.search import hyperparameters, plan_search
 from mlops_airflow.settings import load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
@@ -53,9 +60,33 @@ with DAG(
         "epochs": Param(5, type="integer", minimum=1, maximum=500, description="Training epochs."),
         "batch_size": Param(128, type="integer", minimum=8, maximum=8192, description="Global batch size."),
         "learning_rate": Param(0.003, type="number", exclusiveMinimum=0, maximum=1,
-                               description="Peak learning rate (Adam, cosine decay)."),
+                               description="Peak learning rate (Adam, cosine decay); used when search is off."),
         "width": Param(32, type="integer", minimum=4, maximum=512,
-                       description="Model width: filters of the first conv layer (32 ≈ 88K parameters)."),
+                       description="Model width: filters of the first conv layer (32 ≈ 88K parameters); "
+                                   "used when search is off."),
+        "dropout": Param(0.2, type="number", minimum=0, maximum=0.9,
+                         description="Dropout before the classifier; used when search is off."),
+        "search": Param(True, type="boolean",
+                        description="Search hyperparameters before training. Off: train with learning_rate, "
+                                    "batch_size, width and dropout as given."),
+        "search_trials": Param(20, type="integer", minimum=1, maximum=1000,
+                               description="Trial budget: complete + pruned trials over all workers."),
+        "search_workers": Param(2, type="integer", minimum=1, maximum=64,
+                                description="Trial workers running at once (one pod each; the pool caps them)."),
+        "search_timeout_minutes": Param(120, type="number", exclusiveMinimum=0, maximum=2880,
+                                        description="Time budget of the search; a running trial finishes."),
+        "search_epochs": Param(5, type="integer", minimum=1, maximum=200,
+                               description="Epochs of a trial that is never pruned."),
+        "search_pruner": Param("hyperband", enum=["hyperband", "successive_halving", "median", "none"],
+                               description="Early stopping of unpromising trials."),
+        "search_sampler": Param("tpe", enum=["tpe", "random"], description="How trials are proposed."),
+        "search_objective": Param("val_accuracy", enum=["val_accuracy", "val_loss"],
+                                  description="Validation metric the search optimises (per epoch, for pruning)."),
+        "search_space": Param({}, type="object",
+                              description='Overrides of the search space, e.g. {"learning_rate": {"low": 0.001, '
+                                          '"high": 0.01, "log": true}, "width": [32, 48], "dropout": 0.2}.'),
+        "search_train_examples": Param(0, type="integer", minimum=0,
+                                       description="Train each trial on the first N examples (0: all)."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
         "node_selector": Param({}, type="object",
@@ -70,11 +101,35 @@ with DAG(
                       "source_dir": "{{ params.source_dir }}"})
     validate = step("validate", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="3Gi"),
                     args={"manifest": xcom("prep", "manifest"), **common})
+    search = {"manifest": xcom("prep", "manifest"), **common, "trials": "{{ params.search_trials }}",
+              "timeout_minutes": "{{ params.search_timeout_minutes }}", "max_epochs": "{{ params.search_epochs }}",
+              "pruner": "{{ params.search_pruner }}", "sampler": "{{ params.search_sampler }}",
+              "objective": "{{ params.search_objective }}", "search_space": "{{ params.search_space | tojson }}",
+              "train_examples": "{{ params.search_train_examples }}"}
+    workers = plan_search()
+    create_study = step("tune", task_id="create_study", timeout=timedelta(minutes=10),
+                        resources=Resources(cpu="500m", memory="1Gi"), optional_secrets=(settings.optuna_secret,),
+                        args={**search, "setup_only": "true"})
+    # TensorFlow sizes its thread pools by the node's cores, not the pod's limit: give each worker its share.
+    cpus = 4 if settings.runtime == "kubernetes" else (os.cpu_count() or 1)
+    tune = step("tune", timeout=timedelta(hours=12), resources=Resources(cpu=str(cpus), memory="8Gi"),
+                gpus="{{ params.gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
+                optional_secrets=(settings.optuna_secret,), pool=settings.search_pool, expand_over=workers,
+                args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
+                      else f"{{{{ [1, {cpus} // params.search_workers] | max }}}}"})
+    select = step("select", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="2Gi"),
+                  optional_secrets=(settings.optuna_secret,), args={"manifest": xcom("prep", "manifest"), **common},
+                  # once every worker stopped, even if some failed for good (the others' trials count);
+                  # skipped with the search, upstream_failed if no worker succeeded
+                  trigger_rule="all_done_min_one_success")
+    chosen = hyperparameters()
     train = step("train", timeout=timedelta(hours=6), resources=Resources(cpu="4", memory="8Gi"),
                  gpus="{{ params.gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
                  args={"manifest": xcom("prep", "manifest"), **common, "epochs": "{{ params.epochs }}",
-                       "batch_size": "{{ params.batch_size }}", "learning_rate": "{{ params.learning_rate }}",
-                       "width": "{{ params.width }}"})
+                       **{name: xcom("hyperparameters", name) for name in ("learning_rate", "batch_size", "width",
+                                                                           "dropout")},
+                       "search_run_id": xcom("hyperparameters", "search_run_id"),
+                       "search_trial": xcom("hyperparameters", "trial")})
     evaluate = step("evaluate", timeout=timedelta(minutes=30), resources=Resources(cpu="2", memory="4Gi"),
                     args={"manifest": xcom("prep", "manifest"), "model_path": xcom("train", "model_path"),
                           **common})
@@ -85,4 +140,5 @@ with DAG(
                           "model_name": "{{ params.model_name }}", "dag_id": "{{ dag.dag_id }}",
                           "dag_run_id": "{{ run_id }}"})
 
-    prep >> validate >> train >> evaluate >> register
+    prep >> validate >> workers >> create_study >> tune >> select >> chosen
+    validate >> chosen >> train >> evaluate >> register

@@ -28,6 +28,15 @@ def split_files(manifest: dict[str, Any], split: str) -> list[str]:
 def dataset(manifest: dict[str, Any], split: str, *, batch_size: int, shuffle: bool = False,
             seed: int = 0, cache: bool = True) -> Any:
     """Batches of (float32 images HxW in 0..255, int32 labels); parse in parallel, cache, shuffle, prefetch."""
+    return batches(examples(manifest, split, cache=cache), batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+
+def examples(manifest: dict[str, Any], split: str, *, cache: bool = True, limit: int = 0) -> Any:
+    """Unbatched (uint8 image, int32 label) pairs of one split, cached in memory after the first pass.
+
+    Build it once and call :func:`batches` on it per training run (as the search does per trial) to
+    read the shards only once. ``limit`` keeps the first N examples (0: all).
+    """
     import tensorflow as tf
 
     height, width = manifest["image_shape"]
@@ -43,11 +52,20 @@ def dataset(manifest: dict[str, Any], split: str, *, batch_size: int, shuffle: b
     # Parse in batches (vectorised), then cache the compact uint8 examples in memory.
     ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     # A known length lets Keras size its epochs (and fails loudly if the shards disagree with the manifest).
-    ds = ds.apply(tf.data.experimental.assert_cardinality(manifest["splits"][split]["count"]))
-    if cache:
-        ds = ds.cache()
+    count = manifest["splits"][split]["count"]
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    if 0 < limit < count:
+        ds = ds.take(limit)
+    return ds.cache() if cache else ds
+
+
+def batches(examples: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> Any:
+    """Shuffled (optionally) float32 batches of :func:`examples`, prefetched."""
+    import tensorflow as tf
+
+    ds = examples
     if shuffle:
-        ds = ds.shuffle(min(manifest["splits"][split]["count"], 20000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(min(int(ds.cardinality()), 20000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -28,3 +28,15 @@ def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dr
     # Softmax in float32 even under mixed precision, for numerically stable probabilities.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"cnn_w{width}")
+
+
+def compiled(*, image_shape: tuple[int, int], num_classes: int, width: int, dropout: float, learning_rate: float,
+             decay_steps: int) -> Any:
+    """:func:`build`, compiled as every training run compiles it: Adam with cosine decay to 0 over ``decay_steps``."""
+    import keras
+
+    net = build(image_shape=image_shape, num_classes=num_classes, width=width, dropout=dropout)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
+    net.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+    return net

@@ -30,6 +30,8 @@ class TrainConfig(tracking.RunStepConfig):
     dropout: float = field(0.2, help="dropout rate before the classifier")
     seed: int = field(42, help="seed for weights, shuffling and dropout")
     mixed_precision: bool = field(True, help="use float16 compute when a GPU is present")
+    search_run_id: str | None = field(None, help="MLflow run of the hyperparameter search these settings came from")
+    search_trial: int | None = field(None, help="number of the search trial these settings came from")
 
 
 def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
@@ -125,16 +127,20 @@ def run(config: TrainConfig) -> dict[str, Any]:
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
+    source = {"hyperparameters.source": "trigger form"}
+    if config.search_run_id:
+        source = {"hyperparameters.source": "search", "search.run_id": config.search_run_id,
+                  "search.trial_number": str(config.search_trial)}
+    for key, value in source.items():
+        client.set_tag(run_id, key, value)
     keras.utils.set_random_seed(config.seed)
     strategy, gpus = _strategy(tf, config)
     n_train = manifest["splits"]["train"]["count"]
     steps_per_epoch = -(-n_train // config.batch_size)
     with strategy.scope():
-        net = model_lib.build(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],
-                              width=config.width, dropout=config.dropout)
-        schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps_per_epoch * config.epochs)
-        net.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"])
+        net = model_lib.compiled(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],
+                                 width=config.width, dropout=config.dropout, learning_rate=config.learning_rate,
+                                 decay_steps=steps_per_epoch * config.epochs)
     params = {**{k: v for k, v in settings.items() if k != "run_key"}, "parameters": net.count_params(),
               "gpus": gpus, "train_examples": n_train}
     existing = client.get_run(run_id).data.params

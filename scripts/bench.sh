@@ -5,4 +5,5 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 .venvs/airflow/bin/python bench/dag_parse.py
 .venvs/steps/bin/python bench/input_pipeline.py
+.venvs/steps/bin/python bench/search.py
 .venvs/steps/bin/python bench/train_fashion.py

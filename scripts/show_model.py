@@ -21,6 +21,15 @@ def main() -> None:
     print(f"  registry:     {uri}/#/models/{args.model_name}/versions/{version.version}")
     print(f"test accuracy:  {run.data.metrics.get('test_accuracy', float('nan')):.4f}")
     print(f"dataset:        {version.tags.get('dataset')} ({version.tags.get('dataset_digest', '')[:16]})")
+    params = run.data.params
+    chosen = ", ".join(f"{k} {params[k]}" for k in ("learning_rate", "batch_size", "width", "dropout") if k in params)
+    origin = run.data.tags.get("hyperparameters.source", "trigger form")
+    if origin == "search":
+        search = client.get_run(run.data.tags["search.run_id"])
+        origin = (f"search trial {run.data.tags.get('search.trial_number')}: "
+                  f"{uri}/#/experiments/{search.info.experiment_id}/runs/{search.info.run_id}")
+    print(f"hyperparameters: {chosen}")
+    print(f"  from:         {origin}")
 
 
 if __name__ == "__main__":

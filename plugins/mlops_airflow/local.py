@@ -32,10 +32,12 @@ class LocalStepOperator(BaseOperator):
     ui_color = "#e8f4ea"
 
     def __init__(self, *, module: str, arguments: list[str], python: str, env: dict[str, str] | None = None,
-                 **kwargs: Any) -> None:
+                 extra_arguments: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.module = module
         self.arguments = arguments
+        # Appended to the rendered arguments; what a mapped task expands over (e.g. ["--worker", "1"]).
+        self.extra_arguments = [str(a) for a in extra_arguments or []]
         self.python = python
         self.env = env or {}
         self._process: subprocess.Popen[str] | None = None
@@ -43,7 +45,8 @@ class LocalStepOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         with tempfile.TemporaryDirectory(prefix=f"{self.task_id}-") as tmp:
             result_path = Path(tmp) / "return.json"
-            command = [self.python, "-m", self.module, *self.arguments, "--result-path", str(result_path)]
+            command = [self.python, "-m", self.module, *self.arguments, *self.extra_arguments,
+                       "--result-path", str(result_path)]
             self.log.info("running: %s", " ".join(command))
             tail: collections.deque[str] = collections.deque(maxlen=30)
             self._process = subprocess.Popen(

@@ -38,10 +38,13 @@ class StepPodOperator(KubernetesPodOperator):
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "gpus", "node_selector_json")
 
-    def __init__(self, *, gpus: str | int = 0, node_selector_json: str = "", **kwargs: Any) -> None:
+    def __init__(self, *, gpus: str | int = 0, node_selector_json: str = "", extra_arguments: list[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gpus = gpus
         self.node_selector_json = node_selector_json
+        # Appended to the rendered arguments; what a mapped task expands over (e.g. ["--worker", "1"]).
+        self.extra_arguments = [str(a) for a in extra_arguments or []]
 
     def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> Any:
         """As the provider's, but a step that rejected its input fails the task without retries."""
@@ -58,6 +61,8 @@ class StepPodOperator(KubernetesPodOperator):
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         container = pod.spec.containers[0]
+        if self.extra_arguments:
+            container.args = [*(container.args or []), *self.extra_arguments]
         gpus = int(self.gpus or 0)
         if gpus < 0:
             raise ValueError(f"{self.task_id}: gpus must be >= 0, got {gpus}")
@@ -77,10 +82,18 @@ class StepPodOperator(KubernetesPodOperator):
         return pod
 
 
-def build(*, task_id: str, module: str, arguments: list[str], resources: Resources, gpus: str | int,
-          node_selector_json: str, deadline_seconds: int, settings: Settings, **kwargs: Any) -> StepPodOperator:
-    """Render one step as a pod: image, command, resources, shared volume, MLflow secret, hardening."""
-    return StepPodOperator(
+def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resources: Resources, gpus: str | int,
+                    node_selector_json: str, deadline_seconds: int, settings: Settings,
+                    optional_secrets: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+    """One step as a pod: image, command, resources, shared volume, MLflow secret, hardening.
+
+    Returns StepPodOperator's keyword arguments, for a plain task or for ``StepPodOperator.partial(...)``.
+    ``optional_secrets`` are mounted as environment variables when they exist (e.g. the Optuna storage URL).
+    """
+    env_from = [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.mlflow_secret))]
+    env_from += [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name, optional=True))
+                 for name in optional_secrets]
+    return dict(
         task_id=task_id,
         name=task_id.replace("_", "-"),
         namespace=settings.namespace,
@@ -97,7 +110,7 @@ def build(*, task_id: str, module: str, arguments: list[str], resources: Resourc
             claim_name=settings.data_pvc))],
         volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=settings.data_root)],
         env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.mlflow_secret))],
+        env_from=env_from,
         service_account_name=settings.service_account,
         security_context=k8s.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,

@@ -26,6 +26,9 @@ class Settings:
     service_account: str  # service account of the step pods
     steps_python: str  # interpreter of the steps environment (local runtime)
     tracking_uri: str  # MLflow tracking URI handed to local steps
+    optuna_secret: str  # optional Secret with OPTUNA_STORAGE (the search's SQL URL) for the pods
+    optuna_storage: str  # OPTUNA_STORAGE handed to local steps; empty: SQLite under the data root
+    search_pool: str  # Airflow pool bounding how many trial workers run at once
 
 
 def load() -> Settings:
@@ -46,4 +49,7 @@ def load() -> Settings:
         steps_python=os.environ.get("MLOPS_STEPS_PYTHON",
                                     str(default_python) if default_python.exists() else sys.executable),
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
+        optuna_secret=os.environ.get("MLOPS_OPTUNA_SECRET", "optuna-storage"),
+        optuna_storage=os.environ.get("MLOPS_OPTUNA_STORAGE", ""),
+        search_pool=os.environ.get("MLOPS_SEARCH_POOL", "hyperparameter_search"),
     )

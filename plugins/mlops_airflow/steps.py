@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlops_airflow import settings as settings_mod
-
-if TYPE_CHECKING:
-    from airflow.sdk import BaseOperator
 
 STEPS_PACKAGE = "mlsteps"
 
@@ -46,8 +43,14 @@ def to_arguments(args: dict[str, Any]) -> list[str]:
 
 def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Resources = Resources(),
          gpus: str | int = 0, node_selector_json: str = "", task_id: str | None = None,
-         settings: settings_mod.Settings | None = None, **operator_kwargs: Any) -> BaseOperator:
-    """Render step ``name`` (module ``mlsteps.<name>``) as an operator of the configured runtime."""
+         settings: settings_mod.Settings | None = None, expand_over: Any = None,
+         optional_secrets: tuple[str, ...] = (), **operator_kwargs: Any) -> Any:
+    """Render step ``name`` (module ``mlsteps.<name>``) as an operator of the configured runtime.
+
+    ``expand_over``: an upstream task's output, a list of argument lists; the step becomes a mapped task
+    with one instance per list, each appending its list to ``args`` (e.g. ``[["--worker", "0"], ...]``).
+    ``optional_secrets``: Kubernetes Secrets passed to the pod as environment variables if they exist.
+    """
     settings = settings or settings_mod.load()
     module = f"{STEPS_PACKAGE}.{name}"
     task_id = task_id or name
@@ -55,13 +58,22 @@ def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Reso
     if settings.runtime == "kubernetes":
         from mlops_airflow import pods
 
-        return pods.build(
+        cls: Any = pods.StepPodOperator
+        kwargs = pods.operator_kwargs(
             task_id=task_id, module=module, arguments=arguments, resources=resources, gpus=gpus,
             node_selector_json=node_selector_json, settings=settings, execution_timeout=timeout,
+            optional_secrets=optional_secrets,
             # The pod must die before Airflow gives up on it, or it would outlive its task.
             deadline_seconds=int(timeout.total_seconds()), **operator_kwargs)
-    from mlops_airflow.local import LocalStepOperator
+    else:
+        from mlops_airflow.local import LocalStepOperator
 
-    return LocalStepOperator(task_id=task_id, module=module, arguments=arguments, python=settings.steps_python,
-                             env={"MLFLOW_TRACKING_URI": settings.tracking_uri}, execution_timeout=timeout,
-                             **operator_kwargs)
+        cls = LocalStepOperator
+        env = {"MLFLOW_TRACKING_URI": settings.tracking_uri}
+        if settings.optuna_storage:
+            env["OPTUNA_STORAGE"] = settings.optuna_storage
+        kwargs = dict(task_id=task_id, module=module, arguments=arguments, python=settings.steps_python, env=env,
+                      execution_timeout=timeout, **operator_kwargs)
+    if expand_over is None:
+        return cls(**kwargs)
+    return cls.partial(**kwargs).expand(extra_arguments=expand_over)

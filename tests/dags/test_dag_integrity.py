@@ -78,12 +78,17 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
     assert dag.catchup is False
     assert dag.max_active_runs == 1
     assert dag.doc_md and dag.tags
-    assert [t.task_id for t in dag.topological_sort()] == ["prep", "validate", "train", "evaluate", "register"]
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == ["prep", "validate", "plan_search", "create_study", "tune", "select", "hyperparameters",
+                     "train", "evaluate", "register"]
 
 
 @pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("dataset", "cifar"), ("learning_rate", 0),
-                                           ("gpus", -1), ("node_selector", "gpu")],
-                         ids=["zero-epochs", "unknown-dataset", "zero-lr", "negative-gpus", "selector-not-object"])
+                                           ("gpus", -1), ("node_selector", "gpu"), ("search_workers", 0),
+                                           ("search_trials", 0), ("search_pruner", "asha"),
+                                           ("search_space", "lr=0.1"), ("search", "maybe")],
+                         ids=["zero-epochs", "unknown-dataset", "zero-lr", "negative-gpus", "selector-not-object",
+                              "no-workers", "no-trials", "unknown-pruner", "space-not-object", "search-not-bool"])
 def test_trigger_form_rejects_invalid_values(dagbag, name, value):
     from airflow.sdk.exceptions import ParamValidationError
 
@@ -91,3 +96,51 @@ def test_trigger_form_rejects_invalid_values(dagbag, name, value):
     param.resolve()  # the default is valid
     with pytest.raises(ParamValidationError):
         param.resolve(value)
+
+
+def test_search_runs_one_worker_per_requested_slot_and_is_skipped_when_off():
+    from mlops_airflow.search import plan_search
+
+    plan = plan_search.function
+    assert plan(params={"search": True, "search_workers": 3}) == [["--worker", "0"], ["--worker", "1"],
+                                                                   ["--worker", "2"]]
+    assert plan(params={"search": False, "search_workers": 3}) == []  # falsy: short-circuits the search
+
+
+class _TI:
+    def __init__(self, select_result):
+        self.select_result = select_result
+
+    def xcom_pull(self, task_ids):
+        assert task_ids == "select"
+        return self.select_result
+
+
+FORM = {"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2}
+
+
+def test_train_gets_the_best_trial_when_the_search_ran_and_the_form_otherwise():
+    from mlops_airflow.search import hyperparameters
+
+    pick = hyperparameters.function
+    best = {"hyperparameters": {"learning_rate": 0.01, "batch_size": 64, "width": 48, "dropout": 0.1},
+            "search_run_id": "abc", "trial": 4, "value": 0.91, "objective": "val_accuracy"}
+    tuned = pick(params=FORM, ti=_TI(best))
+    assert {k: tuned[k] for k in FORM} == best["hyperparameters"]
+    assert (tuned["source"], tuned["search_run_id"], tuned["trial"]) == ("search", "abc", 4)
+    # A space that fixes some values (or omits them) still yields every hyperparameter train needs.
+    partial = {**best, "hyperparameters": {"learning_rate": 0.02}}
+    assert {k: pick(params=FORM, ti=_TI(partial))[k] for k in FORM} == {**FORM, "learning_rate": 0.02}
+    skipped = pick(params=FORM, ti=_TI(None))
+    assert {k: skipped[k] for k in FORM} == FORM
+    assert (skipped["source"], skipped["search_run_id"], skipped["trial"]) == ("trigger form", None, None)
+
+
+def test_select_waits_for_every_worker_and_train_runs_whether_or_not_the_search_ran(dagbag):
+    dag = dagbag.dags["mnist_training"]
+    # select runs even if a worker failed for good, but not when the search was skipped or never started
+    assert dag.get_task("select").trigger_rule == "all_done_min_one_success"
+    chosen = dag.get_task("hyperparameters")
+    assert chosen.trigger_rule == "none_failed_min_one_success"
+    assert {"select", "validate"} <= chosen.upstream_task_ids
+    assert dag.get_task("plan_search").ignore_downstream_trigger_rules is False  # skips only the search tasks

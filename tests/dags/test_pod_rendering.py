@@ -19,7 +19,12 @@ RESULTS = {  # what earlier steps would have pushed to XCom
              "digest": "0123456789abcdef" * 4},
     "train": {"model_path": "/data/runs/x/model/model.keras", "model_uri": "models:/m-abc"},
     "evaluate": {"metrics": {"test_accuracy": 0.99}},
+    "hyperparameters": {"learning_rate": 0.0042, "batch_size": 64, "width": 48, "dropout": 0.1, "source": "search",
+                        "search_run_id": "0123abcd", "trial": 7},
 }
+STEPS = {"prep": "prep", "validate": "validate", "create_study": "tune", "tune": "tune", "select": "select",
+         "train": "train", "evaluate": "evaluate", "register": "register"}  # pod tasks -> step module
+SEARCH_TASKS = ("create_study", "tune", "select")
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +36,19 @@ def dag():
     return bag.dags["mnist_training"]
 
 
-def render(dag, task_id: str, **params):
-    """Render one task's templates with the trigger-form params and return its (dry-run) pod as a dict."""
+def render(dag, task_id: str, mapped: list[str] | None = None, **params):
+    """Render one task's templates with the trigger-form params and return its (dry-run) pod as a dict.
+
+    A mapped task is rendered as its instance for ``mapped`` (the expanded extra arguments).
+    """
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
     from kubernetes.client import ApiClient
 
-    task = copy.deepcopy(dag.get_task(task_id))  # rendering replaces templates in place
+    task = dag.get_task(task_id)
+    if isinstance(task, MappedOperator):
+        task = task.unmap({"extra_arguments": mapped or ["--worker", "0"]})
+    else:
+        task = copy.deepcopy(task)  # rendering replaces templates in place
     resolved = {**dag.params.validate(), **params}
     context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": FakeTaskInstance(task_id, RESULTS), "task": task}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
@@ -45,25 +58,33 @@ def render(dag, task_id: str, **params):
 
 @pytest.fixture(scope="module")
 def rendered(dag):
-    return {task.task_id: render(dag, task.task_id)[0] for task in dag.tasks}
+    return {task_id: render(dag, task_id)[0] for task_id in STEPS}
 
 
-@pytest.mark.parametrize("task_id", ["prep", "validate", "train", "evaluate", "register"])
+def test_every_pod_task_is_rendered_here(dag):
+    from mlops_airflow.pods import StepPodOperator
+
+    pods = {t.task_id for t in dag.tasks if (getattr(t, "operator_class", None) or type(t)) is StepPodOperator}
+    assert pods == set(STEPS)
+
+
+@pytest.mark.parametrize("task_id", list(STEPS))
 def test_pod_validates_against_kubernetes_schema(rendered, task_id):
     import kubernetes_validate
 
     kubernetes_validate.validate(rendered[task_id], desired_version=K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("task_id", ["prep", "validate", "train", "evaluate", "register"])
+@pytest.mark.parametrize("task_id", list(STEPS))
 def test_pod_runs_the_step_cli_hardened_with_shared_volume_and_mlflow_secret(rendered, task_id):
     pod = rendered[task_id]
     spec = pod["spec"]
     container = spec["containers"][0]
     assert container["image"] == "ghcr.io/mlops-mnist/steps:0.1.0"
-    assert container["command"] == ["python", "-m", f"mlsteps.{task_id}"]
+    assert container["command"] == ["python", "-m", f"mlsteps.{STEPS[task_id]}"]
     assert {"name": "PYTHONUNBUFFERED", "value": "1"} in container["env"]
-    assert container["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}]
+    optuna = [{"secretRef": {"name": "optuna-storage", "optional": True}}] if task_id in SEARCH_TASKS else []
+    assert container["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}, *optuna]
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "mlops-data"}} in spec["volumes"]
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
@@ -85,7 +106,10 @@ def test_step_arguments_carry_params_and_earlier_results(rendered):
     assert flags["--manifest"] == RESULTS["prep"]["manifest"]
     assert flags["--run-key"] == f"mnist_training/{RUN_ID}"
     assert flags["--data-root"] == "/data"
-    assert (flags["--epochs"], flags["--batch-size"], flags["--width"]) == ("5", "128", "32")
+    # Hyperparameters come from the hyperparameters task (the search's best trial), with their origin.
+    assert (flags["--epochs"], flags["--batch-size"], flags["--width"]) == ("5", "64", "48")
+    assert (flags["--learning-rate"], flags["--dropout"]) == ("0.0042", "0.1")
+    assert (flags["--search-run-id"], flags["--search-trial"]) == ("0123abcd", "7")
     register = rendered["register"]["spec"]["containers"][0]["args"]
     flags = dict(zip(register[::2], register[1::2]))
     assert flags["--model-uri"] == "models:/m-abc"
@@ -136,3 +160,28 @@ def test_pod_whose_step_rejected_its_input_fails_without_retry(dag, monkeypatch,
     with pytest.raises(AirflowFailException if fails_at_once else RuntimeError) as raised:
         task.cleanup(pod, pod)
     assert isinstance(raised.value, AirflowFailException) is fails_at_once
+
+
+def test_each_trial_worker_pod_gets_its_worker_index_and_the_search_settings(dag):
+    pods = [render(dag, "tune", mapped=["--worker", str(i)], search_trials=40, search_pruner="median",
+                   search_space={"width": [32, 48]}, search_epochs=8)[0] for i in range(2)]
+    for index, pod in enumerate(pods):
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[-2:] == ["--worker", str(index)]
+        flags = dict(zip(args[::2], args[1::2]))
+        assert (flags["--trials"], flags["--pruner"], flags["--max-epochs"]) == ("40", "median", "8")
+        assert flags["--search-space"] == '{"width": [32, 48]}'
+        assert flags["--run-key"] == f"mnist_training/{RUN_ID}"
+        assert flags["--threads"] == pod["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+    assert pods[0]["metadata"]["name"] != pods[1]["metadata"]["name"]
+
+
+def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
+    pod, task = render(dag, "tune", gpus=1)
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert task.pool == "hyperparameter_search"
+    assert task.execution_timeout is not None
+    setup, _ = render(dag, "create_study")
+    args = setup["spec"]["containers"][0]["args"]
+    assert dict(zip(args[::2], args[1::2]))["--setup-only"] == "true"
+    assert "nvidia.com/gpu" not in setup["spec"]["containers"][0]["resources"]["limits"]

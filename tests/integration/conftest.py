@@ -39,4 +39,8 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory, mlflow_server: Mlflow
     }
     out = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    # The scheduler queues no task of a pool that does not exist: create the search's pool like the scripts do.
+    out = subprocess.run([str(ROOT / "scripts" / "airflow-pools.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
     return env

@@ -42,6 +42,12 @@ class MlflowServer:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
+    def post(self, endpoint: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
     def versions(self, model_name: str) -> list[dict]:
         found = self.get("model-versions/search", filter=f"name='{model_name}'")
         return found.get("model_versions", [])

@@ -16,9 +16,11 @@ MODEL = "e2e_classifier"
 
 @pytest.fixture(scope="module")
 def finished_run(airflow_home, tmp_path_factory):
-    """One complete DAG run on a tiny generated dataset, one epoch."""
+    """One complete DAG run on a tiny generated dataset: a 3-trial search by 2 workers, then one epoch."""
     source = idxdata.write_dataset(tmp_path_factory.mktemp("idx"), train=300, test=100)
-    conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL}
+    conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
+            "search_trials": 3, "search_workers": 2, "search_epochs": 2,
+            "search_space": {"batch_size": 32, "width": [8, 16]}}
     out = airflow(airflow_home, "dags", "test", "mnist_training", "-c", json.dumps(conf))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     listing = airflow(airflow_home, "dags", "list-runs", "mnist_training", "-o", "json").stdout
@@ -57,6 +59,38 @@ def test_run_logs_params_metrics_curves_and_evaluation_to_one_mlflow_run(finishe
     assert "plots/learning_curves.png" in listing("plots")
     assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= listing("evaluation")
     assert "validation/report.json" in listing("validation")
+
+
+def _tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_search_logs_nested_trial_runs_and_train_uses_the_best_trial(finished_run, mlflow_server):
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    training = mlflow_server.get("runs/get", run_id=version["run_id"])["run"]
+    tags = _tags(training)
+    assert tags["hyperparameters.source"] == "search"
+    search = mlflow_server.get("runs/get", run_id=tags["search.run_id"])["run"]
+    assert _tags(search)["pipeline.search_for"] == f"mnist_training/{finished_run}"
+    assert search["info"]["status"] == "FINISHED"
+    trials = mlflow_server.post("runs/search", {
+        "experiment_ids": [search["info"]["experiment_id"]], "max_results": 100,
+        "filter": f"tags.mlflow.parentRunId = '{search['info']['run_id']}'"})["runs"]
+    states = sorted(_tags(t)["optuna.state"] for t in trials)
+    assert len(trials) >= 3 and set(states) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    best = next(t for t in trials if _tags(t)["optuna.trial_number"] == tags["search.trial_number"])
+    best_params = {p["key"]: p["value"] for p in best["data"]["params"]}
+    params = {p["key"]: p["value"] for p in training["data"]["params"]}
+    assert (params["width"], params["learning_rate"]) == (best_params["width"], best_params["learning_rate"])
+    assert params["batch_size"] == "32"  # fixed by the search space override
+    # The best trial is the best complete one by validation accuracy.
+    complete = [t for t in trials if _tags(t)["optuna.state"] == "COMPLETE"]
+    score = {t["info"]["run_id"]: next(m["value"] for m in t["data"]["metrics"] if m["key"] == "val_accuracy")
+             for t in complete}
+    assert score[best["info"]["run_id"]] == max(score.values())
+    listed = mlflow_server.get("artifacts/list", run_id=search["info"]["run_id"], path="search")
+    assert {"search/trials.csv", "search/best.json", "search/optimization_history.png"} <= {
+        f["path"] for f in listed.get("files", [])}
 
 
 def test_registered_model_loads_and_predicts_class_probabilities(finished_run, mlflow_server):

@@ -1,0 +1,255 @@
+"""Hyperparameter search, shared by the ``tune`` and ``select`` steps: search space, study storage, budgets.
+
+The search space is declared once, below, and can be overridden per run with a JSON object whose keys are
+the parameters to change::
+
+    {"learning_rate": {"low": 0.0005, "high": 0.01, "log": true},   # a range (int for integer parameters)
+     "width": [16, 32, 48],                                          # a list: one of these values
+     "dropout": 0.2}                                                 # a value: fixed, not searched
+
+The study lives in shared storage: ``OPTUNA_STORAGE`` (any SQLAlchemy URL; PostgreSQL in production),
+else an SQLite file under the data root. Trials send heartbeats, so a worker killed mid-trial leaves a
+trial that another worker marks failed (and retries once) instead of one that runs forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .core import StepError, safe_name
+
+log = logging.getLogger("mlsteps.search")
+
+STORAGE_ENV = "OPTUNA_STORAGE"
+
+# The default search space: parameter -> distribution. ``int`` parameters get integer ranges.
+SEARCH_SPACE: dict[str, dict[str, Any]] = {
+    "learning_rate": {"type": "float", "low": 3e-4, "high": 1e-2, "log": True},
+    "batch_size": {"type": "categorical", "choices": [32, 64, 128, 256]},
+    "width": {"type": "int", "low": 16, "high": 64, "step": 8},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+}
+INTEGER_PARAMETERS = ("batch_size", "width")
+PRUNERS = ("hyperband", "successive_halving", "median", "none")
+SAMPLERS = ("tpe", "random")
+OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The default space with ``overrides`` applied; every entry normalised to {"type": ..., ...}."""
+    if overrides is None:
+        overrides = {}
+    if isinstance(overrides, str):
+        text = overrides.strip()
+        try:
+            overrides = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            raise StepError(f"search space: not valid JSON ({exc}); expected an object such as "
+                            '{"learning_rate": {"low": 0.001, "high": 0.01, "log": true}}') from exc
+    if not isinstance(overrides, dict):
+        raise StepError(f"search space: expected a JSON object of parameter -> range, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(SEARCH_SPACE))
+    if unknown:
+        raise StepError(f"search space: unknown parameter(s) {', '.join(unknown)}; "
+                        f"searchable: {', '.join(SEARCH_SPACE)}")
+    space = {name: dict(spec) for name, spec in SEARCH_SPACE.items()}
+    for name, value in overrides.items():
+        space[name] = _normalise(name, value)
+    for name, spec in space.items():
+        _distribution(name, spec)  # fail now, with the parameter's name, not inside a worker
+    return space
+
+
+def _normalise(name: str, value: Any) -> dict[str, Any]:
+    where = f"search space: {name}"
+    if isinstance(value, list):
+        if not value:
+            raise StepError(f"{where}: an empty list of choices; give at least one value")
+        return {"type": "categorical", "choices": value}
+    if isinstance(value, dict):
+        allowed = {"type", "low", "high", "log", "step", "choices"}
+        extra = sorted(set(value) - allowed)
+        if extra:
+            raise StepError(f"{where}: unknown field(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+        if "choices" in value:
+            return {"type": "categorical", "choices": value["choices"]}
+        missing = [k for k in ("low", "high") if k not in value]
+        if missing:
+            raise StepError(f"{where}: missing {' and '.join(missing)}; a range needs low and high")
+        kind = value.get("type") or ("int" if name in INTEGER_PARAMETERS else "float")
+        return {**value, "type": kind}
+    if isinstance(value, (int, float, str, bool)):
+        return {"type": "fixed", "value": value}
+    raise StepError(f"{where}: expected a range object, a list of choices or a fixed value, got {value!r}")
+
+
+def _distribution(name: str, spec: dict[str, Any]) -> Any:
+    import optuna.distributions as d
+
+    where = f"search space: {name}"
+    kind = spec.get("type")
+    try:
+        if kind == "float":
+            return d.FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)),
+                                       step=spec.get("step"))
+        if kind == "int":
+            for key in ("low", "high", "step"):
+                if key in spec and not float(spec[key]).is_integer():
+                    raise ValueError(f"{key} must be a whole number for {name}")
+            return d.IntDistribution(int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)),
+                                     step=int(spec.get("step", 1)))
+        if kind == "categorical":
+            return d.CategoricalDistribution(spec["choices"])
+        if kind == "fixed":
+            return None
+    except (ValueError, TypeError) as exc:
+        raise StepError(f"{where}: {exc}") from exc
+    raise StepError(f"{where}: unknown type {kind!r}; use float, int, a list of choices or a fixed value")
+
+
+def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ask the trial for one value per parameter (fixed parameters are recorded as user attributes)."""
+    values: dict[str, Any] = {}
+    for name, spec in space.items():
+        kind = spec["type"]
+        if kind == "fixed":
+            values[name] = spec["value"]
+            trial.set_user_attr(f"fixed.{name}", spec["value"])
+        elif kind == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                             log=bool(spec.get("log", False)))
+        else:
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
+                                               log=bool(spec.get("log", False)))
+    return values
+
+
+def hyperparameters(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A finished trial's full set of hyperparameters (searched and fixed)."""
+    values = dict(trial.params)
+    for name, spec in space.items():
+        if spec["type"] == "fixed":
+            values[name] = spec["value"]
+    return values
+
+
+def storage_url(explicit: str | None, data_root: str) -> str:
+    """--storage, else $OPTUNA_STORAGE, else an SQLite file on the data root (one machine or one volume)."""
+    url = explicit or os.environ.get(STORAGE_ENV, "")
+    if url:
+        return url
+    path = Path(data_root).resolve() / "optuna" / "studies.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str, heartbeat_seconds: int) -> Any:
+    """An RDB storage with heartbeats; a stale trial is failed and retried once with the same parameters."""
+    import optuna
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on the file lock
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():  # the heartbeat retry callback is 'experimental' since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+                grace_period=heartbeat_seconds * 3,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as exc:  # bad URL, missing driver, unreachable database
+        shown = url.split("@")[-1] if "@" in url else url  # never print credentials
+        message = str(exc).replace(url, shown).splitlines()[0] if str(exc) else ""
+        raise StepError(f"cannot open the Optuna storage {shown!r} (--storage / ${STORAGE_ENV}): "
+                        f"{type(exc).__name__}: {message}") from exc
+
+
+def study_name(run_key: str) -> str:
+    """One study per pipeline run: re-running the search for the same DAG run continues it."""
+    return safe_name(run_key)
+
+
+def make_sampler(name: str, seed: int) -> Any:
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar keeps parallel workers from sampling the same point while trials are running.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
+
+
+def make_pruner(name: str, max_epochs: int) -> Any:
+    import optuna
+
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+@dataclass(frozen=True)
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        """Trials that count against the budget: complete or pruned (failed ones are retried or reported)."""
+        return self.complete + self.pruned
+
+    def as_dict(self) -> dict[str, int]:
+        return {"complete": self.complete, "pruned": self.pruned, "failed": self.failed, "running": self.running,
+                "waiting": self.waiting}
+
+
+def counts(study: Any) -> Counts:
+    from optuna.trial import TrialState
+
+    states = collections.Counter(t.state for t in study.get_trials(deepcopy=False))
+    return Counts(complete=states[TrialState.COMPLETE], pruned=states[TrialState.PRUNED],
+                  failed=states[TrialState.FAIL], running=states[TrialState.RUNNING],
+                  waiting=states[TrialState.WAITING])
+
+
+def failure_summary(study: Any) -> str:
+    """'<n> of <m> failed trials: <most common cause>' for an error message."""
+    from optuna.trial import TrialState
+
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    causes = collections.Counter(t.user_attrs.get("error") or "worker stopped mid-trial (killed, evicted or "
+                                 "out of memory); see that worker's log" for t in failed)
+    if not causes:
+        return "no trial failed"
+    cause, n = causes.most_common(1)[0]
+    return f"most common cause ({n} of {len(failed)} failed trials): {cause}"
+
+
+def fail_stale_trials(study: Any) -> None:
+    """Mark trials whose worker stopped sending heartbeats as failed (their retry is queued)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def epochs_run(trial: Any) -> int:
+    """Training epochs a trial consumed (one intermediate value per epoch)."""
+    return len(trial.intermediate_values)

@@ -1,0 +1,183 @@
+"""select: pick the best trial of a finished search, plot the search, hand its hyperparameters to train.
+
+Runs after every ``tune`` worker has stopped (whether or not each succeeded): a search with at least one
+complete trial yields its best one; a search in which every trial failed ends with one error naming the
+most common cause. The plots (optimization history, per-epoch curves with pruning, parameter importances,
+parallel coordinates) and a table of all trials go to the search's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import search, tracking
+from .core import StepError, cli, field
+
+log = logging.getLogger("mlsteps.select")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectConfig(tracking.RunStepConfig):
+    storage: str | None = field(None, help="Optuna storage URL (default: $OPTUNA_STORAGE, else SQLite on the "
+                                           "data root)")
+    heartbeat_seconds: int = field(15, help="the workers' trial heartbeat; a trial silent for 3 heartbeats "
+                                            "counts as failed")
+
+
+def _close_abandoned_runs(client: Any, study: Any) -> None:
+    """MLflow runs of trials whose worker died are still 'running': mark them failed, with the cause."""
+    from mlflow.exceptions import MlflowException
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:  # deleted by hand: nothing to close
+            log.info("trial %d: MLflow run %s not found (%s)", trial.number, run_id, exc.error_code)
+            continue
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_tag(run_id, "error", trial.user_attrs.get("error") or "worker stopped mid-trial")
+            client.set_terminated(run_id, "FAILED")
+
+
+def best_trial(study: Any) -> tuple[Any, str]:
+    """The best complete trial; if none completed, the pruned trial whose last epoch scored best."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        return study.best_trial, "complete"
+    pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
+    if not pruned:
+        raise StepError(f"search {study.study_name}: no trial finished ({search.counts(study).as_dict()}); "
+                        f"{search.failure_summary(study)}")
+    sign = 1 if study.direction == StudyDirection.MAXIMIZE else -1
+
+    def last(t: Any) -> float:
+        return t.intermediate_values[max(t.intermediate_values)]
+
+    return max(pruned, key=lambda t: sign * last(t)), "pruned"
+
+
+def _trials_table(study: Any, path: Path) -> None:
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({k for t in trials for k in t.params})
+    with path.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["number", "state", "value", "epochs", *names, "worker", "seconds", "mlflow_run_id", "error"])
+        for t in trials:
+            seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
+                t.datetime_start else ""
+            out.writerow([t.number, t.state.name, "" if t.value is None else t.value, search.epochs_run(t),
+                          *[t.params.get(n, "") for n in names], t.user_attrs.get("worker", ""), seconds,
+                          t.user_attrs.get("mlflow_run_id", ""), t.user_attrs.get("error", "")])
+
+
+def _plots(study: Any, folder: Path) -> list[Path]:
+    """Optuna's own plots (matplotlib flavour: PNGs that the MLflow UI shows inline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as vis
+
+    made = []
+    plots = {"optimization_history": vis.plot_optimization_history,
+             "intermediate_values": vis.plot_intermediate_values,
+             "param_importances": vis.plot_param_importances,
+             "parallel_coordinate": vis.plot_parallel_coordinate}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in plots.items():
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances of < 2 trials
+                log.info("no %s plot: %s", name, exc)
+                plt.close("all")
+                continue
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(10, 5.5)
+            fig.tight_layout()
+            path = folder / f"{name}.png"
+            fig.savefig(path, dpi=100)
+            plt.close("all")
+            made.append(path)
+    return made
+
+
+def run(config: SelectConfig) -> dict[str, Any]:
+    import optuna
+
+    storage = search.open_storage(search.storage_url(config.storage, config.data_root), config.heartbeat_seconds)
+    name = search.study_name(config.run_key)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError as exc:
+        raise StepError(f"no study {name!r} in the Optuna storage: did the search start (create_study/tune "
+                        "tasks) for this run?") from exc
+    search.fail_stale_trials(study)
+    settings = study.user_attrs.get("settings") or {}
+    parent = study.user_attrs.get("mlflow_run_id")
+    mlflow = tracking.connect(config.tracking_uri)
+    client = mlflow.MlflowClient()
+    _close_abandoned_runs(client, study)
+    counts = search.counts(study)
+    epochs = sum(search.epochs_run(t) for t in study.get_trials(deepcopy=False))
+    best, kind = best_trial(study)  # raises, naming the most common cause, if nothing finished
+    value = best.value if kind == "complete" else best.intermediate_values[max(best.intermediate_values)]
+    hp = search.hyperparameters(best, settings.get("space", {}))
+    objective = settings.get("objective", "val_accuracy")
+    if kind == "pruned":
+        log.warning("no trial completed; using pruned trial %d (best last epoch)", best.number)
+    if counts.failed:
+        log.warning("%d trial(s) failed; %s", counts.failed, search.failure_summary(study))
+
+    if parent:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            _trials_table(study, folder / "trials.csv")
+            (folder / "best.json").write_text(json.dumps(
+                {"trial": best.number, "state": kind, objective: value, "hyperparameters": hp}, indent=2) + "\n")
+            for path in [folder / "trials.csv", folder / "best.json", *_plots(study, folder)]:
+                client.log_artifact(parent, str(path), "search")
+        from mlflow.entities import Metric, Param
+
+        metrics = {f"best_{objective}": value, "trials_complete": counts.complete, "trials_pruned": counts.pruned,
+                   "trials_failed": counts.failed, "epochs_total": epochs}
+        existing = client.get_run(parent).data.params
+        client.log_batch(parent, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                         params=[Param(f"best.{k}", str(v)) for k, v in hp.items() if f"best.{k}" not in existing])
+        client.set_tag(parent, "search.best_trial", str(best.number))
+        client.set_tag(parent, "search.best_run_id", best.user_attrs.get("mlflow_run_id", ""))
+        client.set_terminated(parent, "FINISHED")
+    shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+    log.info("best of %d trials (%s): trial %d, %s=%.4f: %s; %d epochs in all", len(study.trials),
+             counts.as_dict(), best.number, objective, value, shown, epochs)
+    if parent:
+        log.info("search run: %s", tracking.run_url(mlflow, parent))
+    return {"hyperparameters": hp, "trial": best.number, "trial_state": kind,
+            "value": None if not math.isfinite(value) else value, "objective": objective, "study": name,
+            "search_run_id": parent, "trial_run_id": best.user_attrs.get("mlflow_run_id"),
+            "counts": counts.as_dict(), "epochs": epochs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, SelectConfig, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""tune: a hyperparameter-search worker; takes trials from the shared Optuna study until the budget is spent.
+
+Run any number of workers at once (one pod each) with the same flags: they share one study (TPE sampling,
+pruning on per-epoch validation metrics) in the storage named by --storage / $OPTUNA_STORAGE. Each trial is a
+nested MLflow run under the search's parent run. ``--setup-only`` creates the study and the parent run and
+returns (the DAG does this once, before starting the workers). Re-running a worker for the same run key
+continues the same study; the trial and time budgets count from the study's creation.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import data, search, tracking
+from .core import StepError, cli, field
+
+log = logging.getLogger("mlsteps.tune")
+
+SEARCH_TAG = "pipeline.search_for"  # on the parent run: the run key whose search it is
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig(tracking.RunStepConfig):
+    trials: int = field(20, help="trial budget of the whole search (complete + pruned trials, all workers)")
+    timeout_minutes: float = field(120.0, help="time budget of the whole search, from its start; "
+                                               "a running trial finishes")
+    max_epochs: int = field(5, help="epochs of a trial that is never pruned")
+    pruner: str = field("hyperband", help=f"pruning of unpromising trials: {', '.join(search.PRUNERS)}")
+    sampler: str = field("tpe", help=f"how trials are proposed: {', '.join(search.SAMPLERS)}")
+    objective: str = field("val_accuracy", help=f"what the search optimises: {', '.join(search.OBJECTIVES)}")
+    search_space: str = field("", help="JSON overrides of the default search space (see mlsteps.search)")
+    train_examples: int = field(0, help="train each trial on the first N training examples (0: all)")
+    storage: str | None = field(None, help="Optuna storage URL (default: $OPTUNA_STORAGE, else SQLite on "
+                                           "the data root)")
+    worker: int = field(0, help="this worker's index (seeds its sampler, names it in logs and MLflow)")
+    threads: int = field(0, help="CPU threads for TensorFlow (0: all; give workers sharing a machine a share)")
+    heartbeat_seconds: int = field(15, help="trial heartbeat; a trial silent for 3 heartbeats is failed")
+    seed: int = field(42, help="base seed of the samplers and of each trial's weights and shuffling")
+    setup_only: bool = field(False, help="create the study and its MLflow parent run, then stop")
+
+
+def _check(config: TuneConfig) -> None:
+    problems = []
+    if config.trials < 1:
+        problems.append("--trials must be >= 1")
+    if config.max_epochs < 1:
+        problems.append("--max-epochs must be >= 1")
+    if config.timeout_minutes <= 0:
+        problems.append("--timeout-minutes must be > 0")
+    if config.pruner not in search.PRUNERS:
+        problems.append(f"--pruner {config.pruner!r} is not one of {', '.join(search.PRUNERS)}")
+    if config.sampler not in search.SAMPLERS:
+        problems.append(f"--sampler {config.sampler!r} is not one of {', '.join(search.SAMPLERS)}")
+    if config.objective not in search.OBJECTIVES:
+        problems.append(f"--objective {config.objective!r} is not one of {', '.join(search.OBJECTIVES)}")
+    if config.train_examples < 0 or config.threads < 0 or config.worker < 0:
+        problems.append("--train-examples, --threads and --worker must be >= 0")
+    if config.heartbeat_seconds < 1:
+        problems.append("--heartbeat-seconds must be >= 1")
+    if problems:
+        raise StepError("; ".join(problems))
+
+
+def study_settings(config: TuneConfig, space: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """What defines a search: re-running it with other settings is refused rather than mixed into one study."""
+    return {"space": space, "objective": config.objective, "max_epochs": config.max_epochs,
+            "pruner": config.pruner, "sampler": config.sampler, "train_examples": config.train_examples,
+            "dataset_digest": manifest["digest"]}
+
+
+def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) -> tuple[Any, Any]:
+    """(study, storage) for this run key, created with its settings if ``create``; checked against them."""
+    import optuna
+
+    space = search.parse_space(config.search_space)
+    storage = search.open_storage(search.storage_url(config.storage, config.data_root), config.heartbeat_seconds)
+    name = search.study_name(config.run_key)
+    kwargs = {"study_name": name, "storage": storage,
+              "sampler": search.make_sampler(config.sampler, config.seed + 1000 * config.worker),
+              "pruner": search.make_pruner(config.pruner, config.max_epochs)}
+    settings = json.loads(json.dumps(study_settings(config, space, manifest)))  # as stored: JSON round trip
+    if create:
+        study = optuna.create_study(direction=search.OBJECTIVES[config.objective], load_if_exists=True, **kwargs)
+        if "settings" not in study.user_attrs:
+            study.set_user_attr("settings", settings)
+            study.set_user_attr("created_at", time.time())
+    else:
+        try:
+            study = optuna.load_study(**kwargs)
+        except KeyError as exc:
+            raise StepError(f"no study {name!r} in the Optuna storage: run `mlsteps.tune --setup-only true` "
+                            "with the same flags first") from exc
+    stored = study.user_attrs.get("settings")
+    if stored is not None and stored != settings:
+        changed = sorted(k for k in settings if stored.get(k) != settings[k])
+        raise StepError(f"study {name!r} was started with other settings ({', '.join(changed)} differ); "
+                        "a search continues only with the settings it started with; use a new DAG run "
+                        "for new settings")
+    return study, space
+
+
+def parent_run(mlflow: Any, config: TuneConfig, study: Any) -> str:
+    """The search's MLflow parent run, created once (by the setup) and remembered in the study."""
+    run_id = study.user_attrs.get("mlflow_run_id")
+    if run_id:
+        return run_id
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(config.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(config.experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{SEARCH_TAG}` = {tracking.quote(config.run_key)}",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run = client.create_run(exp_id, run_name=f"search {study.study_name}",
+                                tags={SEARCH_TAG: config.run_key, "optuna.study": study.study_name})
+        run_id = run.info.run_id
+        settings = study.user_attrs["settings"]
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
+                                         for k, v in {**settings, "trials": config.trials,
+                                                      "timeout_minutes": config.timeout_minutes}.items()])
+        log.info("created the search's MLflow run %s", tracking.run_url(mlflow, run_id))
+    study.set_user_attr("mlflow_run_id", run_id)
+    return run_id
+
+
+class _Trainer:
+    """Runs one trial: builds the model from the trial's hyperparameters, trains, reports every epoch."""
+
+    def __init__(self, config: TuneConfig, manifest: dict[str, Any], space: dict[str, Any], mlflow: Any,
+                 parent_run_id: str) -> None:
+        import keras
+
+        self.config, self.manifest, self.space, self.mlflow = config, manifest, space, mlflow
+        self.client = mlflow.MlflowClient()
+        self.parent_run_id = parent_run_id
+        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        self.keras = keras
+        # Read the shards once per worker; every trial batches the cached examples its own way.
+        self.train = data.examples(manifest, "train", limit=config.train_examples)
+        self.val = data.examples(manifest, "val")
+        self.n_train = int(self.train.cardinality())
+        self.metric = config.objective
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        hp = search.suggest(trial, self.space)
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial {trial.number}",
+            tags={"mlflow.parentRunId": self.parent_run_id, "optuna.study": trial.study.study_name,
+                  "optuna.trial_number": str(trial.number), "search.worker": str(self.config.worker)})
+        run_id = run.info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", self.config.worker)
+        self.client.log_batch(run_id, params=[self.mlflow.entities.Param(k, str(v)) for k, v in hp.items()])
+        log.info("worker %d: trial %d starts: %s", self.config.worker, trial.number,
+                 " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()))
+        started = time.monotonic()
+        try:
+            value, pruned_at, epochs = self._fit(trial, hp, run_id)
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            trial.set_user_attr("error", cause[:500])
+            self.client.set_tag(run_id, "optuna.state", "FAIL")
+            self.client.set_terminated(run_id, "FAILED")
+            log.warning("worker %d: trial %d failed: %s", self.config.worker, trial.number, cause)
+            raise
+        finally:
+            self.keras.backend.clear_session()
+            gc.collect()
+        seconds = time.monotonic() - started
+        state = "PRUNED" if pruned_at is not None else "COMPLETE"
+        self.client.set_tag(run_id, "optuna.state", state)
+        self.client.set_terminated(run_id, "FINISHED")
+        log.info("worker %d: trial %d %s: %s=%.4f after %d epoch(s) (%.0f s)", self.config.worker, trial.number,
+                 state.lower(), self.metric, value, epochs, seconds)
+        if pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {pruned_at}")
+        return value
+
+    def _fit(self, trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        """Train one trial; return (last value of the objective, epoch it was pruned at or None, epochs run)."""
+        from mlflow.entities import Metric
+
+        from . import model as model_lib
+
+        keras, config = self.keras, self.config
+        keras.utils.set_random_seed(config.seed + trial.number)
+        batch_size = int(hp["batch_size"])
+        steps = -(-self.n_train // batch_size)
+        net = model_lib.compiled(image_shape=tuple(self.manifest["image_shape"]),
+                                 num_classes=self.manifest["num_classes"], width=int(hp["width"]),
+                                 dropout=float(hp["dropout"]), learning_rate=float(hp["learning_rate"]),
+                                 decay_steps=steps * config.max_epochs)
+        client, metric = self.client, self.metric
+        outcome: dict[str, Any] = {"pruned_at": None, "value": math.nan, "epochs": 0}
+
+        class Report(keras.callbacks.Callback):
+            """Log the epoch to the trial's MLflow run, report it to Optuna, stop if the pruner says so."""
+
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                metrics = {k: float(v) for k, v in (logs or {}).items()}
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, v, now, epoch + 1) for k, v in metrics.items()])
+                value = metrics.get(metric, math.nan)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{metric} is {value} after epoch {epoch + 1}: training diverged "
+                                             f"(learning_rate={hp['learning_rate']:.3g})")
+                outcome["value"] = value
+                outcome["epochs"] = epoch + 1
+                trial.report(value, epoch + 1)
+                if trial.should_prune():
+                    outcome["pruned_at"] = epoch + 1
+                    self.model.stop_training = True
+
+        net.fit(data.batches(self.train, batch_size=batch_size, shuffle=True, seed=config.seed + trial.number),
+                validation_data=data.batches(self.val, batch_size=512), epochs=config.max_epochs,
+                callbacks=[keras.callbacks.TerminateOnNaN(), Report()], verbose=0)
+        return outcome["value"], outcome["pruned_at"], outcome["epochs"]
+
+
+def run(config: TuneConfig) -> dict[str, Any]:
+    _check(config)
+    manifest = data.load_manifest(config.manifest)
+    study, space = open_study(config, manifest, create=config.setup_only)
+    mlflow = tracking.connect(config.tracking_uri)
+    parent_run_id = parent_run(mlflow, config, study)
+    summary = {"study": study.study_name, "mlflow_run_id": parent_run_id, "worker": config.worker,
+               "settings": asdict(config) | {"tracking_uri": None, "storage": None}}
+    if config.setup_only:
+        log.info("study %s ready for %d trials (%s sampler, %s pruner, up to %d epochs each); MLflow run %s",
+                 study.study_name, config.trials, config.sampler, config.pruner, config.max_epochs,
+                 tracking.run_url(mlflow, parent_run_id))
+        return {**summary, "counts": search.counts(study).as_dict()}
+
+    import optuna
+    import tensorflow as tf
+
+    if config.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(config.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say more, once
+    trainer = _Trainer(config, manifest, space, mlflow, parent_run_id)
+    deadline = float(study.user_attrs.get("created_at", time.time())) + config.timeout_minutes * 60
+    ran = 0
+    while True:
+        search.fail_stale_trials(study)  # a dead worker's trial: failed, and retried once
+        now = search.counts(study)
+        if now.finished >= config.trials:
+            log.info("worker %d: trial budget spent (%d of %d)", config.worker, now.finished, config.trials)
+            break
+        if now.finished == 0 and now.failed >= min(3, config.trials):
+            raise StepError(f"search {study.study_name}: the first {now.failed} trials all failed; "
+                            f"{search.failure_summary(study)}")
+        if now.failed >= config.trials:
+            log.warning("worker %d: %d trials failed, as many as the budget; stopping", config.worker, now.failed)
+            break
+        if time.time() >= deadline:
+            log.info("worker %d: time budget of %.0f min spent", config.worker, config.timeout_minutes)
+            break
+        if now.finished + now.running >= config.trials and not now.waiting:
+            # The rest of the budget is running elsewhere; stay to take over if one of those workers dies.
+            time.sleep(min(config.heartbeat_seconds, 5))
+            continue
+        study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        ran += 1
+    final = search.counts(study)
+    epochs = sum(search.epochs_run(t) for t in study.get_trials(deepcopy=False)
+                 if t.user_attrs.get("worker") == config.worker)
+    log.info("worker %d done: ran %d trial(s), %d epochs; study %s: %s", config.worker, ran, epochs,
+             study.study_name, final.as_dict())
+    return {**summary, "trials_run": ran, "epochs": epochs, "counts": final.as_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, TuneConfig, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

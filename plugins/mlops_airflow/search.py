@@ -1,0 +1,41 @@
+"""Airflow-side glue of the hyperparameter search: whether to search, how many workers, what train gets.
+
+Both are tiny tasks that run in the Airflow worker itself (no pod): they only read params and XCom.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import task
+
+HYPERPARAMETERS = ("learning_rate", "batch_size", "width", "dropout")  # what the search may set for train
+SELECT_TASK = "select"
+
+
+@task.short_circuit(task_id="plan_search", ignore_downstream_trigger_rules=False,
+                    execution_timeout=timedelta(minutes=2))
+def plan_search(params: dict[str, Any] | None = None) -> list[list[str]]:
+    """One argument list per trial worker, e.g. [["--worker", "0"], ["--worker", "1"]].
+
+    With the search turned off the list is empty, which skips the search tasks (and only them: train then
+    uses the trigger form's hyperparameters).
+    """
+    assert params is not None
+    if not params["search"]:
+        return []
+    return [["--worker", str(i)] for i in range(int(params["search_workers"]))]
+
+
+@task(task_id="hyperparameters", trigger_rule="none_failed_min_one_success", execution_timeout=timedelta(minutes=2))
+def hyperparameters(params: dict[str, Any] | None = None, ti: Any = None) -> dict[str, Any]:
+    """The search's best hyperparameters if it ran, else the trigger form's; and where they came from."""
+    assert params is not None and ti is not None
+    tuned = ti.xcom_pull(task_ids=SELECT_TASK)
+    if tuned:
+        chosen = {name: tuned["hyperparameters"].get(name, params[name]) for name in HYPERPARAMETERS}
+        return {**chosen, "source": "search", "search_run_id": tuned["search_run_id"], "trial": tuned["trial"],
+                "value": tuned["value"], "objective": tuned["objective"]}
+    return {**{name: params[name] for name in HYPERPARAMETERS}, "source": "trigger form", "search_run_id": None,
+            "trial": None}

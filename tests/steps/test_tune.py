@@ -1,0 +1,517 @@
+"""tune and select: parallel workers share one study, survive a killed peer, and hand the best trial to train."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import idxdata
+import pytest
+from stepsupport import step_env
+
+from mlsteps import prep, search
+from mlsteps.core import StepError
+
+STEP_TIMEOUT = 300  # seconds one step process may take before the test gives up on it
+EXPERIMENT = "tune_tests"
+FIXED = {"width": 8, "batch_size": 32}  # a small net: a trial on ~270 examples trains in seconds
+START_LINE = re.compile(r"mlsteps\.tune: worker (\d+): trial (\d+) starts: ")
+END_LINE = re.compile(r"mlsteps\.tune: worker (\d+): trial (\d+) (complete|pruned|failed): ")
+
+integration = pytest.mark.integration
+
+
+# --- the search space -------------------------------------------------------------------------------------------
+
+
+def test_empty_overrides_give_the_default_space() -> None:
+    assert search.parse_space("") == search.SEARCH_SPACE
+    assert search.parse_space("  ") == search.SEARCH_SPACE
+    assert search.parse_space({}) == search.SEARCH_SPACE
+
+
+def test_overrides_replace_only_the_parameters_they_name() -> None:
+    space = search.parse_space(json.dumps({"width": 8, "batch_size": [32, 64],
+                                           "learning_rate": {"low": 0.001, "high": 0.05, "log": True}}))
+
+    assert space["width"] == {"type": "fixed", "value": 8}
+    assert space["batch_size"] == {"type": "categorical", "choices": [32, 64]}
+    assert space["learning_rate"] == {"type": "float", "low": 0.001, "high": 0.05, "log": True}
+    assert space["dropout"] == search.SEARCH_SPACE["dropout"]
+    assert set(space) == set(search.SEARCH_SPACE)
+
+
+def test_a_range_of_an_integer_parameter_is_an_integer_range() -> None:
+    space = search.parse_space({"width": {"low": 8, "high": 32, "step": 8}, "dropout": {"low": 0.1, "high": 0.3}})
+
+    assert space["width"] == {"type": "int", "low": 8, "high": 32, "step": 8}
+    assert space["dropout"] == {"type": "float", "low": 0.1, "high": 0.3}
+
+
+def test_the_default_space_is_not_changed_by_overrides() -> None:
+    before = json.dumps(search.SEARCH_SPACE, sort_keys=True)
+    search.parse_space({"learning_rate": {"low": 0.001, "high": 0.002}, "width": [8]})
+    assert json.dumps(search.SEARCH_SPACE, sort_keys=True) == before
+
+
+def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() -> None:
+    import optuna
+
+    space = search.parse_space({"width": 8, "batch_size": [16, 32],
+                                "learning_rate": {"low": 0.001, "high": 0.01, "log": True},
+                                "dropout": {"low": 0.0, "high": 0.5}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        values = search.suggest(trial, space)
+        study.tell(trial, 0.5)
+        assert values["width"] == 8
+        assert values["batch_size"] in (16, 32)
+        assert 0.001 <= values["learning_rate"] <= 0.01
+        assert 0.0 <= values["dropout"] <= 0.5
+    frozen = study.trials[-1]
+    assert "width" not in frozen.params
+    assert search.hyperparameters(frozen, space) == {**frozen.params, "width": 8}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ('{"momentum": 0.9}', ["unknown parameter", "momentum"]),
+        ('{"width": 8', ["not valid JSON"]),
+        ('[8, 16]', ["expected a JSON object"]),
+        ('{"learning_rate": {"low": 0.01, "high": 0.001}}', ["learning_rate", "low"]),
+        ('{"learning_rate": {"low": 0, "high": 0.01, "log": true}}', ["learning_rate"]),
+        ('{"width": {"low": 8, "high": 32, "step": 4.5}}', ["width", "step must be a whole number"]),
+        ('{"width": {"low": 8.5, "high": 32}}', ["width", "low must be a whole number"]),
+        ('{"width": {"low": 8}}', ["width", "missing high"]),
+        ('{"dropout": {"low": 0.1, "high": 0.2, "scale": 2}}', ["dropout", "unknown field", "scale"]),
+        ('{"batch_size": []}', ["batch_size", "empty list"]),
+        ('{"dropout": {"low": "a", "high": 0.5}}', ["dropout"]),
+        ('{"width": null}', ["width", "expected a range object"]),
+    ],
+    ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
+         "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null"],
+)
+def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
+    with pytest.raises(StepError, match=r"^search space") as raised:
+        search.parse_space(overrides)
+    for name in names:
+        assert name in str(raised.value)
+
+
+def test_no_overrides_at_all_give_the_default_space() -> None:
+    assert search.parse_space(None) == search.SEARCH_SPACE
+
+
+# --- running steps ----------------------------------------------------------------------------------------------
+
+
+class Step:
+    """A step subprocess; reader threads collect its stdout lines (with arrival times) and its stderr."""
+
+    def __init__(self, module: str, args: list[str], *, name: str = "",
+                 kill_on: re.Pattern[str] | None = None) -> None:
+        self.name = name or module
+        self.command = [sys.executable, "-m", f"mlsteps.{module}", *args]
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        stdin=subprocess.DEVNULL, env=step_env())
+        self.lines: list[tuple[float, str]] = []
+        self.stderr_lines: list[str] = []
+        self.kill_on = kill_on
+        self.killed_on: re.Match[str] | None = None
+        self.killed_at: float | None = None
+        self.ended_at: float | None = None
+        self.timed_out = False
+        self._watchdog = threading.Timer(STEP_TIMEOUT, self._time_out)
+        self._watchdog.start()
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.process.kill()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+            if self.kill_on is not None and self.killed_on is None and (match := self.kill_on.search(line)):
+                self.process.kill()
+                self.killed_on, self.killed_at = match, time.monotonic()
+        self.ended_at = time.monotonic()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_lines)
+
+    def describe(self) -> str:
+        return f"{self.name}:\n{self.output[-4000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
+
+    def wait(self) -> int:
+        try:
+            code = self.process.wait(timeout=STEP_TIMEOUT + 30)
+            for reader in self._readers:
+                reader.join(timeout=30)
+        finally:
+            self._watchdog.cancel()
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()
+        if self.timed_out:
+            pytest.fail(f"ran past {STEP_TIMEOUT} s: {self.describe()}")
+        return code
+
+    def starts(self) -> list[tuple[float, int, int]]:
+        """(time, worker, trial number) of every 'trial N starts' line."""
+        return [(t, int(m.group(1)), int(m.group(2))) for t, line in self.lines if (m := START_LINE.search(line))]
+
+
+@dataclass
+class Search:
+    """One search (study + MLflow parent run) and the flags its steps share."""
+
+    root: Path
+    manifest: str
+    data_root: Path
+    tracking_uri: str
+    run_key: str
+    trials: int
+    max_epochs: int
+    pruner: str
+    space: dict[str, Any]
+    sampler: str = "random"
+    heartbeat_seconds: int = 15
+    results: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.results = self.root / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def storage(self) -> str:
+        return f"sqlite:///{self.root / 'optuna.db'}"
+
+    def _common(self, result: str) -> list[str]:
+        return ["--manifest", self.manifest, "--data-root", str(self.data_root), "--run-key", self.run_key,
+                "--tracking-uri", self.tracking_uri, "--experiment", EXPERIMENT, "--storage", self.storage,
+                "--heartbeat-seconds", str(self.heartbeat_seconds), "--result-path", str(self.results / result)]
+
+    def tune_args(self, *, worker: int = 0, setup: bool = False, space: dict[str, Any] | None = None,
+                  result: str | None = None) -> list[str]:
+        space_json = json.dumps(self.space if space is None else space)
+        return [*self._common(result or f"{'setup' if setup else f'worker{worker}'}.json"),
+                "--trials", str(self.trials), "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
+                "--sampler", self.sampler, "--seed", "7", "--search-space", space_json,
+                "--worker", str(worker), "--threads", "1", "--setup-only", "true" if setup else "false"]
+
+    def setup(self) -> dict[str, Any]:
+        step = Step("tune", self.tune_args(setup=True))
+        assert step.wait() == 0, step.describe()
+        return self.result("setup.json")
+
+    def workers(self, count: int, *, kill: dict[int, re.Pattern[str]] | None = None) -> list[Step]:
+        """Start ``count`` workers at once; return them once all have exited."""
+        steps = [Step("tune", self.tune_args(worker=i), name=f"tune worker {i}", kill_on=(kill or {}).get(i))
+                 for i in range(count)]
+        for step in steps:
+            step.wait()
+        return steps
+
+    def select(self) -> Step:
+        step = Step("select", self._common("select.json"))
+        step.wait()
+        return step
+
+    def result(self, name: str) -> dict[str, Any]:
+        return json.loads((self.results / name).read_text())
+
+    def study(self) -> Any:
+        import optuna
+
+        return optuna.load_study(study_name=search.study_name(self.run_key), storage=self.storage)
+
+    def trials_now(self) -> list[Any]:
+        return self.study().get_trials(deepcopy=False)
+
+
+def _new_search(root: Path, tracking_uri: str, run_key: str, **settings: Any) -> Search:
+    data_root = root / "data"
+    data_root.mkdir(parents=True)
+    source = idxdata.write_dataset(root / "source", train=300, test=100)
+    prepared = prep.run(prep.PrepConfig(data_root=str(data_root), dataset="custom", source_dir=str(source)))
+    return Search(root=root, manifest=prepared["manifest"], data_root=data_root, tracking_uri=tracking_uri,
+                  run_key=run_key, **settings)
+
+
+def _states(trials: list[Any]) -> Counter[str]:
+    return Counter(t.state.name for t in trials)
+
+
+def _nested_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=1000)
+
+
+# --- two workers, one study -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SharedSearch:
+    search: Search
+    setup: dict[str, Any]
+    workers: list[Step]
+
+
+@pytest.fixture(scope="module")
+def shared_search(tmp_path_factory, mlflow_server) -> SharedSearch:
+    """Eight trials by two workers started together, successive halving over up to 4 epochs.
+
+    Half the learning-rate range cannot learn anything in one epoch, so some trials are certain to be pruned.
+    """
+    found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, "tune_tests/shared", trials=8,
+                        max_epochs=4, pruner="successive_halving",
+                        space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
+    setup = found.setup()
+    workers = found.workers(2)
+    for worker in workers:
+        assert worker.process.returncode == 0, worker.describe()
+    return SharedSearch(found, setup, workers)
+
+
+@integration
+def test_two_workers_share_the_trial_budget_without_running_a_trial_twice(shared_search) -> None:
+    found, workers = shared_search.search, shared_search.workers
+    trials = found.trials_now()
+    states = _states(trials)
+
+    assert states["COMPLETE"] + states["PRUNED"] >= found.trials
+    assert len(trials) <= found.trials + len(workers) - 1, states
+    assert set(states) <= {"COMPLETE", "PRUNED"}, states
+    # Every trial was started by exactly one worker, the one the study records, which also ran its MLflow run.
+    starts = [(worker, number) for step in workers for _, worker, number in step.starts()]
+    assert sorted(number for _, number in starts) == sorted(t.number for t in trials)
+    by_number = {t.number: t for t in trials}
+    for worker, number in starts:
+        assert by_number[number].user_attrs["worker"] == worker
+    # ... and each trial has exactly one MLflow run, tagged with that worker.
+    nested = _nested_runs(found.tracking_uri, shared_search.setup["mlflow_run_id"])
+    assert Counter(r.data.tags["optuna.trial_number"] for r in nested) == Counter(str(t.number) for t in trials)
+    assert {r.info.run_id: (r.data.tags["optuna.trial_number"], r.data.tags["search.worker"]) for r in nested} == {
+        t.user_attrs["mlflow_run_id"]: (str(t.number), str(t.user_attrs["worker"])) for t in trials}
+    # Each worker reports only its own trials, and the two results add up to the study.
+    ran = [found.result(f"worker{i}.json")["trials_run"] for i in range(len(workers))]
+    assert sum(ran) == len(trials)
+    assert all(ran), f"both workers should have run trials: {ran}"
+
+
+@integration
+def test_two_workers_train_at_the_same_time(shared_search) -> None:
+    trials = shared_search.search.trials_now()
+    zero = [t for t in trials if t.user_attrs["worker"] == 0]
+    one = [t for t in trials if t.user_attrs["worker"] == 1]
+
+    overlapping = [(a.number, b.number) for a in zero for b in one
+                   if a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete]
+    assert overlapping, "no trial of worker 0 overlapped in time with one of worker 1"
+
+
+@integration
+def test_successive_halving_stops_hopeless_trials_early(shared_search) -> None:
+    found = shared_search.search
+    trials = found.trials_now()
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+
+    assert pruned, f"no trial was pruned: {_states(trials)}"
+    assert complete
+    for trial in pruned:
+        assert 1 <= len(trial.intermediate_values) < found.max_epochs
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == list(range(1, found.max_epochs + 1))
+    pruned_lines = [line for step in shared_search.workers for _, line in step.lines if END_LINE.search(line)
+                    and " pruned: " in line]
+    assert len(pruned_lines) == len(pruned)
+
+
+@integration
+def test_select_returns_the_best_complete_trial_and_logs_the_search(shared_search) -> None:
+    from mlflow import MlflowClient
+
+    found = shared_search.search
+    step = found.select()
+    assert step.process.returncode == 0, step.describe()
+    result = found.result("select.json")
+    trials = found.trials_now()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best_value = max(t.value for t in complete)
+    best = next(t for t in complete if t.number == result["trial"])
+
+    assert result["trial_state"] == "complete"
+    assert best.value == best_value == result["value"]
+    assert result["hyperparameters"] == {**best.params, **FIXED}
+    assert set(result["hyperparameters"]) == set(search.SEARCH_SPACE)
+    assert result["objective"] == "val_accuracy"
+    assert result["trial_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert result["search_run_id"] == shared_search.setup["mlflow_run_id"]
+    assert result["counts"] == {**dict.fromkeys(("complete", "pruned", "failed", "running", "waiting"), 0),
+                                **{k.lower(): v for k, v in _states(trials).items()}}
+    assert result["epochs"] == sum(len(t.intermediate_values) for t in trials)
+
+    client = MlflowClient(found.tracking_uri)
+    parent = result["search_run_id"]
+    nested = _nested_runs(found.tracking_uri, parent)
+    assert len(nested) == len(trials)
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in nested) == sorted(t.number for t in trials)
+    assert {r.info.run_id: r.data.tags["optuna.state"] for r in nested} == {
+        t.user_attrs["mlflow_run_id"]: t.state.name for t in trials}
+    assert all(r.info.status == "FINISHED" for r in nested)
+    artifacts = {a.path for a in client.list_artifacts(parent, "search")}
+    assert {"search/trials.csv", "search/best.json", "search/optimization_history.png"} <= artifacts
+    table = client.download_artifacts(parent, "search/trials.csv", str(found.root))
+    rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
+    assert {int(r["number"]): r["state"] for r in rows} == {t.number: t.state.name for t in trials}
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["search.best_trial"] == str(best.number)
+
+
+@integration
+def test_rerunning_a_worker_after_the_budget_is_spent_runs_no_trial(shared_search) -> None:
+    found = shared_search.search
+    before = [(t.number, t.state.name) for t in found.trials_now()]
+
+    step = Step("tune", found.tune_args(worker=0, result="rerun.json"))
+    assert step.wait() == 0, step.describe()
+
+    assert [(t.number, t.state.name) for t in found.trials_now()] == before
+    assert not step.starts()
+    assert "trial budget spent" in step.output
+    result = found.result("rerun.json")
+    assert result["trials_run"] == 0
+    assert result["mlflow_run_id"] == shared_search.setup["mlflow_run_id"]
+
+
+@integration
+def test_setup_again_with_another_search_space_is_refused(shared_search) -> None:
+    found = shared_search.search
+    before = len(found.trials_now())
+
+    step = Step("tune", found.tune_args(setup=True, space={**FIXED, "learning_rate": 0.01}, result="resetup.json"))
+    code = step.wait()
+
+    assert code == 2, step.describe()
+    assert "error: " in step.stderr
+    assert "other settings" in step.stderr and "space differ" in step.stderr
+    assert not (found.results / "resetup.json").exists()
+    assert len(found.trials_now()) == before
+
+
+# --- a worker dies mid-trial ------------------------------------------------------------------------------------
+
+
+@integration
+def test_a_trial_of_a_killed_worker_is_failed_and_retried_by_the_other(tmp_path, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/killed", trials=4, max_epochs=2, pruner="none",
+                        space={**FIXED, "learning_rate": {"low": 0.001, "high": 0.02, "log": True}},
+                        heartbeat_seconds=2)
+    setup = found.setup()
+
+    survivor, killed = found.workers(2, kill={1: START_LINE})
+
+    assert killed.killed_on is not None, killed.describe()
+    assert killed.process.returncode == -9
+    assert survivor.process.returncode == 0, survivor.describe()
+    assert survivor.ended_at is not None and killed.killed_at is not None
+    assert survivor.ended_at > killed.killed_at
+    lost = int(killed.killed_on.group(2))
+    trials = found.trials_now()
+    by_number = {t.number: t for t in trials}
+    states = _states(trials)
+
+    assert by_number[lost].state.name == "FAIL"
+    assert by_number[lost].user_attrs["worker"] == 1
+    assert states["COMPLETE"] >= found.trials
+    assert states["RUNNING"] == 0 and states["WAITING"] == 0, states
+    assert states["FAIL"] == 1, states
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == lost]
+    assert len(retries) == 1, [(t.number, t.system_attrs) for t in trials]
+    retry = retries[0]
+    assert retry.number > lost
+    assert retry.state.name == "COMPLETE"
+    assert retry.params == by_number[lost].params
+    assert retry.user_attrs["worker"] == 0
+    assert retry.user_attrs["mlflow_run_id"] != by_number[lost].user_attrs["mlflow_run_id"]
+    assert any(number == retry.number for _, _, number in survivor.starts())
+
+    step = found.select()
+    assert step.process.returncode == 0, step.describe()
+    result = found.result("select.json")
+    assert result["trial_state"] == "complete"
+    assert result["counts"] == {"complete": states["COMPLETE"], "pruned": 0, "failed": 1, "running": 0, "waiting": 0}
+    client = MlflowClient(found.tracking_uri)
+    lost_run = client.get_run(by_number[lost].user_attrs["mlflow_run_id"])
+    assert lost_run.info.status == "FAILED"
+    assert lost_run.data.tags["optuna.state"] == "FAIL"
+    assert "worker stopped mid-trial" in lost_run.data.tags["error"]
+    nested = _nested_runs(found.tracking_uri, setup["mlflow_run_id"])
+    assert len(nested) == len(trials)
+    assert not [r.info.run_id for r in nested if r.info.status == "RUNNING"]
+
+
+# --- nothing can train ------------------------------------------------------------------------------------------
+
+
+@integration
+def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_path, mlflow_server) -> None:
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/broken", trials=6, max_epochs=2, pruner="none",
+                        space={"width": 0, "batch_size": 32})
+    found.setup()
+
+    [worker] = found.workers(1)
+
+    assert worker.process.returncode == 2, worker.describe()
+    assert "error: " in worker.stderr
+    assert "all failed" in worker.stderr
+    assert "most common cause (3 of 3 failed trials)" in worker.stderr
+    assert "filters=0" in worker.stderr
+    assert not (found.results / "worker0.json").exists()
+    trials = found.trials_now()
+    assert _states(trials) == {"FAIL": 3}, "the worker stops after three failures instead of spending the budget"
+    assert all("filters=0" in t.user_attrs["error"] for t in trials)
+
+    step = found.select()
+    assert step.process.returncode == 2, step.describe()
+    assert "no trial finished" in step.stderr
+    assert "most common cause" in step.stderr and "filters=0" in step.stderr
+    assert not (found.results / "select.json").exists()
