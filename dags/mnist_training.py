@@ -73,8 +73,9 @@ with DAG(
                                description="Trial budget: complete + pruned trials over all workers."),
         "search_workers": Param(2, type="integer", minimum=1, maximum=64,
                                 description="Trial workers running at once (one pod each; the pool caps them)."),
-        "search_timeout_minutes": Param(120, type="number", exclusiveMinimum=0, maximum=2880,
-                                        description="Time budget of the search; a running trial finishes."),
+        "search_timeout_minutes": Param(120, type="number", exclusiveMinimum=0, maximum=600,
+                                        description="Time budget of the search; a running trial finishes "
+                                                    "(a worker task may run 12 h)."),
         "search_epochs": Param(5, type="integer", minimum=1, maximum=200,
                                description="Epochs of a trial that is never pruned."),
         "search_pruner": Param("hyperband", enum=["hyperband", "successive_halving", "median", "none"],
@@ -87,6 +88,8 @@ with DAG(
                                           '"high": 0.01, "log": true}, "width": [32, 48], "dropout": 0.2}.'),
         "search_train_examples": Param(0, type="integer", minimum=0,
                                        description="Train each trial on the first N examples (0: all)."),
+        "search_gpus": Param(1, type="integer", minimum=0, maximum=1,
+                             description="GPU per trial-worker pod (a trial trains on one device); 0: CPU."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
         "node_selector": Param({}, type="object",
@@ -113,7 +116,7 @@ with DAG(
     # TensorFlow sizes its thread pools by the node's cores, not the pod's limit: give each worker its share.
     cpus = 4 if settings.runtime == "kubernetes" else (os.cpu_count() or 1)
     tune = step("tune", timeout=timedelta(hours=12), resources=Resources(cpu=str(cpus), memory="8Gi"),
-                gpus="{{ params.gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
+                gpus="{{ params.search_gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
                 optional_secrets=(settings.optuna_secret,), pool=settings.search_pool, expand_over=workers,
                 args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
                       else f"{{{{ [1, {cpus} // params.search_workers] | max }}}}"})

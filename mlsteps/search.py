@@ -80,10 +80,13 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
             raise StepError(f"{where}: unknown field(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
         if "choices" in value:
             return {"type": "categorical", "choices": value["choices"]}
+        default = SEARCH_SPACE[name]
+        kind = value.get("type") or ("int" if name in INTEGER_PARAMETERS else "float")
+        if default["type"] == kind:  # {"low": .., "high": ..} keeps the default's log scale and step
+            value = {**{k: v for k, v in default.items() if k in ("log", "step")}, **value}
         missing = [k for k in ("low", "high") if k not in value]
         if missing:
             raise StepError(f"{where}: missing {' and '.join(missing)}; a range needs low and high")
-        kind = value.get("type") or ("int" if name in INTEGER_PARAMETERS else "float")
         return {**value, "type": kind}
     if isinstance(value, (int, float, str, bool)):
         return {"type": "fixed", "value": value}
@@ -146,10 +149,23 @@ def storage_url(explicit: str | None, data_root: str) -> str:
     """--storage, else $OPTUNA_STORAGE, else an SQLite file on the data root (one machine or one volume)."""
     url = explicit or os.environ.get(STORAGE_ENV, "")
     if url:
+        log.info("Optuna storage: %s", without_password(url))
         return url
     path = Path(data_root).resolve() / "optuna" / "studies.db"
     path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Optuna storage: SQLite file %s (no --storage or $%s)", path, STORAGE_ENV)
     return f"sqlite:///{path}"
+
+
+def without_password(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db, for logs and messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_storage(url: str, heartbeat_seconds: int) -> Any:
@@ -169,7 +185,7 @@ def open_storage(url: str, heartbeat_seconds: int) -> Any:
                 grace_period=heartbeat_seconds * 3,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as exc:  # bad URL, missing driver, unreachable database
-        shown = url.split("@")[-1] if "@" in url else url  # never print credentials
+        shown = without_password(url)  # never print credentials
         message = str(exc).replace(url, shown).splitlines()[0] if str(exc) else ""
         raise StepError(f"cannot open the Optuna storage {shown!r} (--storage / ${STORAGE_ENV}): "
                         f"{type(exc).__name__}: {message}") from exc
@@ -197,7 +213,8 @@ def make_pruner(name: str, max_epochs: int) -> Any:
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Epochs are steps 1, 2, ...: judge a trial from its second epoch on, against 3 finished trials.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     return optuna.pruners.NopPruner()
 
 
@@ -208,6 +225,7 @@ class Counts:
     failed: int = 0
     running: int = 0
     waiting: int = 0
+    errored: int = 0  # failed trials that raised an error (the others lost their worker)
 
     @property
     def finished(self) -> int:
@@ -222,10 +240,12 @@ class Counts:
 def counts(study: Any) -> Counts:
     from optuna.trial import TrialState
 
-    states = collections.Counter(t.state for t in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    states = collections.Counter(t.state for t in trials)
+    errored = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("error"))
     return Counts(complete=states[TrialState.COMPLETE], pruned=states[TrialState.PRUNED],
                   failed=states[TrialState.FAIL], running=states[TrialState.RUNNING],
-                  waiting=states[TrialState.WAITING])
+                  waiting=states[TrialState.WAITING], errored=errored)
 
 
 def failure_summary(study: Any) -> str:

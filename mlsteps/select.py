@@ -137,7 +137,16 @@ def run(config: SelectConfig) -> dict[str, Any]:
     _close_abandoned_runs(client, study)
     counts = search.counts(study)
     epochs = sum(search.epochs_run(t) for t in study.get_trials(deepcopy=False))
-    best, kind = best_trial(study)  # raises, naming the most common cause, if nothing finished
+    try:
+        best, kind = best_trial(study)  # raises, naming the most common cause, if nothing finished
+    except StepError as exc:
+        if parent:  # the search run says why it failed, and lists its trials
+            with tempfile.TemporaryDirectory() as tmp:
+                _trials_table(study, Path(tmp) / "trials.csv")
+                client.log_artifact(parent, str(Path(tmp) / "trials.csv"), "search")
+            client.set_tag(parent, "error", str(exc)[:5000])
+            client.set_terminated(parent, "FAILED")
+        raise
     value = best.value if kind == "complete" else best.intermediate_values[max(best.intermediate_values)]
     hp = search.hyperparameters(best, settings.get("space", {}))
     objective = settings.get("objective", "val_accuracy")

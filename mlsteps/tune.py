@@ -151,26 +151,32 @@ class _Trainer:
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        hp = search.suggest(trial, self.space)
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"trial {trial.number}",
-            tags={"mlflow.parentRunId": self.parent_run_id, "optuna.study": trial.study.study_name,
-                  "optuna.trial_number": str(trial.number), "search.worker": str(self.config.worker)})
-        run_id = run.info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", self.config.worker)
-        self.client.log_batch(run_id, params=[self.mlflow.entities.Param(k, str(v)) for k, v in hp.items()])
-        log.info("worker %d: trial %d starts: %s", self.config.worker, trial.number,
-                 " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()))
+        run_id = None
         started = time.monotonic()
         try:
+            hp = search.suggest(trial, self.space)
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"trial {trial.number}",
+                tags={"mlflow.parentRunId": self.parent_run_id, "optuna.study": trial.study.study_name,
+                      "optuna.trial_number": str(trial.number), "search.worker": str(self.config.worker)})
+            run_id = run.info.run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+            self.client.log_batch(run_id, params=[self.mlflow.entities.Param(k, str(v)) for k, v in hp.items()])
+            log.info("worker %d: trial %d starts: %s", self.config.worker, trial.number,
+                     " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()))
             value, pruned_at, epochs = self._fit(trial, hp, run_id)
         except Exception as exc:
             cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            trial.set_user_attr("error", cause[:500])
-            self.client.set_tag(run_id, "optuna.state", "FAIL")
-            self.client.set_terminated(run_id, "FAILED")
+            trial.set_user_attr("error", cause[:500])  # before any MLflow call: it may be what failed
             log.warning("worker %d: trial %d failed: %s", self.config.worker, trial.number, cause)
+            if run_id is not None:
+                try:
+                    self.client.set_tag(run_id, "optuna.state", "FAIL")
+                    self.client.set_tag(run_id, "error", cause[:500])
+                    self.client.set_terminated(run_id, "FAILED")
+                except Exception as mlflow_error:  # noqa: BLE001 - the trial's own error is the one to report
+                    log.warning("could not mark MLflow run %s failed: %s", run_id, mlflow_error)
             raise
         finally:
             self.keras.backend.clear_session()
@@ -222,7 +228,7 @@ class _Trainer:
 
         net.fit(data.batches(self.train, batch_size=batch_size, shuffle=True, seed=config.seed + trial.number),
                 validation_data=data.batches(self.val, batch_size=512), epochs=config.max_epochs,
-                callbacks=[keras.callbacks.TerminateOnNaN(), Report()], verbose=0)
+                callbacks=[keras.callbacks.TerminateOnNaN(raise_error=True), Report()], verbose=0)
         return outcome["value"], outcome["pruned_at"], outcome["epochs"]
 
 
@@ -249,24 +255,32 @@ def run(config: TuneConfig) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say more, once
     trainer = _Trainer(config, manifest, space, mlflow, parent_run_id)
     deadline = float(study.user_attrs.get("created_at", time.time())) + config.timeout_minutes * 60
-    ran = 0
+    ran, stopped = 0, ""
     while True:
         search.fail_stale_trials(study)  # a dead worker's trial: failed, and retried once
         now = search.counts(study)
         if now.finished >= config.trials:
+            stopped = "trial budget spent"
             log.info("worker %d: trial budget spent (%d of %d)", config.worker, now.finished, config.trials)
             break
-        if now.finished == 0 and now.failed >= min(3, config.trials):
-            raise StepError(f"search {study.study_name}: the first {now.failed} trials all failed; "
-                            f"{search.failure_summary(study)}")
-        if now.failed >= config.trials:
-            log.warning("worker %d: %d trials failed, as many as the budget; stopping", config.worker, now.failed)
+        if now.finished == 0 and now.errored >= min(3, config.trials):
+            # Systematic: stop here; select reports it once, with the most common cause, for the whole search.
+            stopped = "every trial failed"
+            log.error("worker %d: the first %d trials all failed, stopping; %s", config.worker, now.errored,
+                      search.failure_summary(study))
+            break
+        if now.errored >= config.trials:
+            stopped = "as many trials failed as the budget"
+            log.warning("worker %d: %d trials failed, as many as the budget; stopping", config.worker, now.errored)
             break
         if time.time() >= deadline:
+            stopped = "time budget spent"
             log.info("worker %d: time budget of %.0f min spent", config.worker, config.timeout_minutes)
             break
         if now.finished + now.running >= config.trials and not now.waiting:
             # The rest of the budget is running elsewhere; stay to take over if one of those workers dies.
+            # (Between this check and the next trial's start another worker may start one too: a search can
+            # end up to workers - 1 trials over budget.)
             time.sleep(min(config.heartbeat_seconds, 5))
             continue
         study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
@@ -276,7 +290,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
                  if t.user_attrs.get("worker") == config.worker)
     log.info("worker %d done: ran %d trial(s), %d epochs; study %s: %s", config.worker, ran, epochs,
              study.study_name, final.as_dict())
-    return {**summary, "trials_run": ran, "epochs": epochs, "counts": final.as_dict()}
+    return {**summary, "trials_run": ran, "epochs": epochs, "counts": final.as_dict(), "stopped": stopped}
 
 
 def main(argv: list[str] | None = None) -> int:

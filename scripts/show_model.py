@@ -22,7 +22,14 @@ def main() -> None:
     print(f"test accuracy:  {run.data.metrics.get('test_accuracy', float('nan')):.4f}")
     print(f"dataset:        {version.tags.get('dataset')} ({version.tags.get('dataset_digest', '')[:16]})")
     params = run.data.params
-    chosen = ", ".join(f"{k} {params[k]}" for k in ("learning_rate", "batch_size", "width", "dropout") if k in params)
+    def shown(value: str) -> str:
+        try:
+            return f"{float(value):.3g}"
+        except ValueError:
+            return value
+
+    chosen = ", ".join(f"{k} {shown(params[k])}" for k in ("learning_rate", "batch_size", "width", "dropout")
+                       if k in params)
     origin = run.data.tags.get("hyperparameters.source", "trigger form")
     if origin == "search":
         search = client.get_run(run.data.tags["search.run_id"])

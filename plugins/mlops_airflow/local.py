@@ -28,7 +28,9 @@ class StepFailed(Exception):
 class LocalStepOperator(BaseOperator):
     """Run ``python -m <module> <arguments>`` in the steps environment, streaming its log into the task log."""
 
-    template_fields: Sequence[str] = ("arguments", "env")
+    # Not "env": rendered fields are stored and shown in the UI, and env may carry credentials
+    # (MLFLOW_TRACKING_URI, OPTUNA_STORAGE with a password).
+    template_fields: Sequence[str] = ("arguments",)
     ui_color = "#e8f4ea"
 
     def __init__(self, *, module: str, arguments: list[str], python: str, env: dict[str, str] | None = None,

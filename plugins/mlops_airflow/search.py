@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import task
+from airflow.sdk.exceptions import AirflowFailException
 
 HYPERPARAMETERS = ("learning_rate", "batch_size", "width", "dropout")  # what the search may set for train
 SELECT_TASK = "select"
@@ -33,6 +34,9 @@ def hyperparameters(params: dict[str, Any] | None = None, ti: Any = None) -> dic
     """The search's best hyperparameters if it ran, else the trigger form's; and where they came from."""
     assert params is not None and ti is not None
     tuned = ti.xcom_pull(task_ids=SELECT_TASK)
+    if not tuned and params["search"]:
+        # e.g. select skipped because a worker was skipped: never train silently on the form's values
+        raise AirflowFailException("search is on but select produced no hyperparameters; see the search tasks")
     if tuned:
         chosen = {name: tuned["hyperparameters"].get(name, params[name]) for name in HYPERPARAMETERS}
         return {**chosen, "source": "search", "search_run_id": tuned["search_run_id"], "trial": tuned["trial"],

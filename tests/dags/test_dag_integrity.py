@@ -125,15 +125,24 @@ def test_train_gets_the_best_trial_when_the_search_ran_and_the_form_otherwise():
     pick = hyperparameters.function
     best = {"hyperparameters": {"learning_rate": 0.01, "batch_size": 64, "width": 48, "dropout": 0.1},
             "search_run_id": "abc", "trial": 4, "value": 0.91, "objective": "val_accuracy"}
-    tuned = pick(params=FORM, ti=_TI(best))
+    tuned = pick(params={**FORM, "search": True}, ti=_TI(best))
     assert {k: tuned[k] for k in FORM} == best["hyperparameters"]
     assert (tuned["source"], tuned["search_run_id"], tuned["trial"]) == ("search", "abc", 4)
     # A space that fixes some values (or omits them) still yields every hyperparameter train needs.
     partial = {**best, "hyperparameters": {"learning_rate": 0.02}}
-    assert {k: pick(params=FORM, ti=_TI(partial))[k] for k in FORM} == {**FORM, "learning_rate": 0.02}
-    skipped = pick(params=FORM, ti=_TI(None))
+    assert {k: pick(params={**FORM, "search": True}, ti=_TI(partial))[k] for k in FORM} == {
+        **FORM, "learning_rate": 0.02}
+    skipped = pick(params={**FORM, "search": False}, ti=_TI(None))
     assert {k: skipped[k] for k in FORM} == FORM
     assert (skipped["source"], skipped["search_run_id"], skipped["trial"]) == ("trigger form", None, None)
+
+
+def test_train_never_falls_back_to_the_form_when_the_search_was_on_but_produced_nothing():
+    from airflow.sdk.exceptions import AirflowFailException
+    from mlops_airflow.search import hyperparameters
+
+    with pytest.raises(AirflowFailException, match="no hyperparameters"):
+        hyperparameters.function(params={**FORM, "search": True}, ti=_TI(None))
 
 
 def test_select_waits_for_every_worker_and_train_runs_whether_or_not_the_search_ran(dagbag):

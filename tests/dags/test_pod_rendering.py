@@ -177,7 +177,7 @@ def test_each_trial_worker_pod_gets_its_worker_index_and_the_search_settings(dag
 
 
 def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
-    pod, task = render(dag, "tune", gpus=1)
+    pod, task = render(dag, "tune", gpus=4, search_gpus=1)
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert task.pool == "hyperparameter_search"
     assert task.execution_timeout is not None
