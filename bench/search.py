@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=4)
     parser.add_argument("--train-examples", type=int, default=15000,
                         help="training examples per trial (0: all 54,000 after the validation split)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one comparison per seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[42],
+                        help="one comparison per seed (none: only the speed-up, with --merge)")
     parser.add_argument("--speedup-trials", type=int, default=6)
     parser.add_argument("--speedup-epochs", type=int, default=2)
     parser.add_argument("--skip-speedup", action="store_true")
