@@ -26,7 +26,7 @@ from functools import partial
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
-from mlops_airflow.search import hyperparameters, plan_search
+from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
 from mlops_airflow.settings import load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
@@ -129,8 +129,7 @@ with DAG(
     train = step("train", timeout=timedelta(hours=6), resources=Resources(cpu="4", memory="8Gi"),
                  gpus="{{ params.gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
                  args={"manifest": xcom("prep", "manifest"), **common, "epochs": "{{ params.epochs }}",
-                       **{name: xcom("hyperparameters", name) for name in ("learning_rate", "batch_size", "width",
-                                                                           "dropout")},
+                       **{name: xcom("hyperparameters", name) for name in HYPERPARAMETERS},
                        "search_run_id": xcom("hyperparameters", "search_run_id"),
                        "search_trial": xcom("hyperparameters", "trial")})
     evaluate = step("evaluate", timeout=timedelta(minutes=30), resources=Resources(cpu="2", memory="4Gi"),

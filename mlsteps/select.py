@@ -52,14 +52,15 @@ def _close_abandoned_runs(client: Any, study: Any) -> None:
             client.set_terminated(run_id, "FAILED")
 
 
-def best_trial(study: Any) -> tuple[Any, str]:
-    """The best complete trial; if none completed, the pruned trial whose last epoch scored best."""
+def best_trial(study: Any) -> tuple[Any, str, float]:
+    """(trial, state, value): the best complete trial; if none completed, the pruned trial whose last epoch
+    scored best, with that score."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
-        return study.best_trial, "complete"
+        return study.best_trial, "complete", study.best_trial.value
     pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
     if not pruned:
         raise StepError(f"search {study.study_name}: no trial finished ({search.counts(study).as_dict()}); "
@@ -69,7 +70,8 @@ def best_trial(study: Any) -> tuple[Any, str]:
     def last(t: Any) -> float:
         return t.intermediate_values[max(t.intermediate_values)]
 
-    return max(pruned, key=lambda t: sign * last(t)), "pruned"
+    best = max(pruned, key=lambda t: sign * last(t))
+    return best, "pruned", last(best)
 
 
 def _trials_table(study: Any, path: Path) -> None:
@@ -138,7 +140,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     counts = search.counts(study)
     epochs = sum(search.epochs_run(t) for t in study.get_trials(deepcopy=False))
     try:
-        best, kind = best_trial(study)  # raises, naming the most common cause, if nothing finished
+        best, kind, value = best_trial(study)  # raises, naming the most common cause, if nothing finished
     except StepError as exc:
         if parent:  # the search run says why it failed, and lists its trials
             with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +149,6 @@ def run(config: SelectConfig) -> dict[str, Any]:
             client.set_tag(parent, "error", str(exc)[:5000])
             client.set_terminated(parent, "FAILED")
         raise
-    value = best.value if kind == "complete" else best.intermediate_values[max(best.intermediate_values)]
     hp = search.hyperparameters(best, settings.get("space", {}))
     objective = settings.get("objective", "val_accuracy")
     if kind == "pruned":

@@ -47,15 +47,19 @@ def connect(tracking_uri: str | None) -> Any:
     return mlflow
 
 
-def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None = None) -> str:
-    """Return the id of the MLflow run tagged with ``run_key``, creating it (and the experiment) if needed."""
+def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None = None, tag: str = RUN_KEY_TAG,
+            tags: dict[str, str] | None = None) -> str:
+    """Return the id of the MLflow run whose ``tag`` is ``run_key``, creating it (and the experiment) if needed.
+
+    ``tags`` are set on a run this call creates.
+    """
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {quote(run_key)}", max_results=1)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = {quote(run_key)}", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=run_name or safe_name(run_key), tags={RUN_KEY_TAG: run_key})
+    run = client.create_run(exp_id, run_name=run_name or safe_name(run_key), tags={**(tags or {}), tag: run_key})
     log.info("created MLflow run %s for %s", run.info.run_id, run_key)
     return run.info.run_id
 

@@ -110,22 +110,14 @@ def parent_run(mlflow: Any, config: TuneConfig, study: Any) -> str:
     run_id = study.user_attrs.get("mlflow_run_id")
     if run_id:
         return run_id
+    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment, tag=SEARCH_TAG,
+                              run_name=f"search {study.study_name}", tags={"optuna.study": study.study_name})
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(config.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(config.experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{SEARCH_TAG}` = {tracking.quote(config.run_key)}",
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run = client.create_run(exp_id, run_name=f"search {study.study_name}",
-                                tags={SEARCH_TAG: config.run_key, "optuna.study": study.study_name})
-        run_id = run.info.run_id
-        settings = study.user_attrs["settings"]
+    if not client.get_run(run_id).data.params:  # first time: record what defines the search
+        settings = {**study.user_attrs["settings"], "trials": config.trials, "timeout_minutes": config.timeout_minutes}
         client.log_batch(run_id, params=[mlflow.entities.Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
-                                         for k, v in {**settings, "trials": config.trials,
-                                                      "timeout_minutes": config.timeout_minutes}.items()])
-        log.info("created the search's MLflow run %s", tracking.run_url(mlflow, run_id))
+                                         for k, v in settings.items()])
+    log.info("the search's MLflow run: %s", tracking.run_url(mlflow, run_id))
     study.set_user_attr("mlflow_run_id", run_id)
     return run_id
 
