@@ -1,17 +1,22 @@
 """
 ### mnist_training
 
-Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → register**.
+Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → compress → register**.
 
 The search (Optuna: TPE sampling, Hyperband pruning) runs `search_workers` trial workers at once, as a
 mapped task in the `hyperparameter_search` pool; they share one study until the trial or time budget is
 spent, then `select` hands the best hyperparameters to train. Trigger with `search: false` to skip it
 and train with the form's hyperparameters.
 
+Compress prunes (to `compress_sparsity`, fine-tuned) and quantizes the model, converts every variant
+(float32, float16, dynamic range, int8, pruned int8) to TFLite, measures accuracy, size and latency
+with LiteRT, and keeps the smallest variant within `compress_max_accuracy_drop` points of the float
+model that is no slower than it (else float). That variant is what gets registered and served.
+
 Each task runs one step of the `mlsteps` package: as a Kubernetes pod (runtime `kubernetes`, the
 production default) or as a local process (runtime `local`), chosen by `MLOPS_RUNTIME`. Every run
-logs to one MLflow run; the trained model becomes a new version of the registered model with alias
-`challenger` and lineage tags (dataset digest, code version, DAG run).
+logs to one MLflow run; the compressed model becomes a new version of the registered model with alias
+`challenger` and lineage and compression tags (dataset digest, code version, DAG run, variant, size).
 
 Trigger with config to change the dataset, the hyperparameters or where training is scheduled.
 """
@@ -90,6 +95,17 @@ with DAG(
                                        description="Train each trial on the first N examples (0: all)."),
         "search_gpus": Param(1, type="integer", minimum=0, maximum=1,
                              description="GPU per trial-worker pod (a trial trains on one device); 0: CPU."),
+        "compress_sparsity": Param(0.8, type="number", minimum=0, maximum=0.95,
+                                   description="Share of conv/dense weights pruned to zero before int8 "
+                                               "quantization (0: no pruned variant)."),
+        "compress_method": Param("post_training", enum=["post_training", "quantization_aware"],
+                                 description="int8 of the pruned model: post-training quantization, or "
+                                             "pruning-preserving quantization-aware training."),
+        "compress_max_accuracy_drop": Param(0.3, type="number", minimum=-100, maximum=100,
+                                            description="Largest accepted test-accuracy drop of a compressed "
+                                                        "variant, in percentage points (else float is kept)."),
+        "compress_finetune_epochs": Param(2, type="integer", minimum=1, maximum=50,
+                                          description="Fine-tuning epochs while pruning (and of QAT)."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
         "node_selector": Param({}, type="object",
@@ -135,12 +151,20 @@ with DAG(
     evaluate = step("evaluate", timeout=timedelta(minutes=30), resources=Resources(cpu="2", memory="4Gi"),
                     args={"manifest": xcom("prep", "manifest"), "model_path": xcom("train", "model_path"),
                           **common})
+    # Two CPUs: latency is measured with two interpreter threads (compress's --threads).
+    compress = step("compress", timeout=timedelta(hours=1), resources=Resources(cpu="2", memory="4Gi"),
+                    args={"manifest": xcom("prep", "manifest"), "model_path": xcom("train", "model_path"),
+                          **common, "sparsity": "{{ params.compress_sparsity }}",
+                          "method": "{{ params.compress_method }}",
+                          "max_accuracy_drop": "{{ params.compress_max_accuracy_drop }}",
+                          "finetune_epochs": "{{ params.compress_finetune_epochs }}", "threads": "2"})
     register = step("register", timeout=timedelta(minutes=10), resources=Resources(cpu="500m", memory="1Gi"),
-                    args={"model_uri": xcom("train", "model_uri"), "run_key": RUN_KEY,
+                    args={"model_uri": xcom("compress", "model_uri"), "float_model_uri": xcom("train", "model_uri"),
+                          "tags": "{{ ti.xcom_pull(task_ids='compress')['tags'] | tojson }}", "run_key": RUN_KEY,
                           "dataset": xcom("prep", "dataset"), "dataset_digest": xcom("prep", "digest"),
                           "metrics": "{{ ti.xcom_pull(task_ids='evaluate')['metrics'] | tojson }}",
                           "model_name": "{{ params.model_name }}", "dag_id": "{{ dag.dag_id }}",
                           "dag_run_id": "{{ run_id }}"})
 
     prep >> validate >> workers >> create_study >> tune >> select >> chosen
-    validate >> chosen >> train >> evaluate >> register
+    validate >> chosen >> train >> evaluate >> compress >> register

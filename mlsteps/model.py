@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 
-def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dropout: float = 0.2) -> Any:
+def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dropout: float = 0.2,
+          keras_module: Any = None) -> Any:
     """A Keras CNN taking float32 pixels in 0..255 of shape (H, W); scaling is part of the model.
 
     conv(w) at full resolution, conv(2w) at half, conv(2w) at quarter, then a linear classifier over the
     flattened features. Width 32 gives about 88K parameters and ~5.6M multiply-adds per 28x28 image.
+    ``keras_module`` builds the same network with another Keras (compress passes ``tf_keras``, which
+    tensorflow-model-optimization needs); its weights come in the same order.
     """
-    import keras
-    from keras import layers
+    if keras_module is None:
+        import keras as keras_module
+    keras = keras_module
+    layers = keras.layers
 
     inputs = keras.Input(shape=image_shape, name="image", dtype="float32")
     x = layers.Reshape((*image_shape, 1))(inputs)
@@ -21,7 +26,7 @@ def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dr
         if i:
             x = layers.MaxPooling2D()(x)
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
         x = layers.ReLU()(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)

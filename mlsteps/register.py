@@ -1,5 +1,8 @@
 """register: make the trained model a new version of the registered model, with lineage tags and alias.
 
+In the pipeline the model is compress's pyfunc (the chosen .tflite run by LiteRT) and its tags say which
+variant it is; the float Keras model stays in the training run (tag ``float_model_uri``).
+
 Idempotent per pipeline run: re-running it for a run key that already has a version returns that
 version instead of creating a second one. The new version gets the alias ``challenger``.
 """
@@ -27,6 +30,8 @@ class RegisterConfig:
     dataset: str = field(help="dataset name, recorded as a tag")
     dataset_digest: str = field(help="content digest of the prepared dataset, recorded as a tag")
     metrics: str = field("{}", help="JSON object of metrics to record as version tags (e.g. evaluate's result)")
+    tags: str = field("{}", help="JSON object of extra version tags (e.g. compress's result: variant, size)")
+    float_model_uri: str = field("", help="the float model when --model-uri is a compressed one, recorded as a tag")
     model_name: str = field("mnist_classifier", help="registered model name")
     alias: str = field(CHALLENGER, help="alias set on the new version")
     dag_id: str = field("", help="Airflow DAG id, recorded as a tag")
@@ -40,11 +45,19 @@ def code_version() -> str:
     return f"{__version__}+{commit[:12]}" if commit else __version__
 
 
-def run(config: RegisterConfig) -> dict[str, Any]:
+def _json_object(flag: str, text: str) -> dict[str, Any]:
     try:
-        metrics = json.loads(config.metrics)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StepError(f"--metrics must be a JSON object, got {config.metrics!r}: {exc}") from None
+        raise StepError(f"{flag} must be a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise StepError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def run(config: RegisterConfig) -> dict[str, Any]:
+    metrics = _json_object("--metrics", config.metrics)
+    extra_tags = {str(k): str(v) for k, v in _json_object("--tags", config.tags).items()}
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(
@@ -57,6 +70,9 @@ def run(config: RegisterConfig) -> dict[str, Any]:
                 "dataset_digest": config.dataset_digest, "code_version": code_version(),
                 "dag_id": config.dag_id, "dag_run_id": config.dag_run_id}
         tags |= {f"metric.{k}": f"{float(v):.6f}" for k, v in metrics.items() if isinstance(v, (int, float))}
+        tags |= extra_tags
+        if config.float_model_uri:
+            tags["float_model_uri"] = config.float_model_uri
         version = mlflow.register_model(config.model_uri, config.model_name, tags=tags)
         log.info("registered %s version %s from %s", config.model_name, version.version, config.model_uri)
     client.set_registered_model_alias(config.model_name, config.alias, version.version)

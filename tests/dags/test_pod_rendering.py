@@ -8,6 +8,7 @@ the Kubernetes OpenAPI schema (strict: unknown fields are errors).
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from dagsupport import DAGS, FakeTaskInstance
@@ -19,11 +20,13 @@ RESULTS = {  # what earlier steps would have pushed to XCom
              "digest": "0123456789abcdef" * 4},
     "train": {"model_path": "/data/runs/x/model/model.keras", "model_uri": "models:/m-abc"},
     "evaluate": {"metrics": {"test_accuracy": 0.99}},
+    "compress": {"model_uri": "models:/m-tflite", "tags": {"compression.variant": "pruned_int8",
+                                                          "compression.size_bytes": "97136"}},
     "hyperparameters": {"learning_rate": 0.0042, "batch_size": 64, "width": 48, "dropout": 0.1, "source": "search",
                         "search_run_id": "0123abcd", "trial": 7},
 }
 STEPS = {"prep": "prep", "validate": "validate", "create_study": "tune", "tune": "tune", "select": "select",
-         "train": "train", "evaluate": "evaluate", "register": "register"}  # pod tasks -> step module
+         "train": "train", "evaluate": "evaluate", "compress": "compress", "register": "register"}  # pod tasks -> step module
 SEARCH_TASKS = ("create_study", "tune", "select")
 
 
@@ -112,9 +115,25 @@ def test_step_arguments_carry_params_and_earlier_results(rendered):
     assert (flags["--search-run-id"], flags["--search-trial"]) == ("0123abcd", "7")
     register = rendered["register"]["spec"]["containers"][0]["args"]
     flags = dict(zip(register[::2], register[1::2]))
-    assert flags["--model-uri"] == "models:/m-abc"
+    # The registered model is compress's choice, with its tags; the float model is recorded beside it.
+    assert flags["--model-uri"] == "models:/m-tflite"
+    assert flags["--float-model-uri"] == "models:/m-abc"
+    assert json.loads(flags["--tags"]) == RESULTS["compress"]["tags"]
     assert flags["--metrics"] == '{"test_accuracy": 0.99}'
     assert flags["--dataset-digest"] == RESULTS["prep"]["digest"]
+
+
+def test_compress_pod_takes_the_trained_model_and_the_trigger_form_settings(dag):
+    pod, _ = render(dag, "compress", compress_sparsity=0.5, compress_method="quantization_aware",
+                    compress_max_accuracy_drop=1.0, compress_finetune_epochs=3)
+    args = pod["spec"]["containers"][0]["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags["--model-path"] == RESULTS["train"]["model_path"]
+    assert flags["--manifest"] == RESULTS["prep"]["manifest"]
+    assert (flags["--sparsity"], flags["--method"]) == ("0.5", "quantization_aware")
+    assert (flags["--max-accuracy-drop"], flags["--finetune-epochs"]) == ("1.0", "3")
+    # Latency is measured with as many interpreter threads as the pod has CPUs.
+    assert flags["--threads"] == pod["spec"]["containers"][0]["resources"]["limits"]["cpu"]
 
 
 def test_training_pod_requests_the_gpus_and_node_pool_from_the_trigger_form(dag):

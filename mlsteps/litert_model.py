@@ -1,0 +1,67 @@
+"""An MLflow pyfunc model that runs a ``.tflite`` classifier with the LiteRT interpreter.
+
+This file is logged as the model's code (MLflow "models from code"): it is copied into the model
+artifact, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need only MLflow, numpy and
+ai-edge-litert, not the mlsteps package. The ``.tflite`` file comes in as the artifact ``tflite``.
+
+Input: images as float32 pixels 0..255, shape (N, H, W) (a DataFrame of N rows of H*W pixels works
+too). Output: class probabilities, shape (N, classes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import mlflow
+import numpy as np
+
+THREADS_ENV = "LITERT_NUM_THREADS"
+
+
+class LiteRTClassifier(mlflow.pyfunc.PythonModel):
+    """Batched inference with one LiteRT interpreter (calls are serialised: an interpreter is not thread-safe)."""
+
+    def load_context(self, context: Any) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        threads = int(os.environ.get(THREADS_ENV, "1"))
+        self._interpreter = Interpreter(model_path=context.artifacts["tflite"], num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self._image_shape = tuple(int(d) for d in self._input["shape"][1:])
+        self._batch = int(self._input["shape"][0])
+        self._lock = threading.Lock()
+
+    def _images(self, model_input: Any) -> np.ndarray:
+        if hasattr(model_input, "to_numpy"):  # a pandas DataFrame: one row of pixels per image
+            model_input = model_input.to_numpy()
+        if isinstance(model_input, dict) and len(model_input) == 1:  # named tensors: {"image": ...}
+            model_input = next(iter(model_input.values()))
+        images = np.asarray(model_input, dtype=np.float32)
+        pixels = int(np.prod(self._image_shape))
+        if images.ndim == 2 and images.shape[1] == pixels:
+            images = images.reshape((len(images), *self._image_shape))
+        if images.shape[1:] != self._image_shape:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self._image_shape))}) "
+                             f"or (N, {pixels}), got {images.shape}")
+        return images
+
+    # No type hints here: MLflow would read them as the input schema; the logged signature says it.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        images = self._images(model_input)
+        if not len(images):
+            return np.zeros((0, int(self._output["shape"][-1])), dtype=np.float32)
+        with self._lock:
+            if self._batch != len(images):
+                self._interpreter.resize_tensor_input(self._input["index"], [len(images), *self._image_shape])
+                self._interpreter.allocate_tensors()
+                self._batch = len(images)
+            self._interpreter.set_tensor(self._input["index"], images)
+            self._interpreter.invoke()
+            return self._interpreter.get_tensor(self._output["index"]).copy()
+
+
+mlflow.models.set_model(LiteRTClassifier())
