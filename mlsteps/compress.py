@@ -18,6 +18,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -488,6 +489,8 @@ def run(config: CompressConfig) -> dict[str, Any]:
     settings = _settings(config, manifest)
     report_path = out_dir / "report.json"
     if not (is_complete(out_dir) and json.loads(report_path.read_text())["settings"] == settings):
+        if out_dir.exists():  # built for other settings (or another model): start over
+            shutil.rmtree(out_dir)
         with atomic_directory(out_dir) as scratch:
             report = compute(config, manifest, scratch)
             report["num_classes"] = manifest["num_classes"]

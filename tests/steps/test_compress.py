@@ -1,0 +1,306 @@
+"""compress: real pruning, quantization and LiteRT on a small trained model; the gate; the registry round trip.
+
+One model is trained once for the module (real Fashion-MNIST images when Debian's package is installed,
+else the synthetic set), compressed with the step's CLI, registered, and served by `mlflow models serve`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import idxdata
+from mlsteps import compress, data, prep, register
+from stepsupport import free_port, partial_leftovers, step_env
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+MODEL_NAME = "compress_test_model"
+
+
+def _source(folder: Path) -> Path:
+    """3,000 training and 1,000 test images of Fashion-MNIST (synthetic squares where it is not installed)."""
+    if not (FASHION / idxdata.NAMES["train_images"]).is_file():
+        return idxdata.write_dataset(folder, train=3000, test=1000)
+    from mlsteps import idx
+
+    folder.mkdir(parents=True)
+    for split, n in (("train", 3000), ("test", 1000)):
+        for role, ndim in ((f"{split}_images", 3), (f"{split}_labels", 1)):
+            path = FASHION / idxdata.NAMES[role]
+            array = idx.parse(path, idx.decompress(path, path.read_bytes()), expect_ndim=ndim)[:n]
+            payload = idxdata.idx_bytes(array.shape, array.astype(np.uint8).tobytes())
+            (folder / idxdata.NAMES[role]).write_bytes(gzip.compress(payload, mtime=0))
+    return folder
+
+
+def _step(module: str, *args: str, result: Path, tracking_uri: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", f"mlsteps.{module}", *args, "--tracking-uri", tracking_uri,
+                           "--result-path", str(result)], capture_output=True, text=True, env=step_env(),
+                          timeout=600)
+
+
+def _ok(out: subprocess.CompletedProcess[str], result: Path) -> dict[str, Any]:
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> dict[str, Any]:
+    """A prepared dataset and a model trained on it by the train step."""
+    work = tmp_path_factory.mktemp("compress")
+    data_root = work / "data"
+    prepared = prep.run(prep.PrepConfig(data_root=str(data_root), dataset="custom",
+                                        source_dir=str(_source(work / "source"))))
+    common = ["--manifest", prepared["manifest"], "--data-root", str(data_root), "--run-key", "compress/base"]
+    train = _ok(_step("train", *common, "--epochs", "3", "--batch-size", "64", result=work / "train.json",
+                      tracking_uri=mlflow_server), work / "train.json")
+    return {"work": work, "data_root": data_root, "manifest": prepared["manifest"], "prepared": prepared,
+            "train": train, "common": common}
+
+
+FAST = ["--finetune-epochs", "1", "--latency-runs", "50", "--representative-examples", "200"]
+
+
+@pytest.fixture(scope="module")
+def compressed(trained: dict[str, Any], mlflow_server: str) -> dict[str, Any]:
+    """The step run as the DAG runs it (post-training, default threshold), pruning to 50 %."""
+    result = trained["work"] / "compress.json"
+    out = _step("compress", *trained["common"], "--model-path", trained["train"]["model_path"],
+                "--sparsity", "0.5", *FAST, result=result, tracking_uri=mlflow_server)
+    return {**_ok(out, result), "log": out.stdout + out.stderr}
+
+
+@pytest.fixture(scope="module")
+def registered(trained: dict[str, Any], compressed: dict[str, Any], mlflow_server: str) -> dict[str, Any]:
+    prepared = trained["prepared"]
+    return register.run(register.RegisterConfig(
+        model_uri=compressed["model_uri"], run_key="compress/base", dataset="custom",
+        dataset_digest=prepared["digest"], tags=json.dumps(compressed["tags"]), model_name=MODEL_NAME,
+        float_model_uri=trained["train"]["model_uri"], tracking_uri=mlflow_server))
+
+
+def _test_images(trained: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = data.arrays(data.load_manifest(trained["manifest"]), "test")
+    return images.astype(np.float32), labels
+
+
+def _litert_classes(tflite: str, images: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=tflite)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(images.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, images)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).argmax(axis=1)
+
+
+def test_int8_is_3_5x_smaller_than_float_tflite_and_within_the_accuracy_threshold(trained, compressed):
+    report = json.loads(Path(compressed["report"]).read_text())
+    variants, reference = report["variants"], report["float_keras"]["accuracy"]
+    assert set(variants) == {"float", "float16", "dynamic", "int8", "pruned_int8"}
+    assert variants["float"]["size_bytes"] / variants["int8"]["size_bytes"] >= 3.5
+    assert 100 * (reference - variants["int8"]["accuracy"]) <= 0.3
+    assert reference > 0.6, "the model learned something, so the comparison means something"
+    # Float TFLite is the same network as the Keras model.
+    assert variants["float"]["accuracy"] == pytest.approx(reference, abs=0.002)
+    # Pruning reached its target, and only the pruned model is that sparse.
+    assert variants["pruned_int8"]["sparsity"] >= 0.49
+    assert variants["int8"]["sparsity"] < 0.1
+    for name, v in variants.items():
+        assert Path(compressed["report"]).with_name(f"{name}.tflite").stat().st_size == v["size_bytes"]
+        assert v["latency_p50_ms"] > 0 and v["latency_p99_ms"] >= v["latency_p50_ms"] and v["throughput_per_s"] > 0
+
+
+def test_gate_choice_and_its_record_in_the_mlflow_run(compressed, mlflow_server):
+    import mlflow
+
+    report = json.loads(Path(compressed["report"]).read_text())
+    variants = report["variants"]
+    chosen = compressed["variant"]
+    assert chosen == report["chosen"]
+    if chosen != "float":  # the winner passed both rules, and nothing that passed is smaller
+        drop = 100 * (report["float_keras"]["accuracy"] - variants[chosen]["accuracy"])
+        assert drop <= 0.3
+        assert variants[chosen]["latency_p50_ms"] <= 1.1 * variants["float"]["latency_p50_ms"]
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(compressed["mlflow_run_id"])
+    assert run.data.tags["compression.variant"] == chosen
+    assert run.data.tags["compression.reason"] == compressed["reason"]
+    assert run.data.metrics["compression.int8.size_bytes"] == variants["int8"]["size_bytes"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "compression")}
+    assert {"compression/variants.json", "compression/tradeoff.png", "compression/report.json"} <= artifacts
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "compression/variants")}
+    assert logged == {f"compression/variants/{name}.tflite" for name in variants}
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "compression/variants.json")).read_text())
+    assert sorted(table["columns"])[:3] and len(table["data"]) == len(variants)
+
+
+def test_registered_version_carries_the_compressed_model_and_its_tags(trained, compressed, registered,
+                                                                      mlflow_server):
+    import mlflow
+
+    version = mlflow.MlflowClient(mlflow_server).get_model_version(MODEL_NAME, str(registered["version"]))
+    assert version.tags["compression.variant"] == compressed["variant"]
+    assert float(version.tags["compression.accuracy_drop_points"]) == pytest.approx(
+        compressed["accuracy_drop_points"], abs=1e-3)
+    assert int(version.tags["compression.size_bytes"]) == compressed["size_bytes"]
+    assert version.tags["float_model_uri"] == trained["train"]["model_uri"]
+    assert "compression.sparsity" in version.tags
+
+
+def test_pyfunc_of_the_registered_version_predicts_the_same_classes_as_litert(trained, compressed, registered,
+                                                                            mlflow_server):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    images, labels = _test_images(trained)
+    model = mlflow.pyfunc.load_model(registered["model_uri"])
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (len(images), 10)
+    expected = _litert_classes(compressed["tflite_path"], images)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), expected)
+    assert np.mean(expected == labels) == pytest.approx(compressed["accuracy"], abs=1e-9)
+
+
+def test_mlflow_models_serve_runs_the_compressed_model(trained, compressed, registered, mlflow_server, tmp_path):
+    images, _ = _test_images(trained)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", registered["model_uri"],
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            # as in an activated environment: the server execs `uvicorn` from PATH
+            env=step_env(MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+            stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow models serve did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        body = json.dumps({"inputs": images[:16].tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = np.asarray(json.load(response)["predictions"])
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+    np.testing.assert_array_equal(predictions.argmax(axis=1), _litert_classes(compressed["tflite_path"], images[:16]))
+
+
+def test_impossible_threshold_keeps_float_and_records_the_reason(trained, mlflow_server):
+    import mlflow
+
+    result_path = trained["work"] / "impossible.json"
+    args = [a if a != "compress/base" else "compress/impossible" for a in trained["common"]]
+    out = _step("compress", *args, "--model-path", trained["train"]["model_path"], "--sparsity", "0",
+                "--max-accuracy-drop", "-100", *FAST, result=result_path, tracking_uri=mlflow_server)
+    result = _ok(out, result_path)
+    assert result["variant"] == "float"
+    assert result["reason"].startswith("no variant passed the gate")
+    assert "int8 loses" in result["reason"] and "max -100" in result["reason"]
+    assert Path(result["tflite_path"]).name == "float.tflite"
+    assert result["tags"]["compression.variant"] == "float"
+    run = mlflow.MlflowClient(mlflow_server).get_run(result["mlflow_run_id"])
+    assert run.data.tags["compression.variant"] == "float"
+    assert run.data.tags["compression.reason"] == result["reason"]
+
+
+def test_rerun_with_the_same_settings_reuses_the_variants_and_the_logged_model(trained, compressed, mlflow_server):
+    result_path = trained["work"] / "again.json"
+    out = _step("compress", *trained["common"], "--model-path", trained["train"]["model_path"],
+                "--sparsity", "0.5", *FAST, result=result_path, tracking_uri=mlflow_server)
+    again = _ok(out, result_path)
+    assert again["model_uri"] == compressed["model_uri"]
+    assert again["variants"] == compressed["variants"]
+    assert "already built with these settings" in out.stdout
+
+
+def test_quantization_aware_option_keeps_the_pruned_zeros(trained, mlflow_server):
+    result_path = trained["work"] / "qat.json"
+    args = [a if a != "compress/base" else "compress/qat" for a in trained["common"]]
+    out = _step("compress", *args, "--model-path", trained["train"]["model_path"], "--sparsity", "0.5",
+                "--method", "quantization_aware", "--train-examples", "1000", *FAST, result=result_path,
+                tracking_uri=mlflow_server)
+    result = _ok(out, result_path)
+    report = json.loads(Path(result["report"]).read_text())
+    qat = report["variants"]["pruned_qat_int8"]
+    assert "pruned_int8" not in report["variants"]
+    assert qat["sparsity"] >= 0.49, "pruning-preserving QAT keeps the zeros"
+    assert report["variants"]["float"]["size_bytes"] / qat["size_bytes"] >= 3.5
+    assert "quantization-aware training" in out.stdout
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated"])
+def test_missing_or_corrupt_model_fails_clearly_and_writes_nothing(trained, mlflow_server, tmp_path, damage):
+    import mlflow
+
+    model = tmp_path / "model.keras"
+    if damage == "garbage":
+        model.write_bytes(b"this is not a keras model\n" * 100)
+    elif damage == "truncated":
+        original = Path(trained["train"]["model_path"]).read_bytes()
+        model.write_bytes(original[: len(original) // 2])
+    run_key = f"compress/broken-{damage}"
+    args = [a if a != "compress/base" else run_key for a in trained["common"]]
+    out = _step("compress", *args, "--model-path", str(model), *FAST, result=tmp_path / "result.json",
+                tracking_uri=mlflow_server)
+    assert out.returncode == 2, out.stderr[-3000:]
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {model}: ")
+    assert ("not found" if damage == "missing" else "cannot load the trained model") in error
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "result.json").exists()
+    run_dir = trained["data_root"] / "runs" / f"compress_broken-{damage}"
+    assert not (run_dir / "compression").exists()
+    assert partial_leftovers(trained["data_root"]) == []
+    assert not mlflow.MlflowClient(mlflow_server).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(mlflow_server).search_experiments()],
+        filter_string=f"tags.`pipeline.run_key` = '{run_key}'")
+
+
+def _variant(accuracy: float, gz: int, latency: float, size: int = 100_000) -> dict[str, float]:
+    return {"accuracy": accuracy, "gzip_bytes": gz, "size_bytes": size, "latency_p50_ms": latency}
+
+
+@pytest.mark.parametrize(("variants", "expected", "why"), [
+    ({"float": _variant(0.90, 300, 1.0), "int8": _variant(0.899, 90, 0.5), "pruned_int8": _variant(0.898, 30, 0.5)},
+     "pruned_int8", "smallest of 2"),
+    ({"float": _variant(0.90, 300, 1.0), "int8": _variant(0.899, 90, 0.5), "pruned_int8": _variant(0.89, 30, 0.5)},
+     "int8", "smallest of 1"),
+    ({"float": _variant(0.90, 300, 1.0), "float16": _variant(0.90, 150, 1.5)}, "float",
+     "float16 is slower than float"),
+    ({"float": _variant(0.90, 300, 1.0), "int8": _variant(0.85, 90, 0.5)}, "float", "int8 loses 5.00 pt"),
+], ids=["smallest-passing-wins", "too-inaccurate-is-skipped", "slower-is-refused", "none-passes-keeps-float"])
+def test_gate_picks_the_smallest_variant_within_the_drop_and_no_slower_than_float(variants, expected, why):
+    chosen, reason = compress.choose(variants, reference_accuracy=0.90, max_drop_points=0.3, latency_tolerance=0.1)
+    assert chosen == expected
+    assert why in reason
+
+
+def test_register_refuses_tags_that_are_not_a_json_object(mlflow_server):
+    config = register.RegisterConfig(model_uri="models:/m-x", run_key="k", dataset="d", dataset_digest="0" * 64,
+                                     tags="[1, 2]", tracking_uri=mlflow_server)
+    with pytest.raises(register.StepError, match="--tags must be a JSON object"):
+        register.run(config)
