@@ -17,6 +17,7 @@ SEARCH_TRIALS ?= 6
 SEARCH_WORKERS ?= 2
 SEARCH_EPOCHS ?= 2
 SEARCH_EXAMPLES ?= 10000
+COMPRESS_EPOCHS ?= 2
 # make test options: PYTEST_ARGS="-k resume", TEST_MARKERS="not slow"
 PYTEST_ARGS ?=
 TEST_MARKERS ?= not slow
@@ -41,7 +42,7 @@ $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirement
 demo: envs
 	DATASET="$(DATASET)" EPOCHS="$(EPOCHS)" BATCH_SIZE="$(BATCH_SIZE)" SOURCE_DIR="$(SOURCE_DIR)" SEARCH="$(SEARCH)" \
 	  SEARCH_TRIALS="$(SEARCH_TRIALS)" SEARCH_WORKERS="$(SEARCH_WORKERS)" SEARCH_EPOCHS="$(SEARCH_EPOCHS)" \
-	  SEARCH_EXAMPLES="$(SEARCH_EXAMPLES)" scripts/demo.sh
+	  SEARCH_EXAMPLES="$(SEARCH_EXAMPLES)" COMPRESS_EPOCHS="$(COMPRESS_EPOCHS)" scripts/demo.sh
 
 test: envs
 	scripts/test.sh -m "$(TEST_MARKERS)" $(PYTEST_ARGS)

@@ -95,7 +95,7 @@ with DAG(
                                        description="Train each trial on the first N examples (0: all)."),
         "search_gpus": Param(1, type="integer", minimum=0, maximum=1,
                              description="GPU per trial-worker pod (a trial trains on one device); 0: CPU."),
-        "compress_sparsity": Param(0.8, type="number", minimum=0, maximum=0.95,
+        "compress_sparsity": Param(0.82, type="number", minimum=0, maximum=0.95,
                                    description="Share of conv/dense weights pruned to zero before int8 "
                                                "quantization (0: no pruned variant)."),
         "compress_method": Param("post_training", enum=["post_training", "quantization_aware"],
@@ -104,7 +104,7 @@ with DAG(
         "compress_max_accuracy_drop": Param(0.3, type="number", minimum=-100, maximum=100,
                                             description="Largest accepted test-accuracy drop of a compressed "
                                                         "variant, in percentage points (else float is kept)."),
-        "compress_finetune_epochs": Param(2, type="integer", minimum=1, maximum=50,
+        "compress_finetune_epochs": Param(5, type="integer", minimum=1, maximum=50,
                                           description="Fine-tuning epochs while pruning (and of QAT)."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),

@@ -1,4 +1,4 @@
-"""Print where a registered model version came from: MLflow run URL, version and test accuracy."""
+"""Print where a registered model version came from: MLflow run URL, version, test accuracy, compression."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def main() -> None:
     print(f"model version:  {args.model_name} version {version.version} (alias {args.alias})")
     print(f"  registry:     {uri}/#/models/{args.model_name}/versions/{version.version}")
     print(f"test accuracy:  {run.data.metrics.get('test_accuracy', float('nan')):.4f}")
+    tags = version.tags
+    if "compression.variant" in tags:
+        print(f"compressed:     {tags['compression.variant']}, {tags['compression.size_bytes']} bytes "
+              f"({1 / float(tags['compression.size_vs_float_tflite']):.1f}x smaller than float TFLite), accuracy "
+              f"{float(tags['compression.accuracy']):.4f} ({-float(tags['compression.accuracy_drop_points']):+.2f} pt)")
+        print(f"  why:          {tags.get('compression.reason', '')}")
     print(f"dataset:        {version.tags.get('dataset')} ({version.tags.get('dataset_digest', '')[:16]})")
     params = run.data.params
     def shown(value: str) -> str:

@@ -16,11 +16,11 @@ MODEL = "e2e_classifier"
 
 @pytest.fixture(scope="module")
 def finished_run(airflow_home, tmp_path_factory):
-    """One complete DAG run on a tiny generated dataset: a 3-trial search by 2 workers, then one epoch."""
+    """One complete DAG run on a tiny generated dataset: a 3-trial search by 2 workers, one epoch, compression."""
     source = idxdata.write_dataset(tmp_path_factory.mktemp("idx"), train=300, test=100)
     conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
             "search_trials": 3, "search_workers": 2, "search_epochs": 2,
-            "search_space": {"batch_size": 32, "width": [8, 16]}}
+            "search_space": {"batch_size": 32, "width": [8, 16]}, "compress_finetune_epochs": 1}
     out = airflow(airflow_home, "dags", "test", "mnist_training", "-c", json.dumps(conf))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     listing = airflow(airflow_home, "dags", "list-runs", "mnist_training", "-o", "json").stdout
@@ -99,11 +99,27 @@ def test_registered_model_loads_and_predicts_class_probabilities(finished_run, m
         f"model = mlflow.pyfunc.load_model('models:/{MODEL}@challenger')\n"
         "p = np.asarray(model.predict(np.zeros((3, 28, 28), np.float32)))\n"
         "print('SHAPE', p.shape, 'SUMS', [round(float(s), 3) for s in p.sum(axis=1)])\n"
+        "print('FLAVORS', sorted(model.metadata.flavors), 'ARTIFACTS', sorted(model.metadata.flavors"
+        "['python_function'].get('artifacts', {})))\n"
     )
     out = subprocess.run([str(STEPS_PYTHON), "-c", script], capture_output=True, text=True, timeout=300,
                          env={"MLFLOW_TRACKING_URI": mlflow_server.url, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SHAPE (3, 10) SUMS [1.0, 1.0, 1.0]" in out.stdout
+    # The version is compress's pyfunc (a .tflite run by LiteRT), not the Keras model.
+    assert "FLAVORS ['python_function'] ARTIFACTS ['tflite']" in out.stdout
+
+
+def test_registered_version_carries_the_compression_choice(finished_run, mlflow_server):
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert tags["compression.variant"] in {"float", "float16", "dynamic", "int8", "pruned_int8"}
+    assert int(tags["compression.size_bytes"]) > 0 and tags["compression.reason"]
+    assert tags["float_model_uri"].startswith("models:/")
+    run = mlflow_server.get("runs/get", run_id=version["run_id"])["run"]
+    assert _tags(run)["compression.variant"] == tags["compression.variant"]
+    listed = mlflow_server.get("artifacts/list", run_id=version["run_id"], path="compression")
+    assert {"compression/variants.json", "compression/tradeoff.png"} <= {f["path"] for f in listed.get("files", [])}
 
 
 def test_rerunning_train_and_register_of_the_same_run_creates_no_second_version(finished_run, airflow_home,
