@@ -323,14 +323,16 @@ def choose(variants: dict[str, dict[str, Any]], *, reference_accuracy: float, ma
                   f"{100 * (reference_accuracy - v['accuracy']):+.2f} pt drop")
 
 
-def _plot(path: Path, variants: dict[str, dict[str, Any]], chosen: str, reference: dict[str, float]) -> None:
+def _plot(path: Path, variants: dict[str, dict[str, Any]], chosen: str, reference: dict[str, float],
+          max_drop_points: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(variants)
+    names = sorted(variants, key=lambda n: -variants[n]["gzip_bytes"])  # largest (float) first
     for name in names:
         v = variants[name]
         color = "tab:red" if name == chosen else "tab:blue"
@@ -341,10 +343,17 @@ def _plot(path: Path, variants: dict[str, dict[str, Any]], chosen: str, referenc
     left.scatter(reference["gzip_bytes"] / 1024, 100 * reference["accuracy"], marker="s", color="gray")
     left.annotate("Keras float (h5)", (reference["gzip_bytes"] / 1024, 100 * reference["accuracy"]), fontsize=8,
                   xytext=(5, -12), textcoords="offset points")
+    floor = 100 * reference["accuracy"] - max_drop_points
+    left.axhline(floor, color="tab:red", linestyle="--", linewidth=1)
+    left.text(0.01, floor, f" gate: {max_drop_points:g} pt below float", transform=left.get_yaxis_transform(),
+              fontsize=8, color="tab:red", va="bottom")
     left.set_xscale("log")
-    left.set_xlabel("size gzipped (KiB, log)")
+    left.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.set_xlabel("size gzipped (KiB, log scale)")
     left.set_ylabel("test accuracy (%)")
-    left.set_title(f"size vs accuracy (marker: batch-1 latency; red: chosen = {chosen})")
+    left.set_title(f"size vs accuracy (marker area: batch-1 latency)\nred: chosen = {chosen}", fontsize=10)
     left.grid(alpha=0.3)
     x = np.arange(len(names))
     right.bar(x - 0.2, [variants[n]["latency_p50_ms"] for n in names], 0.4, label="batch-1 p50 (ms)")
@@ -426,7 +435,7 @@ def compute(config: CompressConfig, manifest: dict[str, Any], out: Path) -> dict
     chosen, reason = choose(variants, reference_accuracy=reference_accuracy,
                             max_drop_points=config.max_accuracy_drop, latency_tolerance=config.latency_tolerance)
     log.info("chosen: %s (%s)", chosen, reason)
-    _plot(out / "tradeoff.png", variants, chosen, reference)
+    _plot(out / "tradeoff.png", variants, chosen, reference, config.max_accuracy_drop)
     return {"variants": variants, "float_keras": reference, "chosen": chosen, "reason": reason,
             "accuracy_drop_points": 100 * (reference_accuracy - variants[chosen]["accuracy"]),
             "settings": _settings(config, manifest), "image_shape": list(test_images.shape[1:])}
