@@ -15,6 +15,7 @@ pyfunc model (``compressed_model``, LiteRT inside) that ``register`` turns into 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,15 @@ log = logging.getLogger("mlsteps.compress")
 METHODS = ("post_training", "quantization_aware")
 FLOAT = "float"
 PYFUNC_NAME = "compressed_model"
+REPORT_TAG = "compression.report_sha256"  # on the logged model: which report.json it was logged from
+
+
+class ModelLoadError(StepError):
+    """The trained model is missing, damaged, or not the pipeline's network."""
+
+
+class EmptySplitError(StepError):
+    """A split that compression needs (train for calibration and fine-tuning, test for the gate) is empty."""
 MIN_PRUNED_KERNEL = 1024  # weights; smaller conv/dense kernels are left dense
 # Pins written into the logged pyfunc model's requirements (what `mlflow models serve` installs).
 LITERT_REQUIREMENT = "ai-edge-litert==2.3.0"
@@ -64,30 +74,31 @@ def _check(config: CompressConfig) -> None:
         raise StepError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if not 0 <= config.sparsity < 1:
         raise StepError(f"--sparsity must be in [0, 1), got {config.sparsity}")
-    if config.sparsity > 0 and config.finetune_epochs < 1:
-        raise StepError("--finetune-epochs must be >= 1 when --sparsity > 0 (pruning happens during fine-tuning)")
+    if (config.sparsity > 0 or config.method == "quantization_aware") and config.finetune_epochs < 1:
+        raise StepError(f"--finetune-epochs must be >= 1 with --sparsity > 0 or --method quantization_aware "
+                        f"(pruning and QAT happen while fine-tuning), got {config.finetune_epochs}")
     if not -100 <= config.max_accuracy_drop <= 100:
         raise StepError(f"--max-accuracy-drop is in percentage points (-100..100), got {config.max_accuracy_drop}")
     for name in ("threads", "latency_runs", "throughput_batch", "representative_examples", "batch_size"):
         if getattr(config, name) < 1:
-            raise StepError(f"--{name.replace('_', '-')} must be >= 1")
+            raise StepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
 
 
 def load_float_model(path: str) -> Any:
     """The trained Keras 3 model; a clear StepError if it is missing or unreadable."""
     model_path = Path(path)
     if not model_path.is_file():
-        raise StepError(f"{model_path}: trained model not found; run the train step first (or check --model-path)")
+        raise ModelLoadError(f"{model_path}: trained model not found; run the train step first (or check --model-path)")
     import keras
 
     try:
         return keras.models.load_model(model_path, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a damaged file; all mean the same
-        raise StepError(f"{model_path}: cannot load the trained model ({type(exc).__name__}: {exc}); "
+        raise ModelLoadError(f"{model_path}: cannot load the trained model ({type(exc).__name__}: {exc}); "
                         "the file is damaged or not a Keras model: run the train step again") from None
 
 
-def legacy_clone(net: Any, images: np.ndarray) -> Any:
+def legacy_clone(net: Any, images: np.ndarray, path: str) -> Any:
     """The same network rebuilt with tf-keras (Keras 2), which tensorflow-model-optimization requires.
 
     Checked by comparing predictions: a model of another architecture is refused, not silently changed.
@@ -100,19 +111,21 @@ def legacy_clone(net: Any, images: np.ndarray) -> Any:
     convs = [layer for layer in net.layers if isinstance(layer, keras.layers.Conv2D)]
     dropouts = [layer for layer in net.layers if isinstance(layer, keras.layers.Dropout)]
     image_shape = tuple(int(d) for d in net.input_shape[1:])
+    fix = "compress handles the pipeline's CNN (mlsteps.model.build): train it with the train step"
     if not convs or len(image_shape) != 2:
-        raise StepError(f"model {net.name} is not the pipeline's CNN (mlsteps.model.build); cannot compress it")
+        raise ModelLoadError(f"{path}: model {net.name!r} is not the pipeline's CNN; {fix}")
     clone = model_lib.build(image_shape=image_shape, num_classes=int(net.output_shape[-1]),
                             width=int(convs[0].filters), dropout=float(dropouts[0].rate) if dropouts else 0.0,
                             keras_module=tf_keras)
     try:
         clone.set_weights(net.get_weights())
     except ValueError as exc:
-        raise StepError(f"model {net.name} does not match the pipeline's CNN ({exc}); cannot compress it") from None
+        raise ModelLoadError(f"{path}: model {net.name!r} does not match the pipeline's CNN ({exc}); {fix}") from None
     sample = images[:64].astype(np.float32)
     difference = float(np.max(np.abs(clone.predict(sample, verbose=0) - net.predict(sample, verbose=0))))
     if difference > 1e-4:
-        raise StepError(f"model {net.name}: the tf-keras rebuild predicts differently (max |diff| {difference:.2g})")
+        raise ModelLoadError(f"{path}: the tf-keras rebuild of model {net.name!r} predicts differently "
+                             f"(max |diff| {difference:.2g}): it has layers mlsteps.model.build does not; {fix}")
     return clone
 
 
@@ -320,7 +333,7 @@ def choose(variants: dict[str, dict[str, Any]], *, reference_accuracy: float, ma
     v = variants[best]
     return best, (f"smallest of {len(passed)} variant(s) within {max_drop_points:g} pt and no slower than float: "
                   f"{variants[FLOAT]['gzip_bytes'] / v['gzip_bytes']:.1f}x smaller than float TFLite gzipped, "
-                  f"{100 * (reference_accuracy - v['accuracy']):+.2f} pt drop")
+                  f"accuracy {100 * (v['accuracy'] - reference_accuracy):+.2f} pt")
 
 
 def _plot(path: Path, variants: dict[str, dict[str, Any]], chosen: str, reference: dict[str, float],
@@ -387,14 +400,18 @@ def compute(config: CompressConfig, manifest: dict[str, Any], out: Path) -> dict
     import tf_keras
 
     tf_keras.utils.set_random_seed(config.seed)
+    for split in ("train", "test"):
+        if not manifest["splits"][split]["count"]:
+            raise EmptySplitError(f"{config.manifest}: the {split} split is empty; compress calibrates and "
+                                  "fine-tunes on train and gates on test: prepare a dataset with both")
     test_images, test_labels = data.arrays(manifest, "test")
     test_images = test_images.astype(np.float32)
     examples = data.examples(manifest, "train", limit=config.train_examples)
     representative = np.stack([x for x, _ in examples.take(config.representative_examples).as_numpy_iterator()])
     representative = representative.astype(np.float32)
-    clone = legacy_clone(net, test_images if len(test_images) else representative)
+    clone = legacy_clone(net, test_images, config.model_path)
     reference_accuracy = float(np.mean(net.predict(test_images, batch_size=512, verbose=0).argmax(axis=1)
-                                       == test_labels)) if len(test_labels) else 0.0
+                                       == test_labels))
     keras_file = out / "float_keras.h5"  # what TensorFlow's pruning guide compares against: no optimizer state
     tf_keras.models.save_model(clone, keras_file, include_optimizer=False)
     reference = {"accuracy": reference_accuracy, "size_bytes": keras_file.stat().st_size,
@@ -479,14 +496,25 @@ def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str,
     from mlflow.types.schema import Schema, TensorSpec
 
     shape = report["image_shape"]
-    classes = int(json.loads((out / "report.json").read_text())["num_classes"])
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape), "image")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "probabilities")]))
+    # Unnamed tensors: MLflow then accepts a bare array ("inputs") and reshapes N rows of H*W pixels.
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, report["num_classes"]))]))
     chosen = out / f"{report['chosen']}.tflite"
+    # A retry after a failure between log_model and logged.json finds the model it already logged.
+    digest = hashlib.sha256((out / "report.json").read_bytes()).hexdigest()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    earlier = [m for m in mlflow.search_logged_models(
+        experiment_ids=[experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run_id}' AND name = '{PYFUNC_NAME}' AND tags.`{REPORT_TAG}` = '{digest}'")
+        if str(m.status).endswith("READY")]
+    if earlier:
+        model_uri = f"models:/{earlier[0].model_id}"
+        log.info("%s already logged as %s", chosen.name, model_uri)
+        return {"mlflow_run_id": run_id, "model_uri": model_uri, "tags": tags}
     import importlib.metadata as md
 
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(tags={REPORT_TAG: digest},
             name=PYFUNC_NAME, python_model=str(Path(__file__).with_name("litert_model.py")),
             artifacts={"tflite": str(chosen)}, signature=signature,
             input_example=np.zeros((1, *shape), np.float32),
@@ -498,18 +526,29 @@ def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str,
 
 
 def run(config: CompressConfig) -> dict[str, Any]:
+    """Build, measure and gate the variants (or reuse them for the same settings); log the winner to MLflow."""
     _check(config)
     manifest = data.load_manifest(config.manifest)
     out_dir = tracking.run_dir(config.data_root, config.run_key) / "compression"
     settings = _settings(config, manifest)
     report_path = out_dir / "report.json"
     if not (is_complete(out_dir) and json.loads(report_path.read_text())["settings"] == settings):
-        if out_dir.exists():  # built for other settings (or another model): start over
-            shutil.rmtree(out_dir)
-        with atomic_directory(out_dir) as scratch:
+        # Built for other settings (or another model), or never: build beside it, then swap, so that a
+        # failure keeps the previous complete result.
+        fresh = out_dir.with_name("compression.next")
+        shutil.rmtree(fresh, ignore_errors=True)
+        with atomic_directory(fresh) as scratch:
             report = compute(config, manifest, scratch)
             report["num_classes"] = manifest["num_classes"]
             write_json_atomic(scratch / "report.json", report)
+        if out_dir.exists():
+            stale = out_dir.with_name("compression.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(out_dir, stale)
+            os.rename(fresh, out_dir)
+            shutil.rmtree(stale)
+        else:
+            os.rename(fresh, out_dir)
     else:
         log.info("variants for %s already built with these settings: %s", config.run_key, out_dir)
     report = json.loads(report_path.read_text())
@@ -528,6 +567,7 @@ def run(config: CompressConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mlsteps.compress``: the step's CLI."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return cli(run, CompressConfig, __doc__.splitlines()[0], argv)
 

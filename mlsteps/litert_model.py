@@ -26,7 +26,10 @@ class LiteRTClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        threads = int(os.environ.get(THREADS_ENV, "1"))
+        text = os.environ.get(THREADS_ENV, "1")
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{THREADS_ENV} must be a whole number >= 1 (interpreter threads), got {text!r}")
+        threads = int(text)
         self._interpreter = Interpreter(model_path=context.artifacts["tflite"], num_threads=threads)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
@@ -51,6 +54,7 @@ class LiteRTClassifier(mlflow.pyfunc.PythonModel):
 
     # No type hints here: MLflow would read them as the input schema; the logged signature says it.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """Class probabilities (N, classes) for N images, in one interpreter call."""
         images = self._images(model_input)
         if not len(images):
             return np.zeros((0, int(self._output["shape"][-1])), dtype=np.float32)

@@ -7,3 +7,4 @@ cd "$root"
 .venvs/steps/bin/python bench/input_pipeline.py
 .venvs/steps/bin/python bench/search.py
 .venvs/steps/bin/python bench/train_fashion.py
+.venvs/steps/bin/python bench/compress.py

@@ -23,8 +23,8 @@ def main() -> None:
     tags = version.tags
     if "compression.variant" in tags:
         print(f"compressed:     {tags['compression.variant']}, {tags['compression.size_bytes']} bytes "
-              f"({1 / float(tags['compression.size_vs_float_tflite']):.1f}x smaller than float TFLite), accuracy "
-              f"{float(tags['compression.accuracy']):.4f} ({-float(tags['compression.accuracy_drop_points']):+.2f} pt)")
+              f"({tags['compression.gzip_bytes']} gzipped), accuracy {float(tags['compression.accuracy']):.4f} "
+              f"({-float(tags['compression.accuracy_drop_points']):+.2f} pt)")
         print(f"  why:          {tags.get('compression.reason', '')}")
     print(f"dataset:        {version.tags.get('dataset')} ({version.tags.get('dataset_digest', '')[:16]})")
     params = run.data.params
