@@ -1,7 +1,8 @@
 """
 ### mnist_training
 
-Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → compress → register**.
+Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → compress → register →
+gate**.
 
 The search (Optuna: TPE sampling, Hyperband pruning) runs `search_workers` trial workers at once, as a
 mapped task in the `hyperparameter_search` pool; they share one study until the trial or time budget is
@@ -12,6 +13,11 @@ Compress prunes (to `compress_sparsity`, fine-tuned) and quantizes the model, co
 (float32, float16, dynamic range, int8, pruned int8) to TFLite, measures accuracy, size and latency
 with LiteRT, and keeps the smallest variant within `compress_max_accuracy_drop` points of the float
 model that is no slower than it (else float). That variant is what gets registered and served.
+
+The gate scores the new version (the challenger) and the version with alias `champion` on the same
+test set, as serving would run them: it passes with at least `gate_min_accuracy` and at most
+`gate_max_regression` points below the champion (the first model: the floor only). The verdict and
+its reasons become tags of the new version.
 
 Each task runs one step of the `mlsteps` package: as a Kubernetes pod (runtime `kubernetes`, the
 production default) or as a local process (runtime `local`), chosen by `MLOPS_RUNTIME`. Every run
@@ -106,6 +112,11 @@ with DAG(
                                                         "variant, in percentage points (else float is kept)."),
         "compress_finetune_epochs": Param(5, type="integer", minimum=1, maximum=50,
                                           description="Fine-tuning epochs while pruning (and of QAT)."),
+        "gate_min_accuracy": Param(0.85, type="number", minimum=0, maximum=1,
+                                   description="Quality gate floor: the new version's test accuracy (0..1)."),
+        "gate_max_regression": Param(0.5, type="number", minimum=0, maximum=100,
+                                     description="Quality gate: largest accepted test-accuracy drop against "
+                                                 "the champion, in points."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
         "node_selector": Param({}, type="object",
@@ -166,5 +177,10 @@ with DAG(
                           "model_name": "{{ params.model_name }}", "dag_id": "{{ dag.dag_id }}",
                           "dag_run_id": "{{ run_id }}"})
 
+    gate = step("gate", timeout=timedelta(minutes=20), resources=Resources(cpu="1", memory="2Gi"),
+                args={"manifest": xcom("prep", "manifest"), "model_name": "{{ params.model_name }}",
+                      "version": xcom("register", "version"), "min_accuracy": "{{ params.gate_min_accuracy }}",
+                      "max_regression": "{{ params.gate_max_regression }}"})
+
     prep >> validate >> workers >> create_study >> tune >> select >> chosen
-    validate >> chosen >> train >> evaluate >> compress >> register
+    validate >> chosen >> train >> evaluate >> compress >> register >> gate

@@ -496,7 +496,7 @@ def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str,
     from mlflow.types.schema import Schema, TensorSpec
 
     shape = report["image_shape"]
-    # Unnamed tensors: MLflow then accepts a bare array ("inputs") and reshapes N rows of H*W pixels.
+    # One unnamed tensor: requests send a bare array ({"inputs": [...]}), no input name to know.
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, report["num_classes"]))]))
     chosen = out / f"{report['chosen']}.tflite"

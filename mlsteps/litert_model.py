@@ -4,8 +4,8 @@ This file is logged as the model's code (MLflow "models from code"): it is copie
 artifact, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need only MLflow, numpy and
 ai-edge-litert, not the mlsteps package. The ``.tflite`` file comes in as the artifact ``tflite``.
 
-Input: images as float32 pixels 0..255, shape (N, H, W) (a DataFrame of N rows of H*W pixels works
-too). Output: class probabilities, shape (N, classes).
+Input: images as float32 pixels 0..255, shape (N, H, W) (the logged signature says so, and MLflow
+enforces it before ``predict``). Output: class probabilities, shape (N, classes).
 """
 
 from __future__ import annotations
@@ -39,17 +39,10 @@ class LiteRTClassifier(mlflow.pyfunc.PythonModel):
         self._lock = threading.Lock()
 
     def _images(self, model_input: Any) -> np.ndarray:
-        if hasattr(model_input, "to_numpy"):  # a pandas DataFrame: one row of pixels per image
-            model_input = model_input.to_numpy()
-        if isinstance(model_input, dict) and len(model_input) == 1:  # named tensors: {"image": ...}
-            model_input = next(iter(model_input.values()))
         images = np.asarray(model_input, dtype=np.float32)
-        pixels = int(np.prod(self._image_shape))
-        if images.ndim == 2 and images.shape[1] == pixels:
-            images = images.reshape((len(images), *self._image_shape))
         if images.shape[1:] != self._image_shape:
-            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self._image_shape))}) "
-                             f"or (N, {pixels}), got {images.shape}")
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self._image_shape))}), "
+                             f"got {images.shape}")
         return images
 
     # No type hints here: MLflow would read them as the input schema; the logged signature says it.

@@ -64,11 +64,12 @@ def run(config: RegisterConfig) -> dict[str, Any]:
         f"name = {tracking.quote(config.model_name)} and tags.`{tracking.RUN_KEY_TAG}` = {tracking.quote(config.run_key)}")
     if existing:
         version = existing[0]
-        wanted = config.model_uri.removeprefix("models:/")
-        if config.model_uri.startswith("models:/m-") and version.model_id and version.model_id != wanted:
+        # MLflow 3 records a logged model's models:/<model id> URI as the version's source.
+        if config.model_uri.startswith("models:/") and version.source.startswith("models:/") \
+                and version.source != config.model_uri:
             raise StepError(
                 f"run {config.run_key} is already registered as {config.model_name} version {version.version} "
-                f"from model {version.model_id}, but --model-uri is {config.model_uri}: the model changed after "
+                f"from {version.source}, but --model-uri is {config.model_uri}: the model changed after "
                 "registration (train or compress re-ran with other settings); trigger a new DAG run to register it")
         log.info("run %s already registered as %s version %s", config.run_key, config.model_name, version.version)
     else:

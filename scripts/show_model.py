@@ -26,6 +26,8 @@ def main() -> None:
               f"({tags['compression.gzip_bytes']} gzipped), accuracy {float(tags['compression.accuracy']):.4f} "
               f"({-float(tags['compression.accuracy_drop_points']):+.2f} pt)")
         print(f"  why:          {tags.get('compression.reason', '')}")
+    if "gate.verdict" in tags:
+        print(f"quality gate:   {tags['gate.verdict']} ({tags.get('gate.reasons', '')})")
     print(f"dataset:        {version.tags.get('dataset')} ({version.tags.get('dataset_digest', '')[:16]})")
     params = run.data.params
     def shown(value: str) -> str:

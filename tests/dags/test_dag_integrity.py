@@ -80,7 +80,7 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
     assert dag.doc_md and dag.tags
     order = [t.task_id for t in dag.topological_sort()]
     assert order == ["prep", "validate", "plan_search", "create_study", "tune", "select", "hyperparameters",
-                     "train", "evaluate", "compress", "register"]
+                     "train", "evaluate", "compress", "register", "gate"]
 
 
 @pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("dataset", "cifar"), ("learning_rate", 0),

@@ -20,13 +20,14 @@ RESULTS = {  # what earlier steps would have pushed to XCom
              "digest": "0123456789abcdef" * 4},
     "train": {"model_path": "/data/runs/x/model/model.keras", "model_uri": "models:/m-abc"},
     "evaluate": {"metrics": {"test_accuracy": 0.99}},
+    "register": {"version": 3, "model_name": "mnist_classifier"},
     "compress": {"model_uri": "models:/m-tflite", "tags": {"compression.variant": "pruned_int8",
                                                           "compression.size_bytes": "97136"}},
     "hyperparameters": {"learning_rate": 0.0042, "batch_size": 64, "width": 48, "dropout": 0.1, "source": "search",
                         "search_run_id": "0123abcd", "trial": 7},
 }
 STEPS = {"prep": "prep", "validate": "validate", "create_study": "tune", "tune": "tune", "select": "select",
-         "train": "train", "evaluate": "evaluate", "compress": "compress", "register": "register"}  # pod tasks -> step module
+         "train": "train", "evaluate": "evaluate", "compress": "compress", "register": "register", "gate": "gate"}  # pod tasks -> step module
 SEARCH_TASKS = ("create_study", "tune", "select")
 
 
@@ -121,6 +122,15 @@ def test_step_arguments_carry_params_and_earlier_results(rendered):
     assert json.loads(flags["--tags"]) == RESULTS["compress"]["tags"]
     assert flags["--metrics"] == '{"test_accuracy": 0.99}'
     assert flags["--dataset-digest"] == RESULTS["prep"]["digest"]
+
+
+def test_gate_pod_judges_the_registered_version_with_the_trigger_form_thresholds(dag):
+    pod, _ = render(dag, "gate", gate_min_accuracy=0.9, gate_max_regression=0.2, model_name="digits")
+    args = pod["spec"]["containers"][0]["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    assert (flags["--model-name"], flags["--version"]) == ("digits", "3")
+    assert (flags["--min-accuracy"], flags["--max-regression"]) == ("0.9", "0.2")
+    assert flags["--manifest"] == RESULTS["prep"]["manifest"]
 
 
 def test_compress_pod_takes_the_trained_model_and_the_trigger_form_settings(dag):

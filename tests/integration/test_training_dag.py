@@ -16,7 +16,8 @@ MODEL = "e2e_classifier"
 
 @pytest.fixture(scope="module")
 def finished_run(airflow_home, tmp_path_factory):
-    """One complete DAG run on a tiny generated dataset: a 3-trial search by 2 workers, one epoch, compression."""
+    """One complete DAG run on a tiny generated dataset: a 3-trial search by 2 workers, one epoch, compression,
+    registration and the quality gate."""
     source = idxdata.write_dataset(tmp_path_factory.mktemp("idx"), train=300, test=100)
     conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
             "search_trials": 3, "search_workers": 2, "search_epochs": 2,
@@ -108,6 +109,16 @@ def test_registered_model_loads_and_predicts_class_probabilities(finished_run, m
     assert "SHAPE (3, 10) SUMS [1.0, 1.0, 1.0]" in out.stdout
     # The version is compress's pyfunc (a .tflite run by LiteRT), not the Keras model.
     assert "FLAVORS ['python_function'] ARTIFACTS ['tflite']" in out.stdout
+
+
+def test_gate_judges_the_first_version_against_the_floor_only(finished_run, mlflow_server):
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    accuracy = float(tags["gate.accuracy"])
+    assert tags["gate.verdict"] == ("passed" if accuracy >= 0.85 else "failed")
+    assert "no champion yet" in tags["gate.reasons"] and tags["gate.champion_version"] == ""
+    # The gate scored the registered (compressed) model on the same test set compress measured it on.
+    assert accuracy == pytest.approx(float(tags["compression.accuracy"]), abs=1e-6)
 
 
 def test_registered_version_carries_the_compression_choice(finished_run, mlflow_server):

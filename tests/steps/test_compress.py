@@ -173,11 +173,6 @@ def test_pyfunc_of_the_registered_version_predicts_the_same_classes_as_litert(tr
     expected = _litert_classes(compressed["tflite_path"], images)
     np.testing.assert_array_equal(probabilities.argmax(axis=1), expected)
     assert np.mean(expected == labels) == pytest.approx(compressed["accuracy"], abs=1e-9)
-    # Rows of 784 pixels (a DataFrame, as `dataframe_split` requests send) give the same answer.
-    import pandas as pd
-
-    rows = pd.DataFrame(images[:32].reshape(32, -1))
-    np.testing.assert_array_equal(np.asarray(model.predict(rows)).argmax(axis=1), expected[:32])
 
 
 def test_registering_a_changed_model_for_the_same_run_is_refused(trained, registered, mlflow_server):

@@ -1,0 +1,127 @@
+"""gate: the challenger against the current champion on the same test set; the verdict goes into version tags.
+
+Both registered versions are loaded as MLflow pyfunc models (what serving runs: the compressed model
+when compress chose one) and scored on this run's test split. The challenger passes if its accuracy
+is at least ``--min-accuracy`` (the floor) and at most ``--max-regression`` points below the champion's.
+Without a champion (the first model) only the floor applies. The step succeeds either way: the verdict
+(``gate.verdict`` = passed | failed, ``gate.reasons``, both accuracies) is recorded on the challenger
+version and returned for the review that follows; a version already judged is not judged again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import data, tracking
+from .core import StepError, cli, field
+
+log = logging.getLogger("mlsteps.gate")
+
+CHAMPION = "champion"
+PASSED, FAILED = "passed", "failed"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    manifest: str = field(help="manifest.json written by prep: the gate scores both models on its test split")
+    model_name: str = field(help="registered model name")
+    version: int = field(help="the challenger: the version register created")
+    min_accuracy: float = field(0.85, help="floor: the challenger's test accuracy must be at least this (0..1)")
+    max_regression: float = field(0.5, help="largest accepted accuracy drop against the champion, in points")
+    champion_alias: str = field(CHAMPION, help="alias naming the version in production")
+    batch_size: int = field(1024, help="images per predict call")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
+def decide(*, challenger: float, champion: float | None, min_accuracy: float,
+           max_regression: float) -> tuple[str, list[str]]:
+    """The verdict and its reasons, one per rule (accuracies in 0..1, regression in points)."""
+    reasons = []
+    ok = challenger >= min_accuracy
+    reasons.append(f"accuracy {100 * challenger:.2f} % {'>=' if ok else '<'} floor {100 * min_accuracy:.2f} %")
+    if champion is None:
+        reasons.append("no champion yet: the floor is the only rule")
+    else:
+        regression = 100 * (champion - challenger)
+        fine = regression <= max_regression + 1e-9
+        ok = ok and fine
+        reasons.append(f"{regression:+.2f} pt against the champion's {100 * champion:.2f} % "
+                       f"({'within' if fine else 'beyond'} the {max_regression:g} pt allowed)")
+    return (PASSED if ok else FAILED), reasons
+
+
+def accuracy(mlflow: Any, model_uri: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """Test accuracy of a registered model, loaded the way serving loads it."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # noqa: BLE001 - any failure to load means the same to the gate
+        raise StepError(f"{model_uri}: cannot load the model ({type(exc).__name__}: {exc})") from None
+    predicted = [np.asarray(model.predict(images[i:i + batch_size])).argmax(axis=1)
+                 for i in range(0, len(images), batch_size)]
+    return float(np.mean(np.concatenate(predicted) == labels))
+
+
+def run(config: GateConfig) -> dict[str, Any]:
+    """Score challenger and champion, decide, tag the challenger version; return the verdict."""
+    if not 0 <= config.min_accuracy <= 1:
+        raise StepError(f"--min-accuracy is a fraction (0..1), got {config.min_accuracy}")
+    if config.max_regression < 0:
+        raise StepError(f"--max-regression is in points and cannot be negative, got {config.max_regression}")
+    manifest = data.load_manifest(config.manifest)
+    if not manifest["splits"]["test"]["count"]:
+        raise StepError(f"{config.manifest}: the test split is empty; the gate needs test data")
+    mlflow = tracking.connect(config.tracking_uri)
+    client = mlflow.MlflowClient()
+    name, version = config.model_name, str(config.version)
+    challenger = client.get_model_version(name, version)
+    if challenger.tags.get("gate.verdict"):
+        log.info("%s version %s already judged: %s", name, version, challenger.tags["gate.verdict"])
+        return _result(challenger.tags, name, version)
+    try:
+        champion = client.get_model_version_by_alias(name, config.champion_alias)
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    if champion is not None and champion.version == version:
+        champion = None  # re-judging the champion itself: compare with nothing
+    images, labels = data.arrays(manifest, "test")
+    images = images.astype(np.float32)
+    challenger_accuracy = accuracy(mlflow, f"models:/{name}/{version}", images, labels, config.batch_size)
+    champion_accuracy = None
+    if champion is not None:
+        champion_accuracy = accuracy(mlflow, f"models:/{name}/{champion.version}", images, labels,
+                                     config.batch_size)
+    verdict, reasons = decide(challenger=challenger_accuracy, champion=champion_accuracy,
+                              min_accuracy=config.min_accuracy, max_regression=config.max_regression)
+    tags = {"gate.verdict": verdict, "gate.reasons": "; ".join(reasons),
+            "gate.accuracy": f"{challenger_accuracy:.6f}", "gate.test_examples": str(len(labels)),
+            "gate.dataset_digest": manifest["digest"], "gate.min_accuracy": f"{config.min_accuracy:g}",
+            "gate.max_regression_points": f"{config.max_regression:g}",
+            "gate.champion_version": champion.version if champion is not None else "",
+            "gate.champion_accuracy": f"{champion_accuracy:.6f}" if champion_accuracy is not None else ""}
+    # The verdict goes last: its presence means the others are there too.
+    for key, value in sorted(tags.items(), key=lambda kv: kv[0] == "gate.verdict"):
+        client.set_model_version_tag(name, version, key, value)
+    log.info("%s version %s: gate %s (%s)", name, version, verdict.upper(), "; ".join(reasons))
+    return _result(tags, name, version)
+
+
+def _result(tags: dict[str, str], name: str, version: str) -> dict[str, Any]:
+    return {"model_name": name, "version": int(version), "verdict": tags["gate.verdict"],
+            "passed": tags["gate.verdict"] == PASSED, "reasons": tags["gate.reasons"],
+            "accuracy": float(tags["gate.accuracy"]),
+            "champion_version": int(tags["gate.champion_version"]) if tags.get("gate.champion_version") else None,
+            "champion_accuracy": float(tags["gate.champion_accuracy"]) if tags.get("gate.champion_accuracy")
+            else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mlsteps.gate``: the step's CLI."""
+    return cli(run, GateConfig, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

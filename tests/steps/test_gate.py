@@ -1,0 +1,110 @@
+"""gate: real registered versions in a real MLflow server, scored on a prepared test split.
+
+The models are small pyfunc "oracles" for the synthetic dataset (class c is a bright square at a known
+place), so their accuracies are known exactly: 100 %, or 100 % minus the classes they get wrong.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from mlsteps import gate
+
+SQUARES = [(2 + (c // 4) * 8, 2 + (c % 4) * 6) for c in range(10)]  # tests/idxdata.py's layout
+
+
+class Oracle(mlflow.pyfunc.PythonModel):
+    """Finds the bright square; answers class 0 for the classes in ``wrong``."""
+
+    def __init__(self, wrong: tuple[int, ...] = ()) -> None:
+        self.wrong = wrong
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        images = np.asarray(model_input, dtype=np.float32)
+        brightness = np.stack([images[:, r:r + 6, c:c + 6].mean(axis=(1, 2)) for r, c in SQUARES], axis=1)
+        classes = brightness.argmax(axis=1)
+        classes[np.isin(classes, self.wrong)] = 0
+        return np.eye(10, dtype=np.float32)[classes]
+
+
+@pytest.fixture
+def manifest(prepare, source_dir) -> str:
+    return prepare(source_dir)["manifest"]  # 300 training, 100 test images, 10 per class
+
+
+@pytest.fixture
+def registry(mlflow_server, request):
+    """A fresh registered model name; ``add(wrong)`` registers an oracle version and returns its number."""
+    mlflow.set_tracking_uri(mlflow_server)
+    name = f"gate_{request.node.name[:40]}"
+
+    def add(wrong: tuple[int, ...] = ()) -> int:
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="model", python_model=Oracle(wrong),
+                                           input_example=np.zeros((1, 28, 28), np.float32))
+        return int(mlflow.register_model(info.model_uri, name).version)
+
+    return name, add
+
+
+def _gate(manifest: str, name: str, version: int, url: str, **kw) -> dict:
+    return gate.run(gate.GateConfig(manifest=manifest, model_name=name, version=version, tracking_uri=url, **kw))
+
+
+def test_first_model_meets_the_floor_only(manifest, registry, mlflow_server):
+    name, add = registry
+    result = _gate(manifest, name, add(), mlflow_server, min_accuracy=0.85)
+    assert result["verdict"] == "passed" and result["accuracy"] == 1.0
+    assert result["champion_version"] is None
+    assert "no champion yet" in result["reasons"]
+
+
+def test_below_the_floor_fails_and_says_so_in_the_version_tags(manifest, registry, mlflow_server):
+    name, add = registry
+    version = add(wrong=(1, 2, 3))  # 70 %
+    result = _gate(manifest, name, version, mlflow_server, min_accuracy=0.85)
+    assert result["verdict"] == "failed" and result["accuracy"] == pytest.approx(0.7)
+    tags = mlflow.MlflowClient(mlflow_server).get_model_version(name, str(version)).tags
+    assert tags["gate.verdict"] == "failed"
+    assert "accuracy 70.00 % < floor 85.00 %" in tags["gate.reasons"]
+    assert tags["gate.accuracy"] == "0.700000" and tags["gate.test_examples"] == "100"
+
+
+@pytest.mark.parametrize(("max_regression", "verdict", "words"), [
+    (5.0, "failed", "+10.00 pt against the champion's 100.00 % (beyond the 5 pt allowed)"),
+    (10.0, "passed", "+10.00 pt against the champion's 100.00 % (within the 10 pt allowed)"),
+], ids=["regression-beyond-the-limit", "regression-within-the-limit"])
+def test_challenger_is_compared_with_the_champion_on_the_same_test_set(manifest, registry, mlflow_server,
+                                                                       max_regression, verdict, words):
+    name, add = registry
+    champion = add()
+    mlflow.MlflowClient(mlflow_server).set_registered_model_alias(name, "champion", str(champion))
+    challenger = add(wrong=(9,))  # 90 %
+    result = _gate(manifest, name, challenger, mlflow_server, min_accuracy=0.5, max_regression=max_regression)
+    assert result["verdict"] == verdict
+    assert (result["champion_version"], result["champion_accuracy"]) == (champion, 1.0)
+    assert words in result["reasons"]
+
+
+def test_a_judged_version_keeps_its_verdict(manifest, registry, mlflow_server):
+    name, add = registry
+    version = add(wrong=(9,))
+    first = _gate(manifest, name, version, mlflow_server, min_accuracy=0.85)
+    again = _gate(manifest, name, version, mlflow_server, min_accuracy=0.95)  # a retry, other thresholds
+    assert first == again and again["verdict"] == "passed"
+
+
+@pytest.mark.parametrize(("challenger", "champion", "verdict"), [
+    (0.90, None, "passed"), (0.84, None, "failed"), (0.90, 0.904, "passed"), (0.90, 0.906, "failed"),
+    (0.95, 0.90, "passed"), (0.80, 0.70, "failed"),
+], ids=["first-above-floor", "first-below-floor", "small-regression", "large-regression", "improvement",
+        "improvement-below-floor"])
+def test_decide(challenger, champion, verdict):
+    assert gate.decide(challenger=challenger, champion=champion, min_accuracy=0.85, max_regression=0.5)[0] == verdict
+
+
+def test_bad_thresholds_are_refused_before_any_work(manifest):
+    with pytest.raises(gate.StepError, match="--min-accuracy is a fraction"):
+        gate.run(gate.GateConfig(manifest=manifest, model_name="m", version=1, min_accuracy=85))
