@@ -1,0 +1,405 @@
+"""serve: the model server. Loads a registered version and answers TF Serving REST and Open Inference v2.
+
+What it loads: the ``.tflite`` that compress chose (run by the LiteRT interpreter), found in the
+version's pyfunc artifact; a version without one (registered before compression existed) is served
+through ``mlflow.pyfunc`` instead. Which version: ``--model-uri`` (``models:/<name>/<version>`` or
+``models:/<name>@<alias>``; default ``models:/<model-name>@champion``), resolved once at start.
+
+Endpoints (every response names the model and version, in the body and in ``X-Model-Name`` /
+``X-Model-Version`` headers):
+  GET  /v1/models/<name>                TF Serving status (LOADING, AVAILABLE, or END with the load error)
+  POST /v1/models/<name>[/versions/<v>]:predict   {"instances": [...]} or {"inputs": [...]}
+  GET  /v2/health/live | /v2/health/ready         liveness (always, no MLflow needed) | readiness (model loaded)
+  GET  /v2/models/<name>[/ready]                  model metadata | readiness
+  POST /v2/models/<name>[/versions/<v>]/infer     {"inputs": [{"name", "shape", "datatype", "data"}]}
+  GET  /metrics                                   Prometheus: requests and latency by protocol and status code
+Bad requests get 400 (not JSON, not numbers), 413 (body or batch too large) or 422 (wrong shape, values out
+of 0..255) with {"error": "<what is wrong and what is expected>"}; the server stays up.
+Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core import StepError, field, parse_config, setup_logging
+
+log = logging.getLogger("mlsteps.serve")
+
+CHAMPION = "champion"
+V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "INT8", "INT16", "INT32", "INT64"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = field("mnist_classifier", help="registered model name (and the name in request paths)")
+    model_uri: str = field("", help="models:/<name>/<version> or models:/<name>@<alias> "
+                                    "(default: models:/<model-name>@champion)")
+    host: str = field("0.0.0.0", help="address to listen on")
+    port: int = field(8501, help="HTTP port (8501 is TF Serving's REST port)")
+    threads: int = field(1, help="LiteRT interpreter threads per request")
+    max_batch: int = field(256, help="most images in one request (more: HTTP 413)")
+    max_body_bytes: int = field(8 * 1024 * 1024, help="largest request body in bytes (more: HTTP 413)")
+    warmup_requests: int = field(20, help="inferences run before the server reports ready")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a message for the caller."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LiteRTRunner:
+    """One interpreter per batch size seen (resizing costs more than a small model's inference)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._content = path.read_bytes()
+        self._threads = threads
+        self._by_batch: dict[int, tuple[Any, int, int]] = {}
+        probe = Interpreter(model_content=self._content)
+        detail = probe.get_input_details()[0]
+        self.image_shape = tuple(int(d) for d in detail["shape"][1:])
+        self.classes = int(probe.get_output_details()[0]["shape"][-1])
+        self._lock = threading.Lock()
+
+    def _for(self, batch: int) -> tuple[Any, int, int]:
+        if batch not in self._by_batch:
+            from ai_edge_litert.interpreter import Interpreter
+
+            interpreter = Interpreter(model_content=self._content, num_threads=self._threads)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, [batch, *self.image_shape])
+            interpreter.allocate_tensors()
+            if len(self._by_batch) >= 16:  # bounded: a client sweeping batch sizes must not grow memory
+                self._by_batch.pop(next(iter(self._by_batch)))
+            self._by_batch[batch] = (interpreter, index, interpreter.get_output_details()[0]["index"])
+        return self._by_batch[batch]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with self._lock:
+            interpreter, inp, out = self._for(len(images))
+            interpreter.set_tensor(inp, images)
+            interpreter.invoke()
+            return interpreter.get_tensor(out).copy()
+
+
+class PyfuncRunner:
+    """A version without a .tflite (a Keras model registered before compression): through mlflow.pyfunc."""
+
+    def __init__(self, local_dir: Path) -> None:
+        import mlflow
+
+        self._model = mlflow.pyfunc.load_model(str(local_dir))
+        shape = self._model.metadata.get_input_schema().inputs[0].shape
+        self.image_shape = tuple(int(d) for d in shape[1:])
+        self.classes = int(self._model.metadata.get_output_schema().inputs[0].shape[-1])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self._model.predict(images), dtype=np.float32)
+
+
+class ModelHolder:
+    """The served model: loaded in the background, so liveness never waits for MLflow."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.name = config.model_name
+        self.version = ""
+        self.state = "LOADING"
+        self.error = ""
+        self.runner: Any = None
+        self.variant = ""
+        self.on_loaded: Any = None  # called once the model answers (the app updates its metrics)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "AVAILABLE"
+
+    def load(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, report it and stay alive (not ready)
+            self.state, self.error = "END", f"{type(exc).__name__}: {exc}"
+            log.error("could not load %s: %s", self.config.model_uri or self.name, self.error)
+            return
+        if self.on_loaded:
+            self.on_loaded()
+
+    def _load(self) -> None:
+        import mlflow
+        import yaml
+        from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+        from . import tracking
+
+        tracking.connect(self.config.tracking_uri)
+        client = mlflow.MlflowClient()
+        uri = self.config.model_uri or f"models:/{self.name}@{CHAMPION}"
+
+        @retry(stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
+               retry=retry_if_exception_type((ConnectionError, OSError)))
+        def resolve() -> tuple[str, Path]:
+            target = uri.removeprefix("models:/")
+            if "@" in target:
+                name, alias = target.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias).version
+            else:
+                name, version = target.rsplit("/", 1)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
+            return str(version), Path(local)
+
+        started = time.monotonic()
+        self.version, local = resolve()
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
+        tflite = flavor.get("artifacts", {}).get("tflite", {}).get("path")
+        if tflite:
+            self.runner = LiteRTRunner(local / tflite, self.config.threads)
+            self.variant = "tflite"
+        else:
+            self.runner = PyfuncRunner(local)
+            self.variant = "pyfunc"
+        sample = np.zeros((1, *self.runner.image_shape), np.float32)
+        for _ in range(self.config.warmup_requests):
+            self.runner.predict(sample)
+        self.state = "AVAILABLE"
+        log.info("serving %s version %s (%s, input %s) after %.1f s", self.name, self.version, self.variant,
+                 self.runner.image_shape, time.monotonic() - started)
+
+
+def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
+    """A float32 batch (N, H, W) from nested lists of pixels, N rows of H*W pixels, or [{"image": ...}]."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        try:
+            value = [row["image"] for row in value]
+        except (KeyError, TypeError):
+            raise RequestError(400, f"{where}: named instances must each have an \"image\" field") from None
+    try:
+        images = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise RequestError(400, f"{where} must be a list of images of numbers (shape N x "
+                                f"{' x '.join(map(str, image_shape))}); got ragged or non-numeric data") from None
+    return checked(images, image_shape, max_batch, where)
+
+
+def checked(images: np.ndarray, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
+    pixels = int(np.prod(image_shape))
+    expected = f"(N, {', '.join(map(str, image_shape))}) or (N, {pixels})"
+    if images.ndim == 2 and images.shape[1] == pixels:
+        images = images.reshape((len(images), *image_shape))
+    if images.ndim != len(image_shape) + 1 or images.shape[1:] != image_shape:
+        raise RequestError(422, f"{where}: expected images of shape {expected}, got {tuple(images.shape)}")
+    if not len(images):
+        raise RequestError(422, f"{where}: the batch is empty")
+    if len(images) > max_batch:
+        raise RequestError(413, f"{where}: batch of {len(images)} images exceeds the limit of {max_batch}; "
+                                "split it into smaller requests")
+    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 255:
+        raise RequestError(422, f"{where}: pixel values must be finite numbers in 0..255 "
+                                f"(got {float(np.nanmin(images)):g}..{float(np.nanmax(images)):g})")
+    return images
+
+
+def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
+    """The ASGI app (Starlette: routing without per-request validation layers; see docs/architecture.md)."""
+    import orjson
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    holder = holder or ModelHolder(config)
+    registry = CollectorRegistry()
+    requests = Counter("model_server_requests", "Inference and status requests", ["protocol", "code"],
+                       registry=registry)
+    latency = Histogram("model_server_request_seconds", "Time to answer an inference request", ["protocol"],
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
+    info = Gauge("model_server_model_info", "1 for the model version being served", ["model", "version"],
+                 registry=registry)
+    ready_gauge = Gauge("model_server_ready", "1 once the model is loaded and warmed up", registry=registry)
+    ready_gauge.set_function(lambda: 1.0 if holder.ready else 0.0)
+
+    def reply(payload: dict[str, Any], status: int = 200) -> Response:
+        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                        media_type="application/json",
+                        headers={"X-Model-Name": holder.name, "X-Model-Version": holder.version})
+
+    def error(status: int, message: str) -> Response:
+        return reply({"error": message, "model_name": holder.name, "model_version": holder.version}, status)
+
+    def known(request: Request) -> None:
+        name = request.path_params["name"]
+        if name != holder.name:
+            raise RequestError(404, f"model {name!r} not found; this server serves {holder.name!r}")
+        version = request.path_params.get("version")
+        if version is not None and version != holder.version:
+            raise RequestError(404, f"{holder.name} version {version} not served; this server serves version "
+                                    f"{holder.version or '(loading)'}")
+        if not holder.ready:
+            raise RequestError(503, f"{holder.name} is not ready ({holder.state.lower()}"
+                                    f"{': ' + holder.error if holder.error else ''})")
+
+    async def body(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > config.max_body_bytes:
+                raise RequestError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes")
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+
+    def inference(protocol: str, handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                known(request)
+                response = reply(handler(await body(request)))
+            except RequestError as exc:
+                response = error(exc.status, str(exc))
+            except Exception as exc:  # noqa: BLE001 - never a stack trace to the caller; the log has it
+                log.exception("inference failed")
+                response = error(500, f"inference failed: {type(exc).__name__}")
+            requests.labels(protocol, str(response.status_code)).inc()
+            latency.labels(protocol).observe(time.perf_counter() - started)
+            return response
+
+        return endpoint
+
+    def v1_predict(payload: Any) -> dict[str, Any]:
+        if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
+            raise RequestError(400, 'body must be a JSON object with either "instances" or "inputs"')
+        key = "instances" if "instances" in payload else "inputs"
+        images = images_from(payload[key], holder.runner.image_shape, config.max_batch, f'"{key}"')
+        probabilities = holder.runner.predict(images)
+        field_name = "predictions" if key == "instances" else "outputs"
+        return {field_name: probabilities, "model_name": holder.name, "model_version": holder.version}
+
+    def v2_infer(payload: Any) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
+            raise RequestError(400, 'body must be a JSON object with "inputs": a list of exactly one tensor')
+        tensor = payload["inputs"][0]
+        if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= tensor.keys():
+            raise RequestError(400, 'the input tensor needs "name", "shape", "datatype" and "data"')
+        if tensor["datatype"] not in V2_DATATYPES:
+            raise RequestError(400, f"datatype {tensor['datatype']!r} is not numeric; use one of "
+                                    f"{', '.join(sorted(V2_DATATYPES))}")
+        shape = tensor["shape"]
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise RequestError(400, f'"shape" must be a list of non-negative integers, got {shape!r}')
+        try:
+            flat = np.asarray(tensor["data"], dtype=np.float32).reshape(-1)
+        except (ValueError, TypeError):
+            raise RequestError(400, '"data" must be numbers (flat or nested)') from None
+        if flat.size != int(np.prod(shape)):
+            raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {int(np.prod(shape))}')
+        images = checked(flat.reshape(shape), holder.runner.image_shape, config.max_batch, "input")
+        probabilities = holder.runner.predict(images)
+        out = {"model_name": holder.name, "model_version": holder.version,
+               "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
+                            "data": probabilities.reshape(-1)}]}
+        if "id" in payload:
+            out["id"] = payload["id"]
+        return out
+
+    async def v1_status(request: Request) -> Response:
+        if request.path_params["name"] != holder.name:
+            return error(404, f"model {request.path_params['name']!r} not found; this server serves {holder.name!r}")
+        return reply({"model_version_status": [{
+            "version": holder.version, "state": holder.state,
+            "status": {"error_code": "OK" if not holder.error else "UNKNOWN", "error_message": holder.error}}]})
+
+    async def live(request: Request) -> Response:
+        return reply({"live": True})
+
+    async def ready(request: Request) -> Response:
+        return reply({"ready": holder.ready}, 200 if holder.ready else 503)
+
+    async def v2_metadata(request: Request) -> Response:
+        if request.path_params["name"] != holder.name:
+            return error(404, f"model {request.path_params['name']!r} not found; this server serves {holder.name!r}")
+        if not holder.ready:
+            return error(503, f"{holder.name} is not ready ({holder.state.lower()})")
+        shape = [-1, *holder.runner.image_shape]
+        return reply({"name": holder.name, "versions": [holder.version], "platform": f"{holder.variant}",
+                      "inputs": [{"name": "image", "datatype": "FP32", "shape": shape}],
+                      "outputs": [{"name": "probabilities", "datatype": "FP32",
+                                   "shape": [-1, holder.runner.classes]}]})
+
+    async def model_ready(request: Request) -> Response:
+        if request.path_params["name"] != holder.name:
+            return error(404, f"model {request.path_params['name']!r} not found")
+        return reply({"name": holder.name, "ready": holder.ready}, 200 if holder.ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    def track_version() -> None:
+        info.clear()
+        info.labels(holder.name, holder.version).set(1)
+
+    holder.on_loaded = track_version
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        if holder.state == "LOADING":
+            threading.Thread(target=holder.load, name="model-loader", daemon=True).start()
+        yield
+
+    routes = [
+        Route("/v1/models/{name}:predict", inference("v1", v1_predict), methods=["POST"]),
+        Route("/v1/models/{name}/versions/{version}:predict", inference("v1", v1_predict), methods=["POST"]),
+        Route("/v1/models/{name}", v1_status, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/models/{name}/infer", inference("v2", v2_infer), methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", inference("v2", v2_infer), methods=["POST"]),
+        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}", v2_metadata, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.holder = holder
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mlsteps.serve``: load the version in the background and serve it with uvicorn."""
+    setup_logging()
+    config, _ = parse_config(ServeConfig, argv, __doc__.splitlines()[0])
+    if config.threads < 1 or config.max_batch < 1 or config.max_body_bytes < 1:
+        raise SystemExit("error: --threads, --max-batch and --max-body-bytes must be >= 1")
+    if not (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", flush=True)
+        return 2
+    import uvicorn
+
+    try:
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning",
+                    access_log=False, loop="auto", http="auto")
+    except StepError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
