@@ -1,0 +1,243 @@
+"""serve: the real server process, a real MLflow registry, real HTTP on both protocols.
+
+The served version is what compress registers: a pyfunc whose artifact is a .tflite (here the
+pipeline's CNN with fresh weights, converted to int8: what it predicts does not matter, that the server
+answers exactly what LiteRT answers does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stepsupport import free_port, step_env
+
+MODEL = "serve_test_model"
+LITERT_MODEL = Path(__file__).resolve().parents[2] / "mlsteps" / "litert_model.py"
+
+
+@pytest.fixture(scope="module")
+def tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An int8 .tflite of the pipeline's CNN, built in a subprocess (tf-keras switches tf.keras for good)."""
+    path = tmp_path_factory.mktemp("tflite") / "model.tflite"
+    script = (
+        "import sys, numpy as np, tf_keras\n"
+        "from mlsteps import compress, model\n"
+        "net = model.build(image_shape=(28, 28), num_classes=10, width=8, keras_module=tf_keras)\n"
+        "rep = np.random.default_rng(0).uniform(0, 255, (50, 28, 28)).astype(np.float32)\n"
+        "open(sys.argv[1], 'wb').write(compress.convert(net, 'int8', rep))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=step_env(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return path
+
+
+@pytest.fixture(scope="module")
+def versions(tflite: Path, mlflow_server: str) -> list[int]:
+    """Two registered versions of the same .tflite (the second is what the tests serve by alias)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    numbers = []
+    for _ in range(2):
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                           artifacts={"tflite": str(tflite)},
+                                           input_example=np.zeros((1, 28, 28), np.float32))
+        numbers.append(int(mlflow.register_model(info.model_uri, MODEL).version))
+    mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", str(numbers[-1]))
+    return numbers
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
+        self.url, self.process, self.log = url, process, log
+
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, headers, payload = response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, payload = exc.code, dict(exc.headers), exc.read()
+        try:
+            return status, {k.lower(): v for k, v in headers.items()}, json.loads(payload)
+        except json.JSONDecodeError:
+            return status, headers, payload.decode()
+
+
+def _start(tmp_path: Path, tracking_uri: str, *args: str, wait_ready: bool = True) -> Server:
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, "--port", str(port),
+                                    "--host", "127.0.0.1", "--max-batch", "64", "--max-body-bytes", "2000000", *args],
+                                   env=step_env(MLFLOW_TRACKING_URI=tracking_uri), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            status = server.call("GET", "/v2/health/ready" if wait_ready else "/v2/health/live")[0]
+            if status == 200:
+                return server
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+            pytest.fail(f"server did not become {'ready' if wait_ready else 'live'}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def _stop(server: Server) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(versions, mlflow_server, tmp_path_factory) -> Server:
+    running = _start(tmp_path_factory.mktemp("serve"), mlflow_server)
+    yield running
+    _stop(running)
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, 28, 28)).astype(np.float32)
+
+
+def _litert(tflite: Path, images: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite))
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(images.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, images)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def test_tf_serving_predict_answers_what_litert_answers_and_names_model_and_version(server, versions, tflite):
+    images = _images(5)
+    status, headers, body = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": images.tolist()})
+    assert status == 200, body
+    np.testing.assert_allclose(np.asarray(body["predictions"]), _litert(tflite, images), atol=1e-6)
+    champion = str(versions[-1])
+    assert (body["model_name"], body["model_version"]) == (MODEL, champion)
+    assert (headers["x-model-name"], headers["x-model-version"]) == (MODEL, champion)
+    # Columnar "inputs", rows of 784 pixels, named instances, and the version in the path answer the same.
+    for path, payload in ((f"/v1/models/{MODEL}:predict", {"inputs": images.reshape(5, -1).tolist()}),
+                          (f"/v1/models/{MODEL}/versions/{champion}:predict",
+                           {"instances": [{"image": im.tolist()} for im in images]})):
+        status, _, other = server.call("POST", path, payload)
+        assert status == 200, other
+        np.testing.assert_allclose(np.asarray(other.get("predictions", other.get("outputs"))),
+                                   body["predictions"], atol=1e-6)
+
+
+def test_open_inference_v2_infer_metadata_and_health(server, versions, tflite):
+    images = _images(3, seed=1)
+    request = {"id": "req-7", "inputs": [{"name": "image", "shape": [3, 28, 28], "datatype": "FP32",
+                                          "data": images.reshape(-1).tolist()}]}
+    status, headers, body = server.call("POST", f"/v2/models/{MODEL}/infer", request)
+    assert status == 200, body
+    assert body["id"] == "req-7" and body["model_version"] == str(versions[-1])
+    output = body["outputs"][0]
+    assert (output["name"], output["datatype"], output["shape"]) == ("probabilities", "FP32", [3, 10])
+    np.testing.assert_allclose(np.asarray(output["data"]).reshape(3, 10), _litert(tflite, images), atol=1e-6)
+    status, _, meta = server.call("GET", f"/v2/models/{MODEL}")
+    assert status == 200 and meta["versions"] == [str(versions[-1])]
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]
+    assert server.call("GET", "/v2/health/live")[0] == 200
+    assert server.call("GET", "/v2/health/ready")[0] == 200
+    assert server.call("GET", f"/v2/models/{MODEL}/ready")[0] == 200
+    status, _, tf_status = server.call("GET", f"/v1/models/{MODEL}")
+    assert tf_status["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+BAD = [
+    ("not-json", f"/v1/models/{MODEL}:predict", None, b"{instances: oops", 400, "not valid JSON"),
+    ("no-instances", f"/v1/models/{MODEL}:predict", {"images": []}, None, 400, '"instances" or "inputs"'),
+    ("words", f"/v1/models/{MODEL}:predict", {"instances": [["a"] * 784]}, None, 400, "numbers"),
+    ("ragged", f"/v1/models/{MODEL}:predict", {"instances": [[1, 2], [3]]}, None, 400, "ragged"),
+    ("wrong-shape", f"/v1/models/{MODEL}:predict", {"instances": [[0] * 100]}, None, 422, "expected images of shape"),
+    ("out-of-range", f"/v1/models/{MODEL}:predict", {"instances": [[-5] * 784]}, None, 422, "0..255"),
+    ("empty-batch", f"/v1/models/{MODEL}:predict", {"instances": []}, None, 422, "expected images"),
+    ("batch-too-large", f"/v1/models/{MODEL}:predict", {"instances": [[0] * 784] * 65}, None, 413, "limit of 64"),
+    ("body-too-large", f"/v1/models/{MODEL}:predict", None, b"[" + b"0," * 1_100_000 + b"0]", 413, "limit of"),
+    ("v2-bytes", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "BYTES", "data": ["x"]}]}, None, 400, "not numeric"),
+    ("v2-shape-mismatch", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [2, 784], "datatype": "FP32", "data": [0] * 784}]}, None, 422,
+     "needs 1568"),
+    ("unknown-model", "/v1/models/other:predict", {"instances": [[0] * 784]}, None, 404, "not found"),
+    ("unknown-version", f"/v2/models/{MODEL}/versions/999/infer",
+     {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", "data": [0] * 784}]}, None, 404,
+     "version 999 not served"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "raw", "status", "words"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_clear_4xx_and_the_next_valid_request_succeeds(server, path, payload, raw, status, words):
+    got, _, body = server.call("POST", path, payload, raw=raw)
+    assert got == status, body
+    assert words in body["error"] and "Traceback" not in json.dumps(body)
+    ok, _, answer = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": _images(1).tolist()})
+    assert ok == 200 and len(answer["predictions"]) == 1
+    assert server.process.poll() is None
+
+
+def test_metrics_count_requests_by_protocol_and_status_and_name_the_version(server, versions):
+    server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": _images(1).tolist()})
+    server.call("POST", f"/v2/models/{MODEL}/infer", {"inputs": []})
+    status, _, text = server.call("GET", "/metrics")
+    assert status == 200
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line and not line.startswith("#")}
+    assert lines['model_server_requests_total{code="200",protocol="v1"}'] >= 1
+    assert lines['model_server_requests_total{code="400",protocol="v2"}'] >= 1
+    assert lines[f'model_server_model_info{{model="{MODEL}",version="{versions[-1]}"}}'] == 1
+    assert lines["model_server_ready"] == 1
+    assert lines['model_server_request_seconds_count{protocol="v1"}'] >= 1
+
+
+def test_liveness_does_not_need_mlflow_and_readiness_waits_for_the_model(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: the model cannot load
+    server = _start(tmp_path, dead, wait_ready=False)
+    try:
+        assert server.call("GET", "/v2/health/live")[0] == 200
+        assert server.call("GET", "/v2/health/ready")[0] == 503
+        status, _, body = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": [[0] * 784]})
+        assert status == 503 and "not ready" in body["error"]
+        state = server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["state"]
+        assert state in ("LOADING", "END")
+    finally:
+        _stop(server)
+
+
+def test_a_version_that_fails_to_load_is_reported_not_served(tmp_path, versions, mlflow_server):
+    server = _start(tmp_path, mlflow_server, "--model-uri", f"models:/{MODEL}/999", wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while (state := server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0])["state"] != "END":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.3)
+        assert state["status"]["error_message"]
+        assert server.call("GET", "/v2/health/ready")[0] == 503
+        assert server.call("GET", "/v2/health/live")[0] == 200
+    finally:
+        _stop(server)
