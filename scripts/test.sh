@@ -7,6 +7,6 @@ cd "$root"
 status=0
 echo "== steps (TensorFlow, MLflow): tests/steps"
 .venvs/steps/bin/python -m pytest tests/steps "$@" || status=1
-echo "== Airflow (DAGs, pods, end to end, images): tests/dags tests/integration tests/images"
-.venvs/airflow/bin/python -m pytest tests/dags tests/integration tests/images "$@" || status=1
+echo "== Airflow (DAGs, pods, manifests, end to end, images): tests/dags tests/k8s tests/integration tests/images"
+.venvs/airflow/bin/python -m pytest tests/dags tests/k8s tests/integration tests/images "$@" || status=1
 exit $status

@@ -1,0 +1,72 @@
+"""The serving manifests in k8s/serving validate against the Kubernetes schema and fit together.
+
+No cluster here: kubernetes-validate checks each object against the Kubernetes 1.33 OpenAPI schema
+(strict: unknown fields are errors); the rest checks what promotion relies on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+FOLDER = Path(__file__).resolve().parents[2] / "k8s" / "serving"
+K8S_VERSION = "1.33"
+
+
+def _objects() -> dict[str, dict]:
+    objects = {}
+    for path in sorted(FOLDER.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            objects[doc["kind"]] = doc
+    return objects
+
+
+OBJECTS = _objects()
+
+
+@pytest.mark.parametrize("kind", sorted(OBJECTS))
+def test_manifest_validates_against_the_kubernetes_schema(kind):
+    import kubernetes_validate
+
+    kubernetes_validate.validate(OBJECTS[kind], desired_version=K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    listed = set(yaml.safe_load((FOLDER / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in FOLDER.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_rollout_never_drops_ready_capacity_and_readiness_means_model_loaded():
+    deployment = OBJECTS["Deployment"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert deployment["spec"]["replicas"] >= 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"  # never waits for MLflow
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MODEL_URI"].startswith("models:/") and "$(MODEL_URI)" in container["args"]
+
+
+def test_service_and_disruption_budget_select_the_server_pods():
+    labels = OBJECTS["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service, pdb = OBJECTS["Service"], OBJECTS["PodDisruptionBudget"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] == 1
+    port = OBJECTS["Deployment"]["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+
+
+def test_server_pod_is_hardened_and_uses_its_own_service_account():
+    spec = OBJECTS["Deployment"]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert spec["serviceAccountName"] == OBJECTS["ServiceAccount"]["metadata"]["name"]
+    assert container["image"].startswith("ghcr.io/mlops-mnist/serving:")
