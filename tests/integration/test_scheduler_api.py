@@ -93,7 +93,8 @@ def test_run_triggered_through_the_api_is_scheduled_and_registers_a_model(airflo
     base, token = airflow_api
     source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100)
     conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
-            "search_trials": 2, "search_workers": 2, "search_epochs": 1, "search_space": {"width": 8}}
+            "search_trials": 2, "search_workers": 2, "search_epochs": 1, "search_space": {"width": 8},
+            "compress_finetune_epochs": 1}
     status, run = _request("POST", f"{base}/api/v2/dags/mnist_training/dagRuns",
                            {"logical_date": None, "conf": conf}, token)
     assert status == 200, run
@@ -107,7 +108,8 @@ def test_run_triggered_through_the_api_is_scheduled_and_registers_a_model(airflo
     assert state == "success", {t["task_id"]: t["state"] for t in tasks}
     assert {(t["task_id"], t["map_index"]): t["state"] for t in tasks} == {
         **dict.fromkeys([(task, -1) for task in ("prep", "validate", "plan_search", "create_study", "select",
-                                                 "hyperparameters", "train", "evaluate", "register")], "success"),
+                                                 "hyperparameters", "train", "evaluate", "compress", "register",
+                                                 "gate")], "success"),
         ("tune", 0): "success", ("tune", 1): "success"}
     # The scheduler ran the two trial workers at the same time.
     first, second = sorted((t for t in tasks if t["task_id"] == "tune"), key=lambda t: t["start_date"])
