@@ -8,3 +8,5 @@ cd "$root"
 .venvs/steps/bin/python bench/search.py
 .venvs/steps/bin/python bench/train_fashion.py
 .venvs/steps/bin/python bench/compress.py
+# needs wrk (apt-get install wrk)
+.venvs/steps/bin/python bench/serving.py
