@@ -2,7 +2,7 @@
 ### mnist_training
 
 Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → compress → register →
-gate**.
+gate → review**.
 
 The search (Optuna: TPE sampling, Hyperband pruning) runs `search_workers` trial workers at once, as a
 mapped task in the `hyperparameter_search` pool; they share one study until the trial or time budget is
@@ -18,6 +18,11 @@ The gate scores the new version (the challenger) and the version with alias `cha
 test set, as serving would run them: it passes with at least `gate_min_accuracy` and at most
 `gate_max_regression` points below the champion (the first model: the floor only). The verdict and
 its reasons become tags of the new version.
+
+Review (`review`): `approval` (default) waits for a reviewer: the card in Required Actions shows the
+version against the champion, the gate's reasons and the compression result; Approve moves the MLflow
+alias `champion` to the version and records reviewer, time and comment as version tags, Reject tags it
+rejected. `auto` promotes a version that passed the gate; `none` stops after the gate.
 
 Each task runs one step of the `mlsteps` package: as a Kubernetes pod (runtime `kubernetes`, the
 production default) or as a local process (runtime `local`), chosen by `MLOPS_RUNTIME`. Every run
@@ -37,6 +42,7 @@ from functools import partial
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
+from mlops_airflow.review import COMMENT, DECIDED_AT, DECISION, REJECTED, REVIEWER, approval, plan_review
 from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
 from mlops_airflow.settings import load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
@@ -117,6 +123,9 @@ with DAG(
         "gate_max_regression": Param(0.5, type="number", minimum=0, maximum=100,
                                      description="Quality gate: largest accepted test-accuracy drop against "
                                                  "the champion, in points."),
+        "review": Param("approval", enum=["approval", "auto", "none"],
+                        description="approval: wait for a reviewer in Required Actions; auto: promote a version "
+                                    "that passes the gate; none: stop after the gate."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
         "node_selector": Param({}, type="object",
@@ -182,5 +191,18 @@ with DAG(
                       "version": xcom("register", "version"), "min_accuracy": "{{ params.gate_min_accuracy }}",
                       "max_regression": "{{ params.gate_max_regression }}"})
 
+    review = {"model_name": "{{ params.model_name }}", "version": xcom("register", "version"),
+              "reviewer": REVIEWER, "comment": COMMENT, "decided_at": DECIDED_AT}
+    plan = plan_review()
+    approve = approval(mlflow_ui=settings.mlflow_ui_url)
+    promote = step("review", task_id="promote", timeout=timedelta(minutes=10),
+                   resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed_min_one_success",
+                   args={**review, "decision": DECISION})
+    # Runs after every review outcome (all_done); records only a rejection (approve skipped promote).
+    record = step("review", task_id="record_rejection", timeout=timedelta(minutes=10),
+                  resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="all_done",
+                  args={**review, "decision": REJECTED})
+
     prep >> validate >> workers >> create_study >> tune >> select >> chosen
-    validate >> chosen >> train >> evaluate >> compress >> register >> gate
+    validate >> chosen >> train >> evaluate >> compress >> register >> gate >> plan >> [approve, promote]
+    approve >> promote >> record

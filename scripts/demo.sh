@@ -2,7 +2,7 @@
 # make demo: start MLflow, run mnist_training end to end on the local runtime, print where the result is.
 # Options (environment): DATASET (mnist | fashion_mnist | custom), EPOCHS, BATCH_SIZE, SOURCE_DIR,
 # SEARCH (true | false), SEARCH_TRIALS, SEARCH_WORKERS, SEARCH_EPOCHS, SEARCH_EXAMPLES (examples per trial),
-# COMPRESS_EPOCHS (fine-tuning epochs while pruning).
+# COMPRESS_EPOCHS (fine-tuning epochs while pruning), REVIEW (auto | none; approval needs the scheduler: make airflow-ui).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$root"
@@ -18,11 +18,13 @@ echo "MLflow: $MLFLOW_TRACKING_URI"
 conf=$(DATASET=${DATASET:-mnist} EPOCHS=${EPOCHS:-5} BATCH_SIZE=${BATCH_SIZE:-128} SOURCE_DIR=${SOURCE_DIR:-} \
   SEARCH=${SEARCH:-true} SEARCH_TRIALS=${SEARCH_TRIALS:-6} SEARCH_WORKERS=${SEARCH_WORKERS:-2} \
   SEARCH_EPOCHS=${SEARCH_EPOCHS:-2} SEARCH_EXAMPLES=${SEARCH_EXAMPLES:-10000} COMPRESS_EPOCHS=${COMPRESS_EPOCHS:-2} \
+  REVIEW=${REVIEW:-auto} \
   .venvs/airflow/bin/python -c 'import json, os; e = os.environ; print(json.dumps({"dataset": e["DATASET"],
     "epochs": int(e["EPOCHS"]), "batch_size": int(e["BATCH_SIZE"]), "source_dir": e["SOURCE_DIR"], "gpus": 0,
     "search": e["SEARCH"].lower() in ("1", "true", "yes"), "search_trials": int(e["SEARCH_TRIALS"]),
     "search_workers": int(e["SEARCH_WORKERS"]), "search_epochs": int(e["SEARCH_EPOCHS"]),
-    "search_train_examples": int(e["SEARCH_EXAMPLES"]), "compress_finetune_epochs": int(e["COMPRESS_EPOCHS"])}))')
+    "search_train_examples": int(e["SEARCH_EXAMPLES"]), "compress_finetune_epochs": int(e["COMPRESS_EPOCHS"]),
+    "review": e["REVIEW"]}))')
 echo "airflow dags test mnist_training -c '$conf'   (full log: $log)"
 # Show what the steps print (minus TensorFlow's C++ chatter); Airflow's own lines go to the log only.
 set +e
@@ -38,3 +40,6 @@ if [[ $status -ne 0 ]] || ! grep -q "Marking run .* successful" "$log"; then
 fi
 echo
 .venvs/steps/bin/python scripts/show_model.py --model-name mnist_classifier --alias challenger
+echo
+.venvs/steps/bin/python scripts/predict_champion.py --model-name mnist_classifier \
+  --data-root "${MLOPS_DATA_ROOT:-$root/var/data}"

@@ -29,6 +29,7 @@ class Settings:
     optuna_secret: str  # optional Secret with OPTUNA_STORAGE (the search's SQL URL) for the pods
     optuna_storage: str  # OPTUNA_STORAGE handed to local steps; empty: SQLite under the data root
     search_pool: str  # Airflow pool bounding how many trial workers run at once
+    mlflow_ui_url: str  # MLflow as reviewers reach it in a browser (links on the approval card)
 
 
 def load() -> Settings:
@@ -52,4 +53,5 @@ def load() -> Settings:
         optuna_secret=os.environ.get("MLOPS_OPTUNA_SECRET", "optuna-storage"),
         optuna_storage=os.environ.get("MLOPS_OPTUNA_STORAGE", ""),
         search_pool=os.environ.get("MLOPS_SEARCH_POOL", "hyperparameter_search"),
+        mlflow_ui_url=os.environ.get("MLOPS_MLFLOW_UI_URL", os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")),
     )

@@ -45,4 +45,4 @@ class FakeTaskInstance:
         self.results = results or {}
 
     def xcom_pull(self, task_ids: str, key: str = "return_value"):
-        return self.results[task_ids]
+        return self.results.get(task_ids)  # None, as Airflow returns for a task that pushed nothing

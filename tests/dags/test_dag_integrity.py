@@ -67,7 +67,9 @@ def test_every_task_retries_with_backoff_and_has_a_timeout(dagbag):
     for dag in dagbag.dags.values():
         for task in dag.tasks:
             assert task.retries >= 2, f"{dag.dag_id}.{task.task_id} retries={task.retries}"
-            assert isinstance(task.execution_timeout, timedelta), f"{dag.dag_id}.{task.task_id} has no timeout"
+            # A human-in-the-loop task waits for its answer up to response_timeout instead.
+            timeout = task.execution_timeout or getattr(task, "response_timeout", None)
+            assert isinstance(timeout, timedelta), f"{dag.dag_id}.{task.task_id} has no timeout"
             assert task.retry_exponential_backoff
 
 
@@ -80,7 +82,8 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
     assert dag.doc_md and dag.tags
     order = [t.task_id for t in dag.topological_sort()]
     assert order == ["prep", "validate", "plan_search", "create_study", "tune", "select", "hyperparameters",
-                     "train", "evaluate", "compress", "register", "gate"]
+                     "train", "evaluate", "compress", "register", "gate", "plan_review", "approve", "promote",
+                     "record_rejection"]
 
 
 @pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("dataset", "cifar"), ("learning_rate", 0),
@@ -153,3 +156,31 @@ def test_select_waits_for_every_worker_and_train_runs_whether_or_not_the_search_
     assert chosen.trigger_rule == "none_failed_min_one_success"
     assert {"select", "validate"} <= chosen.upstream_task_ids
     assert dag.get_task("plan_search").ignore_downstream_trigger_rules is False  # skips only the search tasks
+
+
+class _GateTI:
+    def __init__(self, verdict):
+        self.verdict = verdict
+
+    def xcom_pull(self, task_ids):
+        assert task_ids == "gate"
+        return self.verdict
+
+
+@pytest.mark.parametrize(("mode", "passed", "expected"), [
+    ("approval", True, ["approve"]), ("auto", True, ["promote"]), ("none", True, []),
+    ("approval", False, []), ("auto", False, []),
+], ids=["approval", "auto", "none", "failed-gate-is-not-offered", "failed-gate-is-not-promoted"])
+def test_review_path_follows_the_form_and_never_promotes_a_failed_gate(mode, passed, expected):
+    from mlops_airflow.review import plan_review
+
+    assert plan_review.function(params={"review": mode}, ti=_GateTI({"passed": passed})) == expected
+
+
+def test_rejection_skips_promotion_only_and_is_recorded_whatever_happened(dagbag):
+    dag = dagbag.dags["mnist_training"]
+    approve, promote, record = (dag.get_task(t) for t in ("approve", "promote", "record_rejection"))
+    assert approve.downstream_task_ids == {"promote"}  # what ApprovalOperator skips on Reject
+    assert promote.trigger_rule == "none_failed_min_one_success"  # runs on the auto path, approve skipped
+    assert record.trigger_rule == "all_done" and "promote" in record.upstream_task_ids
+    assert approve.defaults == ["Reject"] and approve.response_timeout.total_seconds() > 0

@@ -27,7 +27,8 @@ RESULTS = {  # what earlier steps would have pushed to XCom
                         "search_run_id": "0123abcd", "trial": 7},
 }
 STEPS = {"prep": "prep", "validate": "validate", "create_study": "tune", "tune": "tune", "select": "select",
-         "train": "train", "evaluate": "evaluate", "compress": "compress", "register": "register", "gate": "gate"}  # pod tasks -> step module
+         "train": "train", "evaluate": "evaluate", "compress": "compress", "register": "register", "gate": "gate",
+         "promote": "review", "record_rejection": "review"}  # pod tasks -> step module
 SEARCH_TASKS = ("create_study", "tune", "select")
 
 
@@ -131,6 +132,45 @@ def test_gate_pod_judges_the_registered_version_with_the_trigger_form_thresholds
     assert (flags["--model-name"], flags["--version"]) == ("digits", "3")
     assert (flags["--min-accuracy"], flags["--max-regression"]) == ("0.9", "0.2")
     assert flags["--manifest"] == RESULTS["prep"]["manifest"]
+
+
+APPROVED = {"chosen_options": ["Approve"], "params_input": {"comment": "better on shirts"},
+            "responded_by_user": {"id": "7", "name": "ada"}, "responded_at": "2026-11-27T09:00:00+00:00"}
+
+
+@pytest.mark.parametrize(("task_id", "answer", "expected"), [
+    ("promote", APPROVED, {"--decision": "approved", "--reviewer": "ada", "--comment": "better on shirts",
+                           "--decided-at": "2026-11-27T09:00:00+00:00"}),
+    ("promote", None, {"--decision": "auto", "--reviewer": "pipeline", "--comment": ""}),
+    ("record_rejection", {**APPROVED, "chosen_options": ["Reject"], "params_input": {"comment": {"value": "no"}}},
+     {"--decision": "rejected", "--reviewer": "ada", "--comment": "no"}),
+    ("record_rejection", APPROVED, {"--decision": "none"}),
+    ("record_rejection", None, {"--decision": "none"}),
+], ids=["approved", "auto-without-approval", "rejected", "nothing-to-record-after-approval", "no-review"])
+def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, answer, expected):
+    monkeypatch.setitem(RESULTS, "approve", answer)
+    pod, _ = render(dag, task_id)
+    args = pod["spec"]["containers"][0]["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    assert {k: flags[k] for k in expected} == expected
+    assert (flags["--model-name"], flags["--version"]) == ("mnist_classifier", "3")
+
+
+def test_approval_card_shows_the_version_against_the_champion_with_gate_and_compression(dag, monkeypatch):
+    monkeypatch.setitem(RESULTS, "gate", {"accuracy": 0.9123, "champion_accuracy": 0.905, "champion_version": 2,
+                                          "verdict": "passed", "reasons": "accuracy 91.23 % >= floor 85.00 %"})
+    monkeypatch.setitem(RESULTS, "compress", {**RESULTS["compress"], "variant": "pruned_int8", "size_bytes": 97136,
+                                              "accuracy_drop_points": 0.2, "reason": "smallest of 4"})
+    monkeypatch.setitem(RESULTS, "train", {**RESULTS["train"], "mlflow_run_id": "run123"})
+    task = copy.deepcopy(dag.get_task("approve"))
+    context = {"params": dag.params.validate(), "dag": dag, "run_id": RUN_ID, "task": task,
+               "ti": FakeTaskInstance("approve", RESULTS)}
+    task.render_template_fields(context, jinja_env=dag.get_template_env())
+    assert task.subject == "Promote mnist_classifier version 3 to champion?"
+    for words in ("91.23 %", "90.50 % (version 2)", "Quality gate: passed", "`pruned_int8`, 97136 bytes",
+                  "-0.20 pt", "/#/models/mnist_classifier/versions/3", "run123"):
+        assert words in task.body, words
+    assert task.options == ["Approve", "Reject"]
 
 
 def test_compress_pod_takes_the_trained_model_and_the_trigger_form_settings(dag):

@@ -88,28 +88,55 @@ def test_trigger_form_values_out_of_range_are_refused(airflow_api):
     assert "epochs" in json.dumps(body)
 
 
-def test_run_triggered_through_the_api_is_scheduled_and_registers_a_model(airflow_api, mlflow_server,
-                                                                           tmp_path):
-    base, token = airflow_api
-    source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100)
-    conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
-            "search_trials": 2, "search_workers": 2, "search_epochs": 1, "search_space": {"width": 8},
-            "compress_finetune_epochs": 1}
+def _trigger(base: str, token: str, conf: dict) -> tuple[str, str]:
     status, run = _request("POST", f"{base}/api/v2/dags/mnist_training/dagRuns",
                            {"logical_date": None, "conf": conf}, token)
     assert status == 200, run
     assert _request("PATCH", f"{base}/api/v2/dags/mnist_training", {"is_paused": False}, token)[0] == 200
-    url = f"{base}/api/v2/dags/mnist_training/dagRuns/{run['dag_run_id']}"
+    return run["dag_run_id"], f"{base}/api/v2/dags/mnist_training/dagRuns/{run['dag_run_id']}"
+
+
+def _answer_approval(url: str, token: str, option: str, comment: str) -> None:
+    """Wait for the review card, then answer it as a reviewer does from Required Actions."""
+    deadline = time.monotonic() + 600
+    while True:
+        ti = _request("GET", f"{url}/taskInstances/approve", token=token)[1]
+        if ti.get("state") in ("awaiting_input", "deferred"):  # Airflow 3.1+: awaiting_input
+            break
+        assert ti.get("state") not in ("success", "failed", "skipped", "upstream_failed"), ti
+        assert time.monotonic() < deadline, f"approval never asked: {ti.get('state')}"
+        time.sleep(3)
+    status, body = _request("PATCH", f"{url}/taskInstances/approve/-1/hitlDetails",
+                            {"chosen_options": [option], "params_input": {"comment": comment}}, token)
+    assert status == 200, body
+
+
+def _finish(url: str, token: str) -> list[dict]:
     deadline = time.monotonic() + 600
     while (state := _request("GET", url, token=token)[1]["state"]) not in ("success", "failed"):
         assert time.monotonic() < deadline, f"run still {state}"
         time.sleep(3)
     tasks = _request("GET", f"{url}/taskInstances", token=token)[1]["task_instances"]
     assert state == "success", {t["task_id"]: t["state"] for t in tasks}
+    return tasks
+
+
+def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(airflow_api, mlflow_server,
+                                                                            tmp_path):
+    base, token = airflow_api
+    source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100)
+    # Floor 0: this test is about the approval, not about the model (the gate's rules have their own tests).
+    conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
+            "search_trials": 2, "search_workers": 2, "search_epochs": 1, "search_space": {"width": 8},
+            "compress_finetune_epochs": 1, "gate_min_accuracy": 0.0, "review": "approval"}
+    run_id, url = _trigger(base, token, conf)
+    _answer_approval(url, token, "Approve", "looks right")
+    tasks = _finish(url, token)
     assert {(t["task_id"], t["map_index"]): t["state"] for t in tasks} == {
         **dict.fromkeys([(task, -1) for task in ("prep", "validate", "plan_search", "create_study", "select",
                                                  "hyperparameters", "train", "evaluate", "compress", "register",
-                                                 "gate")], "success"),
+                                                 "gate", "plan_review", "approve", "promote",
+                                                 "record_rejection")], "success"),
         ("tune", 0): "success", ("tune", 1): "success"}
     # The scheduler ran the two trial workers at the same time.
     first, second = sorted((t for t in tasks if t["task_id"] == "tune"), key=lambda t: t["start_date"])
@@ -119,4 +146,30 @@ def test_run_triggered_through_the_api_is_scheduled_and_registers_a_model(airflo
     assert registered["model_name"] == MODEL and registered["alias"] == "challenger"
     version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
     assert int(version["version"]) == registered["version"]
-    assert {t["key"]: t["value"] for t in version["tags"]}["dag_run_id"] == run["dag_run_id"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert tags["dag_run_id"] == run_id
+    # The approval moved champion to this version and recorded who, when and why.
+    champion = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
+    assert champion["version"] == version["version"]
+    assert (tags["review.decision"], tags["review.reviewer"], tags["review.comment"]) == (
+        "approved", "admin", "looks right")
+    assert tags["review.time"].startswith("20")
+
+
+def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, mlflow_server, tmp_path):
+    base, token = airflow_api
+    champion_before = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
+    source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100, seed=1)
+    conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
+            "search": False, "width": 8, "compress_finetune_epochs": 1, "gate_min_accuracy": 0.0,
+            "gate_max_regression": 100, "review": "approval"}
+    _, url = _trigger(base, token, conf)
+    _answer_approval(url, token, "Reject", "worse on shirts")
+    tasks = {t["task_id"]: t["state"] for t in _finish(url, token)}
+    assert (tasks["approve"], tasks["promote"], tasks["record_rejection"]) == ("success", "skipped", "success")
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    assert version["version"] != champion_before["version"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert (tags["review.decision"], tags["review.comment"]) == ("rejected", "worse on shirts")
+    champion = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
+    assert champion["version"] == champion_before["version"]

@@ -24,7 +24,7 @@ def finished_run(airflow_home, tmp_path_factory):
     conf = {"dataset": "custom", "source_dir": str(source), "epochs": 3, "batch_size": 32, "model_name": MODEL,
             "search_trials": 3, "search_workers": 2, "search_epochs": 2,
             "search_space": {"batch_size": 32, "width": [8, 16], "learning_rate": {"low": 0.003, "high": 0.01}},
-            "compress_finetune_epochs": 1}
+            "compress_finetune_epochs": 1, "review": "auto"}
     out = airflow(airflow_home, "dags", "test", "mnist_training", "-c", json.dumps(conf))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     listing = airflow(airflow_home, "dags", "list-runs", "mnist_training", "-o", "json").stdout
@@ -122,6 +122,16 @@ def test_gate_judges_the_first_version_against_the_floor_only(finished_run, mlfl
     assert "no champion yet" in tags["gate.reasons"] and tags["gate.champion_version"] == ""
     # The gate scored the registered (compressed) model on the same test set compress measured it on.
     assert accuracy == pytest.approx(float(tags["compression.accuracy"]), abs=1e-6)
+
+
+def test_auto_review_promotes_a_version_that_passed_the_gate(finished_run, mlflow_server):
+    version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    if tags["gate.verdict"] != "passed":
+        pytest.fail(f"the synthetic model should pass the 85 % floor: {tags['gate.reasons']}")
+    champion = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
+    assert champion["version"] == version["version"]
+    assert (tags["review.decision"], tags["review.reviewer"]) == ("auto", "pipeline")
 
 
 def test_registered_version_carries_the_compression_choice(finished_run, mlflow_server):

@@ -1,0 +1,72 @@
+"""Airflow-side glue of the review: which path a registered version takes, and the approval card.
+
+``review`` (trigger-form param) chooses: ``approval`` waits for a reviewer in Airflow's Required Actions
+(ApprovalOperator), ``auto`` promotes a version that passed the gate, ``none`` stops after registration.
+A version that failed the gate is never offered for approval or promoted.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import Param, task
+
+REVIEW_MODES = ("approval", "auto", "none")
+APPROVE_TASK, PROMOTE_TASK, RECORD_TASK = "approve", "promote", "record_rejection"
+
+
+@task.branch(task_id="plan_review", execution_timeout=timedelta(minutes=2))
+def plan_review(params: dict[str, Any] | None = None, ti: Any = None) -> list[str]:
+    """``approve`` (wait for a reviewer), ``promote`` (auto and the gate passed), or nothing."""
+    assert params is not None and ti is not None
+    verdict = ti.xcom_pull(task_ids="gate") or {}
+    if params["review"] == "none" or not verdict.get("passed"):
+        return []
+    return [APPROVE_TASK] if params["review"] == "approval" else [PROMOTE_TASK]
+
+
+CARD = """\
+### {{ params.model_name }} version {{ ti.xcom_pull(task_ids='register')['version'] }} wants to become `champion`
+{% set gate = ti.xcom_pull(task_ids='gate') %}{% set comp = ti.xcom_pull(task_ids='compress') %}
+| | this version | champion |
+|---|---|---|
+| test accuracy (as served) | {{ '%.2f' % (100 * gate['accuracy']) }} % | \
+{% if gate['champion_accuracy'] is not none %}{{ '%.2f' % (100 * gate['champion_accuracy']) }} % \
+(version {{ gate['champion_version'] }}){% else %}none yet{% endif %} |
+
+**Quality gate: {{ gate['verdict'] }}**: {{ gate['reasons'] }}
+
+**Compression**: `{{ comp['variant'] }}`, {{ comp['size_bytes'] }} bytes, \
+{{ '%+.2f' % (-comp['accuracy_drop_points']) }} pt against the float model; {{ comp['reason'] }}
+
+[Model version in MLflow]({{ mlflow_ui }}/#/models/{{ params.model_name }}/versions/\
+{{ ti.xcom_pull(task_ids='register')['version'] }}) (training run `{{ ti.xcom_pull(task_ids='train')['mlflow_run_id'] }}`:
+learning curves, evaluation, compression table and plot)
+
+Approve moves the alias `champion` to this version (promotion then deploys it); Reject tags it rejected.
+"""
+
+
+def approval(*, mlflow_ui: str) -> ApprovalOperator:
+    """The review card in Required Actions; on timeout the version is rejected."""
+    return ApprovalOperator(
+        task_id=APPROVE_TASK,
+        subject="Promote {{ params.model_name }} version {{ ti.xcom_pull(task_ids='register')['version'] }} "
+                "to champion?",
+        body=CARD.replace("{{ mlflow_ui }}", mlflow_ui.rstrip("/")),
+        defaults="Reject",
+        response_timeout=timedelta(hours=72),
+        params={"comment": Param("", type="string", description="Why (recorded on the model version)")},
+    )
+
+
+# Jinja for the review step's arguments, from the approval's answer (absent when no one was asked).
+_ANSWER = "{% set r = ti.xcom_pull(task_ids='approve') or {} %}"
+DECISION = _ANSWER + "{{ 'approved' if r else 'auto' }}"
+REJECTED = _ANSWER + "{{ 'rejected' if (r.get('chosen_options') or [''])[0] == 'Reject' else 'none' }}"
+REVIEWER = _ANSWER + "{{ (r.get('responded_by_user') or {}).get('name') or ('pipeline' if not r else 'unknown') }}"
+COMMENT = _ANSWER + ("{% set c = (r.get('params_input') or {}).get('comment', '') %}"
+                     "{{ c['value'] if c is mapping else c }}")
+DECIDED_AT = _ANSWER + "{{ r.get('responded_at', '') }}"

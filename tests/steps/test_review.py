@@ -1,0 +1,72 @@
+"""review: decisions recorded on real model versions in a real MLflow registry; approval moves `champion`."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from mlsteps import review
+
+
+class Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        return np.zeros((len(model_input), 10), np.float32)
+
+
+@pytest.fixture
+def versions(mlflow_server, request):
+    """A fresh registered model with two versions; the first is champion, the second passed the gate."""
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    name = f"review_{request.node.name[:40]}"
+    numbers = []
+    for verdict in ("passed", "passed"):
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+        version = mlflow.register_model(info.model_uri, name).version
+        client.set_model_version_tag(name, version, "gate.verdict", verdict)
+        numbers.append(int(version))
+    client.set_registered_model_alias(name, "champion", str(numbers[0]))
+    return name, numbers, client
+
+
+def _review(name: str, version: int, url: str, decision: str, **kw) -> dict:
+    return review.run(review.ReviewConfig(model_name=name, version=version, decision=decision, tracking_uri=url, **kw))
+
+
+def test_approval_moves_champion_and_records_reviewer_time_and_comment(versions, mlflow_server):
+    name, (old, new), client = versions
+    result = _review(name, new, mlflow_server, "approved", reviewer="ada", comment="better on shirts",
+                     decided_at="2026-11-27T09:00:00+00:00")
+    assert result == {"model_name": name, "version": new, "decision": "approved", "promoted": True,
+                      "previous_champion": old}
+    assert client.get_model_version_by_alias(name, "champion").version == str(new)
+    tags = client.get_model_version(name, str(new)).tags
+    assert {k: tags[k] for k in ("review.decision", "review.reviewer", "review.comment", "review.time",
+                                 "review.previous_champion")} == {
+        "review.decision": "approved", "review.reviewer": "ada", "review.comment": "better on shirts",
+        "review.time": "2026-11-27T09:00:00+00:00", "review.previous_champion": str(old)}
+
+
+def test_rejection_tags_the_version_and_leaves_champion_alone(versions, mlflow_server):
+    name, (old, new), client = versions
+    assert _review(name, new, mlflow_server, "rejected", reviewer="ada", comment="no")["promoted"] is False
+    assert client.get_model_version_by_alias(name, "champion").version == str(old)
+    tags = client.get_model_version(name, str(new)).tags
+    assert (tags["review.decision"], tags["review.comment"]) == ("rejected", "no")
+
+
+def test_a_version_that_failed_the_gate_is_never_promoted(versions, mlflow_server):
+    name, (old, new), client = versions
+    client.set_model_version_tag(name, str(new), "gate.verdict", "failed")
+    with pytest.raises(review.StepError, match="did not pass the quality gate"):
+        _review(name, new, mlflow_server, "auto")
+    assert client.get_model_version_by_alias(name, "champion").version == str(old)
+
+
+def test_nothing_to_record_touches_nothing(versions, mlflow_server):
+    name, (old, new), client = versions
+    assert _review(name, new, mlflow_server, "none")["promoted"] is False
+    assert "review.decision" not in client.get_model_version(name, str(new)).tags
+    assert client.get_model_version_by_alias(name, "champion").version == str(old)
