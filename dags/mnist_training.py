@@ -42,7 +42,8 @@ from functools import partial
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
-from mlops_airflow.review import COMMENT, DECIDED_AT, DECISION, REJECTED, REVIEWER, approval, plan_review
+from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_BY, REVIEWER, approval,
+                                  plan_review)
 from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
 from mlops_airflow.settings import load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
@@ -201,7 +202,7 @@ with DAG(
     # Runs after every review outcome (all_done); records only a rejection (approve skipped promote).
     record = step("review", task_id="record_rejection", timeout=timedelta(minutes=10),
                   resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="all_done",
-                  args={**review, "decision": REJECTED})
+                  args={**review, "decision": REJECTED, "reviewer": REJECTED_BY, "comment": ""})
 
     prep >> validate >> workers >> create_study >> tune >> select >> chosen
     validate >> chosen >> train >> evaluate >> compress >> register >> gate >> plan >> [approve, promote]

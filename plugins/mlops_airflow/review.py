@@ -65,7 +65,11 @@ def approval(*, mlflow_ui: str) -> ApprovalOperator:
 # Jinja for the review step's arguments, from the approval's answer (absent when no one was asked).
 _ANSWER = "{% set r = ti.xcom_pull(task_ids='approve') or {} %}"
 DECISION = _ANSWER + "{{ 'approved' if r else 'auto' }}"
-REJECTED = _ANSWER + "{{ 'rejected' if (r.get('chosen_options') or [''])[0] == 'Reject' else 'none' }}"
+# On Reject (or no answer in time) ApprovalOperator skips `promote` and pushes no answer: the card was
+# shown (plan_review chose it) and nothing came back. The reviewer's name stays in the approve task.
+REJECTED = _ANSWER + ("{% set asked = 'approve' in (ti.xcom_pull(task_ids='plan_review') or []) %}"
+                      "{{ 'rejected' if asked and not r else 'none' }}")
+REJECTED_BY = "see the approve task of this DAG run in Airflow"
 REVIEWER = _ANSWER + "{{ (r.get('responded_by_user') or {}).get('name') or ('pipeline' if not r else 'unknown') }}"
 COMMENT = _ANSWER + ("{% set c = (r.get('params_input') or {}).get('comment', '') %}"
                      "{{ c['value'] if c is mapping else c }}")

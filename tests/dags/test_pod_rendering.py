@@ -138,16 +138,17 @@ APPROVED = {"chosen_options": ["Approve"], "params_input": {"comment": "better o
             "responded_by_user": {"id": "7", "name": "ada"}, "responded_at": "2026-11-27T09:00:00+00:00"}
 
 
-@pytest.mark.parametrize(("task_id", "answer", "expected"), [
-    ("promote", APPROVED, {"--decision": "approved", "--reviewer": "ada", "--comment": "better on shirts",
-                           "--decided-at": "2026-11-27T09:00:00+00:00"}),
-    ("promote", None, {"--decision": "auto", "--reviewer": "pipeline", "--comment": ""}),
-    ("record_rejection", {**APPROVED, "chosen_options": ["Reject"], "params_input": {"comment": {"value": "no"}}},
-     {"--decision": "rejected", "--reviewer": "ada", "--comment": "no"}),
-    ("record_rejection", APPROVED, {"--decision": "none"}),
-    ("record_rejection", None, {"--decision": "none"}),
-], ids=["approved", "auto-without-approval", "rejected", "nothing-to-record-after-approval", "no-review"])
-def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, answer, expected):
+@pytest.mark.parametrize(("task_id", "plan", "answer", "expected"), [
+    ("promote", ["approve"], APPROVED, {"--decision": "approved", "--reviewer": "ada", "--comment": "better on shirts",
+                                        "--decided-at": "2026-11-27T09:00:00+00:00"}),
+    ("promote", ["promote"], None, {"--decision": "auto", "--reviewer": "pipeline", "--comment": ""}),
+    ("record_rejection", ["approve"], None, {"--decision": "rejected"}),  # Reject: skipped promote, no answer
+    ("record_rejection", ["approve"], APPROVED, {"--decision": "none"}),
+    ("record_rejection", ["promote"], None, {"--decision": "none"}),
+    ("record_rejection", [], None, {"--decision": "none"}),
+], ids=["approved", "auto-without-approval", "rejected", "nothing-to-record-after-approval", "auto", "no-review"])
+def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, plan, answer, expected):
+    monkeypatch.setitem(RESULTS, "plan_review", plan)
     monkeypatch.setitem(RESULTS, "approve", answer)
     pod, _ = render(dag, task_id)
     args = pod["spec"]["containers"][0]["args"]
