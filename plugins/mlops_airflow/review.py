@@ -57,7 +57,7 @@ def approval(*, mlflow_ui: str) -> ApprovalOperator:
                 "to champion?",
         body=CARD.replace("{{ mlflow_ui }}", mlflow_ui.rstrip("/")),
         defaults="Reject",
-        response_timeout=timedelta(hours=72),
+        response_timeout=timedelta(hours=22),  # answered or rejected before the next nightly run (02:00)
         params={"comment": Param("", type="string", description="Why (recorded on the model version)")},
     )
 
