@@ -41,5 +41,6 @@ fi
 echo
 .venvs/steps/bin/python scripts/show_model.py --model-name mnist_classifier --alias challenger
 echo
+# (TensorFlow, imported to read the test image, prints C++ start-up lines on stderr: hidden here)
 .venvs/steps/bin/python scripts/predict_champion.py --model-name mnist_classifier \
-  --data-root "${MLOPS_DATA_ROOT:-$root/var/data}"
+  --data-root "${MLOPS_DATA_ROOT:-$root/var/data}" 2> >(grep -vE '^[IWE][0-9]{4} |^WARNING: All log' >&2)
