@@ -199,9 +199,10 @@ with DAG(
     promote = step("review", task_id="promote", timeout=timedelta(minutes=10),
                    resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed_min_one_success",
                    args={**review, "decision": DECISION})
-    # Runs after every review outcome (all_done); records only a rejection (approve skipped promote).
+    # Runs after every review outcome (none_failed: promote done or skipped), not after a failure upstream;
+    # records only a rejection (approve skipped promote).
     record = step("review", task_id="record_rejection", timeout=timedelta(minutes=10),
-                  resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="all_done",
+                  resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed",
                   args={**review, "decision": REJECTED, "reviewer": REJECTED_BY, "comment": ""})
 
     prep >> validate >> workers >> create_study >> tune >> select >> chosen

@@ -182,5 +182,6 @@ def test_rejection_skips_promotion_only_and_is_recorded_whatever_happened(dagbag
     approve, promote, record = (dag.get_task(t) for t in ("approve", "promote", "record_rejection"))
     assert approve.downstream_task_ids == {"promote"}  # what ApprovalOperator skips on Reject
     assert promote.trigger_rule == "none_failed_min_one_success"  # runs on the auto path, approve skipped
-    assert record.trigger_rule == "all_done" and "promote" in record.upstream_task_ids
+    # after any review outcome, never after a failure upstream (a failed run must not record a rejection)
+    assert record.trigger_rule == "none_failed" and "promote" in record.upstream_task_ids
     assert approve.defaults == ["Reject"] and approve.response_timeout.total_seconds() > 0
