@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,3 +37,23 @@ def write(name: str, payload: dict) -> Path:
               "machine": machine(), **payload}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+SERVER_SH = Path(__file__).resolve().parents[1] / "mlflow" / "server.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_mlflow(work: Path, **extra_env: str) -> tuple[dict[str, str], str]:
+    """This benchmark's own MLflow server (state under ``work``, a free port); returns (env for steps, URL)."""
+    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": str(free_port()), **extra_env}
+    url = subprocess.run([str(SERVER_SH), "start"], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    return {**env, "MLFLOW_TRACKING_URI": url}, url
+
+
+def stop_mlflow(env: dict[str, str]) -> None:
+    subprocess.run([str(SERVER_SH), "stop"], env=env, capture_output=True, check=False)

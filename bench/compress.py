@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write  # noqa: E402
+from common import start_mlflow, stop_mlflow, table, write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -36,12 +34,7 @@ def main() -> None:
     from mlsteps import prep
 
     work = Path(tempfile.mkdtemp(prefix="bench_compress_"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": str(port), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    url = subprocess.run([str(ROOT / "mlflow" / "server.sh"), "start"], env=env, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    env, url = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="2")
     try:
         data_root = str(work / "data")
         prepared = prep.run(prep.PrepConfig(data_root=data_root, dataset="fashion_mnist",
@@ -61,7 +54,7 @@ def main() -> None:
                           "--method", args.method, "--finetune-epochs", str(args.finetune_epochs),
                           "--threads", str(args.threads), "--latency-runs", str(args.latency_runs))
     finally:
-        subprocess.run([str(ROOT / "mlflow" / "server.sh"), "stop"], env=env, capture_output=True, check=False)
+        stop_mlflow(env)
 
     report = json.loads(Path(compressed["report"]).read_text())
     variants, keras_h5 = report["variants"], report["float_keras"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,9 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write  # noqa: E402
+from common import start_mlflow, stop_mlflow, table, write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.003  # 0.3 percentage points of validation accuracy
 
 
@@ -110,13 +108,7 @@ def main() -> None:
     if args.merge and (RESULTS_FILE).exists():
         previous = json.loads(RESULTS_FILE.read_text())
     work = Path(tempfile.mkdtemp(prefix="bench_search_"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": str(port), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    url = subprocess.run([str(ROOT / "mlflow" / "server.sh"), "start"], env=env, check=True, capture_output=True,
-                         text=True).stdout.strip()
-    env["MLFLOW_TRACKING_URI"] = url
+    env, url = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="2")
     if "runs" in previous:  # a result of the first, single-seed version of this benchmark
         runs = previous["runs"]
         runs["random"]["epochs_to_own_best"] = epochs_to_reach(runs["random"]["trials"], runs["random"]["best"])
@@ -148,7 +140,7 @@ def main() -> None:
             speed = {"trials": args.speedup_trials, "epochs": args.speedup_epochs, "seconds_1_worker": seconds[1],
                      "seconds_2_workers": seconds[2], "speedup": seconds[1] / seconds[2]}
     finally:
-        subprocess.run([str(ROOT / "mlflow" / "server.sh"), "stop"], env=env, capture_output=True, check=False)
+        stop_mlflow(env)
 
     rows = []
     for seed, c in sorted(comparisons.items()):

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,16 +27,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write  # noqa: E402
+from common import free_port, start_mlflow, stop_mlflow, table, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench_serving"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait(url: str, seconds: float = 120) -> None:
@@ -97,11 +90,8 @@ def main() -> None:
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="bench_serving_"))
-    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    url = subprocess.run([str(ROOT / "mlflow" / "server.sh"), "start"], env=env, check=True, capture_output=True,
-                         text=True).stdout.strip()
-    env["MLFLOW_TRACKING_URI"] = url
+    # PATH: `mlflow models serve` execs uvicorn from it, as in an activated environment
+    env, url = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     servers: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
     try:
@@ -169,7 +159,7 @@ def main() -> None:
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGTERM)
                 server.wait(timeout=30)
-        subprocess.run([str(ROOT / "mlflow" / "server.sh"), "stop"], env=env, capture_output=True, check=False)
+        stop_mlflow(env)
 
     rows = []
     for name, row in results.items():

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write  # noqa: E402
+from common import start_mlflow, stop_mlflow, table, write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -32,12 +29,7 @@ def main() -> None:
     setup_logging()  # the steps' own progress lines
 
     work = Path(tempfile.mkdtemp(prefix="bench_fashion_"))
-    with socket.socket() as probe:  # a free port for this benchmark's own MLflow server
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MLOPS_VAR": str(work), "MLFLOW_PORT": str(port)}
-    url = subprocess.run([str(ROOT / "mlflow" / "server.sh"), "start"], env=env, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    env, url = start_mlflow(work)
     try:
         import mlflow
 
@@ -67,7 +59,7 @@ def main() -> None:
             "test_accuracy": accuracy, "train_examples": 54000, "goal": ">=0.92 accuracy, <=100K params, <=5 epochs",
             "goal_met": ok}))
     finally:
-        subprocess.run([str(ROOT / "mlflow" / "server.sh"), "stop"], env=env, check=False)
+        stop_mlflow(env)
 
 
 if __name__ == "__main__":
