@@ -3,7 +3,14 @@
 What it loads: the ``.tflite`` that compress chose (run by the LiteRT interpreter), found in the
 version's pyfunc artifact; a version without one (registered before compression existed) is served
 through ``mlflow.pyfunc`` instead. Which version: ``--model-uri`` (``models:/<name>/<version>`` or
-``models:/<name>@<alias>``; default ``models:/<model-name>@champion``), resolved once at start.
+``models:/<name>@<alias>``; default: the version in ``--deployment-file`` if there is one, else
+``models:/<model-name>@champion``), resolved once at start.
+
+Deployment in place (the local deploy target): with ``--admin-token-file``, ``POST /admin/deploy
+{"version": "7"}`` (bearer token) loads and warms version 7 beside the served one and then switches to
+it; requests never wait and never fail during the switch, and a version that fails to load leaves the
+served one untouched (HTTP 422 names why). ``--deployment-file`` records what is served, so a restarted
+server comes back with the same version (not whatever the alias says now).
 
 Endpoints (every response names the model and version, in the body and in ``X-Model-Name`` /
 ``X-Model-Version`` headers):
@@ -13,6 +20,7 @@ Endpoints (every response names the model and version, in the body and in ``X-Mo
   GET  /v2/models/<name>[/ready]                  model metadata | readiness
   POST /v2/models/<name>[/versions/<v>]/infer     {"inputs": [{"name", "shape", "datatype", "data"}]}
   GET  /metrics                                   Prometheus: requests and latency by protocol and status code
+  POST /admin/deploy                              switch to another version (only with --admin-token-file)
 Bad requests get 400 (not JSON, not numbers), 413 (body or batch too large) or 422 (wrong shape, values out
 of 0..255) with {"error": "<what is wrong and what is expected>"}; the server stays up.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
@@ -51,6 +59,10 @@ class ServeConfig:
     max_body_bytes: int = field(8 * 1024 * 1024, help="largest request body in bytes (more: HTTP 413)")
     warmup_requests: int = field(20, help="inferences run before the server reports ready")
     tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    deployment_file: str = field("", help="JSON file recording the deployed version: read at start (when no "
+                                          "--model-uri), rewritten by each deployment (local deploy target)")
+    admin_token_file: str = field("", help="file holding the bearer token of POST /admin/deploy (switch to "
+                                           "another version in place); empty: no admin endpoint")
 
 
 class RequestError(Exception):
@@ -112,72 +124,145 @@ class PyfuncRunner:
         return np.asarray(self._model.predict(images), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Served:
+    """One loaded version; swapped as a whole, so a request never mixes two versions."""
+
+    runner: Any
+    version: str
+    variant: str
+
+
+def load_version(config: ServeConfig, uri: str) -> Served:
+    """Resolve ``uri`` in the registry, download the version, build its runner and warm it up."""
+    import mlflow
+    import yaml
+    from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+    from . import tracking
+
+    tracking.connect(config.tracking_uri)
+    client = mlflow.MlflowClient()
+
+    @retry(stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
+           retry=retry_if_exception_type((ConnectionError, OSError)))
+    def resolve() -> tuple[str, Path]:
+        target = uri.removeprefix("models:/")
+        if "@" in target:
+            name, alias = target.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, version = target.rsplit("/", 1)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
+        return str(version), Path(local)
+
+    started = time.monotonic()
+    version, local = resolve()
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
+    tflite = flavor.get("artifacts", {}).get("tflite", {}).get("path")
+    runner: Any = LiteRTRunner(local / tflite, config.threads) if tflite else PyfuncRunner(local)
+    sample = np.zeros((1, *runner.image_shape), np.float32)
+    for _ in range(config.warmup_requests):
+        probabilities = runner.predict(sample)
+    if config.warmup_requests and not np.all(np.isfinite(probabilities)):
+        raise ValueError(f"version {version} answers non-finite probabilities")
+    log.info("loaded %s version %s (%s, input %s) in %.1f s", config.model_name, version,
+             "tflite" if tflite else "pyfunc", runner.image_shape, time.monotonic() - started)
+    return Served(runner, version, "tflite" if tflite else "pyfunc")
+
+
+def read_deployment(path: str) -> str:
+    """The version a deployment file records ("" if there is none yet)."""
+    import json
+
+    if not path or not Path(path).exists():
+        return ""
+    try:
+        return str(json.loads(Path(path).read_text())["version"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StepError(f"{path} is not a deployment record ({exc}); delete it to serve the champion") from None
+
+
+def write_deployment(path: str, model_name: str, served: Served, previous: str) -> None:
+    """Record what is served, atomically: a restarted server comes back with the same version."""
+    import json
+    from datetime import datetime, timezone
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"model_name": model_name, "version": served.version, "previous_version": previous,
+                               "deployed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    os.replace(tmp, target)
+
+
 class ModelHolder:
-    """The served model: loaded in the background, so liveness never waits for MLflow."""
+    """The served model: loaded in the background, so liveness never waits for MLflow; swappable in place."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.name = config.model_name
-        self.version = ""
+        self.served: Served | None = None
         self.state = "LOADING"
         self.error = ""
-        self.runner: Any = None
-        self.variant = ""
-        self.on_loaded: Any = None  # called once the model answers (the app updates its metrics)
+        self.on_loaded: Any = None  # called once a model answers (the app updates its metrics)
+        self._swap = threading.Lock()
 
     @property
     def ready(self) -> bool:
-        return self.state == "AVAILABLE"
+        return self.served is not None
+
+    @property
+    def version(self) -> str:
+        return self.served.version if self.served else ""
+
+    @property
+    def runner(self) -> Any:
+        return self.served.runner if self.served else None
+
+    @property
+    def variant(self) -> str:
+        return self.served.variant if self.served else ""
+
+    def initial_uri(self) -> str:
+        if self.config.model_uri:
+            return self.config.model_uri
+        deployed = read_deployment(self.config.deployment_file)
+        return f"models:/{self.name}/{deployed}" if deployed else f"models:/{self.name}@{CHAMPION}"
 
     def load(self) -> None:
+        uri = ""
         try:
-            self._load()
+            uri = self.initial_uri()
+            served = load_version(self.config, uri)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, report it and stay alive (not ready)
-            self.state, self.error = "END", f"{type(exc).__name__}: {exc}"
-            log.error("could not load %s: %s", self.config.model_uri or self.name, self.error)
+            with self._swap:
+                if self.served is None:  # a version deployed meanwhile wins
+                    self.state, self.error = "END", f"{type(exc).__name__}: {exc}"
+            log.error("could not load %s: %s", uri or self.name, f"{type(exc).__name__}: {exc}")
             return
+        with self._swap:
+            if self.served is None:
+                self.served, self.state, self.error = served, "AVAILABLE", ""
         if self.on_loaded:
             self.on_loaded()
+        log.info("serving %s version %s", self.name, self.version)
 
-    def _load(self) -> None:
-        import mlflow
-        import yaml
-        from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+    def deploy(self, version: str) -> tuple[Served, str]:
+        """Load ``version`` beside the served one, then switch to it; the old one answers until then.
 
-        from . import tracking
-
-        tracking.connect(self.config.tracking_uri)
-        client = mlflow.MlflowClient()
-        uri = self.config.model_uri or f"models:/{self.name}@{CHAMPION}"
-
-        @retry(stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
-               retry=retry_if_exception_type((ConnectionError, OSError)))
-        def resolve() -> tuple[str, Path]:
-            target = uri.removeprefix("models:/")
-            if "@" in target:
-                name, alias = target.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias).version
-            else:
-                name, version = target.rsplit("/", 1)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
-            return str(version), Path(local)
-
-        started = time.monotonic()
-        self.version, local = resolve()
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
-        tflite = flavor.get("artifacts", {}).get("tflite", {}).get("path")
-        if tflite:
-            self.runner = LiteRTRunner(local / tflite, self.config.threads)
-            self.variant = "tflite"
-        else:
-            self.runner = PyfuncRunner(local)
-            self.variant = "pyfunc"
-        sample = np.zeros((1, *self.runner.image_shape), np.float32)
-        for _ in range(self.config.warmup_requests):
-            self.runner.predict(sample)
-        self.state = "AVAILABLE"
-        log.info("serving %s version %s (%s, input %s) after %.1f s", self.name, self.version, self.variant,
-                 self.runner.image_shape, time.monotonic() - started)
+        Raises whatever loading raised; the served version is then unchanged.
+        """
+        with self._swap:  # one deployment at a time
+            served = load_version(self.config, f"models:/{self.name}/{version}")
+            previous = self.version
+            if self.config.deployment_file:
+                write_deployment(self.config.deployment_file, self.name, served, previous)
+            self.served, self.state, self.error = served, "AVAILABLE", ""
+        if self.on_loaded:
+            self.on_loaded()
+        log.info("switched %s from version %s to %s", self.name, previous or "(none)", served.version)
+        return served, previous
 
 
 def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
@@ -232,26 +317,32 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                  registry=registry)
     ready_gauge = Gauge("model_server_ready", "1 once the model is loaded and warmed up", registry=registry)
     ready_gauge.set_function(lambda: 1.0 if holder.ready else 0.0)
+    deployments = Counter("model_server_deployments", "In-place switches to another version, by outcome",
+                          ["outcome"], registry=registry)
 
-    def reply(payload: dict[str, Any], status: int = 200) -> Response:
+    def reply(payload: dict[str, Any], status: int = 200, version: str | None = None) -> Response:
         return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
                         media_type="application/json",
-                        headers={"X-Model-Name": holder.name, "X-Model-Version": holder.version})
+                        headers={"X-Model-Name": holder.name,
+                                 "X-Model-Version": holder.version if version is None else version})
 
     def error(status: int, message: str) -> Response:
         return reply({"error": message, "model_name": holder.name, "model_version": holder.version}, status)
 
-    def known(request: Request) -> None:
+    def known(request: Request) -> Served:
+        """The version that answers this request (taken once: a deployment may switch versions meanwhile)."""
+        served = holder.served
         name = request.path_params["name"]
         if name != holder.name:
             raise RequestError(404, f"model {name!r} not found; this server serves {holder.name!r}")
         version = request.path_params.get("version")
-        if version is not None and version != holder.version:
+        if version is not None and (served is None or version != served.version):
             raise RequestError(404, f"{holder.name} version {version} not served; this server serves version "
-                                    f"{holder.version or '(loading)'}")
-        if not holder.ready:
+                                    f"{served.version if served else '(loading)'}")
+        if served is None:
             raise RequestError(503, f"{holder.name} is not ready ({holder.state.lower()}"
                                     f"{': ' + holder.error if holder.error else ''})")
+        return served
 
     async def body(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -271,8 +362,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
-                known(request)
-                response = reply(handler(await body(request)))
+                served = known(request)
+                response = reply(handler(await body(request), served), version=served.version)
             except RequestError as exc:
                 response = error(exc.status, str(exc))
             except Exception as exc:  # noqa: BLE001 - never a stack trace to the caller; the log has it
@@ -284,16 +375,16 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
 
         return endpoint
 
-    def v1_predict(payload: Any) -> dict[str, Any]:
+    def v1_predict(payload: Any, served: Served) -> dict[str, Any]:
         if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
             raise RequestError(400, 'body must be a JSON object with either "instances" or "inputs"')
         key = "instances" if "instances" in payload else "inputs"
-        images = images_from(payload[key], holder.runner.image_shape, config.max_batch, f'"{key}"')
-        probabilities = holder.runner.predict(images)
+        images = images_from(payload[key], served.runner.image_shape, config.max_batch, f'"{key}"')
+        probabilities = served.runner.predict(images)
         field_name = "predictions" if key == "instances" else "outputs"
-        return {field_name: probabilities, "model_name": holder.name, "model_version": holder.version}
+        return {field_name: probabilities, "model_name": holder.name, "model_version": served.version}
 
-    def v2_infer(payload: Any) -> dict[str, Any]:
+    def v2_infer(payload: Any, served: Served) -> dict[str, Any]:
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
             raise RequestError(400, 'body must be a JSON object with "inputs": a list of exactly one tensor')
         tensor = payload["inputs"][0]
@@ -311,9 +402,9 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             raise RequestError(400, '"data" must be numbers (flat or nested)') from None
         if flat.size != int(np.prod(shape)):
             raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {int(np.prod(shape))}')
-        images = checked(flat.reshape(shape), holder.runner.image_shape, config.max_batch, "input")
-        probabilities = holder.runner.predict(images)
-        out = {"model_name": holder.name, "model_version": holder.version,
+        images = checked(flat.reshape(shape), served.runner.image_shape, config.max_batch, "input")
+        probabilities = served.runner.predict(images)
+        out = {"model_name": holder.name, "model_version": served.version,
                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
                             "data": probabilities.reshape(-1)}]}
         if "id" in payload:
@@ -336,18 +427,53 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     async def v2_metadata(request: Request) -> Response:
         if request.path_params["name"] != holder.name:
             return error(404, f"model {request.path_params['name']!r} not found; this server serves {holder.name!r}")
-        if not holder.ready:
+        served = holder.served
+        if served is None:
             return error(503, f"{holder.name} is not ready ({holder.state.lower()})")
-        shape = [-1, *holder.runner.image_shape]
-        return reply({"name": holder.name, "versions": [holder.version], "platform": f"{holder.variant}",
+        shape = [-1, *served.runner.image_shape]
+        return reply({"name": holder.name, "versions": [served.version], "platform": served.variant,
                       "inputs": [{"name": "image", "datatype": "FP32", "shape": shape}],
                       "outputs": [{"name": "probabilities", "datatype": "FP32",
-                                   "shape": [-1, holder.runner.classes]}]})
+                                   "shape": [-1, served.runner.classes]}]}, version=served.version)
 
     async def model_ready(request: Request) -> Response:
         if request.path_params["name"] != holder.name:
             return error(404, f"model {request.path_params['name']!r} not found")
         return reply({"name": holder.name, "ready": holder.ready}, 200 if holder.ready else 503)
+
+    token = Path(config.admin_token_file).read_text().strip() if config.admin_token_file else ""
+    if config.admin_token_file and len(token) < 16:
+        raise StepError(f"{config.admin_token_file}: the admin token must have at least 16 characters")
+
+    async def admin_deploy(request: Request) -> Response:
+        """Switch to another version in place: loaded and warmed beside the served one, then swapped."""
+        import hmac
+
+        from starlette.concurrency import run_in_threadpool
+
+        if not token:
+            return error(404, "no admin endpoint: start the server with --admin-token-file")
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return error(401, "missing or wrong bearer token for /admin/deploy")
+        try:
+            payload = await body(request)
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        version = str(payload.get("version", "")) if isinstance(payload, dict) else ""
+        if not version.isdigit():
+            return error(400, 'body must be {"version": "<registered version number>"}')
+        try:
+            served, previous = await run_in_threadpool(holder.deploy, version)
+        except Exception as exc:  # noqa: BLE001 - the old version keeps serving; the caller learns why
+            deployments.labels("failed").inc()
+            log.error("deployment of %s version %s failed, still serving %s: %s: %s", holder.name, version,
+                      holder.version or "(none)", type(exc).__name__, exc)
+            return error(422, f"{holder.name} version {version} could not be loaded ({type(exc).__name__}: "
+                              f"{exc}); still serving version {holder.version or '(none)'}")
+        deployments.labels("succeeded").inc()
+        return reply({"model_name": holder.name, "model_version": served.version, "previous_version": previous},
+                     version=served.version)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -375,6 +501,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}", v2_metadata, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/admin/deploy", admin_deploy, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.holder = holder

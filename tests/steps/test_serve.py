@@ -245,3 +245,91 @@ def test_a_version_that_fails_to_load_is_reported_not_served(tmp_path, versions,
         assert server.call("GET", "/v2/health/live")[0] == 200
     finally:
         _stop(server)
+
+
+@pytest.fixture(scope="module")
+def broken_version(tmp_path_factory, mlflow_server) -> int:
+    """A registered version whose .tflite is not a model: it downloads fine and fails to load."""
+    import mlflow
+
+    garbage = tmp_path_factory.mktemp("broken") / "model.tflite"
+    garbage.write_bytes(b"not a flatbuffer" * 64)
+    mlflow.set_tracking_uri(mlflow_server)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                       artifacts={"tflite": str(garbage)})
+    return int(mlflow.register_model(info.model_uri, MODEL).version)
+
+
+def _admin_server(tmp_path: Path, mlflow_server: str, version: int) -> tuple[Server, dict[str, str], Path]:
+    token_file, record = tmp_path / "admin-token", tmp_path / "deployed.json"
+    token_file.write_text("s3cret-token-of-the-test\n")
+    record.write_text(json.dumps({"model_name": MODEL, "version": str(version)}))
+    server = _start(tmp_path, mlflow_server, "--admin-token-file", str(token_file), "--deployment-file", str(record))
+    return server, {"Authorization": "Bearer s3cret-token-of-the-test"}, record
+
+
+def test_deploying_in_place_switches_versions_without_a_failed_request(tmp_path, versions, mlflow_server):
+    import threading
+
+    first, second = versions
+    server, auth, record = _admin_server(tmp_path, mlflow_server, first)  # the record wins over the alias
+    try:
+        assert server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["version"] == str(first)
+        answers: list[tuple[int, str]] = []
+        stop = threading.Event()
+        body = {"instances": _images(1).tolist()}
+
+        def load() -> None:
+            while not stop.is_set():
+                status, headers, _ = server.call("POST", f"/v1/models/{MODEL}:predict", body)
+                answers.append((status, headers.get("x-model-version", "")))
+
+        clients = [threading.Thread(target=load) for _ in range(3)]
+        for client in clients:
+            client.start()
+        time.sleep(0.5)
+        status, headers, reply = server.call("POST", "/admin/deploy", {"version": str(second)}, headers=auth)
+        time.sleep(0.5)
+        stop.set()
+        for client in clients:
+            client.join()
+        assert status == 200, reply
+        assert (reply["model_version"], reply["previous_version"]) == (str(second), str(first))
+        assert {code for code, _ in answers} == {200}
+        seen = [version for _, version in answers]
+        assert str(first) in seen and seen[-1] == str(second)
+        assert json.loads(record.read_text())["version"] == str(second)
+        assert 'model_server_deployments_total{outcome="succeeded"} 1.0' in server.call("GET", "/metrics")[2]
+    finally:
+        _stop(server)
+    # A restarted server comes back with what was deployed, not with what the alias names.
+    restarted = _start(tmp_path, mlflow_server, "--deployment-file", str(record))
+    try:
+        assert restarted.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["version"] == str(second)
+    finally:
+        _stop(restarted)
+
+
+def test_a_version_that_fails_to_load_is_refused_and_the_served_one_keeps_answering(tmp_path, versions,
+                                                                                   broken_version, mlflow_server):
+    first = versions[0]
+    server, auth, record = _admin_server(tmp_path, mlflow_server, first)
+    try:
+        status, _, reply = server.call("POST", "/admin/deploy", {"version": str(broken_version)}, headers=auth)
+        assert status == 422 and f"version {broken_version} could not be loaded" in reply["error"]
+        assert f"still serving version {first}" in reply["error"]
+        status, headers, _ = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": _images(1).tolist()})
+        assert (status, headers["x-model-version"]) == (200, str(first))
+        assert json.loads(record.read_text())["version"] == str(first)
+        assert server.call("POST", "/admin/deploy", {"version": str(first)},
+                           headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert server.call("POST", "/admin/deploy", {"version": "latest"}, headers=auth)[0] == 400
+    finally:
+        _stop(server)
+
+
+def test_without_a_token_file_there_is_no_admin_endpoint(server, versions):
+    status, _, reply = server.call("POST", "/admin/deploy", {"version": str(versions[0])},
+                                   headers={"Authorization": "Bearer anything-at-all-here"})
+    assert status == 404 and "--admin-token-file" in reply["error"]
