@@ -333,3 +333,34 @@ def test_without_a_token_file_there_is_no_admin_endpoint(server, versions):
     status, _, reply = server.call("POST", "/admin/deploy", {"version": str(versions[0])},
                                    headers={"Authorization": "Bearer anything-at-all-here"})
     assert status == 404 and "--admin-token-file" in reply["error"]
+
+
+def _infra_validate(tmp_path: Path, mlflow_server: str, version: int) -> tuple[subprocess.CompletedProcess, dict]:
+    result = tmp_path / f"infra-{version}.json"
+    out = subprocess.run([sys.executable, "-m", "mlsteps.infra_validate", "--model-name", MODEL, "--version",
+                          str(version), "--requests", "12", "--load-timeout-seconds", "90",
+                          "--result-path", str(result)], capture_output=True, text=True, timeout=300,
+                         env=step_env(MLFLOW_TRACKING_URI=mlflow_server))
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    tags = mlflow.MlflowClient().get_model_version(MODEL, str(version)).tags
+    return out, {"result": json.loads(result.read_text()) if result.exists() else None, "tags": tags}
+
+
+def test_infra_validation_passes_a_version_the_real_server_loads_and_answers(tmp_path, versions, mlflow_server):
+    out, seen = _infra_validate(tmp_path, mlflow_server, versions[0])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert seen["result"]["passed"] and seen["result"]["version"] == versions[0]
+    assert seen["result"]["p50_ms"] > 0
+    assert seen["tags"]["promotion.infra_validation"].startswith("passed: 12 requests")
+
+
+def test_infra_validation_fails_a_version_the_server_cannot_load_and_says_why(tmp_path, broken_version,
+                                                                              mlflow_server):
+    out, seen = _infra_validate(tmp_path, mlflow_server, broken_version)
+    assert out.returncode == 2, out.stdout[-3000:]
+    assert f"infra-validation of {MODEL} version {broken_version} failed" in out.stderr
+    assert "could not load it" in out.stderr and "Traceback" not in out.stderr
+    assert seen["result"] is None
+    assert seen["tags"]["promotion.infra_validation"].startswith("failed: the model server could not load it")
