@@ -84,7 +84,8 @@ class StepPodOperator(KubernetesPodOperator):
 
 def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resources: Resources, gpus: str | int,
                     node_selector_json: str, deadline_seconds: int, settings: Settings,
-                    optional_secrets: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+                    optional_secrets: tuple[str, ...] = (), image: str | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
     """One step as a pod: image, command, resources, shared volume, MLflow secret, hardening.
 
     Returns StepPodOperator's keyword arguments, for a plain task or for ``StepPodOperator.partial(...)``.
@@ -97,7 +98,7 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
         task_id=task_id,
         name=task_id.replace("_", "-"),
         namespace=settings.namespace,
-        image=settings.steps_image,
+        image=image or settings.steps_image,
         image_pull_policy=settings.image_pull_policy,
         cmds=["python", "-m", module],
         arguments=arguments,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNTIMES = ("kubernetes", "local")
+DEPLOY_TARGETS = ("kubernetes", "local")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,6 +31,12 @@ class Settings:
     optuna_storage: str  # OPTUNA_STORAGE handed to local steps; empty: SQLite under the data root
     search_pool: str  # Airflow pool bounding how many trial workers run at once
     mlflow_ui_url: str  # MLflow as reviewers reach it in a browser (links on the approval card)
+    deploy_target: str  # where promotion deploys: "kubernetes" (a Deployment) or "local" (a supervised process)
+    serving_url: str  # the model server as clients reach it (promotion's smoke test calls it)
+    serving_image: str  # image of the model server (its Deployment, and the infra-validation pod)
+    serving_deployment: str  # Deployment of the model server (kubernetes target)
+    serving_admin_token_file: str  # bearer token of the local server's /admin/deploy (local target)
+    kubernetes_conn_id: str  # Airflow connection the kubernetes target patches the Deployment through
 
 
 def load() -> Settings:
@@ -37,9 +44,13 @@ def load() -> Settings:
     if runtime not in RUNTIMES:
         raise ValueError(f"MLOPS_RUNTIME={runtime!r} is not one of {', '.join(RUNTIMES)}")
     default_python = PROJECT_ROOT / ".venvs" / "steps" / "bin" / "python"
+    target = os.environ.get("MLOPS_DEPLOY_TARGET", runtime).strip().lower()
+    if target not in DEPLOY_TARGETS:
+        raise ValueError(f"MLOPS_DEPLOY_TARGET={target!r} is not one of {', '.join(DEPLOY_TARGETS)}")
+    namespace = os.environ.get("MLOPS_NAMESPACE", "mlops")
     return Settings(
         runtime=runtime,
-        namespace=os.environ.get("MLOPS_NAMESPACE", "mlops"),
+        namespace=namespace,
         steps_image=os.environ.get("MLOPS_STEPS_IMAGE", "ghcr.io/mlops-mnist/steps:0.1.0"),
         image_pull_policy=os.environ.get("MLOPS_IMAGE_PULL_POLICY", "IfNotPresent"),
         data_pvc=os.environ.get("MLOPS_DATA_PVC", "mlops-data"),
@@ -54,4 +65,12 @@ def load() -> Settings:
         optuna_storage=os.environ.get("MLOPS_OPTUNA_STORAGE", ""),
         search_pool=os.environ.get("MLOPS_SEARCH_POOL", "hyperparameter_search"),
         mlflow_ui_url=os.environ.get("MLOPS_MLFLOW_UI_URL", os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")),
+        deploy_target=target,
+        serving_url=os.environ.get("MLOPS_SERVING_URL", f"http://model-server.{namespace}.svc:8501"
+                                   if target == "kubernetes" else "http://127.0.0.1:8501"),
+        serving_image=os.environ.get("MLOPS_SERVING_IMAGE", "ghcr.io/mlops-mnist/serving:0.1.0"),
+        serving_deployment=os.environ.get("MLOPS_SERVING_DEPLOYMENT", "model-server"),
+        serving_admin_token_file=os.environ.get("MLOPS_SERVING_ADMIN_TOKEN_FILE",
+                                                str(PROJECT_ROOT / "var" / "serving" / "admin-token")),
+        kubernetes_conn_id=os.environ.get("MLOPS_KUBERNETES_CONN_ID", "kubernetes_default"),
     )

@@ -1,0 +1,177 @@
+"""Deploy targets: where promotion puts a model version, behind one interface.
+
+    target = for_settings(settings, "mnist_classifier")
+    before = target.current()     # what serves now (version, model URI)
+    target.deploy("7")            # returns once version 7 answers every request, or raises DeployFailed
+    target.restore(before)        # roll back to what served before
+
+``KubernetesTarget`` patches the model server's Deployment (``MODEL_URI`` env and the
+``mlops/model-version`` pod label) and waits for the rollout like ``kubectl rollout status``: every
+replica updated and available (readiness = model loaded and warmed; ``maxUnavailable: 0`` keeps the old
+pods serving meanwhile). Restoring patches the previous values back, which is what ``kubectl rollout
+undo`` does, but to a known version rather than to "the revision before".
+
+``LocalTarget`` drives the model server that ``scripts/serving.sh`` starts and supervises: ``POST
+/admin/deploy`` loads the version beside the served one and switches when it is warm; no request fails
+or waits, and a version that does not load leaves the served one in place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+VERSION_LABEL = "mlops/model-version"
+MODEL_URI_ENV = "MODEL_URI"
+CONTAINER = "server"
+
+
+class DeployFailed(Exception):
+    """The new version did not come up; the target says why."""
+
+
+class TargetUnavailable(Exception):
+    """The target cannot be reached or is not set up; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    version: str | None  # registered version being served (None: nothing, or not known)
+    model_uri: str  # what the server was told to load
+
+
+class Target(Protocol):
+    def current(self) -> Serving: ...
+
+    def deploy(self, version: str) -> None: ...
+
+    def restore(self, before: Serving) -> None: ...
+
+
+class LocalTarget:
+    """The supervised local model server (scripts/serving.sh), switched in place over its admin endpoint."""
+
+    def __init__(self, url: str, model_name: str, token_file: str, timeout: float = 600.0) -> None:
+        import httpx
+
+        self.url, self.model_name, self.token_file = url.rstrip("/"), model_name, token_file
+        self._http = httpx.Client(timeout=timeout)
+
+    def _unavailable(self, why: str) -> TargetUnavailable:
+        return TargetUnavailable(f"the local model server at {self.url} {why}; start it with "
+                                 "`scripts/serving.sh start` (or set MLOPS_SERVING_URL to where it listens)")
+
+    def current(self) -> Serving:
+        import httpx
+
+        try:
+            response = self._http.get(f"{self.url}/v1/models/{self.model_name}")
+        except httpx.TransportError as exc:
+            raise self._unavailable(f"does not answer ({type(exc).__name__})") from None
+        if response.status_code == 404:
+            raise self._unavailable(f"serves another model, not {self.model_name}")
+        status = response.json()["model_version_status"][0]
+        version = status["version"] if status["state"] == "AVAILABLE" else None
+        return Serving(version, f"models:/{self.model_name}/{version}" if version else "")
+
+    def deploy(self, version: str) -> None:
+        import httpx
+
+        token_path = Path(self.token_file)
+        if not token_path.is_file():
+            raise self._unavailable(f"has no admin token at {token_path} (MLOPS_SERVING_ADMIN_TOKEN_FILE)")
+        try:
+            response = self._http.post(f"{self.url}/admin/deploy", json={"version": str(version)},
+                                       headers={"Authorization": f"Bearer {token_path.read_text().strip()}"})
+        except httpx.TransportError as exc:
+            raise self._unavailable(f"does not answer ({type(exc).__name__})") from None
+        if response.status_code in (401, 404):
+            raise self._unavailable(f"refused the deployment: {response.json().get('error')}")
+        if response.status_code != 200:
+            raise DeployFailed(response.json().get("error", response.text[:500]))
+
+    def restore(self, before: Serving) -> None:
+        if before.version and self.current().version != before.version:
+            self.deploy(before.version)
+
+
+class KubernetesTarget:
+    """The model server's Deployment, patched through the cncf.kubernetes provider's client."""
+
+    def __init__(self, apps: Any, *, namespace: str, deployment: str, model_name: str,
+                 rollout_timeout: float = 900.0, poll_seconds: float = 5.0, sleep: Any = time.sleep,
+                 clock: Any = time.monotonic) -> None:
+        self.apps, self.namespace, self.deployment, self.model_name = apps, namespace, deployment, model_name
+        self.rollout_timeout, self.poll_seconds, self._sleep, self._clock = rollout_timeout, poll_seconds, sleep, clock
+
+    @classmethod
+    def from_connection(cls, conn_id: str, **kwargs: Any) -> KubernetesTarget:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+        from kubernetes import client
+
+        return cls(client.AppsV1Api(KubernetesHook(conn_id=conn_id).api_client), **kwargs)
+
+    def current(self) -> Serving:
+        deployment = self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        template = deployment.spec.template
+        container = next((c for c in template.spec.containers if c.name == CONTAINER), None)
+        if container is None:
+            raise TargetUnavailable(f"Deployment {self.namespace}/{self.deployment} has no container "
+                                    f"{CONTAINER!r}; apply k8s/serving")
+        uri = next((e.value for e in container.env or [] if e.name == MODEL_URI_ENV), "") or ""
+        label = (template.metadata.labels or {}).get(VERSION_LABEL, "none")
+        return Serving(None if label == "none" else label, uri)
+
+    def patch(self, version: str | None, model_uri: str) -> dict[str, Any]:
+        """The strategic merge patch that makes the Deployment serve ``model_uri`` (a rollout)."""
+        label = version or "none"
+        return {
+            "metadata": {"annotations": {"kubernetes.io/change-cause":
+                                         f"model promotion: {self.model_name} version {label} ({model_uri})"}},
+            "spec": {"template": {
+                "metadata": {"labels": {VERSION_LABEL: label}},
+                "spec": {"containers": [{"name": CONTAINER, "env": [{"name": MODEL_URI_ENV, "value": model_uri}]}]},
+            }},
+        }
+
+    def _apply(self, version: str | None, model_uri: str) -> None:
+        self.apps.patch_namespaced_deployment(self.deployment, self.namespace, self.patch(version, model_uri),
+                                              _content_type="application/strategic-merge-patch+json")
+        self.wait_for_rollout()
+
+    def deploy(self, version: str) -> None:
+        self._apply(str(version), f"models:/{self.model_name}/{version}")
+
+    def restore(self, before: Serving) -> None:
+        if self.current() != before:
+            self._apply(before.version, before.model_uri)
+
+    def wait_for_rollout(self) -> None:
+        """Return when every replica runs the new template and is available (``kubectl rollout status``)."""
+        deadline = self._clock() + self.rollout_timeout
+        while True:
+            deployment = self.apps.read_namespaced_deployment_status(self.deployment, self.namespace)
+            wanted, status = deployment.spec.replicas or 0, deployment.status
+            for condition in status.conditions or []:
+                if condition.type == "Progressing" and condition.reason == "ProgressDeadlineExceeded":
+                    raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} made no progress: "
+                                       f"{condition.message}")
+            if ((status.observed_generation or 0) >= (deployment.metadata.generation or 0)
+                    and (status.updated_replicas or 0) == wanted and (status.replicas or 0) == wanted
+                    and (status.available_replicas or 0) == wanted and not status.unavailable_replicas):
+                return
+            if self._clock() > deadline:
+                raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} not done after "
+                                   f"{self.rollout_timeout:g} s: {status.updated_replicas or 0}/{wanted} updated, "
+                                   f"{status.available_replicas or 0}/{wanted} available")
+            self._sleep(self.poll_seconds)
+
+
+def for_settings(settings: Any, model_name: str) -> Target:
+    """The target ``MLOPS_DEPLOY_TARGET`` names, for ``model_name``."""
+    if settings.deploy_target == "kubernetes":
+        return KubernetesTarget.from_connection(settings.kubernetes_conn_id, namespace=settings.namespace,
+                                                deployment=settings.serving_deployment, model_name=model_name)
+    return LocalTarget(settings.serving_url, model_name, settings.serving_admin_token_file)

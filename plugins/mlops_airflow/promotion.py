@@ -1,0 +1,166 @@
+"""The Airflow tasks of model_promotion: reconcile serving to the registry alias ``champion``.
+
+plan (no-op when serving already runs the champion) -> infra_validate (a step: the candidate in the real
+model server) -> deploy -> smoke_test -> record; on any failure after plan, rollback puts serving and
+the alias back where they were, tags the version, and fails the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import task
+from airflow.sdk.exceptions import AirflowFailException
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+def _context() -> tuple[Any, Any]:
+    from mlops_airflow import registry, settings
+
+    loaded = settings.load()
+    return loaded, registry.Registry(loaded.tracking_uri)
+
+
+def _target(settings: Any, model_name: str) -> Any:
+    from mlops_airflow import deploy
+
+    return deploy.for_settings(settings, model_name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@task.short_circuit(task_id="plan", execution_timeout=timedelta(minutes=5))
+def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = None,
+         run_id: str | None = None) -> dict[str, Any]:
+    """What to deploy: ``version`` if given, else the champion; nothing if it is already served."""
+    from mlops_airflow.deploy import TargetUnavailable
+
+    assert params is not None
+    settings, registry = _context()
+    name = params["model_name"]
+    events = [event for found in (triggering_asset_events or {}).values() for event in found]
+    if events and (events[-1].extra or {}).get("model_name"):
+        name = events[-1].extra["model_name"]  # the webhook names the model whose alias moved
+    manual = int(params.get("version") or 0) > 0
+    wanted = str(params["version"]) if manual else registry.alias(name, CHAMPION)
+    if wanted is None:
+        log.info("%s has no version with alias %s: nothing to serve", name, CHAMPION)
+        return {}
+    if registry.version(name, wanted) is None:
+        raise AirflowFailException(f"{name} version {wanted} is not registered; check the version param")
+    try:
+        before = _target(settings, name).current()
+    except TargetUnavailable as exc:
+        raise AirflowFailException(str(exc)) from None
+    if before.version == wanted:
+        log.info("serving already runs %s version %s (%s): nothing to do", name, wanted, CHAMPION)
+        return {}
+    trigger = "manual" if manual else ("mlflow webhook" if events else "schedule")
+    log.info("promoting %s version %s (serving now: %s; trigger: %s)", name, wanted, before.version or "nothing",
+             trigger)
+    return {"model_name": name, "version": wanted, "previous_version": before.version,
+            "previous_model_uri": before.model_uri, "trigger": trigger, "run_id": run_id}
+
+
+def _plan(ti: Any) -> dict[str, Any]:
+    return ti.xcom_pull(task_ids="plan")
+
+
+@task(task_id="deploy", execution_timeout=timedelta(minutes=30))
+def deploy(ti: Any = None) -> dict[str, Any]:
+    from mlops_airflow.deploy import DeployFailed
+
+    planned = _plan(ti)
+    settings, registry = _context()
+    name, version = planned["model_name"], planned["version"]
+    try:
+        _target(settings, name).deploy(version)
+    except DeployFailed as exc:
+        registry.set_tags(name, version, {"promotion.deploy": f"failed: {exc}"})
+        raise AirflowFailException(f"{name} version {version} did not come up: {exc}") from None
+    log.info("%s version %s deployed to the %s target", name, version, settings.deploy_target)
+    return {"deployed": version, "target": settings.deploy_target}
+
+
+def smoke(url: str, name: str, version: str, requests: int, timeout: float = 10.0) -> str:
+    """``requests`` predictions from the live endpoint, each from ``version``; the first problem raises."""
+    import httpx
+
+    rng = random.Random(0)
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as http:
+        for i in range(requests):
+            image = [[float(rng.randint(0, 255)) for _ in range(28)] for _ in range(28)]
+            try:
+                response = http.post(f"/v1/models/{name}:predict", json={"instances": [image]})
+            except httpx.TransportError as exc:
+                raise AssertionError(f"request {i + 1} to {url} failed: {type(exc).__name__}: {exc}") from None
+            if response.status_code != 200:
+                raise AssertionError(f"request {i + 1} got HTTP {response.status_code}: {response.text[:300]}")
+            served = response.headers.get("x-model-version")
+            if served != version:
+                raise AssertionError(f"request {i + 1} was answered by version {served}, not {version}")
+            row = response.json()["predictions"][0]
+            if len(row) < 2 or abs(sum(row) - 1) > 0.01:
+                raise AssertionError(f"request {i + 1}: not a probability row: {row}")
+    return f"passed: {requests} requests to {url}, all answered by version {version}"
+
+
+@task(task_id="smoke_test", execution_timeout=timedelta(minutes=10))
+def smoke_test(params: dict[str, Any] | None = None, ti: Any = None) -> str:
+    assert params is not None
+    planned = _plan(ti)
+    settings, registry = _context()
+    name, version = planned["model_name"], planned["version"]
+    try:
+        verdict = smoke(settings.serving_url, name, version, int(params["smoke_requests"]))
+    except AssertionError as exc:
+        registry.set_tags(name, version, {"promotion.smoke_test": f"failed: {exc}"})
+        raise AirflowFailException(f"smoke test of {name} version {version} failed: {exc}") from None
+    registry.set_tags(name, version, {"promotion.smoke_test": verdict})
+    return verdict
+
+
+@task(task_id="record", execution_timeout=timedelta(minutes=5))
+def record(ti: Any = None) -> dict[str, Any]:
+    """Tag what is served now; a manual promotion also moves the alias, so the contract holds."""
+    planned = _plan(ti)
+    _, registry = _context()
+    name, version = planned["model_name"], planned["version"]
+    registry.set_tags(name, version, {"promotion.status": "serving", "promotion.deployed_at": _now(),
+                                      "promotion.previous_version": planned["previous_version"] or "",
+                                      "promotion.trigger": planned["trigger"],
+                                      "promotion.dag_run_id": planned["run_id"] or ""})
+    if registry.alias(name, CHAMPION) != version:
+        registry.set_alias(name, CHAMPION, version)
+        log.info("alias %s of %s moved to version %s (promoted by hand)", CHAMPION, name, version)
+    return {"model_name": name, "serving": version, "previous_version": planned["previous_version"]}
+
+
+@task(task_id="rollback", trigger_rule="one_failed", execution_timeout=timedelta(minutes=30))
+def rollback(ti: Any = None) -> None:
+    """Serving back to what it was, the alias back to that version (if it still names the failed one)."""
+    from mlops_airflow.deploy import Serving
+
+    planned = _plan(ti)
+    settings, registry = _context()
+    name, failed, previous = planned["model_name"], planned["version"], planned["previous_version"]
+    _target(settings, name).restore(Serving(previous, planned["previous_model_uri"]))
+    if registry.alias(name, CHAMPION) == failed:  # not if a reviewer moved it on meanwhile
+        if previous:
+            registry.set_alias(name, CHAMPION, previous)
+        else:
+            registry.delete_alias(name, CHAMPION)
+    registry.set_tags(name, failed, {"promotion.status": "failed", "promotion.failed_at": _now(),
+                                     "promotion.rolled_back_to": previous or "",
+                                     "promotion.dag_run_id": planned["run_id"] or ""})
+    raise AirflowFailException(f"promotion of {name} version {failed} failed (reason in its promotion.* tags and "
+                               f"the failed task's log); serving and alias {CHAMPION} are back at version "
+                               f"{previous or '(none)'}")

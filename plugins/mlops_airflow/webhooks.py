@@ -1,0 +1,128 @@
+"""The MLflow webhook receiver: an alias change in the registry becomes an Airflow asset event.
+
+MLflow (3.3+, SQL backend) POSTs registry events to ``<airflow>/mlops/webhooks/mlflow`` with
+``X-MLflow-Signature: v1,<base64 HMAC-SHA256 of "<delivery id>.<timestamp>.<body>">``,
+``X-MLflow-Delivery-Id`` and ``X-MLflow-Timestamp`` (Unix seconds). The receiver:
+
+- refuses a missing or wrong signature (401) and a timestamp more than ``MAX_SKEW_SECONDS`` away from
+  now (401: a replayed old delivery);
+- refuses events it does not handle (422; MLflow logs the refusal); an alias event for another alias
+  than ``champion`` is acknowledged and ignored (200);
+- turns ``model_version_alias.created`` for ``champion`` into one event of the asset
+  ``mlflow_champion_alias`` (extra: model name, version, delivery id), which triggers model_promotion;
+  a redelivery of the same delivery id adds nothing.
+
+The shared secret is ``MLOPS_WEBHOOK_SECRET`` on the API server (the ``secret`` given to MLflow's
+``create_webhook``); without it every request gets 503.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ASSET_NAME = "mlflow_champion_alias"
+ASSET_URI = "mlflow://registry/aliases/champion"
+ALIAS = "champion"
+MAX_SKEW_SECONDS = 300
+HANDLED = {"model_version_alias.created"}
+SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER = "x-mlflow-signature", "x-mlflow-delivery-id", "x-mlflow-timestamp"
+
+
+def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """MLflow's webhook signature of one delivery (mlflow.webhooks.delivery)."""
+    signed = f"{delivery_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check(secret: str, headers: dict[str, str], body: bytes, now: float) -> dict[str, Any]:
+    """The verified event, or Refused: the status code and why."""
+    delivery, stamp, given = (headers.get(h, "") for h in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
+    if not (delivery and stamp and given):
+        raise Refused(401, f"missing {', '.join(h for h in (SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER) if not headers.get(h))}")
+    if not hmac.compare_digest(given.encode(), signature(secret, delivery, stamp, body).encode()):
+        raise Refused(401, "signature does not match: is MLOPS_WEBHOOK_SECRET the webhook's secret?")
+    if not stamp.isdigit() or abs(now - int(stamp)) > MAX_SKEW_SECONDS:
+        raise Refused(401, f"timestamp {stamp!r} is more than {MAX_SKEW_SECONDS} s from now (replayed?)")
+    try:
+        event = json.loads(body)
+        kind = f"{event['entity']}.{event['action']}"
+        data = event["data"]
+    except (ValueError, KeyError, TypeError):
+        raise Refused(422, "body is not an MLflow webhook event (entity, action, data)") from None
+    if kind not in HANDLED:
+        raise Refused(422, f"event {kind!r} is not handled here; subscribe this webhook to "
+                           f"{', '.join(sorted(HANDLED))} only")
+    if not isinstance(data, dict) or not {"name", "alias", "version"} <= data.keys():
+        raise Refused(422, f"{kind} event without name, alias and version")
+    return {"kind": kind, "model_name": str(data["name"]), "alias": str(data["alias"]),
+            "version": str(data["version"]), "delivery_id": delivery}
+
+
+def emit_asset_event(extra: dict[str, Any]) -> int | None:
+    """Record one event of the champion asset (queues model_promotion); None for a delivery seen before."""
+    from airflow.assets.manager import asset_manager
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        asset = session.scalar(select(AssetModel).where(AssetModel.name == ASSET_NAME, AssetModel.uri == ASSET_URI))
+        if asset is None:
+            raise LookupError(f"asset {ASSET_NAME} is unknown to Airflow: is the model_promotion DAG deployed?")
+        recent = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset.id)
+                                 .order_by(AssetEvent.id.desc()).limit(500))
+        if any((event.extra or {}).get("delivery_id") == extra["delivery_id"] for event in recent):
+            return None
+        event = asset_manager.register_asset_change(asset=asset, extra=extra, session=session, source_is_api=True)
+        return event.id if event else None
+
+
+def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK_SECRET", ""),
+               emit: Callable[[dict[str, Any]], int | None] = emit_asset_event,
+               clock: Callable[[], float] = time.time) -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="MLflow webhook receiver", description=__doc__)
+
+    @app.post("/webhooks/mlflow")
+    async def mlflow_event(request: Request) -> JSONResponse:
+        key = secret()
+        if not key:
+            return JSONResponse({"error": "receiver not configured: set MLOPS_WEBHOOK_SECRET on the API server"},
+                                status_code=503)
+        body = await request.body()
+        try:
+            event = check(key, {k.lower(): v for k, v in request.headers.items()}, body, clock())
+        except Refused as exc:
+            log.warning("webhook refused (%s): %s", exc.status, exc)
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        if event["alias"] != ALIAS:
+            return JSONResponse({"ignored": f"alias {event['alias']} is not {ALIAS}"})
+        try:
+            event_id = emit({k: v for k, v in event.items() if k != "alias"})
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        if event_id is None:
+            return JSONResponse({"duplicate": event["delivery_id"]})
+        log.info("%s version %s is %s: asset event %s (delivery %s)", event["model_name"], event["version"], ALIAS,
+                 event_id, event["delivery_id"])
+        return JSONResponse({"asset_event_id": event_id, "asset": ASSET_NAME})
+
+    return app
