@@ -3,6 +3,9 @@
 #   mlflow/server.sh start|stop|status|url
 # Settings (environment): MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1), MLOPS_VAR (<repo>/var),
 # MLFLOW_BIN (the steps environment's mlflow).
+# Webhooks (registry events to Airflow's receiver, scripts/mlflow_webhook.py) work on this SQLite backend;
+# for this local server they may target http:// and loopback addresses, and webhook secrets are encrypted
+# with a key kept in var/mlflow/webhook-key (MLflow would otherwise make a new one at every start).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 var=${MLOPS_VAR:-$root/var}
@@ -24,6 +27,14 @@ case "${1:-}" in
     fi
     [[ -x $mlflow_bin ]] || { echo "error: $mlflow_bin not found; run 'make envs' first" >&2; exit 1; }
     mkdir -p "$state/artifacts"
+    if [[ ! -s $state/webhook-key ]]; then
+      (umask 077; "$(dirname "$mlflow_bin")/python" -c \
+        'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())' >"$state/webhook-key")
+    fi
+    export MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=${MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY:-$(cat "$state/webhook-key")}
+    export MLFLOW_WEBHOOK_ALLOWED_SCHEMES=${MLFLOW_WEBHOOK_ALLOWED_SCHEMES:-http,https}
+    export MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=${MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS:-true}
+    export MLFLOW_WEBHOOK_CACHE_TTL=${MLFLOW_WEBHOOK_CACHE_TTL:-5}
     # setsid: the server and its workers form one process group that 'stop' can end together.
     setsid "$mlflow_bin" server \
         --backend-store-uri "sqlite:///$state/mlflow.db" \

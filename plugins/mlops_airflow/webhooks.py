@@ -16,8 +16,8 @@ The shared secret is ``MLOPS_WEBHOOK_SECRET`` on the API server (the ``secret`` 
 ``create_webhook``); without it every request gets 503.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoint's annotations (Request, imported
+# in create_app) at definition time.
 import base64
 import hashlib
 import hmac

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -55,3 +60,62 @@ class MlflowServer:
 
 def airflow(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(AIRFLOW), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def request(method: str, url: str, body: dict | None = None, token: str | None = None,
+            headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    """One HTTP call; (status, JSON body) for success and error answers alike."""
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if token:
+        sent["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    call = urllib.request.Request(url, data=data, headers=sent, method=method)
+    try:
+        with urllib.request.urlopen(call, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@contextlib.contextmanager
+def standalone(airflow_home: dict[str, str], log_dir: Path, wait_for_dag: str, **env: str) -> Iterator[tuple[str, str]]:
+    """`airflow standalone` (API server, scheduler, DAG processor, triggerer) as `make airflow-ui` runs it;
+    yields (base URL, bearer token of user admin) once ``wait_for_dag`` is served by the API."""
+    port = free_port()
+    env = {**airflow_home, "AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__PARALLELISM": "2",
+           # workers report to the API server's execution API, which now listens on this port
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True", **env}
+    log = (log_dir / "standalone.log").open("w")
+    process = subprocess.Popen([str(AIRFLOW), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    passwords = os.path.join(env["AIRFLOW_HOME"], "simple_auth_manager_passwords.json.generated")
+    token = None
+    deadline = time.monotonic() + 180
+    try:
+        while token is None:
+            assert process.poll() is None, "airflow standalone exited; see " + log.name
+            assert time.monotonic() < deadline, "API server did not come up; see " + log.name
+            time.sleep(2)
+            if not os.path.exists(passwords):
+                continue
+            password = json.load(open(passwords))["admin"]
+            try:
+                status, body = request("POST", f"{base}/auth/token", {"username": "admin", "password": password})
+            except (urllib.error.URLError, ConnectionError):
+                continue
+            if status in (200, 201):
+                token = body["access_token"]
+        while request("GET", f"{base}/api/v2/dags/{wait_for_dag}", token=token)[0] != 200:
+            assert time.monotonic() < deadline, f"{wait_for_dag} never appeared in the API; see " + log.name
+            time.sleep(2)
+        yield base, token
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()

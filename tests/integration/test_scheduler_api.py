@@ -7,77 +7,24 @@ does; the test authenticates like the UI, triggers mnist_training with a conf, a
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import idxdata
 import pytest
-from services import AIRFLOW, free_port
+from services import request as _request
+from services import standalone
 
 pytestmark = pytest.mark.integration
 
 MODEL = "api_classifier"
 
 
-def _request(method: str, url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 @pytest.fixture(scope="module")
 def airflow_api(airflow_home, tmp_path_factory):
-    port = free_port()
-    env = {**airflow_home, "AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__PARALLELISM": "2",
-           # workers report to the API server's execution API, which now listens on this port
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-           # only runs triggered here: no nightly run (default params, real MNIST) queued in front of them
-           "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
-    log = (tmp_path_factory.mktemp("standalone") / "standalone.log").open("w")
-    process = subprocess.Popen([str(AIRFLOW), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    passwords = os.path.join(env["AIRFLOW_HOME"], "simple_auth_manager_passwords.json.generated")
-    token = None
-    deadline = time.monotonic() + 180
-    try:
-        while token is None:
-            assert process.poll() is None, "airflow standalone exited; see " + log.name
-            assert time.monotonic() < deadline, "API server did not come up; see " + log.name
-            time.sleep(2)
-            if not os.path.exists(passwords):
-                continue
-            password = json.load(open(passwords))["admin"]
-            try:
-                status, body = _request("POST", f"{base}/auth/token", {"username": "admin", "password": password})
-            except (urllib.error.URLError, ConnectionError):
-                continue
-            if status in (200, 201):
-                token = body["access_token"]
-        while _request("GET", f"{base}/api/v2/dags/mnist_training", token=token)[0] != 200:
-            assert time.monotonic() < deadline, "mnist_training never appeared in the API; see " + log.name
-            time.sleep(2)
-        yield base, token
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    # only runs triggered here: no nightly run (default params, real MNIST) queued in front of them
+    with standalone(airflow_home, tmp_path_factory.mktemp("standalone"), wait_for_dag="mnist_training",
+                    AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False") as api:
+        yield api
 
 
 def test_trigger_form_values_out_of_range_are_refused(airflow_api):

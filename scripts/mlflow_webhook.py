@@ -1,0 +1,44 @@
+"""Point MLflow's registry webhook at Airflow's receiver (idempotent: updates the webhook if it exists).
+
+    MLFLOW_TRACKING_URI=... MLOPS_WEBHOOK_SECRET=... python scripts/mlflow_webhook.py --airflow-url http://airflow:8080
+
+MLflow then POSTs every alias change (``model_version_alias.created``), signed with the secret, to
+``<airflow-url>/mlops/webhooks/mlflow``; the receiver turns a move of ``champion`` into a model_promotion run.
+Needs MLflow 3.3+ with a SQL backend (the file store has no webhooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+NAME = "airflow-model-promotion"
+EVENTS = ["model_version_alias.created"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--airflow-url", required=True, help="Airflow API server as MLflow reaches it")
+    args = parser.parse_args()
+    secret = os.environ.get("MLOPS_WEBHOOK_SECRET", "")
+    if len(secret) < 16:
+        print("error: set MLOPS_WEBHOOK_SECRET (at least 16 characters), the same value as on the Airflow API "
+              "server", file=sys.stderr)
+        return 2
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    url = args.airflow_url.rstrip("/") + "/mlops/webhooks/mlflow"
+    existing = next((w for w in client.list_webhooks() if w.name == NAME), None)
+    if existing is None:
+        hook = client.create_webhook(name=NAME, url=url, events=EVENTS, secret=secret,
+                                     description="alias changes -> Airflow model_promotion")
+    else:
+        hook = client.update_webhook(existing.webhook_id, url=url, events=EVENTS, secret=secret, status="ACTIVE")
+    print(f"MLflow webhook {hook.name} ({hook.webhook_id}) -> {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The MLflow webhook receiver (FastAPI app of the plugin): what it accepts, refuses and emits.
+
+Signatures are made the way MLflow makes them (mlflow.webhooks.delivery: HMAC-SHA256 over
+"<delivery id>.<timestamp>.<body>", "v1,<base64>"); emitting the asset event is replaced by a list.
+The real API server, MLflow sending and the resulting DAG run are covered in tests/integration.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import dagsupport  # noqa: F401 - Airflow configured before the plugin is imported
+import pytest
+
+SECRET = "webhook-secret-of-the-tests"
+NOW = 1_800_000_000
+
+
+def _mlflow_signature(secret: str, delivery: str, stamp: str, payload: str) -> str:
+    digest = hmac.new(secret.encode(), f"{delivery}.{stamp}.{payload}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+@pytest.fixture
+def receiver():
+    from fastapi.testclient import TestClient
+    from mlops_airflow.webhooks import create_app
+
+    emitted: list[dict] = []
+    seen: set[str] = set()
+
+    def emit(extra: dict) -> int | None:
+        if extra["delivery_id"] in seen:
+            return None
+        seen.add(extra["delivery_id"])
+        emitted.append(extra)
+        return len(emitted)
+
+    client = TestClient(create_app(secret=lambda: SECRET, emit=emit, clock=lambda: NOW))
+    return client, emitted
+
+
+def _event(alias: str = "champion", entity: str = "model_version_alias", action: str = "created") -> str:
+    return json.dumps({"entity": entity, "action": action, "timestamp": "2027-01-15T08:00:00+00:00",
+                       "data": {"name": "mnist_classifier", "alias": alias, "version": "7"}})
+
+
+def _post(client, payload: str, *, secret: str = SECRET, delivery: str = "d-1", stamp: int = NOW,
+          signature: str | None = None):
+    headers = {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": str(stamp),
+               "X-MLflow-Signature": signature or _mlflow_signature(secret, delivery, str(stamp), payload)}
+    return client.post("/webhooks/mlflow", content=payload, headers=headers)
+
+
+def test_a_signed_champion_alias_event_emits_one_asset_event_and_a_redelivery_none(receiver):
+    client, emitted = receiver
+    first = _post(client, _event())
+    assert first.status_code == 200 and first.json()["asset"] == "mlflow_champion_alias"
+    again = _post(client, _event())  # MLflow retries a delivery it thinks failed: same delivery id
+    assert again.status_code == 200 and again.json() == {"duplicate": "d-1"}
+    assert emitted == [{"kind": "model_version_alias.created", "model_name": "mnist_classifier", "version": "7",
+                        "delivery_id": "d-1"}]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"secret": "another-secret-entirely"}, "signature does not match"),
+    ({"signature": "v1,AAAA"}, "signature does not match"),
+    ({"stamp": NOW - 3600}, "replayed"),
+], ids=["wrong-secret", "forged-signature", "old-timestamp"])
+def test_a_bad_signature_or_a_replayed_delivery_is_refused(receiver, change, words):
+    client, emitted = receiver
+    response = _post(client, _event(), **change)
+    assert response.status_code == 401 and words in response.json()["error"]
+    assert emitted == []
+
+
+def test_a_body_changed_after_signing_is_refused(receiver):
+    client, emitted = receiver
+    signed = _mlflow_signature(SECRET, "d-1", str(NOW), _event())
+    response = _post(client, _event().replace('"7"', '"8"'), signature=signed)
+    assert response.status_code == 401 and emitted == []
+
+
+def test_unsigned_requests_are_refused(receiver):
+    client, emitted = receiver
+    response = client.post("/webhooks/mlflow", content=_event(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 401 and "x-mlflow-signature" in response.json()["error"]
+    assert emitted == []
+
+
+@pytest.mark.parametrize(("entity", "action"), [("model_version", "created"), ("model_version_tag", "set"),
+                                                ("model_version_alias", "deleted")])
+def test_an_event_it_does_not_handle_is_refused(receiver, entity, action):
+    client, emitted = receiver
+    response = _post(client, _event(entity=entity, action=action))
+    assert response.status_code == 422 and f"{entity}.{action}" in response.json()["error"]
+    assert emitted == []
+
+
+def test_a_move_of_another_alias_is_acknowledged_and_ignored(receiver):
+    client, emitted = receiver
+    response = _post(client, _event(alias="challenger"))
+    assert response.status_code == 200 and "ignored" in response.json()
+    assert emitted == []
+
+
+def test_without_a_configured_secret_nothing_is_accepted():
+    from fastapi.testclient import TestClient
+    from mlops_airflow.webhooks import create_app
+
+    emitted: list = []
+    client = TestClient(create_app(secret=lambda: "", emit=emitted.append, clock=lambda: NOW))
+    response = _post(client, _event())
+    assert response.status_code == 503 and "MLOPS_WEBHOOK_SECRET" in response.json()["error"]
+    assert emitted == []
+
+
+def test_the_plugin_mounts_the_receiver_on_the_api_server():
+    import mlops_webhooks
+
+    (app,) = mlops_webhooks.MlopsWebhooksPlugin.fastapi_apps
+    assert app["url_prefix"] == "/mlops"
+    assert "/webhooks/mlflow" in {route.path for route in app["app"].routes}

@@ -1,0 +1,71 @@
+"""An alias moved in MLflow reaches Airflow as a signed webhook and starts exactly one model_promotion run.
+
+Real parts only: the MLflow server (SQLite backend, webhooks on) sends the event; the receiver plugin runs
+in the real Airflow API server (`airflow standalone`); the real scheduler creates the asset-triggered run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from services import ROOT, STEPS_PYTHON, request, standalone
+
+pytestmark = pytest.mark.integration
+
+MODEL = "hook_classifier"
+SECRET = "integration-webhook-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def airflow_api(airflow_home, tmp_path_factory):
+    # The scheduler creates asset-triggered runs only with job scheduling on; mnist_training stays paused.
+    with standalone(airflow_home, tmp_path_factory.mktemp("standalone"), wait_for_dag="model_promotion",
+                    MLOPS_WEBHOOK_SECRET=SECRET, AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="True",
+                    AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2") as api:
+        yield api
+
+
+def _asset_runs(base: str, token: str) -> list[dict]:
+    runs = request("GET", f"{base}/api/v2/dags/model_promotion/dagRuns?limit=100", token=token)[1]["dag_runs"]
+    return [run for run in runs if run["run_type"] == "asset_triggered"]
+
+
+def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api, mlflow_server):
+    base, token = airflow_api
+    assert request("PATCH", f"{base}/api/v2/dags/model_promotion", {"is_paused": False}, token)[0] == 200
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLOPS_WEBHOOK_SECRET": SECRET,
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url", base],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "tests" / "integration" / "register_versions.py"), MODEL,
+                          "good"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (version,) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert _asset_runs(base, token) == []
+
+    # What a reviewer does in the MLflow UI: MLflow now POSTs the signed event to Airflow's receiver.
+    mlflow_server.post("registered-models/alias", {"name": MODEL, "alias": "champion", "version": str(version)})
+    deadline = time.monotonic() + 120
+    while not (runs := _asset_runs(base, token)):
+        assert time.monotonic() < deadline, "no asset-triggered model_promotion run"
+        time.sleep(2)
+    events = request("GET", f"{base}/api/v2/assets/events?limit=50", token=token)[1]["asset_events"]
+    ours = [e for e in events if (e.get("extra") or {}).get("model_name") == MODEL]
+    assert len(ours) == 1 and ours[0]["extra"]["version"] == str(version)
+    assert ours[0]["extra"]["kind"] == "model_version_alias.created"
+
+    # A forged event (wrong secret) is refused at the door; a challenger move is ignored.
+    body = json.dumps({"entity": "model_version_alias", "action": "created",
+                       "data": {"name": MODEL, "alias": "champion", "version": str(version)}}).encode()
+    status, answer = request("POST", f"{base}/mlops/webhooks/mlflow", raw=body,
+                             headers={"X-MLflow-Signature": "v1,Zm9yZ2Vk", "X-MLflow-Delivery-Id": "forged",
+                                      "X-MLflow-Timestamp": str(int(time.time()))})
+    assert status == 401, answer
+    mlflow_server.post("registered-models/alias", {"name": MODEL, "alias": "challenger", "version": str(version)})
+    time.sleep(15)  # several scheduler loops: time for a second run to appear, if anything would make one
+    assert len(_asset_runs(base, token)) == 1
