@@ -1,0 +1,208 @@
+"""The Kubernetes deploy target against a fake API server: the exact patches sent, the rollout wait, the undo.
+
+No cluster here: FakeApps stands in for AppsV1Api. It holds the Deployment of k8s/serving, applies each
+strategic merge patch the way the API server would for these fields (containers and env merged by name),
+answers with real kubernetes-client objects, and plays a rollout. Every Deployment that results from a
+patch is validated against the Kubernetes schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "plugins"))
+
+from mlops_airflow.deploy import DeployFailed, KubernetesTarget, Serving  # noqa: E402
+
+MANIFEST = yaml.safe_load((ROOT / "k8s" / "serving" / "deployment.yaml").read_text())
+MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+def _merge(target: dict, patch: dict) -> dict:
+    """Strategic merge of the fields promotion patches: maps recursively, containers/env lists by name."""
+    for key, value in patch.items():
+        if isinstance(value, dict):
+            target[key] = _merge(target.get(key) or {}, value)
+        elif isinstance(value, list) and key in ("containers", "env"):
+            by_name = {item["name"]: item for item in target.get(key, [])}
+            for item in value:
+                if item["name"] in by_name:
+                    _merge(by_name[item["name"]], item)
+                else:
+                    target.setdefault(key, []).append(item)
+        else:
+            target[key] = value
+    return target
+
+
+class FakeApps:
+    """AppsV1Api for one Deployment; a version in ``never_ready`` never gets a ready pod."""
+
+    def __init__(self, never_ready: set[str] = frozenset(), polls_to_roll_out: int = 2) -> None:
+        self.deployment = copy.deepcopy(MANIFEST)
+        self.deployment["metadata"]["generation"] = 1
+        self.deployment["status"] = self._done(1)
+        self.never_ready, self.polls_to_roll_out = never_ready, polls_to_roll_out
+        self.patches: list[tuple[dict, str]] = []
+        self.status_reads = 0
+        self._rolling = 0
+
+    def _done(self, generation: int) -> dict:
+        replicas = self.deployment["spec"]["replicas"] if hasattr(self, "deployment") else MANIFEST["spec"]["replicas"]
+        return {"observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": replicas, "availableReplicas": replicas,
+                "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}
+
+    def _object(self) -> object:
+        from kubernetes import client
+
+        class Response:
+            data = json.dumps(self.deployment)
+
+        return client.ApiClient().deserialize(Response(), "V1Deployment")
+
+    def read_namespaced_deployment(self, name: str, namespace: str) -> object:
+        assert (name, namespace) == ("model-server", "mlops")
+        return self._object()
+
+    def patch_namespaced_deployment(self, name: str, namespace: str, body: dict, _content_type: str) -> object:
+        assert (name, namespace) == ("model-server", "mlops")
+        self.patches.append((copy.deepcopy(body), _content_type))
+        _merge(self.deployment, body)
+        self.deployment["metadata"]["generation"] += 1
+        self._rolling = 0
+        return self._object()
+
+    def read_namespaced_deployment_status(self, name: str, namespace: str) -> object:
+        self.status_reads += 1
+        self._rolling += 1
+        generation = self.deployment["metadata"]["generation"]
+        replicas = self.deployment["spec"]["replicas"]
+        version = self.deployment["spec"]["template"]["metadata"]["labels"]["mlops/model-version"]
+        if version in self.never_ready:  # the surge pod never becomes ready; the old pods keep serving
+            status = {"observedGeneration": generation, "replicas": replicas + 1, "updatedReplicas": 1,
+                      "readyReplicas": replicas, "availableReplicas": replicas, "unavailableReplicas": 1,
+                      "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]}
+            if self._rolling > 2:
+                status["conditions"] = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                         "message": 'ReplicaSet "model-server-7d9" has timed out progressing.'}]
+        elif self._rolling < self.polls_to_roll_out:
+            status = {"observedGeneration": generation, "replicas": replicas + 1, "updatedReplicas": 1,
+                      "readyReplicas": replicas, "availableReplicas": replicas, "unavailableReplicas": 1}
+        else:
+            status = self._done(generation)
+        self.deployment["status"] = status
+        return self._object()
+
+
+def _target(apps: FakeApps, **kwargs) -> KubernetesTarget:
+    return KubernetesTarget(apps, namespace="mlops", deployment="model-server", model_name="mnist_classifier",
+                            poll_seconds=0, sleep=lambda s: None, **kwargs)
+
+
+def _validate(deployment: dict) -> None:
+    import kubernetes_validate
+
+    manifest = {k: v for k, v in deployment.items() if k != "status"}
+    kubernetes_validate.validate(manifest, desired_version="1.33", strict=True)
+
+
+def _env(apps: FakeApps) -> dict[str, str]:
+    container = apps.deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_the_manifest_as_applied_serves_the_champion_alias_and_no_known_version():
+    assert _target(FakeApps()).current() == Serving(None, "models:/mnist_classifier@champion")
+
+
+def test_promotion_sends_exactly_one_patch_of_model_uri_and_version_label_and_waits_for_the_rollout():
+    apps = FakeApps(polls_to_roll_out=3)
+    _target(apps).deploy("7")
+    assert apps.patches == [({
+        "metadata": {"annotations": {"kubernetes.io/change-cause":
+                                     "model promotion: mnist_classifier version 7 (models:/mnist_classifier/7)"}},
+        "spec": {"template": {
+            "metadata": {"labels": {"mlops/model-version": "7"}},
+            "spec": {"containers": [{"name": "server",
+                                     "env": [{"name": "MODEL_URI", "value": "models:/mnist_classifier/7"}]}]}}},
+    }, MERGE_PATCH)]
+    assert apps.status_reads == 3  # returned only once every replica was updated and available
+    _validate(apps.deployment)
+    assert _env(apps) == {"MODEL_NAME": "mnist_classifier", "MODEL_URI": "models:/mnist_classifier/7", "HOME": "/tmp"}
+    assert _target(apps).current() == Serving("7", "models:/mnist_classifier/7")
+    # the rest of the template (probes, strategy, security) is untouched
+    rest = copy.deepcopy(apps.deployment)
+    rest["spec"]["template"]["metadata"]["labels"]["mlops/model-version"] = "none"
+    rest["spec"]["template"]["spec"]["containers"][0]["env"][1]["value"] = "models:/mnist_classifier@champion"
+    assert rest["spec"] == MANIFEST["spec"]
+
+
+def test_a_rollout_that_makes_no_progress_fails_and_restore_patches_the_previous_version_back():
+    apps = FakeApps(never_ready={"8"})
+    target = _target(apps)
+    target.deploy("7")
+    before = target.current()
+    with pytest.raises(DeployFailed, match="made no progress.*timed out progressing"):
+        target.deploy("8")
+    target.restore(before)
+    assert [body["spec"]["template"]["metadata"]["labels"]["mlops/model-version"] for body, _ in apps.patches] == [
+        "7", "8", "7"]
+    assert apps.patches[-1] == apps.patches[0]  # the undo is the very patch that deployed version 7
+    assert target.current() == Serving("7", "models:/mnist_classifier/7")
+    _validate(apps.deployment)
+
+
+def test_a_rollout_still_incomplete_at_the_timeout_fails_with_the_replica_counts():
+    apps = FakeApps(polls_to_roll_out=10**6)
+    now = iter(range(0, 10**6, 60))
+    target = _target(apps, rollout_timeout=300, clock=lambda: next(now))
+    with pytest.raises(DeployFailed, match=r"not done after 300 s: 1/2 updated"):
+        target.deploy("9")
+
+
+def test_restoring_after_a_failed_first_promotion_returns_to_the_manifest_as_applied():
+    apps = FakeApps(never_ready={"3"})
+    target = _target(apps)
+    before = target.current()
+    with pytest.raises(DeployFailed):
+        target.deploy("3")
+    target.restore(before)
+    body, _ = apps.patches[-1]
+    assert body["spec"]["template"]["metadata"]["labels"] == {"mlops/model-version": "none"}
+    assert _env(apps)["MODEL_URI"] == "models:/mnist_classifier@champion"
+    _validate(apps.deployment)
+
+
+def test_restore_sends_nothing_when_the_deployment_already_serves_the_previous_version():
+    apps = FakeApps()
+    target = _target(apps)
+    target.deploy("4")
+    target.restore(target.current())
+    assert len(apps.patches) == 1
+
+
+def test_the_target_uses_the_client_of_the_providers_hook(monkeypatch):
+    from kubernetes import client
+    from mlops_airflow import deploy, settings
+
+    made = {}
+
+    class Hook:
+        def __init__(self, conn_id: str) -> None:
+            made["conn_id"] = conn_id
+            self.api_client = client.ApiClient()
+
+    monkeypatch.setattr("airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook", Hook)
+    monkeypatch.setenv("MLOPS_DEPLOY_TARGET", "kubernetes")
+    monkeypatch.setenv("MLOPS_KUBERNETES_CONN_ID", "serving_cluster")
+    target = deploy.for_settings(settings.load(), "mnist_classifier")
+    assert isinstance(target, KubernetesTarget) and isinstance(target.apps, client.AppsV1Api)
+    assert (made["conn_id"], target.namespace, target.deployment) == ("serving_cluster", "mlops", "model-server")
