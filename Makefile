@@ -25,7 +25,7 @@ TEST_MARKERS ?= not slow
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: envs demo test test-steps test-airflow bench mlflow-start mlflow-stop airflow-ui lock clean
+.PHONY: envs demo test test-steps test-airflow bench mlflow-start mlflow-stop serving-start serving-stop airflow-ui lock clean
 
 envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
 
@@ -57,6 +57,12 @@ mlflow-start: envs
 mlflow-stop:
 	mlflow/server.sh stop
 
+serving-start: envs
+	scripts/serving.sh start
+
+serving-stop:
+	scripts/serving.sh stop
+
 airflow-ui: envs
 	scripts/airflow-standalone.sh
 
@@ -66,5 +72,6 @@ lock:
 	$(STEPS_PY) -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
 
 clean:
+	-scripts/serving.sh stop
 	-mlflow/server.sh stop
 	rm -rf var

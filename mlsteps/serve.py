@@ -242,8 +242,11 @@ class ModelHolder:
             log.error("could not load %s: %s", uri or self.name, f"{type(exc).__name__}: {exc}")
             return
         with self._swap:
-            if self.served is None:
-                self.served, self.state, self.error = served, "AVAILABLE", ""
+            if self.served is not None:  # a version deployed meanwhile wins
+                return
+            self.served, self.state, self.error = served, "AVAILABLE", ""
+            if self.config.deployment_file and not read_deployment(self.config.deployment_file):
+                write_deployment(self.config.deployment_file, self.name, served, "")  # a restart keeps it
         if self.on_loaded:
             self.on_loaded()
         log.info("serving %s version %s", self.name, self.version)

@@ -41,6 +41,19 @@ fi
 echo
 .venvs/steps/bin/python scripts/show_model.py --model-name mnist_classifier --alias challenger
 echo
+# Serve: the supervised local model server, then model_promotion reconciles it to the alias champion
+# (infra-validation in a throwaway server, switch in place, smoke test; a no-op if it already serves it).
+serving_url=$(MODEL_NAME=mnist_classifier scripts/serving.sh start)
+echo "model server: $serving_url (scripts/serving.sh; log var/serving/server.log)"
+echo "airflow dags test model_promotion   (full log: var/promotion.log)"
+MLOPS_SERVING_URL=$serving_url airflow dags test model_promotion -c '{"model_name": "mnist_classifier"}' \
+  >var/promotion.log 2>&1 || true
+if grep -q "Marking run .* successful" var/promotion.log; then
+  grep -oE "(promoting|serving already runs|has no version with alias) [^[]*" var/promotion.log | head -n 1 || true
+else
+  echo "model_promotion failed (it rolled serving back); see var/promotion.log" >&2
+fi
+echo
 # (TensorFlow, imported to read the test image, prints C++ start-up lines on stderr: hidden here)
-.venvs/steps/bin/python scripts/predict_champion.py --model-name mnist_classifier \
+.venvs/steps/bin/python scripts/predict_champion.py --model-name mnist_classifier --url "$serving_url" \
   --data-root "${MLOPS_DATA_ROOT:-$root/var/data}" 2> >(grep -vE '^[IWE][0-9]{4} |^WARNING: All log' >&2)
