@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The local model server (the local deploy target): started, supervised and stopped here.
 #   scripts/serving.sh start|stop|status|url
-# A supervisor loop restarts the server if it dies; the server comes back with the version it served
+# A supervisor loop restarts the server whenever it exits ('stop' ends both); the server comes back with the version it served
 # (var/serving/deployed.json), not with whatever the alias says now. model_promotion switches versions
 # through its /admin/deploy endpoint, authenticated by the token in var/serving/admin-token.
 # Settings (environment): SERVING_PORT (8501), SERVING_HOST (127.0.0.1), MODEL_NAME (mnist_classifier),
@@ -34,8 +34,9 @@ case "${1:-}" in
     MLFLOW_TRACKING_URI=$tracking setsid bash -c '
       while true; do
         "$0" -m mlsteps.serve --model-name "$1" --host "$2" --port "$3" \
-          --deployment-file "$4/deployed.json" --admin-token-file "$4/admin-token" && exit 0
-        echo "$(date -u +%FT%TZ) supervisor: model server exited with code $?; restarting in 2 s"
+          --deployment-file "$4/deployed.json" --admin-token-file "$4/admin-token"
+        code=$?
+        echo "$(date -u +%FT%TZ) supervisor: model server exited with code $code; restarting in 2 s"
         sleep 2
       done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
