@@ -39,7 +39,7 @@ def _now() -> str:
 
 @task.short_circuit(task_id="plan", execution_timeout=timedelta(minutes=5))
 def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = None,
-         run_id: str | None = None) -> dict[str, Any]:
+         run_id: str | None = None, dag_run: Any = None) -> dict[str, Any]:
     """What to deploy: ``version`` if given, else the champion; nothing if it is already served."""
     from mlops_airflow.deploy import TargetUnavailable
 
@@ -63,7 +63,9 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
     if before.version == wanted:
         log.info("serving already runs %s version %s (%s): nothing to do", name, wanted, CHAMPION)
         return {}
-    trigger = "manual" if manual else ("mlflow webhook" if events else "schedule")
+    run_type = str(getattr(dag_run, "run_type", "") or "")
+    trigger = "manual" if manual else ("mlflow webhook" if events else
+                                       "schedule" if run_type.endswith("scheduled") else "by hand")
     log.info("promoting %s version %s (serving now: %s; trigger: %s)", name, wanted, before.version or "nothing",
              trigger)
     return {"model_name": name, "version": wanted, "previous_version": before.version,
@@ -108,7 +110,7 @@ def smoke(url: str, name: str, version: str, requests: int, timeout: float = 10.
             if served != version:
                 raise AssertionError(f"request {i + 1} was answered by version {served}, not {version}")
             row = response.json()["predictions"][0]
-            if len(row) < 2 or abs(sum(row) - 1) > 0.01:
+            if len(row) < 2 or abs(sum(row) - 1) > 0.05:  # int8 outputs: steps of 1/256 per class
                 raise AssertionError(f"request {i + 1}: not a probability row: {row}")
     return f"passed: {requests} requests to {url}, all answered by version {version}"
 

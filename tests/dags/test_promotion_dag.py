@@ -85,7 +85,9 @@ def plan_with(monkeypatch):
         monkeypatch.setattr(promotion, "_context", lambda: (None, FakeRegistry(champion)))
         monkeypatch.setattr(promotion, "_target", target)
         params = {"model_name": model_name, "version": version}
-        return promotion.plan.function(params=params, triggering_asset_events=events, run_id="r1"), seen
+        dag_run = SimpleNamespace(run_type="asset_triggered" if events else "scheduled")
+        return promotion.plan.function(params=params, triggering_asset_events=events, run_id="r1",
+                                       dag_run=dag_run), seen
 
     return run
 
