@@ -146,7 +146,7 @@ def main() -> None:
             answers = load.window(start, end)
             failed = [a for a in answers if a[1] != 200]
             latencies = [a[3] for a in answers if a[1] == 200]
-            seen = sorted({a[2] for a in answers if a[1] == 200})
+            seen = list(dict.fromkeys(a[2] for a in sorted(answers) if a[1] == 200))  # in the order they answered
             champion = client.get_model_version_by_alias(MODEL, "champion").version
             results[name] = {"run_state": state, "seconds": round(end - start, 1), "requests": len(answers),
                              "failed": len(failed), "failures": [list(map(str, a)) for a in failed[:10]],

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+# Pre-imported once by the DAG processor (see mnist_training.py): the infra_validate pod's operator.
+import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param
 from mlops_airflow.promotion import deploy, plan, record, rollback, smoke_test
 from mlops_airflow.settings import load

@@ -29,12 +29,17 @@ def airflow_api(airflow_home, tmp_path_factory):
         yield api
 
 
+@pytest.fixture
+def request_finalizer(request):
+    return request.addfinalizer
+
+
 def _asset_runs(base: str, token: str) -> list[dict]:
     runs = request("GET", f"{base}/api/v2/dags/model_promotion/dagRuns?limit=100", token=token)[1]["dag_runs"]
     return [run for run in runs if run["run_type"] == "asset_triggered"]
 
 
-def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api, mlflow_server):
+def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api, mlflow_server, request_finalizer):
     base, token = airflow_api
     assert request("PATCH", f"{base}/api/v2/dags/model_promotion", {"is_paused": False}, token)[0] == 200
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLOPS_WEBHOOK_SECRET": SECRET,
@@ -42,6 +47,10 @@ def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api,
     out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url", base],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    request_finalizer(lambda: subprocess.run(  # later alias moves must not post to a stopped Airflow
+        [str(STEPS_PYTHON), "-c", "import mlflow; c = mlflow.MlflowClient(); "
+         "[c.delete_webhook(w.webhook_id) for w in c.list_webhooks() if w.name == 'airflow-model-promotion']"],
+        env=env, capture_output=True, timeout=120))
     out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "tests" / "integration" / "register_versions.py"), MODEL,
                           "good"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -70,3 +70,16 @@ def test_server_pod_is_hardened_and_uses_its_own_service_account():
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert spec["serviceAccountName"] == OBJECTS["ServiceAccount"]["metadata"]["name"]
     assert container["image"].startswith("ghcr.io/mlops-mnist/serving:")
+
+
+def test_promotion_may_read_and_patch_only_the_model_server():
+    import sys
+
+    sys.path.insert(0, str(FOLDER.parents[1] / "plugins"))
+    from mlops_airflow.settings import load
+
+    role, binding = OBJECTS["Role"], OBJECTS["RoleBinding"]
+    (rule,) = role["rules"]
+    assert rule["resourceNames"] == [OBJECTS["Deployment"]["metadata"]["name"]] == [load().serving_deployment]
+    assert set(rule["verbs"]) == {"get", "patch"} and set(rule["resources"]) == {"deployments", "deployments/status"}
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
