@@ -171,15 +171,16 @@ def load_version(config: ServeConfig, uri: str) -> Served:
     return Served(runner, version, "tflite" if tflite else "pyfunc")
 
 
-def read_deployment(path: str) -> str:
-    """The version a deployment file records ("" if there is none yet)."""
+def read_deployment(path: str, model_name: str) -> str:
+    """The version of ``model_name`` a deployment file records ("" if none: no file, or another model's)."""
     import json
 
     if not path or not Path(path).exists():
         return ""
     try:
-        return str(json.loads(Path(path).read_text())["version"])
-    except (ValueError, KeyError, TypeError) as exc:
+        record = json.loads(Path(path).read_text())
+        return str(record["version"]) if record.get("model_name", model_name) == model_name else ""
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StepError(f"{path} is not a deployment record ({exc}); delete it to serve the champion") from None
 
 
@@ -227,7 +228,7 @@ class ModelHolder:
     def initial_uri(self) -> str:
         if self.config.model_uri:
             return self.config.model_uri
-        deployed = read_deployment(self.config.deployment_file)
+        deployed = read_deployment(self.config.deployment_file, self.name)
         return f"models:/{self.name}/{deployed}" if deployed else f"models:/{self.name}@{CHAMPION}"
 
     def load(self) -> None:
@@ -245,7 +246,7 @@ class ModelHolder:
             if self.served is not None:  # a version deployed meanwhile wins
                 return
             self.served, self.state, self.error = served, "AVAILABLE", ""
-            if self.config.deployment_file and not read_deployment(self.config.deployment_file):
+            if self.config.deployment_file and not read_deployment(self.config.deployment_file, self.name):
                 write_deployment(self.config.deployment_file, self.name, served, "")  # a restart keeps it
         if self.on_loaded:
             self.on_loaded()

@@ -140,7 +140,9 @@ def record(ti: Any = None) -> dict[str, Any]:
                                       "promotion.previous_version": planned["previous_version"] or "",
                                       "promotion.trigger": planned["trigger"],
                                       "promotion.dag_run_id": planned["run_id"] or ""})
-    if registry.alias(name, CHAMPION) != version:
+    # Only a version given by hand moves the alias: otherwise the alias may have moved on meanwhile, and the
+    # run its webhook queued will deploy that version next.
+    if planned["trigger"] == "manual" and registry.alias(name, CHAMPION) != version:
         registry.set_alias(name, CHAMPION, version)
         log.info("alias %s of %s moved to version %s (promoted by hand)", CHAMPION, name, version)
     return {"model_name": name, "serving": version, "previous_version": planned["previous_version"]}

@@ -97,6 +97,7 @@ def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK
                emit: Callable[[dict[str, Any]], int | None] = emit_asset_event,
                clock: Callable[[], float] = time.time) -> Any:
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
     app = FastAPI(title="MLflow webhook receiver", description=__doc__)
@@ -116,7 +117,8 @@ def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK
         if event["alias"] != ALIAS:
             return JSONResponse({"ignored": f"alias {event['alias']} is not {ALIAS}"})
         try:
-            event_id = emit({k: v for k, v in event.items() if k != "alias"})
+            # a database write: off the API server's event loop
+            event_id = await run_in_threadpool(emit, {k: v for k, v in event.items() if k != "alias"})
         except LookupError as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         if event_id is None:

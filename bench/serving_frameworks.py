@@ -1,0 +1,213 @@
+"""Serving frameworks side by side: the same LiteRT model behind Starlette (ours), FastAPI and KServe.
+
+Why mlsteps.serve is a Starlette app: this measures the choice. One int8 `.tflite` of the pipeline's CNN
+(width 32), three servers on the same request (TF Serving `:predict`, one 28×28 image as JSON), each
+validating shape and pixel range and running the same LiteRT interpreter call:
+  mlsteps.serve      the real server (Starlette on uvicorn + uvloop/httptools, orjson), model from MLflow
+  FastAPI            the idiomatic FastAPI app: a pydantic body model, ORJSONResponse, same uvicorn stack
+  KServe ModelServer kserve.Model subclass (KServe's Python model server: its own FastAPI app, v1 protocol)
+Load: wrk, one thread, on the same 2 cores; max throughput at 4 and 16 connections, then ~100 req/s.
+
+The FastAPI and KServe servers run in .venvs/bench-frameworks (bench/requirements-frameworks.txt, created
+here on first use); mlsteps.serve in the steps environment.
+Run: .venvs/steps/bin/python bench/serving_frameworks.py   (needs wrk: apt-get install wrk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import free_port, start_mlflow, stop_mlflow, table, write
+from serving import lua, run_wrk, wait
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venvs" / "bench-frameworks"
+MODEL = "bench_frameworks"
+
+COMMON = r'''
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+
+class Runner:
+    """One interpreter per batch size, as mlsteps.serve does."""
+
+    def __init__(self, path):
+        self.content = open(path, "rb").read()
+        self.by_batch = {}
+
+    def predict(self, images):
+        batch = len(images)
+        if batch not in self.by_batch:
+            interpreter = Interpreter(model_content=self.content, num_threads=1)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, [batch, 28, 28])
+            interpreter.allocate_tensors()
+            self.by_batch[batch] = (interpreter, index, interpreter.get_output_details()[0]["index"])
+        interpreter, index, out = self.by_batch[batch]
+        interpreter.set_tensor(index, images)
+        interpreter.invoke()
+        return interpreter.get_tensor(out)
+
+
+def check(images):
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or not 1 <= len(images) <= 256:
+        raise ValueError(f"expected images of shape (N, 28, 28), got {images.shape}")
+    if images.min() < 0 or images.max() > 255:
+        raise ValueError("pixel values must be in 0..255")
+    return images
+'''
+
+FASTAPI_APP = COMMON + r'''
+import sys
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import ORJSONResponse
+from pydantic import BaseModel
+
+runner = Runner(sys.argv[1])
+app = FastAPI()
+
+
+class Predict(BaseModel):
+    instances: list[list[list[float]]]
+
+
+@app.post("/v1/models/{name}:predict", response_class=ORJSONResponse)
+def predict(name: str, body: Predict):
+    try:
+        images = check(np.asarray(body.instances, dtype=np.float32))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc))
+    return ORJSONResponse({"predictions": runner.predict(images).tolist(), "model_name": name})
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")
+'''
+
+KSERVE_APP = COMMON + r'''
+import sys
+import kserve
+
+
+class LiteRTModel(kserve.Model):
+    def __init__(self, name, path):
+        super().__init__(name)
+        self.path = path
+        self.load()
+
+    def load(self):
+        self.runner = Runner(self.path)
+        self.ready = True
+        return self.ready
+
+    def predict(self, payload, headers=None):
+        images = check(np.asarray(payload["instances"], dtype=np.float32))
+        return {"predictions": self.runner.predict(images).tolist()}
+
+
+if __name__ == "__main__":
+    path, name = sys.argv[1], sys.argv[2]
+    sys.argv = sys.argv[:1] + sys.argv[3:]  # the rest are ModelServer's own flags
+    kserve.ModelServer().start([LiteRTModel(name, path)])
+'''
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--connections", type=int, nargs="*", default=[4, 16])
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r",
+                        str(ROOT / "bench" / "requirements-frameworks.txt")], check=True)
+    import mlflow
+    import numpy as np
+
+    work = Path(tempfile.mkdtemp(prefix="bench_frameworks_"))
+    env, url = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="3")
+    servers: list[subprocess.Popen] = []
+    results: dict[str, dict] = {}
+    versions = {}
+    try:
+        tflite = work / "model.tflite"
+        script = ("import sys, numpy as np, tf_keras\nfrom mlsteps import compress, model\n"
+                  "net = model.build(image_shape=(28, 28), num_classes=10, width=32, keras_module=tf_keras)\n"
+                  "rep = np.random.default_rng(0).uniform(0, 255, (200, 28, 28)).astype(np.float32)\n"
+                  "open(sys.argv[1], 'wb').write(compress.convert(net, 'int8', rep))\n")
+        subprocess.run([sys.executable, "-c", script, str(tflite)], env=env, check=True, capture_output=True)
+        mlflow.set_tracking_uri(url)
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="compressed_model", artifacts={"tflite": str(tflite)},
+                                           python_model=str(ROOT / "mlsteps" / "litert_model.py"))
+        version = mlflow.register_model(info.model_uri, MODEL).version
+        (work / "fastapi_app.py").write_text(FASTAPI_APP)
+        (work / "kserve_app.py").write_text(KSERVE_APP)
+        for name in ("kserve", "fastapi", "starlette", "uvicorn", "pydantic"):
+            out = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version('{name}'))"],
+                                 capture_output=True, text=True)
+            versions[name] = out.stdout.strip()
+
+        ports = {name: free_port() for name in ("ours", "fastapi", "kserve")}
+        launches = {
+            "mlsteps.serve (Starlette)": ([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, "--model-uri",
+                                           f"models:/{MODEL}/{version}", "--host", "127.0.0.1", "--port",
+                                           str(ports["ours"])], ports["ours"], "/v2/health/ready"),
+            f"FastAPI {versions['fastapi']} (pydantic body)": (
+                [str(python), str(work / "fastapi_app.py"), str(tflite), str(ports["fastapi"])], ports["fastapi"],
+                "/docs"),
+            f"KServe {versions['kserve']} ModelServer": (
+                [str(python), str(work / "kserve_app.py"), str(tflite), MODEL, "--http_port", str(ports["kserve"]),
+                 "--grpc_port", str(free_port()), "--workers", "1", "--enable_grpc", "false",
+                 "--enable_latency_logging", "false"], ports["kserve"], f"/v1/models/{MODEL}"),
+        }
+        image = np.random.default_rng(1).uniform(0, 255, (1, 28, 28)).round().tolist()
+        path = f"/v1/models/{MODEL}:predict"
+        for name, (command, port, ready) in launches.items():
+            log = (work / f"{port}.log").open("wb")
+            server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            servers.append(server)
+            base = f"http://127.0.0.1:{port}"
+            wait(base + ready, seconds=120)
+            subprocess.run(["wrk", "-t1", "-c2", "-d2s", "-s", str(lua(work, path, {"instances": image}, 0)), base],
+                           capture_output=True, check=True)  # warm-up
+            row: dict = {}
+            for connections in args.connections:
+                row[f"max_c{connections}"] = run_wrk(base, lua(work, path, {"instances": image}, 0), connections,
+                                                     args.seconds)
+                print(name, connections, "connections:", row[f"max_c{connections}"], flush=True)
+            row["rate_100"] = run_wrk(base, lua(work, path, {"instances": image}, 20), 2, args.seconds)
+            print(name, "~100 req/s:", row["rate_100"], flush=True)
+            results[name] = row
+            os.killpg(server.pid, signal.SIGTERM)  # one server at a time: each gets the same 2 cores
+            server.wait(timeout=30)
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
+        stop_mlflow(env)
+    rows = []
+    for name, row in results.items():
+        for key, r in row.items():
+            label = "~100 req/s (2 conn., 20 ms pause)" if key == "rate_100" else f"max, {key[5:]} connections"
+            rows.append([name, label, round(r["rps"]), round(r["p50_ms"], 2), round(r["p99_ms"], 2), r["errors"]])
+    print(table(["server", "load", "requests/s", "p50 ms", "p99 ms", "errors"], rows))
+    print("written:", write("serving_frameworks", {"settings": vars(args), "versions": versions, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
