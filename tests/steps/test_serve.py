@@ -364,3 +364,13 @@ def test_infra_validation_fails_a_version_the_server_cannot_load_and_says_why(tm
     assert "could not load it" in out.stderr and "Traceback" not in out.stderr
     assert seen["result"] is None
     assert seen["tags"]["promotion.infra_validation"].startswith("failed: the model server could not load it")
+
+
+def test_server_and_infra_validation_import_nothing_the_serving_image_lacks():
+    """images/serving has no TensorFlow, Keras, pandas or Optuna: neither module may need them."""
+    probe = ("import sys, mlsteps.serve, mlsteps.infra_validate\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'tensorflow', 'keras', 'tf_keras', 'pandas', 'optuna', 'matplotlib', 'sklearn'}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=step_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
