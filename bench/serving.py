@@ -144,6 +144,11 @@ def main() -> None:
         wait(f"http://127.0.0.1:{keras_port}/ping", seconds=180)
         targets["mlflow models serve (float Keras version)"] = (f"http://127.0.0.1:{keras_port}", "/invocations",
                                                                {"inputs": image})
+        # The HTTP stack's own ceiling here: our server answering a body-less GET (no JSON, no model).
+        out = subprocess.run(["wrk", "-t1", "-c16", f"-d{args.seconds}s", "--latency",
+                              f"http://127.0.0.1:{ours}/v2/health/live"], capture_output=True, text=True, check=True)
+        ceiling = parse_wrk(out.stdout)
+        print("GET /v2/health/live, 16 connections:", ceiling, flush=True)
         for name, (base, path, body) in targets.items():
             row: dict = {}
             subprocess.run(["wrk", "-t1", "-c2", "-d2s", "-s", str(lua(work, path, body, 0)), base],
@@ -176,7 +181,10 @@ def main() -> None:
     print(f"max throughput: ours {best[names[0]]:.0f} req/s, mlflow models serve {best[names[1]]:.0f} req/s on "
           f"the same version ({ratio:.1f}x), {best[names[2]]:.0f} req/s on the float Keras version "
           f"({keras_ratio:.1f}x); p99 at ~100 req/s {ours_rate['p99_ms']:.2f} ms; goals: {goals}")
+    print(f"HTTP ceiling (GET /v2/health/live, 16 connections): {ceiling['rps']:.0f} req/s; 20x mlflow models serve "
+          f"would need {20 * best[names[1]]:.0f} req/s")
     print("written:", write("serving", {"settings": vars(args), "results": results, "max_rps": best,
+                                        "http_ceiling": ceiling,
                                         "ratio_vs_mlflow": ratio, "ratio_vs_mlflow_keras": keras_ratio,
                                         "goals": goals}))
 

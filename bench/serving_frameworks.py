@@ -32,18 +32,25 @@ VENV = ROOT / ".venvs" / "bench-frameworks"
 MODEL = "bench_frameworks"
 
 COMMON = r'''
+import threading
+
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 
 class Runner:
-    """One interpreter per batch size, as mlsteps.serve does."""
+    """One interpreter per batch size, as mlsteps.serve does (and, like it, one call at a time)."""
 
     def __init__(self, path):
         self.content = open(path, "rb").read()
         self.by_batch = {}
+        self.lock = threading.Lock()
 
     def predict(self, images):
+        with self.lock:
+            return self._predict(images)
+
+    def _predict(self, images):
         batch = len(images)
         if batch not in self.by_batch:
             interpreter = Interpreter(model_content=self.content, num_threads=1)
@@ -54,7 +61,7 @@ class Runner:
         interpreter, index, out = self.by_batch[batch]
         interpreter.set_tensor(index, images)
         interpreter.invoke()
-        return interpreter.get_tensor(out)
+        return interpreter.get_tensor(out).copy()
 
 
 def check(images):
@@ -81,7 +88,7 @@ class Predict(BaseModel):
 
 
 @app.post("/v1/models/{name}:predict", response_class=ORJSONResponse)
-def predict(name: str, body: Predict):
+async def predict(name: str, body: Predict):  # inline on the event loop, as mlsteps.serve runs inference
     try:
         images = check(np.asarray(body.instances, dtype=np.float32))
     except ValueError as exc:
