@@ -120,3 +120,128 @@ def test_plan_follows_the_model_named_by_the_webhook_event(plan_with):
     planned, seen = plan_with(champion="3", served="1", events={"mlflow_champion_alias": [event]})
     assert seen["model"] == "fashion_classifier"
     assert (planned["model_name"], planned["trigger"]) == ("fashion_classifier", "mlflow webhook")
+
+
+class RecordingRegistry(FakeRegistry):
+    def __init__(self, champion: str | None) -> None:
+        super().__init__(champion)
+        self.tags: dict[str, dict[str, str]] = {}
+        self.moves: list[tuple[str, str | None]] = []
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.champion = version
+        self.moves.append(("set", version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.champion = None
+        self.moves.append(("delete", None))
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        self.tags.setdefault(version, {}).update(tags)
+
+
+class FakeTarget:
+    def __init__(self) -> None:
+        self.restored = []
+
+    def restore(self, before) -> None:
+        self.restored.append(before)
+
+
+@pytest.fixture
+def after_plan(monkeypatch):
+    """Run a task function after plan chose ``planned``, against a recording registry and target."""
+    from mlops_airflow import promotion
+
+    def run(task, champion: str | None, **planned):
+        registry, target = RecordingRegistry(champion), FakeTarget()
+        monkeypatch.setattr(promotion, "_context", lambda: (None, registry))
+        monkeypatch.setattr(promotion, "_target", lambda settings, name: target)
+        plan = {"model_name": "m", "version": "3", "previous_version": "2", "previous_model_uri": "models:/m/2",
+                "trigger": "mlflow webhook", "run_id": "r1", **planned}
+        ti = SimpleNamespace(xcom_pull=lambda task_ids: plan if task_ids == "plan" else None)
+        error = None
+        try:
+            task.function(ti=ti)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            error = exc
+        return registry, target, error
+
+    return run
+
+
+def test_rollback_restores_serving_and_the_alias_tags_the_version_and_fails_the_run(after_plan):
+    from airflow.sdk.exceptions import AirflowFailException
+    from mlops_airflow import promotion
+    from mlops_airflow.deploy import Serving
+
+    registry, target, error = after_plan(promotion.rollback, champion="3")
+    assert target.restored == [Serving("2", "models:/m/2")]
+    assert registry.moves == [("set", "2")]
+    assert registry.tags["3"]["promotion.status"] == "failed" and registry.tags["3"]["promotion.rolled_back_to"] == "2"
+    assert isinstance(error, AirflowFailException) and "back at version 2" in str(error)
+
+
+def test_rollback_leaves_an_alias_someone_moved_on_meanwhile(after_plan):
+    from mlops_airflow import promotion
+
+    registry, target, _ = after_plan(promotion.rollback, champion="4")  # a reviewer approved version 4 meanwhile
+    assert registry.moves == [] and registry.champion == "4"
+    assert len(target.restored) == 1
+
+
+def test_rollback_of_a_first_promotion_removes_the_alias(after_plan):
+    from mlops_airflow import promotion
+
+    registry, _, error = after_plan(promotion.rollback, champion="3", previous_version=None, previous_model_uri="")
+    assert registry.moves == [("delete", None)] and "(none)" in str(error)
+
+
+def test_record_moves_the_alias_only_for_a_version_given_by_hand(after_plan):
+    from mlops_airflow import promotion
+
+    registry, _, error = after_plan(promotion.record, champion="4")  # webhook run for 3; 4 approved since
+    assert error is None and registry.moves == [] and registry.tags["3"]["promotion.status"] == "serving"
+    registry, _, _ = after_plan(promotion.record, champion="2", trigger="manual")
+    assert registry.moves == [("set", "3")] and registry.tags["3"]["promotion.trigger"] == "manual"
+
+
+@pytest.fixture
+def fake_server():
+    """A model server stand-in on a free port answering predictions as version ``versions[0]``."""
+    import http.server
+    import json
+    import threading
+
+    answer = {"version": "3", "row": [0.1] * 10}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"predictions": [answer["row"]]}).encode()
+            self.send_response(200)
+            self.send_header("X-Model-Version", answer["version"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", answer
+    server.shutdown()
+
+
+def test_smoke_test_passes_only_when_every_answer_comes_from_the_new_version(fake_server):
+    from mlops_airflow.promotion import smoke
+
+    url, answer = fake_server
+    assert smoke(url, "m", "3", requests=5).startswith("passed: 5 requests")
+    answer["version"] = "2"
+    with pytest.raises(AssertionError, match="answered by version 2, not 3"):
+        smoke(url, "m", "3", requests=5)
+    answer["version"], answer["row"] = "3", [0.5] * 10
+    with pytest.raises(AssertionError, match="not a probability row"):
+        smoke(url, "m", "3", requests=5)
