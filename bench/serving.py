@@ -79,6 +79,28 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
     return parse_wrk(out.stdout)
 
 
+def measure(name: str, base: str, path: str, body: dict, work: Path, connections: list[int], seconds: int) -> dict:
+    """One server: a 2 s warm-up, closed-loop maximum at each connection count, then ~100 requests/s."""
+    subprocess.run(["wrk", "-t1", "-c2", "-d2s", "-s", str(lua(work, path, body, 0)), base],
+                   capture_output=True, check=True)
+    row: dict = {}
+    for count in connections:
+        row[f"max_c{count}"] = run_wrk(base, lua(work, path, body, 0), count, seconds)
+        print(name, count, "connections:", row[f"max_c{count}"], flush=True)
+    row["rate_100"] = run_wrk(base, lua(work, path, body, 20), 2, seconds)
+    print(name, "~100 req/s:", row["rate_100"], flush=True)
+    return row
+
+
+def load_table(results: dict[str, dict]) -> str:
+    rows = []
+    for name, row in results.items():
+        for key, r in row.items():
+            label = "~100 req/s (2 conn., 20 ms pause)" if key == "rate_100" else f"max, {key[5:]} connections"
+            rows.append([name, label, round(r["rps"]), round(r["p50_ms"], 2), round(r["p99_ms"], 2), r["errors"]])
+    return table(["server", "load", "requests/s", "p50 ms", "p99 ms", "errors"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=15, help="duration of each wrk run")
@@ -150,15 +172,7 @@ def main() -> None:
         ceiling = parse_wrk(out.stdout)
         print("GET /v2/health/live, 16 connections:", ceiling, flush=True)
         for name, (base, path, body) in targets.items():
-            row: dict = {}
-            subprocess.run(["wrk", "-t1", "-c2", "-d2s", "-s", str(lua(work, path, body, 0)), base],
-                           capture_output=True, check=True)  # warm-up
-            for connections in args.connections:
-                row[f"max_c{connections}"] = run_wrk(base, lua(work, path, body, 0), connections, args.seconds)
-                print(name, connections, "connections:", row[f"max_c{connections}"], flush=True)
-            row["rate_100"] = run_wrk(base, lua(work, path, body, 20), 2, args.seconds)
-            print(name, "~100 req/s:", row["rate_100"], flush=True)
-            results[name] = row
+            results[name] = measure(name, base, path, body, work, args.connections, args.seconds)
     finally:
         for server in servers:
             if server.poll() is None:
@@ -166,12 +180,7 @@ def main() -> None:
                 server.wait(timeout=30)
         stop_mlflow(env)
 
-    rows = []
-    for name, row in results.items():
-        for key, r in row.items():
-            label = "~100 req/s (2 conn., 20 ms pause)" if key == "rate_100" else f"max, {key[5:]} connections"
-            rows.append([name, label, round(r["rps"]), round(r["p50_ms"], 2), round(r["p99_ms"], 2), r["errors"]])
-    print(table(["server", "load", "requests/s", "p50 ms", "p99 ms", "errors"], rows))
+    print(load_table(results))
     names = list(results)
     best = {n: max(v["rps"] for k, v in results[n].items() if k.startswith("max")) for n in names}
     ratio = best[names[0]] / best[names[1]]

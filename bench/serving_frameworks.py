@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import free_port, start_mlflow, stop_mlflow, table, write
-from serving import lua, run_wrk, wait
+from common import free_port, start_mlflow, stop_mlflow, write
+from serving import load_table, measure, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venvs" / "bench-frameworks"
@@ -189,16 +189,7 @@ def main() -> None:
             servers.append(server)
             base = f"http://127.0.0.1:{port}"
             wait(base + ready, seconds=120)
-            subprocess.run(["wrk", "-t1", "-c2", "-d2s", "-s", str(lua(work, path, {"instances": image}, 0)), base],
-                           capture_output=True, check=True)  # warm-up
-            row: dict = {}
-            for connections in args.connections:
-                row[f"max_c{connections}"] = run_wrk(base, lua(work, path, {"instances": image}, 0), connections,
-                                                     args.seconds)
-                print(name, connections, "connections:", row[f"max_c{connections}"], flush=True)
-            row["rate_100"] = run_wrk(base, lua(work, path, {"instances": image}, 20), 2, args.seconds)
-            print(name, "~100 req/s:", row["rate_100"], flush=True)
-            results[name] = row
+            results[name] = measure(name, base, path, {"instances": image}, work, args.connections, args.seconds)
             os.killpg(server.pid, signal.SIGTERM)  # one server at a time: each gets the same 2 cores
             server.wait(timeout=30)
     finally:
@@ -207,12 +198,7 @@ def main() -> None:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=30)
         stop_mlflow(env)
-    rows = []
-    for name, row in results.items():
-        for key, r in row.items():
-            label = "~100 req/s (2 conn., 20 ms pause)" if key == "rate_100" else f"max, {key[5:]} connections"
-            rows.append([name, label, round(r["rps"]), round(r["p50_ms"], 2), round(r["p99_ms"], 2), r["errors"]])
-    print(table(["server", "load", "requests/s", "p50 ms", "p99 ms", "errors"], rows))
+    print(load_table(results))
     print("written:", write("serving_frameworks", {"settings": vars(args), "versions": versions, "results": results}))
 
 

@@ -60,7 +60,7 @@ def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api,
     # What a reviewer does in the MLflow UI: MLflow now POSTs the signed event to Airflow's receiver.
     mlflow_server.post("registered-models/alias", {"name": MODEL, "alias": "champion", "version": str(version)})
     deadline = time.monotonic() + 120
-    while not (runs := _asset_runs(base, token)):
+    while not _asset_runs(base, token):
         assert time.monotonic() < deadline, "no asset-triggered model_promotion run"
         time.sleep(2)
     events = request("GET", f"{base}/api/v2/assets/events?limit=50", token=token)[1]["asset_events"]
