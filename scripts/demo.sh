@@ -49,7 +49,7 @@ echo "airflow dags test model_promotion   (full log: var/promotion.log)"
 MLOPS_SERVING_URL=$serving_url airflow dags test model_promotion -c '{"model_name": "mnist_classifier"}' \
   >var/promotion.log 2>&1 || true
 if grep -q "Marking run .* successful" var/promotion.log; then
-  grep -oE "(promoting|serving already runs|has no version with alias) [^[]*" var/promotion.log | head -n 1 || true
+  grep -oE "(promoting|serving already runs|has no version with alias) [^[]*" var/promotion.log | head -n 1 | sed "s/ *$//" || true
 else
   echo "model_promotion failed (it rolled serving back); see var/promotion.log" >&2
 fi
