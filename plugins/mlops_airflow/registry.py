@@ -51,17 +51,23 @@ class Registry:
             raise RegistryError(f"MLflow refused to {what}: HTTP {response.status_code} {response.text[:500]}")
         return response.json()
 
+    @staticmethod
+    def _missing(response: httpx.Response) -> bool:
+        # MLflow 3 answers 404 RESOURCE_DOES_NOT_EXIST for a missing model or version, but 400
+        # INVALID_PARAMETER_VALUE "... alias <a> not found." for a missing alias.
+        return response.status_code == 404 or (response.status_code == 400 and "not found" in response.text)
+
     def alias(self, name: str, alias: str) -> str | None:
         """The version ``alias`` points at, or None if the alias (or the model) does not exist."""
         response = self._call("GET", "registered-models/alias", params={"name": name, "alias": alias})
-        if response.status_code == 404 or (response.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in response.text):
+        if self._missing(response):
             return None
         return str(self._ok(response, f"read alias {alias} of {name}")["model_version"]["version"])
 
     def version(self, name: str, version: str) -> dict[str, Any] | None:
         """The model version (with ``tags`` as a dict), or None if it does not exist."""
         response = self._call("GET", "model-versions/get", params={"name": name, "version": version})
-        if response.status_code == 404 or (response.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in response.text):
+        if self._missing(response):
             return None
         found = self._ok(response, f"read {name} version {version}")["model_version"]
         found["tags"] = {t["key"]: t["value"] for t in found.get("tags", [])}
@@ -72,8 +78,8 @@ class Registry:
                  f"point alias {alias} of {name} at version {version}")
 
     def delete_alias(self, name: str, alias: str) -> None:
-        response = self._call("DELETE", "registered-models/alias", params={"name": name, "alias": alias})
-        if response.status_code not in (200, 404):
+        response = self._call("DELETE", "registered-models/alias", json={"name": name, "alias": alias})
+        if not self._missing(response):
             self._ok(response, f"delete alias {alias} of {name}")
 
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:

@@ -164,3 +164,22 @@ def test_a_version_given_by_hand_is_deployed_and_the_alias_follows(airflow_home,
     assert _served(serving["url"]) == str(first)
     assert _champion(mlflow_server) == str(first)
     assert _tags(mlflow_server, first)["promotion.trigger"] == "manual"
+
+
+def test_registry_calls_from_airflow_against_the_real_mlflow_server(mlflow_server, versions):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "plugins"))
+    from mlops_airflow.registry import Registry
+
+    registry = Registry(mlflow_server.url)
+    assert registry.alias(MODEL, "no_such_alias") is None
+    assert registry.alias("no_such_model", "champion") is None
+    assert registry.version(MODEL, "999") is None
+    registry.set_alias(MODEL, "staging", str(versions[1]))
+    assert registry.alias(MODEL, "staging") == str(versions[1])
+    registry.delete_alias(MODEL, "staging")
+    assert registry.alias(MODEL, "staging") is None
+    registry.delete_alias(MODEL, "staging")  # deleting what is gone is fine
+    registry.set_tags(MODEL, str(versions[1]), {"promotion.note": "x" * 6000})  # long values are cut, not refused
+    assert registry.version(MODEL, str(versions[1]))["tags"]["promotion.note"] == "x" * 5000
