@@ -12,6 +12,9 @@ log=var/demo.log
 MLFLOW_TRACKING_URI=$(mlflow/server.sh start)
 export MLFLOW_TRACKING_URI
 echo "MLflow: $MLFLOW_TRACKING_URI"
+# The supervised local model server: live now, serving once model_promotion deploys the champion.
+serving_url=$(MODEL_NAME=mnist_classifier scripts/serving.sh start)
+echo "model server: $serving_url (scripts/serving.sh; log var/serving/server.log)"
 { airflow db migrate && scripts/airflow-pools.sh; } >var/airflow-migrate.log 2>&1 \
   || { tail -n 30 var/airflow-migrate.log; exit 1; }
 
@@ -41,10 +44,8 @@ fi
 echo
 .venvs/steps/bin/python scripts/show_model.py --model-name mnist_classifier --alias challenger
 echo
-# Serve: the supervised local model server, then model_promotion reconciles it to the alias champion
-# (infra-validation in a throwaway server, switch in place, smoke test; a no-op if it already serves it).
-serving_url=$(MODEL_NAME=mnist_classifier scripts/serving.sh start)
-echo "model server: $serving_url (scripts/serving.sh; log var/serving/server.log)"
+# Serve: model_promotion reconciles the model server to the alias champion (infra-validation in a
+# throwaway server, switch in place, smoke test; a no-op if it already serves it).
 echo "airflow dags test model_promotion   (full log: var/promotion.log)"
 MLOPS_SERVING_URL=$serving_url airflow dags test model_promotion -c '{"model_name": "mnist_classifier"}' \
   >var/promotion.log 2>&1 || true

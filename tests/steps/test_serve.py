@@ -374,3 +374,21 @@ def test_server_and_infra_validation_import_nothing_the_serving_image_lacks():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=step_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_server_with_nothing_loaded_becomes_ready_when_a_version_is_deployed(tmp_path, versions, mlflow_server):
+    token = tmp_path / "admin-token"
+    token.write_text("another-token-for-this-test")
+    server = _start(tmp_path, mlflow_server, "--model-uri", f"models:/{MODEL}/999", "--admin-token-file", str(token),
+                    "--deployment-file", str(tmp_path / "deployed.json"), wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["state"] != "END":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        status, _, reply = server.call("POST", "/admin/deploy", {"version": str(versions[0])},
+                                       headers={"Authorization": "Bearer another-token-for-this-test"})
+        assert (status, reply["model_version"], reply["previous_version"]) == (200, str(versions[0]), "")
+        assert server.call("GET", "/v2/health/ready")[0] == 200
+    finally:
+        _stop(server)
