@@ -47,8 +47,11 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
     settings, registry = _context()
     name = params["model_name"]
     events = [event for found in (triggering_asset_events or {}).values() for event in found]
-    if events and (events[-1].extra or {}).get("model_name"):
-        name = events[-1].extra["model_name"]  # the webhook names the model whose alias moved
+    moved = {(event.extra or {}).get("model_name") for event in events}
+    if events and name not in moved:  # one model server serves one registered model
+        log.info("the alias %s moved for %s, but serving serves %s: nothing to do", CHAMPION,
+                 ", ".join(sorted(m or "?" for m in moved)), name)
+        return {}
     manual = int(params.get("version") or 0) > 0
     wanted = str(params["version"]) if manual else registry.alias(name, CHAMPION)
     if wanted is None:

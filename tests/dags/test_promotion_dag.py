@@ -115,11 +115,13 @@ def test_plan_refuses_a_version_that_is_not_registered(plan_with):
         plan_with(champion="2", served="2", version=9)
 
 
-def test_plan_follows_the_model_named_by_the_webhook_event(plan_with):
-    event = SimpleNamespace(extra={"model_name": "fashion_classifier", "version": "3"})
-    planned, seen = plan_with(champion="3", served="1", events={"mlflow_champion_alias": [event]})
-    assert seen["model"] == "fashion_classifier"
-    assert (planned["model_name"], planned["trigger"]) == ("fashion_classifier", "mlflow webhook")
+def test_plan_acts_on_an_alias_event_of_the_served_model_and_ignores_other_models(plan_with):
+    ours = SimpleNamespace(extra={"model_name": "mnist_classifier", "version": "3"})
+    planned, seen = plan_with(champion="3", served="1", events={"mlflow_champion_alias": [ours]})
+    assert (planned["version"], planned["trigger"], seen["model"]) == ("3", "mlflow webhook", "mnist_classifier")
+    other = SimpleNamespace(extra={"model_name": "fashion_classifier", "version": "5"})
+    planned, seen = plan_with(champion="5", served="1", events={"mlflow_champion_alias": [other]})
+    assert planned == {} and "model" not in seen  # the server was not even asked
 
 
 class RecordingRegistry(FakeRegistry):
