@@ -79,6 +79,25 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
     return parse_wrk(out.stdout)
 
 
+def register_int8_cnn(env: dict[str, str], url: str, work: Path, name: str) -> str:
+    """Register the pipeline's CNN (width 32, fresh weights) as compress does: a pyfunc around an int8 .tflite."""
+    import mlflow
+    import numpy as np
+
+    tflite = work / "model.tflite"
+    script = ("import sys, numpy as np, tf_keras\nfrom mlsteps import compress, model\n"
+              "net = model.build(image_shape=(28, 28), num_classes=10, width=32, keras_module=tf_keras)\n"
+              "rep = np.random.default_rng(0).uniform(0, 255, (200, 28, 28)).astype(np.float32)\n"
+              "open(sys.argv[1], 'wb').write(compress.convert(net, 'int8', rep))\n")
+    subprocess.run([sys.executable, "-c", script, str(tflite)], env=env, check=True, capture_output=True)
+    mlflow.set_tracking_uri(url)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="compressed_model", artifacts={"tflite": str(tflite)},
+                                       python_model=str(ROOT / "mlsteps" / "litert_model.py"),
+                                       input_example=np.zeros((1, 28, 28), np.float32))
+    return str(mlflow.register_model(info.model_uri, name).version)
+
+
 def measure(name: str, base: str, path: str, body: dict, work: Path, connections: list[int], seconds: int) -> dict:
     """One server: a 2 s warm-up, closed-loop maximum at each connection count, then ~100 requests/s."""
     subprocess.run(["wrk", "-t1", "-c2", "-d2s", "-s", str(lua(work, path, body, 0)), base],
@@ -108,7 +127,6 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
-    import mlflow
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="bench_serving_"))
@@ -117,18 +135,7 @@ def main() -> None:
     servers: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
     try:
-        tflite = work / "model.tflite"
-        script = ("import sys, numpy as np, tf_keras\nfrom mlsteps import compress, model\n"
-                  "net = model.build(image_shape=(28, 28), num_classes=10, width=32, keras_module=tf_keras)\n"
-                  "rep = np.random.default_rng(0).uniform(0, 255, (200, 28, 28)).astype(np.float32)\n"
-                  "open(sys.argv[1], 'wb').write(compress.convert(net, 'int8', rep))\n")
-        subprocess.run([sys.executable, "-c", script, str(tflite)], env=env, check=True, capture_output=True)
-        mlflow.set_tracking_uri(url)
-        with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="compressed_model", artifacts={"tflite": str(tflite)},
-                                           python_model=str(ROOT / "mlsteps" / "litert_model.py"),
-                                           input_example=np.zeros((1, 28, 28), np.float32))
-        version = mlflow.register_model(info.model_uri, MODEL).version
+        version = register_int8_cnn(env, url, work, MODEL)
         # The float Keras model as train logs it (what `mlflow models serve` served before compression).
         keras_script = ("import sys, mlflow, mlflow.tensorflow, numpy as np\nfrom mlsteps import model\n"
                         "mlflow.set_tracking_uri(sys.argv[1])\n"

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from common import free_port, start_mlflow, stop_mlflow, write
-from serving import load_table, measure, wait
+from serving import load_table, measure, register_int8_cnn, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venvs" / "bench-frameworks"
@@ -141,7 +141,6 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "-r",
                         str(ROOT / "bench" / "requirements-frameworks.txt")], check=True)
-    import mlflow
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="bench_frameworks_"))
@@ -150,17 +149,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     versions = {}
     try:
-        tflite = work / "model.tflite"
-        script = ("import sys, numpy as np, tf_keras\nfrom mlsteps import compress, model\n"
-                  "net = model.build(image_shape=(28, 28), num_classes=10, width=32, keras_module=tf_keras)\n"
-                  "rep = np.random.default_rng(0).uniform(0, 255, (200, 28, 28)).astype(np.float32)\n"
-                  "open(sys.argv[1], 'wb').write(compress.convert(net, 'int8', rep))\n")
-        subprocess.run([sys.executable, "-c", script, str(tflite)], env=env, check=True, capture_output=True)
-        mlflow.set_tracking_uri(url)
-        with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="compressed_model", artifacts={"tflite": str(tflite)},
-                                           python_model=str(ROOT / "mlsteps" / "litert_model.py"))
-        version = mlflow.register_model(info.model_uri, MODEL).version
+        version = register_int8_cnn(env, url, work, MODEL)
+        tflite = work / "model.tflite"  # the file the other two servers load directly
         (work / "fastapi_app.py").write_text(FASTAPI_APP)
         (work / "kserve_app.py").write_text(KSERVE_APP)
         for name in ("kserve", "fastapi", "starlette", "uvicorn", "pydantic"):
