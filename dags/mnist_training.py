@@ -42,8 +42,8 @@ from functools import partial
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
-from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_BY, REVIEWER, approval,
-                                  plan_review)
+from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_BY, REVIEW_MODES, REVIEWER,
+                                  approval, plan_review)
 from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
 from mlops_airflow.settings import load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
@@ -124,7 +124,7 @@ with DAG(
         "gate_max_regression": Param(0.5, type="number", minimum=0, maximum=100,
                                      description="Quality gate: largest accepted test-accuracy drop against "
                                                  "the champion, in points."),
-        "review": Param("approval", enum=["approval", "auto", "none"],
+        "review": Param("approval", enum=list(REVIEW_MODES),
                         description="approval: wait for a reviewer in Required Actions; auto: promote a version "
                                     "that passes the gate; none: stop after the gate."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,

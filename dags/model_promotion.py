@@ -33,9 +33,10 @@ from mlops_airflow.promotion import deploy, plan, record, rollback, smoke_test
 from mlops_airflow.settings import load
 from mlops_airflow.steps import Resources, xcom
 from mlops_airflow.steps import step as render_step
+from mlops_airflow.webhooks import ASSET_NAME, ASSET_URI
 
 # Emitted by the webhook receiver (plugins/mlops_webhooks.py) when MLflow reports an alias change.
-CHAMPION_ALIAS = Asset(name="mlflow_champion_alias", uri="mlflow://registry/aliases/champion")
+CHAMPION_ALIAS = Asset(name=ASSET_NAME, uri=ASSET_URI)
 
 settings = load()
 
@@ -55,7 +56,8 @@ with DAG(
                   "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=5)},
     params={
         "model_name": Param("mnist_classifier", type="string", minLength=1,
-                            description="Registered model whose champion is served."),
+                            description="The registered model this deployment serves (alias events of other "
+                                        "models are ignored)."),
         "version": Param(0, type="integer", minimum=0,
                          description="Deploy this version (the alias champion follows it); 0: the champion."),
         "validation_requests": Param(50, type="integer", minimum=2, maximum=10000,

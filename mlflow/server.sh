@@ -16,8 +16,9 @@ mlflow_bin=${MLFLOW_BIN:-$root/.venvs/steps/bin/mlflow}
 pidfile=$state/server.pid
 url="http://$host:$port"
 
+source "$root/scripts/lib/daemon.sh"
 healthy() { curl -fsS -m 2 "$url/health" >/dev/null 2>&1; }
-running() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+running() { daemon_running "$pidfile"; }
 
 case "${1:-}" in
   start)
@@ -42,24 +43,10 @@ case "${1:-}" in
         --host "$host" --port "$port" --workers 1 \
         >"$state/server.log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
-    for _ in $(seq 1 120); do
-      if healthy; then echo "$url"; exit 0; fi
-      if ! running; then break; fi
-      sleep 0.5
-    done
-    echo "error: MLflow server did not become healthy on $url; log: $state/server.log" >&2
-    tail -n 20 "$state/server.log" >&2 || true
-    exit 1
+    daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy || exit 1
+    echo "$url"
     ;;
-  stop)
-    if running; then
-      pid=$(cat "$pidfile")
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-      kill -KILL -- "-$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-    ;;
+  stop) daemon_stop "$pidfile" ;;
   status)
     if running && healthy; then echo "running: $url (pid $(cat "$pidfile"))"; else echo "stopped"; exit 3; fi
     ;;

@@ -217,14 +217,6 @@ class ModelHolder:
     def version(self) -> str:
         return self.served.version if self.served else ""
 
-    @property
-    def runner(self) -> Any:
-        return self.served.runner if self.served else None
-
-    @property
-    def variant(self) -> str:
-        return self.served.variant if self.served else ""
-
     def initial_uri(self) -> str:
         if self.config.model_uri:
             return self.config.model_uri

@@ -17,8 +17,9 @@ python=${STEPS_PYTHON:-$root/.venvs/steps/bin/python}
 pidfile=$state/supervisor.pid
 url="http://$host:$port"
 
+source "$root/scripts/lib/daemon.sh"
 live() { curl -fsS -m 2 "$url/v2/health/live" >/dev/null 2>&1; }
-running() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+running() { daemon_running "$pidfile"; }
 
 case "${1:-}" in
   start)
@@ -40,24 +41,10 @@ case "${1:-}" in
         sleep 2
       done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
-    for _ in $(seq 1 60); do
-      if live; then echo "$url"; exit 0; fi
-      running || break
-      sleep 0.5
-    done
-    echo "error: the model server did not come up on $url; log: $state/server.log" >&2
-    tail -n 20 "$state/server.log" >&2 || true
-    exit 1
+    daemon_await "$pidfile" "$state/server.log" "the model server on $url" live || exit 1
+    echo "$url"
     ;;
-  stop)
-    if running; then
-      pid=$(cat "$pidfile")
-      kill -TERM -- "-$pid" 2>/dev/null || true
-      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-      kill -KILL -- "-$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-    ;;
+  stop) daemon_stop "$pidfile" ;;
   status)
     if running && live; then
       echo "running: $url (supervisor pid $(cat "$pidfile"))"

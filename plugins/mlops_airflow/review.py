@@ -14,7 +14,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, task
 
 REVIEW_MODES = ("approval", "auto", "none")
-APPROVE_TASK, PROMOTE_TASK, RECORD_TASK = "approve", "promote", "record_rejection"
+APPROVE_TASK, PROMOTE_TASK = "approve", "promote"
 
 
 @task.branch(task_id="plan_review", execution_timeout=timedelta(minutes=2))

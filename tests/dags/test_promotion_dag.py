@@ -218,14 +218,21 @@ def fake_server():
     answer = {"version": "3", "row": [0.1] * 10}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"predictions": [answer["row"]]}).encode()
+        def _answer(self, payload: dict) -> None:
+            body = json.dumps(payload).encode()
             self.send_response(200)
             self.send_header("X-Model-Version", answer["version"])
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - http.server's name; OIP v2 model metadata
+            self._answer({"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]})
+
+        def do_POST(self):  # noqa: N802
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert [len(request["instances"][0]), len(request["instances"][0][0])] == [28, 28]
+            self._answer({"predictions": [answer["row"]]})
 
         def log_message(self, *args):
             pass

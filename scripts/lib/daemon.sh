@@ -1,0 +1,32 @@
+# What mlflow/server.sh and scripts/serving.sh share (sourced): a background process group with a pid file,
+# awaited and stopped the same way.
+
+# daemon_running <pidfile>: the recorded process is alive.
+daemon_running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# daemon_await <pidfile> <log> <what> <check command...>: wait up to 60 s for the check to pass while the
+# process lives; otherwise say so with the end of its log and return 1.
+daemon_await() {
+  local pidfile=$1 log=$2 what=$3
+  shift 3
+  for _ in $(seq 1 120); do
+    "$@" && return 0
+    daemon_running "$pidfile" || break
+    sleep 0.5
+  done
+  echo "error: $what did not come up; log: $log" >&2
+  tail -n 20 "$log" >&2 || true
+  return 1
+}
+
+# daemon_stop <pidfile>: TERM the whole process group, KILL what is left after 15 s.
+daemon_stop() {
+  local pidfile=$1 pid
+  if daemon_running "$pidfile"; then
+    pid=$(cat "$pidfile")
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
