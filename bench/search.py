@@ -24,9 +24,19 @@ from common import start_mlflow, stop_mlflow, table, write  # noqa: E402
 
 TOLERANCE = 0.003  # 0.3 percentage points of validation accuracy
 
+# Search spaces the comparison runs on. "default" is the tune step's own (narrow: chosen so that most of it
+# trains well); "wide" is what a user declares without that prior knowledge: the ranges of Optuna's Keras
+# example (learning rate 1e-5..1e-1, log scale), batch sizes 32..512, widths 8..64, dropout up to 0.7.
+SPACES: dict[str, dict | None] = {
+    "default": None,
+    "wide": {"learning_rate": {"low": 1e-5, "high": 1e-1, "log": True}, "batch_size": [32, 64, 128, 256, 512],
+             "width": {"low": 8, "high": 64, "step": 8}, "dropout": {"low": 0.0, "high": 0.7}},
+}
 
-def tune(common: list[str], *, workers: int, threads: int, env: dict[str, str], log_dir: Path, name: str) -> float:
-    """Set up the study, run ``workers`` tune processes at once; return the workers' wall time in seconds."""
+
+def start(common: list[str], *, workers: int, threads: int, env: dict[str, str], log_dir: Path,
+          name: str) -> tuple[float, list[subprocess.Popen]]:
+    """Set up the study and start ``workers`` tune processes; return (start time, processes)."""
     subprocess.run([sys.executable, "-m", "mlsteps.tune", *common, "--setup-only", "true", "--result-path",
                     str(log_dir / f"{name}-setup.json")], env=env, check=True, capture_output=True)
     started = time.monotonic()
@@ -37,12 +47,22 @@ def tune(common: list[str], *, workers: int, threads: int, env: dict[str, str], 
             [sys.executable, "-m", "mlsteps.tune", *common, "--worker", str(worker), "--threads", str(threads),
              "--result-path", str(log_dir / f"{name}-worker{worker}.json")],
             env=env, stdout=log, stderr=subprocess.STDOUT))
+    return started, procs
+
+
+def wait(started: float, procs: list[subprocess.Popen], log_dir: Path, name: str) -> float:
+    """Wait for the workers; return their wall time in seconds."""
     codes = [p.wait() for p in procs]
     seconds = time.monotonic() - started
     if any(codes):
         raise SystemExit(f"{name}: a worker failed ({codes}); see {log_dir}")
     print(f"{name}: {seconds:.0f} s", flush=True)
     return seconds
+
+
+def tune(common: list[str], *, workers: int, threads: int, env: dict[str, str], log_dir: Path, name: str) -> float:
+    """Set up the study, run ``workers`` tune processes at once; return the workers' wall time in seconds."""
+    return wait(*start(common, workers=workers, threads=threads, env=env, log_dir=log_dir, name=name), log_dir, name)
 
 
 def trials(storage: str, study: str) -> list[dict]:
@@ -68,24 +88,63 @@ def epochs_to_reach(history: list[dict], target: float) -> int | None:
     return None
 
 
-def compare(base: list[str], args: argparse.Namespace, seed: int, env: dict[str, str], work: Path,
-            storage: str) -> dict:
-    """Random search without pruning vs TPE + Hyperband, same budget and seed; epochs each took to the target."""
-    runs = {}
-    for name, sampler, pruner in (("random", "random", "none"), ("tpe_hyperband", "tpe", "hyperband")):
-        key = f"{name}_s{seed}"
-        seconds = tune([*base, "--run-key", f"bench/{key}", "--sampler", sampler, "--pruner", pruner, "--seed",
-                        str(seed), "--trials", str(args.trials), "--max-epochs", str(args.max_epochs)],
-                       workers=1, threads=0, env=env, log_dir=work, name=key)
+# The searches a comparison can run: name -> (sampler, pruner). Random search never prunes.
+SEARCHES = {"random": ("random", "none"), "tpe_hyperband": ("tpe", "hyperband"),
+            "tpe_successive_halving": ("tpe", "successive_halving")}
+LABELS = {"random": "random, no pruning", "tpe_hyperband": "TPE + Hyperband",
+          "tpe_successive_halving": "TPE + successive halving"}
+
+
+def run_searches(base: list[str], args: argparse.Namespace, seed: int, env: dict[str, str], work: Path,
+                 storage: str) -> dict[str, dict]:
+    """Run the chosen searches for one seed (same budget and seed); return name -> run."""
+    runs: dict[str, dict] = {}
+    launched: dict[str, tuple] = {}
+    space = ["--search-space", json.dumps(SPACES[args.space])] if SPACES[args.space] else []
+    for name in args.searches:
+        sampler, pruner = SEARCHES[name]
+        key = f"{args.space}_{name}_s{seed}"
+        common = [*base, "--run-key", f"bench/{key}", "--sampler", sampler, "--pruner", pruner, "--seed", str(seed),
+                  "--trials", str(args.trials), "--max-epochs", str(args.max_epochs), *space]
+        # --parallel: the searches at once, one TensorFlow thread each (epoch counts do not depend on it).
+        handle = start(common, workers=1, threads=1 if args.parallel else 0, env=env, log_dir=work, name=key)
+        launched[name] = (key, handle if args.parallel else wait(*handle, work, key))
+    for name, (key, handle) in launched.items():
+        seconds = handle if isinstance(handle, float) else wait(*handle, work, key)
         history = trials(storage, f"bench_{key}")
         runs[name] = {"seconds": seconds, "trials": history, "epochs": sum(len(t["curve"]) for t in history),
                       "best": max(t["value"] for t in history if t["value"] is not None)}
+    return runs
+
+
+def comparison(seed: int, runs: dict[str, dict]) -> dict:
+    """Each run's epochs to random search's best (-0.3 pt) for one seed."""
+    if "random" not in runs:  # compared once a run with --merge adds random search for this seed
+        return {"seed": seed, "target_val_accuracy": None, "runs": runs}
     best = runs["random"]["best"]
     for run in runs.values():
         run["epochs_to_target"] = epochs_to_reach(run["trials"], best - TOLERANCE)
     # The other reading of the goal: random search needs every epoch up to the trial that found its best.
     runs["random"]["epochs_to_own_best"] = epochs_to_reach(runs["random"]["trials"], best)
     return {"seed": seed, "target_val_accuracy": best - TOLERANCE, "runs": runs}
+
+
+def summary(comparisons: dict[str, dict]) -> dict:
+    """Per search: epochs to target summed over the seeds, ratio to random search's, whole budget."""
+    comparisons = {k: c for k, c in comparisons.items() if c["target_val_accuracy"] is not None}
+    names = [n for n in SEARCHES if all(n in c["runs"] for c in comparisons.values())]
+    out = {}
+    for name in names:
+        reached = [c["runs"][name]["epochs_to_target"] for c in comparisons.values()]
+        total = None if None in reached else sum(reached)
+        random_total = sum(c["runs"]["random"]["epochs_to_target"] for c in comparisons.values())
+        out[name] = {"epochs_to_target": reached, "epochs_to_target_total": total,
+                     "ratio_to_random": None if total is None else total / random_total,
+                     "budget_epochs": sum(c["runs"][name]["epochs"] for c in comparisons.values()),
+                     "best_beats_random": sum(c["runs"][name]["best"] > c["runs"]["random"]["best"]
+                                              for c in comparisons.values())}
+        out[name]["goal_met"] = name != "random" and total is not None and out[name]["ratio_to_random"] <= 1 / 3
+    return out
 
 
 def main() -> None:
@@ -95,27 +154,35 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=15000,
                         help="training examples per trial (0: all 54,000 after the validation split)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[42],
-                        help="one comparison per seed (none: only the speed-up, with --merge)")
+                        help="one comparison per seed (none, with --skip-speedup: print and plot the results file)")
+    parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES),
+                        help="which searches to run; with --merge the others are kept from the results file")
     parser.add_argument("--speedup-trials", type=int, default=6)
     parser.add_argument("--speedup-epochs", type=int, default=2)
     parser.add_argument("--skip-speedup", action="store_true")
+    parser.add_argument("--space", choices=sorted(SPACES), default="default",
+                        help="default: the tune step's own space; wide: the ranges Optuna's Keras example declares "
+                             "(results in search_wide.json)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run each seed's searches at once, one TensorFlow thread each")
+    parser.add_argument("--results", help="results file name under bench/results (default: search, or "
+                                          "search_<space>)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the seeds (and speed-up) already in bench/results/search.json")
+                        help="keep the seeds, searches and speed-up already in the results file")
     args = parser.parse_args()
     from mlsteps import prep
 
-    previous: dict = {}
-    if args.merge and (RESULTS_FILE).exists():
-        previous = json.loads(RESULTS_FILE.read_text())
+    results_name = args.results or ("search" if args.space == "default" else f"search_{args.space}")
+    results_file = RESULTS_FILE.with_name(f"{results_name}.json")
+    if not args.seeds and args.skip_speedup:  # nothing to run: print and plot what the results file holds
+        if not results_file.exists():
+            raise SystemExit(f"{results_file}: no results yet; run with --seeds")
+        report(json.loads(results_file.read_text()), results_file)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench_search_"))
-    env, url = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="2")
-    if "runs" in previous:  # a result of the first, single-seed version of this benchmark
-        runs = previous["runs"]
-        runs["random"]["epochs_to_own_best"] = epochs_to_reach(runs["random"]["trials"], runs["random"]["best"])
-        previous["comparisons"] = [{"seed": previous["settings"]["seed"], "runs": runs,
-                                    "target_val_accuracy": previous["target_val_accuracy"]}]
-    comparisons = {str(c["seed"]): c for c in previous.get("comparisons", [])}
-    speed = previous.get("speedup")
+    env, _ = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="2")
+    new_runs: dict[str, dict[str, dict]] = {}
+    speed = None
     try:
         data_root = str(work / "data")
         manifest = prep.run(prep.PrepConfig(data_root=data_root, dataset="fashion_mnist",
@@ -124,7 +191,7 @@ def main() -> None:
         base = ["--manifest", manifest, "--data-root", data_root, "--storage", storage,
                 "--train-examples", str(args.train_examples)]
         for seed in args.seeds:
-            comparisons[str(seed)] = compare(base, args, seed, env, work, storage)
+            new_runs[str(seed)] = run_searches(base, args, seed, env, work, storage)
         if not args.skip_speedup:
             # Fixed work: same model size, only the learning rate varies, no pruning.
             fixed = json.dumps({"width": 32, "batch_size": 128, "dropout": 0.2})
@@ -142,6 +209,24 @@ def main() -> None:
     finally:
         stop_mlflow(env)
 
+    # Read the file again only now: another run of this benchmark may have written it meanwhile.
+    previous = json.loads(results_file.read_text()) if args.merge and results_file.exists() else {}
+    comparisons = {str(c["seed"]): c for c in previous.get("comparisons", [])}
+    for seed, runs in new_runs.items():
+        comparisons[seed] = comparison(int(seed), {**comparisons.get(seed, {}).get("runs", {}), **runs})
+    settings = {k: v for k, v in vars(args).items() if k not in ("merge", "skip_speedup", "parallel", "searches",
+                                                            "results")}
+    path = write(results_name, {
+        "settings": settings,
+        "search_space": SPACES[args.space] or "the tune step's default (mlsteps/search.py SEARCH_SPACE)",
+        "seeds": sorted(int(k) for k in comparisons), "searches": summary(comparisons),
+        "comparisons": list(comparisons.values()), "speedup": speed or previous.get("speedup")})
+    report(json.loads(path.read_text()), path)
+
+
+def report(results: dict, path: Path) -> None:
+    """Print the tables of a results file and plot best-so-far accuracy against epochs spent, per seed."""
+    comparisons = {str(c["seed"]): c for c in results["comparisons"] if c["target_val_accuracy"] is not None}
     rows = []
     for seed, c in sorted(comparisons.items()):
         for name, r in c["runs"].items():
@@ -150,28 +235,61 @@ def main() -> None:
                          r["epochs_to_target"] or "not reached", round(r["seconds"])])
     print(table(["seed", "search", "trials", "pruned", "epochs", "best val acc %", "target %", "epochs to target",
                  "seconds"], rows))
-    totals = {name: [c["runs"][name]["epochs_to_target"] for c in comparisons.values()]
-              for name in ("random", "tpe_hyperband")}
-    reached = all(v is not None for v in totals["tpe_hyperband"])
-    ratio = (sum(totals["tpe_hyperband"]) / sum(totals["random"])) if reached else None
-    own_best = sum(c["runs"]["random"]["epochs_to_own_best"] for c in comparisons.values())
-    budget = {name: sum(c["runs"][name]["epochs"] for c in comparisons.values()) for name in totals}
-    print(f"epochs to target (random's best - 0.3 pt), summed over seeds: random {sum(totals['random'])}, "
-          f"TPE+Hyperband {sum(totals['tpe_hyperband']) if reached else 'not reached'}; ratio "
-          f"{None if ratio is None else round(ratio, 3)} (goal <= 0.333)")
-    print(f"random's epochs to its own best: {own_best}; whole budgets: random {budget['random']}, "
-          f"TPE+Hyperband {budget['tpe_hyperband']} epochs")
+    searches = results.get("searches") or summary(comparisons)  # results files before --searches existed
+    print(table(["search", "epochs to target (sum over seeds)", "ratio to random (goal <= 0.333)", "budget epochs",
+                 "best > random's (seeds)"],
+                [[name, s["epochs_to_target_total"] or "not reached in every seed",
+                  "-" if s["ratio_to_random"] is None else round(s["ratio_to_random"], 3), s["budget_epochs"],
+                  "-" if name == "random" else f"{s['best_beats_random']} of {len(comparisons)}"]
+                 for name, s in searches.items()]))
+    speed = results.get("speedup")
     if speed:
         print(table(["workers", "seconds", "speed-up"], [[1, round(speed["seconds_1_worker"]), 1.0],
                                                           [2, round(speed["seconds_2_workers"]),
                                                            round(speed["speedup"], 2)]]))
-    path = write("search", {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("merge", "skip_speedup")},
-        "seeds": sorted(int(k) for k in comparisons), "epochs_ratio": ratio,
-        "goal_met": ratio is not None and ratio <= 1 / 3, "epochs_to_target": totals,
-        "random_epochs_to_own_best": own_best, "budget_epochs": budget,
-        "comparisons": list(comparisons.values()), "speedup": speed})
-    print(f"results: {path}")
+    if comparisons:
+        print(f"plot: {plot(comparisons, path.with_suffix('.png'))}")
+
+
+def best_so_far(history: list[dict]) -> tuple[list[int], list[float]]:
+    """(epochs spent, best validation accuracy seen so far) after every epoch, trials in completion order."""
+    epochs, best, spent, top = [], [], 0, float("-inf")
+    for trial in history:
+        for value in trial["curve"]:
+            spent, top = spent + 1, max(top, value)
+            epochs.append(spent)
+            best.append(100 * top)
+    return epochs, best
+
+
+def plot(comparisons: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(4.5 * len(comparisons), 3.6), squeeze=False)
+    for ax, (seed, c) in zip(axes[0], sorted(comparisons.items())):
+        target = 100 * c["target_val_accuracy"]
+        colors = {"random": "tab:gray", "tpe_hyperband": "tab:blue", "tpe_successive_halving": "tab:orange"}
+        for name, run in c["runs"].items():
+            label, color = LABELS[name], colors[name]
+            x, y = best_so_far(run["trials"])
+            ax.step(x, y, where="post", color=color, linewidth=3.5 if name == "random" else 1.5,
+                    alpha=0.55 if name == "random" else 1.0, label=f"{label} ({run['epochs']} epochs)")
+            if run["epochs_to_target"]:
+                ax.axvline(run["epochs_to_target"], color=color, linestyle=":", linewidth=1)
+        ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label="target: random's best - 0.3 pt")
+        ax.set_ylim(target - 6, target + 2.5)
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("training epochs spent")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best validation accuracy so far (%)")
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "search.json"
