@@ -96,8 +96,10 @@ with DAG(
                                                     "(a worker task may run 12 h)."),
         "search_epochs": Param(5, type="integer", minimum=1, maximum=200,
                                description="Epochs of a trial that is never pruned."),
-        "search_pruner": Param("hyperband", enum=["hyperband", "successive_halving", "median", "none"],
-                               description="Early stopping of unpromising trials."),
+        "search_pruner": Param("successive_halving", enum=["successive_halving", "hyperband", "median", "none"],
+                               description="Early stopping of unpromising trials. Hyperband splits the trials "
+                                           "into brackets and TPE learns within one bracket at a time, each "
+                                           "with its own 5 random start-up trials: for large budgets."),
         "search_sampler": Param("tpe", enum=["tpe", "random"], description="How trials are proposed."),
         "search_objective": Param("val_accuracy", enum=["val_accuracy", "val_loss"],
                                   description="Validation metric the search optimises (per epoch, for pruning)."),

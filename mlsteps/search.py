@@ -37,7 +37,7 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
 }
 INTEGER_PARAMETERS = ("batch_size", "width")
-PRUNERS = ("hyperband", "successive_halving", "median", "none")
+PRUNERS = ("successive_halving", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "random")
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 

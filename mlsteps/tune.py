@@ -31,7 +31,7 @@ class TuneConfig(tracking.RunStepConfig):
     timeout_minutes: float = field(120.0, help="time budget of the whole search, from its start; "
                                                "a running trial finishes")
     max_epochs: int = field(5, help="epochs of a trial that is never pruned")
-    pruner: str = field("hyperband", help=f"pruning of unpromising trials: {', '.join(search.PRUNERS)}")
+    pruner: str = field("successive_halving", help=f"pruning of unpromising trials: {', '.join(search.PRUNERS)}")
     sampler: str = field("tpe", help=f"how trials are proposed: {', '.join(search.SAMPLERS)}")
     objective: str = field("val_accuracy", help=f"what the search optimises: {', '.join(search.OBJECTIVES)}")
     search_space: str = field("", help="JSON overrides of the default search space (see mlsteps.search)")

@@ -246,6 +246,15 @@ def test_each_trial_worker_pod_gets_its_worker_index_and_the_search_settings(dag
     assert pods[0]["metadata"]["name"] != pods[1]["metadata"]["name"]
 
 
+def test_trial_workers_prune_with_successive_halving_unless_the_form_says_otherwise(dag):
+    # Successive halving keeps every trial in one bracket, so TPE learns from all of them (Hyperband's
+    # brackets each start with their own random trials); docs/benchmarks.md has the measurement.
+    args = render(dag, "tune", mapped=["--worker", "0"])[0]["spec"]["containers"][0]["args"]
+    assert dict(zip(args[::2], args[1::2]))["--pruner"] == "successive_halving"
+    args = render(dag, "tune", mapped=["--worker", "0"], search_pruner="hyperband")[0]["spec"]["containers"][0]["args"]
+    assert dict(zip(args[::2], args[1::2]))["--pruner"] == "hyperband"
+
+
 def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
     pod, task = render(dag, "tune", gpus=4, search_gpus=1)
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
