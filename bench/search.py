@@ -288,8 +288,8 @@ def plot(comparisons: dict[str, dict], path: Path) -> Path:
         ax.set_title(f"seed {seed}")
         ax.set_xlabel("training epochs spent")
         ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)  # each seed's own epoch counts
     axes[0][0].set_ylabel("best validation accuracy so far (%)")
-    axes[0][0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
