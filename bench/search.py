@@ -100,21 +100,26 @@ LABELS = {"random": "random, no pruning", "tpe_hyperband": "TPE + Hyperband",
 def run_searches(base: list[str], args: argparse.Namespace, seed: int, env: dict[str, str], work: Path,
                  storage: str) -> dict[str, dict]:
     """Run the chosen searches for one seed (same budget and seed); return name -> run."""
-    runs: dict[str, dict] = {}
-    launched: dict[str, tuple] = {}
     space = ["--search-space", json.dumps(SPACES[args.space])] if SPACES[args.space] else []
-    for name in args.searches:
+    keys = {name: f"{args.space}_{name}_s{seed}" for name in args.searches}
+    seconds: dict[str, float] = {}
+    running = {}
+    for name, key in keys.items():
         sampler, pruner = SEARCHES[name]
-        key = f"{args.space}_{name}_s{seed}"
         common = [*base, "--run-key", f"bench/{key}", "--sampler", sampler, "--pruner", pruner, "--seed", str(seed),
                   "--trials", str(args.trials), "--max-epochs", str(args.max_epochs), *space]
         # --parallel: the searches at once, one TensorFlow thread each (epoch counts do not depend on it).
         handle = start(common, workers=1, threads=1 if args.parallel else 0, env=env, log_dir=work, name=key)
-        launched[name] = (key, handle if args.parallel else wait(*handle, work, key))
-    for name, (key, handle) in launched.items():
-        seconds = handle if isinstance(handle, float) else wait(*handle, work, key)
+        if args.parallel:
+            running[name] = handle
+        else:
+            seconds[name] = wait(*handle, work, key)
+    for name, handle in running.items():
+        seconds[name] = wait(*handle, work, keys[name])
+    runs = {}
+    for name, key in keys.items():
         history = trials(storage, f"bench_{key}")
-        runs[name] = {"seconds": seconds, "trials": history, "epochs": sum(len(t["curve"]) for t in history),
+        runs[name] = {"seconds": seconds[name], "trials": history, "epochs": sum(len(t["curve"]) for t in history),
                       "best": max(t["value"] for t in history if t["value"] is not None)}
     return runs
 
@@ -169,14 +174,12 @@ def main() -> None:
                              "(results in search_wide.json)")
     parser.add_argument("--parallel", action="store_true",
                         help="run each seed's searches at once, one TensorFlow thread each")
-    parser.add_argument("--results", help="results file name under bench/results (default: search, or "
-                                          "search_<space>)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the seeds, searches and speed-up already in the results file")
     args = parser.parse_args()
     from mlsteps import prep
 
-    results_name = args.results or ("search" if args.space == "default" else f"search_{args.space}")
+    results_name = "search" if args.space == "default" else f"search_{args.space}"
     results_file = RESULTS_FILE.with_name(f"{results_name}.json")
     if not args.seeds and args.skip_speedup:  # nothing to run: print and plot what the results file holds
         if not results_file.exists():
@@ -218,8 +221,7 @@ def main() -> None:
     comparisons = {str(c["seed"]): c for c in previous.get("comparisons", [])}
     for seed, runs in new_runs.items():
         comparisons[seed] = comparison(int(seed), {**comparisons.get(seed, {}).get("runs", {}), **runs})
-    settings = {k: v for k, v in vars(args).items() if k not in ("merge", "skip_speedup", "parallel", "searches",
-                                                            "results")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("merge", "skip_speedup", "parallel", "searches")}
     path = write(results_name, {
         "settings": settings,
         "search_space": SPACES[args.space] or "the tune step's default (mlsteps/search.py SEARCH_SPACE)",
@@ -246,6 +248,8 @@ def report(results: dict, path: Path) -> None:
                   "-" if s["ratio_to_random"] is None else round(s["ratio_to_random"], 3), s["budget_epochs"],
                   "-" if name == "random" else f"{s['best_beats_random']} of {len(comparisons)}"]
                  for name, s in searches.items()]))
+    print("random search's epochs to its own best (the whole way, not -0.3 pt):",
+          sum(c["runs"]["random"]["epochs_to_own_best"] for c in comparisons.values()))
     speed = results.get("speedup")
     if speed:
         print(table(["workers", "seconds", "speed-up"], [[1, round(speed["seconds_1_worker"]), 1.0],
