@@ -119,3 +119,31 @@ def standalone(airflow_home: dict[str, str], log_dir: Path, wait_for_dag: str, *
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
+
+
+def migrated_airflow_home(home: Path, mlflow_server: MlflowServer) -> dict[str, str]:
+    """The environment of an Airflow home in ``home`` with a freshly migrated SQLite database, running steps on
+    the local runtime and logging to ``mlflow_server``. Every DAG in it starts paused."""
+    # Nothing Airflow- or deployment-specific leaks in from the test process (e.g. unit-test mode set by
+    # the DAG tests of the same session, which gives every Airflow process its own JWT secret).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLOPS_", "MLFLOW_"))}
+    env = {
+        **inherited,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "MLOPS_RUNTIME": "local",
+        "MLOPS_DATA_ROOT": str(home / "data"),
+        "MLOPS_STEPS_PYTHON": str(STEPS_PYTHON),
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        # airflow standalone starts its components as `airflow ...` subprocesses.
+        "PATH": f"{AIRFLOW.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    out = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # The scheduler queues no task of a pool that does not exist: create the search's pool like the scripts do.
+    out = subprocess.run([str(ROOT / "scripts" / "airflow-pools.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return env

@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from services import ROOT, STEPS_PYTHON, request, standalone
+from services import ROOT, STEPS_PYTHON, migrated_airflow_home, request, standalone
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +21,12 @@ SECRET = "integration-webhook-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
-def airflow_api(airflow_home, tmp_path_factory):
-    # The scheduler creates asset-triggered runs only with job scheduling on; mnist_training stays paused.
-    with standalone(airflow_home, tmp_path_factory.mktemp("standalone"), wait_for_dag="model_promotion",
+def airflow_api(mlflow_server, tmp_path_factory):
+    # The scheduler creates asset-triggered runs only with job scheduling on. An Airflow home of this module's
+    # own: in the shared one an earlier module unpaused mnist_training, whose nightly run (real MNIST, default
+    # params) the scheduler would then start next to this test.
+    home = migrated_airflow_home(tmp_path_factory.mktemp("webhook_airflow_home"), mlflow_server)
+    with standalone(home, tmp_path_factory.mktemp("standalone"), wait_for_dag="model_promotion",
                     MLOPS_WEBHOOK_SECRET=SECRET, AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="True",
                     AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2") as api:
         yield api
@@ -41,7 +44,10 @@ def _asset_runs(base: str, token: str) -> list[dict]:
 
 def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api, mlflow_server, request_finalizer):
     base, token = airflow_api
-    assert request("PATCH", f"{base}/api/v2/dags/model_promotion", {"is_paused": False}, token)[0] == 200
+    runs = request("GET", f"{base}/api/v2/dags/mnist_training/dagRuns", token=token)[1]
+    assert runs["total_entries"] == 0, "mnist_training is not paused: the scheduler started it"
+    status, answer = request("PATCH", f"{base}/api/v2/dags/model_promotion", {"is_paused": False}, token)
+    assert status == 200, answer
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLOPS_WEBHOOK_SECRET": SECRET,
            "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url", base],
