@@ -5,7 +5,8 @@ Hyperband) reaches random search's best validation accuracy (within 0.3 pt) in <
 random search (no pruning) used. Also: wall time of one fixed-work search with 1 worker vs 2 workers at once.
 Each search runs real `python -m mlsteps.tune` worker processes against a real MLflow server and an
 SQLite Optuna storage. Needs Debian's dataset-fashion-mnist (or FASHION_DIR=<folder with the IDX files>).
-Prints tables, writes bench/results/search[_<space>].json and a plot of best accuracy so far per seed (.png).
+Prints tables, writes bench/results/search[_<space>_<trials>x<max epochs>].json and a plot of best accuracy
+so far per seed (.png).
 Run in the steps environment:  .venvs/steps/bin/python bench/search.py [--trials 12 --max-epochs 4]
 (--seeds with no value and --skip-speedup: print and plot the results file again.)
 """
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--skip-speedup", action="store_true")
     parser.add_argument("--space", choices=sorted(SPACES), default="default",
                         help="default: the tune step's own space; wide: the ranges Optuna's Keras example declares "
-                             "(results in search_wide.json)")
+                             "(results in search_wide_<trials>x<max epochs>.json)")
     parser.add_argument("--parallel", action="store_true",
                         help="run each seed's searches at once, one TensorFlow thread each")
     parser.add_argument("--merge", action="store_true",
@@ -179,7 +180,9 @@ def main() -> None:
     args = parser.parse_args()
     from mlsteps import prep
 
-    results_name = "search" if args.space == "default" else f"search_{args.space}"
+    # One results file per space and budget: search.json for the default run, else e.g. search_wide_16x9.json.
+    default_budget = (args.space, args.trials, args.max_epochs) == ("default", 12, 4)
+    results_name = "search" if default_budget else f"search_{args.space}_{args.trials}x{args.max_epochs}"
     results_file = RESULTS_FILE.with_name(f"{results_name}.json")
     if not args.seeds and args.skip_speedup:  # nothing to run: print and plot what the results file holds
         if not results_file.exists():
