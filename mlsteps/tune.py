@@ -214,7 +214,9 @@ class _Trainer:
                 outcome["value"] = value
                 outcome["epochs"] = epoch + 1
                 trial.report(value, epoch + 1)
-                if trial.should_prune():
+                # Never after the last epoch: nothing is left to save, and a pruned trial's result is lost to
+                # select (successive halving has no last rung: at 9 or 27 epochs it would ask for promotion).
+                if epoch + 1 < config.max_epochs and trial.should_prune():
                     outcome["pruned_at"] = epoch + 1
                     self.model.stop_training = True
 

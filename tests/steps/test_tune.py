@@ -301,12 +301,14 @@ class SharedSearch:
 
 @pytest.fixture(scope="module")
 def shared_search(tmp_path_factory, mlflow_server) -> SharedSearch:
-    """Eight trials by two workers started together, successive halving over up to 4 epochs.
+    """Eight trials by two workers started together, successive halving over up to 3 epochs.
 
     Half the learning-rate range cannot learn anything in one epoch, so some trials are certain to be pruned.
+    Epoch 3 is a rung of successive halving (epochs 1, 3, 9, ...): a trial that trained every epoch is
+    complete, never pruned at its last epoch, which would save nothing and hide its result from `select`.
     """
     found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, "tune_tests/shared", trials=8,
-                        max_epochs=4, pruner="successive_halving",
+                        max_epochs=3, pruner="successive_halving",
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     setup = found.setup()
     workers = found.workers(2)
