@@ -96,6 +96,7 @@ SEARCHES = {"random": ("random", "none"), "tpe_hyperband": ("tpe", "hyperband"),
             "tpe_successive_halving": ("tpe", "successive_halving")}
 LABELS = {"random": "random, no pruning", "tpe_hyperband": "TPE + Hyperband",
           "tpe_successive_halving": "TPE + successive halving"}
+COLORS = {"random": "tab:gray", "tpe_hyperband": "tab:blue", "tpe_successive_halving": "tab:orange"}
 
 
 def run_searches(base: list[str], args: argparse.Namespace, seed: int, env: dict[str, str], work: Path,
@@ -181,7 +182,8 @@ def main() -> None:
     from mlsteps import prep
 
     # One results file per space and budget: search.json for the default run, else e.g. search_wide_16x9.json.
-    default_budget = (args.space, args.trials, args.max_epochs) == ("default", 12, 4)
+    default_budget = (args.space, args.trials, args.max_epochs) == tuple(
+        parser.get_default(name) for name in ("space", "trials", "max_epochs"))
     results_name = "search" if default_budget else f"search_{args.space}_{args.trials}x{args.max_epochs}"
     results_file = RESULTS_FILE.with_name(f"{results_name}.json")
     if not args.seeds and args.skip_speedup:  # nothing to run: print and plot what the results file holds
@@ -244,7 +246,7 @@ def report(results: dict, path: Path) -> None:
                          r["epochs_to_target"] or "not reached", round(r["seconds"])])
     print(table(["seed", "search", "trials", "pruned", "epochs", "best val acc %", "target %", "epochs to target",
                  "seconds"], rows))
-    searches = results.get("searches") or summary(comparisons)  # results files before --searches existed
+    searches = results["searches"]
     print(table(["search", "epochs to target (sum over seeds)", "ratio to random (goal <= 0.333)", "budget epochs",
                  "best > random's (seeds)"],
                 [[name, s["epochs_to_target_total"] or "not reached in every seed",
@@ -282,9 +284,8 @@ def plot(comparisons: dict[str, dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(comparisons), figsize=(4.5 * len(comparisons), 3.6), squeeze=False)
     for ax, (seed, c) in zip(axes[0], sorted(comparisons.items())):
         target = 100 * c["target_val_accuracy"]
-        colors = {"random": "tab:gray", "tpe_hyperband": "tab:blue", "tpe_successive_halving": "tab:orange"}
         for name, run in c["runs"].items():
-            label, color = LABELS[name], colors[name]
+            label, color = LABELS[name], COLORS[name]
             x, y = best_so_far(run["trials"])
             ax.step(x, y, where="post", color=color, linewidth=3.5 if name == "random" else 1.5,
                     alpha=0.55 if name == "random" else 1.0, label=f"{label} ({run['epochs']} epochs)")
