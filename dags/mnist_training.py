@@ -4,9 +4,9 @@
 Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → compress → register →
 gate → review**.
 
-The search (Optuna: TPE sampling, Hyperband pruning) runs `search_workers` trial workers at once, as a
-mapped task in the `hyperparameter_search` pool; they share one study until the trial or time budget is
-spent, then `select` hands the best hyperparameters to train. Trigger with `search: false` to skip it
+The search (Optuna: TPE sampling, successive-halving pruning by default) runs `search_workers` trial
+workers at once, as a mapped task in the `hyperparameter_search` pool; they share one study until the
+trial or time budget is spent, then `select` hands the best hyperparameters to train. Trigger with `search: false` to skip it
 and train with the form's hyperparameters.
 
 Compress prunes (to `compress_sparsity`, fine-tuned) and quantizes the model, converts every variant
@@ -132,7 +132,7 @@ with DAG(
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
         "node_selector": Param({}, type="object",
-                               description='Node selector for the training pod, e.g. '
+                               description='Node selector for the training and trial-worker pods, e.g. '
                                            '{"cloud.google.com/gke-nodepool": "gpu-a100"}.'),
         "model_name": Param("mnist_classifier", type="string", minLength=1,
                             description="Registered model name in MLflow."),
@@ -157,6 +157,9 @@ with DAG(
     tune = step("tune", timeout=timedelta(hours=12), resources=Resources(cpu=str(cpus), memory="8Gi"),
                 gpus="{{ params.search_gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
                 optional_secrets=(settings.optuna_secret,), pool=settings.search_pool, expand_over=workers,
+                # One more try than other steps: if every trial kills its worker (out of memory), a single
+                # worker's 4th try is the one that finds 3 such failures and stops, so select names the cause.
+                retries=3,
                 args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
                       else f"{{{{ [1, {cpus} // params.search_workers] | max }}}}"})
     select = step("select", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="2Gi"),

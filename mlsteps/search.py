@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
 }
 INTEGER_PARAMETERS = ("batch_size", "width")
+# What each parameter can be at all: (lowest, highest, whether the lowest itself is allowed, whole number).
+DOMAINS: dict[str, tuple[float, float | None, bool, bool]] = {
+    "learning_rate": (0.0, None, False, False),  # > 0
+    "batch_size": (1, None, True, True),  # >= 1
+    "width": (1, None, True, True),  # >= 1 filters in the first convolution
+    "dropout": (0.0, 1.0, True, False),  # 0 <= dropout < 1
+}
 PRUNERS = ("successive_halving", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "random")
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
@@ -64,7 +72,29 @@ def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, A
         space[name] = _normalise(name, value)
     for name, spec in space.items():
         _distribution(name, spec)  # fail now, with the parameter's name, not inside a worker
+        _check_domain(name, spec)
     return space
+
+
+def _check_domain(name: str, spec: dict[str, Any]) -> None:
+    """Refuse values the model cannot train with (a batch of 0, dropout 1.5) before any worker starts."""
+    lowest, highest, inclusive, whole = DOMAINS[name]
+    kind = spec["type"]
+    values = (spec["choices"] if kind == "categorical" else [spec["value"]] if kind == "fixed"
+              else [spec["low"], spec["high"]])
+    allowed = (f"{'>=' if inclusive else '>'} {lowest:g}" + (f" and < {highest:g}" if highest is not None else "")
+               + (", a whole number" if whole else ""))
+    for value in values:
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if number is None and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        bad = (number is None or not math.isfinite(number) or (number < lowest if inclusive else number <= lowest)
+               or (highest is not None and number >= highest) or (whole and not float(number).is_integer()))
+        if bad:
+            raise StepError(f"search space: {name}: {value!r} is not a possible value; {name} must be {allowed}")
 
 
 def _normalise(name: str, value: Any) -> dict[str, Any]:
@@ -78,10 +108,17 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
         extra = sorted(set(value) - allowed)
         if extra:
             raise StepError(f"{where}: unknown field(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
-        if "choices" in value:
+        kind = value.get("type")
+        if "choices" in value or kind == "categorical":
+            if not isinstance(value.get("choices"), list) or not value["choices"] or set(value) - {"type", "choices"}:
+                raise StepError(f"{where}: a list of choices is {{\"choices\": [..]}} (or just [..]) and nothing "
+                                "else; a range is {\"low\": .., \"high\": ..}")
             return {"type": "categorical", "choices": value["choices"]}
+        if kind == "fixed":
+            raise StepError(f"{where}: a fixed value is written as the value itself, e.g. \"{name}\": "
+                            f"{SEARCH_SPACE[name].get('low', 1)}")
         default = SEARCH_SPACE[name]
-        kind = value.get("type") or ("int" if name in INTEGER_PARAMETERS else "float")
+        kind = kind or ("int" if name in INTEGER_PARAMETERS else "float")
         if default["type"] == kind:  # {"low": .., "high": ..} keeps the default's log scale and step
             value = {**{k: v for k, v in default.items() if k in ("log", "step")}, **value}
         missing = [k for k in ("low", "high") if k not in value]

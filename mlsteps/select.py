@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,15 +165,17 @@ def run(config: SelectConfig) -> dict[str, Any]:
                 {"trial": best.number, "state": kind, objective: value, "hyperparameters": hp}, indent=2) + "\n")
             for path in [folder / "trials.csv", folder / "best.json", *_plots(study, folder)]:
                 client.log_artifact(parent, str(path), "search")
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, RunTag
 
+        # A search continued (more trials, same DAG run) is selected again: its step (trials finished so far)
+        # and time make these the run's latest values, and tags, unlike params, can change.
         metrics = {f"best_{objective}": value, "trials_complete": counts.complete, "trials_pruned": counts.pruned,
                    "trials_failed": counts.failed, "epochs_total": epochs}
-        existing = client.get_run(parent).data.params
-        client.log_batch(parent, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-                         params=[Param(f"best.{k}", str(v)) for k, v in hp.items() if f"best.{k}" not in existing])
-        client.set_tag(parent, "search.best_trial", str(best.number))
-        client.set_tag(parent, "search.best_run_id", best.user_attrs.get("mlflow_run_id", ""))
+        now = int(time.time() * 1000)
+        tags = {**{f"best.{k}": str(v) for k, v in hp.items()}, "search.best_trial": str(best.number),
+                "search.best_run_id": best.user_attrs.get("mlflow_run_id", "")}
+        client.log_batch(parent, metrics=[Metric(k, float(v), now, counts.finished) for k, v in metrics.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
         client.set_terminated(parent, "FINISHED")
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
     log.info("best of %d trials (%s): trial %d, %s=%.4f: %s; %d epochs in all", len(study.trials),

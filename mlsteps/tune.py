@@ -257,10 +257,11 @@ def run(config: TuneConfig) -> dict[str, Any]:
             stopped = "trial budget spent"
             log.info("worker %d: trial budget spent (%d of %d)", config.worker, now.finished, config.trials)
             break
-        if now.finished == 0 and now.errored >= min(3, config.trials):
-            # Systematic: stop here; select reports it once, with the most common cause, for the whole search.
+        if now.finished == 0 and now.failed >= min(3, config.trials):
+            # Systematic (trials raising errors, or killing their worker: out of memory, evicted): stop here;
+            # select reports it once, with the most common cause, for the whole search.
             stopped = "every trial failed"
-            log.error("worker %d: the first %d trials all failed, stopping; %s", config.worker, now.errored,
+            log.error("worker %d: the first %d trials all failed, stopping; %s", config.worker, now.failed,
                       search.failure_summary(study))
             break
         if now.errored >= config.trials:

@@ -107,9 +107,23 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"batch_size": []}', ["batch_size", "empty list"]),
         ('{"dropout": {"low": "a", "high": 0.5}}', ["dropout"]),
         ('{"width": null}', ["width", "expected a range object"]),
+        ('{"width": {"type": "categorical", "low": 8, "high": 16}}', ["width", "list of choices"]),
+        ('{"learning_rate": {"type": "fixed", "low": 1, "high": 2}}', ["learning_rate", "fixed value"]),
+        ('{"batch_size": 0}', ["batch_size", "must be >= 1"]),
+        ('{"batch_size": [0, 32]}', ["batch_size", "0 is not a possible value"]),
+        ('{"width": {"low": 0, "high": 16}}', ["width", "must be >= 1"]),
+        ('{"width": 8.5}', ["width", "whole number"]),
+        ('{"dropout": 1.5}', ["dropout", "< 1"]),
+        ('{"dropout": {"low": 0.2, "high": 1.0}}', ["dropout", "< 1"]),
+        ('{"learning_rate": -0.1}', ["learning_rate", "must be > 0"]),
+        ('{"learning_rate": NaN}', ["learning_rate", "must be > 0"]),
+        ('{"width": "wide"}', ["width", "'wide' is not a possible value"]),
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
-         "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null"],
+         "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
+         "categorical-without-choices", "fixed-as-range", "batch-of-zero", "a-choice-of-zero", "width-from-zero",
+         "fractional-fixed-width", "dropout-above-one", "dropout-range-up-to-one", "negative-learning-rate",
+         "nan-learning-rate", "text-width"],
 )
 def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
     with pytest.raises(StepError, match=r"^search space") as raised:
@@ -445,6 +459,37 @@ def test_setup_again_with_another_search_space_is_refused(shared_search) -> None
     assert len(found.trials_now()) == before
 
 
+@integration
+def test_selecting_a_continued_search_again_updates_the_search_runs_best(tmp_path, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/continued", trials=2, max_epochs=2, pruner="none",
+                        space={**FIXED, "learning_rate": {"low": 1e-7, "high": 0.02, "log": True}})
+    found.setup()
+    study = found.study()
+    for learning_rate in (1e-7, 1e-7, 0.01, 0.01):  # two that cannot learn, then two that can
+        study.enqueue_trial({"learning_rate": learning_rate, "dropout": 0.0})
+    assert found.workers(1)[0].process.returncode == 0
+    first = found.select()
+    assert first.process.returncode == 0, first.describe()
+    before = found.result("select.json")
+
+    found.trials = 4  # the same DAG run's search, given a larger budget, then selected again
+    assert found.workers(1)[0].process.returncode == 0
+    again = found.select()
+    assert again.process.returncode == 0, again.describe()
+    after = found.result("select.json")
+
+    assert before["trial"] in (0, 1) and after["trial"] in (2, 3), (before, after)
+    assert after["value"] > before["value"]
+    run = MlflowClient(found.tracking_uri).get_run(after["search_run_id"])
+    assert run.data.tags["search.best_trial"] == str(after["trial"])
+    assert {k: run.data.tags[f"best.{k}"] for k in after["hyperparameters"]} == {
+        k: str(v) for k, v in after["hyperparameters"].items()}
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(after["value"])
+    assert run.data.metrics["trials_complete"] == 4
+
+
 # --- a worker dies mid-trial ------------------------------------------------------------------------------------
 
 
@@ -502,27 +547,37 @@ def test_a_trial_of_a_killed_worker_is_failed_and_retried_by_the_other(tmp_path,
 # --- nothing can train ------------------------------------------------------------------------------------------
 
 
+CAUSE = "DataLossError"
+
+
 @integration
 def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_path, mlflow_server) -> None:
+    from mlsteps import data
+
     found = _new_search(tmp_path, mlflow_server, "tune_tests/broken", trials=6, max_epochs=2, pruner="none",
-                        space={"width": 0, "batch_size": 32})
+                        space=FIXED)
     found.setup()
+    # Storage trouble after prep: every training shard damaged mid-file (its records' checksums break).
+    for shard in data.split_files(data.load_manifest(found.manifest), "train"):
+        raw = bytearray(Path(shard).read_bytes())
+        raw[len(raw) // 2:len(raw) // 2 + 64] = b"\xff" * 64
+        Path(shard).write_bytes(bytes(raw))
 
     [worker] = found.workers(1)
 
     # The worker stops (cleanly: the search's one error comes from select, below) and says why.
     assert worker.process.returncode == 0, worker.describe()
     assert "all failed" in worker.output
-    assert "most common cause (3 of 3 failed trials)" in worker.output and "filters=0" in worker.output
+    assert "most common cause (3 of 3 failed trials)" in worker.output and CAUSE in worker.output
     assert json.loads((found.results / "worker0.json").read_text())["stopped"] == "every trial failed"
     trials = found.trials_now()
     assert _states(trials) == {"FAIL": 3}, "the worker stops after three failures instead of spending the budget"
-    assert all("filters=0" in t.user_attrs["error"] for t in trials)
+    assert all(CAUSE in t.user_attrs["error"] for t in trials)
 
     step = found.select()
     assert step.process.returncode == 2, step.describe()
     assert "no trial finished" in step.stderr
-    assert "most common cause" in step.stderr and "filters=0" in step.stderr
+    assert "most common cause" in step.stderr and CAUSE in step.stderr
     assert not (found.results / "select.json").exists()
     # The search's MLflow run ends FAILED with that message, and no trial run is left running.
     import mlflow
@@ -530,5 +585,37 @@ def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_pa
     client = mlflow.MlflowClient(mlflow_server)
     parent = client.get_run(trials[0].user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
     assert client.get_run(parent).info.status == "FAILED"
-    assert "filters=0" in client.get_run(parent).data.tags["error"]
+    assert CAUSE in client.get_run(parent).data.tags["error"]
     assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials} == {"FAILED"}
+
+
+@integration
+def test_a_search_whose_every_trial_kills_its_worker_stops_and_select_names_the_cause(tmp_path,
+                                                                                         mlflow_server) -> None:
+    """Out of memory or evicted on every trial: each worker dies mid-trial, so none can report why. Airflow
+    retries the task; the retry that finds three such failures and nothing finished stops cleanly, so that
+    select runs and ends the search with the one error the user needs (not an upstream failure)."""
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/oom", trials=6, max_epochs=2, pruner="none",
+                        space={**FIXED, "learning_rate": 0.01, "dropout": 0.1}, heartbeat_seconds=1)
+    found.setup()
+
+    killed = []
+    for attempt in range(3):  # three tries of the task (the DAG's retries), each killed in its first trial
+        [step] = found.workers(1, kill={0: START_LINE})
+        assert step.killed_on is not None, step.describe()
+        killed.append(int(step.killed_on.group(2)))
+        time.sleep(4)  # past the grace period of 3 heartbeats: the next worker marks the trial failed
+    [last] = found.workers(1)
+
+    assert last.process.returncode == 0, last.describe()
+    assert not last.starts(), "the worker ran a trial after three trials had killed their workers"
+    assert json.loads((found.results / "worker0.json").read_text())["stopped"] == "every trial failed"
+    assert "most common cause (3 of 3 failed trials): worker stopped mid-trial" in last.output
+    trials = found.trials_now()
+    assert sorted(t.number for t in trials if t.state.name == "FAIL") == killed
+    assert _states(trials)["COMPLETE"] == _states(trials)["PRUNED"] == _states(trials)["RUNNING"] == 0
+
+    step = found.select()
+    assert step.process.returncode == 2, step.describe()
+    assert "no trial finished" in step.stderr
+    assert "worker stopped mid-trial (killed, evicted or out of memory)" in step.stderr
