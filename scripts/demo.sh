@@ -19,7 +19,7 @@ echo "model server: $serving_url (scripts/serving.sh; log var/serving/server.log
   || { tail -n 30 var/airflow-migrate.log; exit 1; }
 
 conf=$(DATASET=${DATASET:-mnist} EPOCHS=${EPOCHS:-5} BATCH_SIZE=${BATCH_SIZE:-128} SOURCE_DIR=${SOURCE_DIR:-} \
-  SEARCH=${SEARCH:-true} SEARCH_TRIALS=${SEARCH_TRIALS:-6} SEARCH_WORKERS=${SEARCH_WORKERS:-2} \
+  SEARCH=${SEARCH:-true} SEARCH_TRIALS=${SEARCH_TRIALS:-6} SEARCH_WORKERS=${SEARCH_WORKERS:-1} \
   SEARCH_EPOCHS=${SEARCH_EPOCHS:-2} SEARCH_EXAMPLES=${SEARCH_EXAMPLES:-10000} COMPRESS_EPOCHS=${COMPRESS_EPOCHS:-2} \
   REVIEW=${REVIEW:-auto} \
   .venvs/airflow/bin/python -c 'import json, os; e = os.environ; print(json.dumps({"dataset": e["DATASET"],

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -227,6 +228,8 @@ class Search:
     pruner: str
     space: dict[str, Any]
     sampler: str = "random"
+    objective: str = "val_accuracy"
+    timeout_minutes: float = 120.0
     heartbeat_seconds: int = 15
     results: Path = field(init=False)
 
@@ -248,7 +251,8 @@ class Search:
         space_json = json.dumps(self.space if space is None else space)
         return [*self._common(result or f"{'setup' if setup else f'worker{worker}'}.json"),
                 "--trials", str(self.trials), "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
-                "--sampler", self.sampler, "--seed", "7", "--search-space", space_json,
+                "--sampler", self.sampler, "--objective", self.objective, "--timeout-minutes",
+                str(self.timeout_minutes), "--seed", "7", "--search-space", space_json,
                 "--worker", str(worker), "--threads", "1", "--setup-only", "true" if setup else "false"]
 
     def setup(self) -> dict[str, Any]:
@@ -419,7 +423,9 @@ def test_select_returns_the_best_complete_trial_and_logs_the_search(shared_searc
         t.user_attrs["mlflow_run_id"]: t.state.name for t in trials}
     assert all(r.info.status == "FINISHED" for r in nested)
     artifacts = {a.path for a in client.list_artifacts(parent, "search")}
-    assert {"search/trials.csv", "search/best.json", "search/optimization_history.png"} <= artifacts
+    assert {"search/trials.csv", "search/best.json", "search/optimization_history.png",
+            "search/intermediate_values.png", "search/param_importances.png",
+            "search/parallel_coordinate.png"} <= artifacts
     table = client.download_artifacts(parent, "search/trials.csv", str(found.root))
     rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
     assert {int(r["number"]): r["state"] for r in rows} == {t.number: t.state.name for t in trials}
@@ -488,6 +494,49 @@ def test_selecting_a_continued_search_again_updates_the_search_runs_best(tmp_pat
         k: str(v) for k, v in after["hyperparameters"].items()}
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(after["value"])
     assert run.data.metrics["trials_complete"] == 4
+
+
+@integration
+def test_a_val_loss_search_with_the_median_pruner_prunes_and_selects_the_lowest_loss(tmp_path,
+                                                                                    mlflow_server) -> None:
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/median", trials=7, max_epochs=4, pruner="median",
+                        objective="val_loss", sampler="tpe",
+                        space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
+    found.setup()
+    [worker] = found.workers(1)
+    assert worker.process.returncode == 0, worker.describe()
+    trials = found.trials_now()
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+
+    # The median pruner judges from epoch 2 on, once 3 trials completed, and never at the last epoch; it stops
+    # a trial whose loss is above the median of the complete trials' losses at the same epoch.
+    assert pruned, _states(trials)
+    for trial in pruned:
+        epoch = max(trial.intermediate_values)
+        assert 2 <= epoch < found.max_epochs and sorted(trial.intermediate_values) == list(range(1, epoch + 1))
+        before = [t.intermediate_values[epoch] for t in complete if t.number < trial.number]
+        assert len(before) >= 3 and trial.intermediate_values[epoch] > statistics.median(before)
+    step = found.select()
+    assert step.process.returncode == 0, step.describe()
+    result = found.result("select.json")
+    assert result["objective"] == "val_loss"
+    assert result["value"] == min(t.value for t in complete)
+
+
+@integration
+def test_a_search_whose_time_budget_is_spent_before_any_trial_says_so(tmp_path, mlflow_server) -> None:
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/late", trials=4, max_epochs=2, pruner="none",
+                        space=FIXED, timeout_minutes=0.001)
+    found.setup()
+    [worker] = found.workers(1)  # starts well after 0.06 s
+
+    assert worker.process.returncode == 0, worker.describe()
+    assert not worker.starts()
+    assert found.result("worker0.json")["stopped"] == "time budget spent"
+    step = found.select()
+    assert step.process.returncode == 2, step.describe()
+    assert "no trial ran: the time budget" in step.stderr
 
 
 # --- a worker dies mid-trial ------------------------------------------------------------------------------------
