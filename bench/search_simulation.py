@@ -1,18 +1,19 @@
 """How often would the search goal be met? bench/search.py's comparison, simulated over many seeds and budgets.
 
-bench/search.py measures 3 seeds per budget, each seed about an hour of training here, so it cannot say how
-likely its result is, nor what 100 or 200 trials would show. This replaces training (only training) with a
-model of it fitted to the real learning curves in bench/results/search_wide_40x9.json (wide space, 2,000
-training examples, 9 epochs, 240 trials) and runs the comparison many times:
+bench/search.py measures 3 seeds per budget, each seed half an hour or more of training here, so it cannot
+say how likely its result is, nor what 100 or 200 trials would show. This replaces training (only training)
+with a model of it fitted to the real learning curves in bench/results/search_wide_40x9.json (wide space,
+2,000 training examples, 9 epochs, 240 trials) and runs the comparison many times:
 - mean curve: per epoch, validation accuracy of the 5 nearest real trials in hyperparameter space (scaled
   log10 learning rate, log2 batch, width, dropout), weighted by distance, averaged on a logit scale;
-- noise: the out-of-fold residual curve (9 epochs) of one of the 5 nearest complete real trials, so it is as
-  large as the real seed-to-seed and validation noise, correlated across epochs, larger where training is
+- noise: the out-of-fold residual curve (9 epochs) of one of the 5 nearest complete real trials: the real
+  seed-to-seed and validation noise plus the mean curve's own error (so if anything too large;
+  --noise-scales shows what the verdict owes to it), correlated across epochs, larger where training is
   unstable. It is drawn by (seed, trial number), as the real benchmark seeds Keras with seed + trial number.
 Search space, samplers and pruners are the tune step's own (`mlsteps.search`); as in `mlsteps.tune`, a trial
 reports each epoch and the pruner is asked between epochs. Epochs to target are counted as in bench/search.py.
-Prints a fit check and a table; writes bench/results/search_simulation.json.
-Run in the steps environment:  .venvs/steps/bin/python bench/search_simulation.py [--seeds 150 --trials 16 40 100 200]
+Prints a fit check and tables; writes bench/results/search_simulation.json and a plot (.png).
+Run in the steps environment:  .venvs/steps/bin/python bench/search_simulation.py [--seeds 150 --trials 40]
 """
 
 from __future__ import annotations
@@ -169,17 +170,23 @@ def compare(surrogate: Surrogate, space: dict, trials: int, seed: int, variant: 
             "tpe_epochs": sum(len(t["curve"]) for t in tpe), "tpe_pruned": sum(t["pruned"] for t in tpe)}
 
 
-def summarise(per_seed: list[dict]) -> dict:
-    """Shares of seeds and of 3-seed benchmarks (as bench/search.py sums them) that meet the goal."""
+def ratios(per_seed: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs to target, TPE / random: per seed, and per benchmark of 3 seeds summed as bench/search.py does
+    (inf where TPE never reached the target)."""
     tpe = np.array([np.inf if p["tpe_to_target"] is None else p["tpe_to_target"] for p in per_seed], float)
     rnd = np.array([p["random_to_target"] for p in per_seed], float)
-    blocks = np.array([tpe[i:i + 3].sum() / rnd[i:i + 3].sum() for i in range(0, len(per_seed) - 2, 3)])
-    return {"seeds": len(per_seed), "median_ratio": round(float(np.median(tpe / rnd)), 2),
-            "share_seeds_at_most_third": round(float(np.mean(tpe / rnd <= 1 / 3)), 3),
+    return tpe / rnd, np.array([tpe[i:i + 3].sum() / rnd[i:i + 3].sum() for i in range(0, len(per_seed) - 2, 3)])
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Shares of seeds and of 3-seed benchmarks that meet the goal."""
+    per_seed_ratio, blocks = ratios(per_seed)
+    return {"seeds": len(per_seed), "median_ratio": round(float(np.median(per_seed_ratio)), 2),
+            "share_seeds_at_most_third": round(float(np.mean(per_seed_ratio <= 1 / 3)), 3),
             "benchmarks_of_3_seeds": len(blocks),
             "benchmarks_meeting_goal": int(np.sum(blocks <= 1 / 3)),
             "share_benchmarks_meeting_goal": round(float(np.mean(blocks <= 1 / 3)), 3),
-            "share_seeds_target_never_reached": round(float(np.mean(~np.isfinite(tpe))), 3),
+            "share_seeds_target_never_reached": round(float(np.mean(~np.isfinite(per_seed_ratio))), 3),
             "whole_budget_ratio": round(sum(p["tpe_epochs"] for p in per_seed)
                                         / sum(p["random_epochs"] for p in per_seed), 2),
             "share_tpe_best_at_least_random": round(float(np.mean(
@@ -264,16 +271,13 @@ def plot(results: list[dict], real: dict, path: Path) -> Path:
     cap = 4.0  # a benchmark in which some seed never reached the target is drawn at the right edge
     for ax, noise in zip(axes[0], noises):
         for r in (r for r in results if r["noise_scale"] == noise):
-            per = r["per_seed"]
-            ratios = sorted(min(cap, np.inf if None in [p["tpe_to_target"] for p in per[i:i + 3]] else
-                                sum(p["tpe_to_target"] for p in per[i:i + 3]) / sum(p["random_to_target"]
-                                                                                   for p in per[i:i + 3]))
-                            for i in range(0, len(per) - 2, 3))
-            share = np.arange(1, len(ratios) + 1) / len(ratios)
-            ax.step(ratios, share, where="post", label=f"{r['trials']} trials of {EPOCHS} epochs")
+            blocks = np.sort(np.minimum(ratios(r["per_seed"])[1], cap))
+            share = np.arange(1, len(blocks) + 1) / len(blocks)
+            ax.step(blocks, share, where="post", label=f"{r['trials']} trials of {EPOCHS} epochs")
         ax.axvline(1 / 3, color="tab:red", linestyle="--", linewidth=1, label="goal: 1/3")
         measured = real["searches"]["tpe_successive_halving"]["ratio_to_random"]
-        ax.axvline(measured, color="black", linestyle=":", linewidth=1, label=f"real 40-trial benchmark: {measured:.2f}")
+        ax.axvline(measured, color="black", linestyle=":", linewidth=1,
+                   label=f"real 40-trial benchmark: {measured:.2f}")
         ax.set_xscale("log")
         ax.set_xlim(0.05, cap * 1.05)
         ax.set_title(f"noise x{noise:g}" + (" (as measured)" if noise == 1 else ""))

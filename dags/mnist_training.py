@@ -157,9 +157,10 @@ with DAG(
     tune = step("tune", timeout=timedelta(hours=12), resources=Resources(cpu=str(cpus), memory="8Gi"),
                 gpus="{{ params.search_gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
                 optional_secrets=(settings.optuna_secret,), pool=settings.search_pool, expand_over=workers,
-                # One more try than other steps: if every trial kills its worker (out of memory), a single
-                # worker's 4th try is the one that finds 3 such failures and stops, so select names the cause.
-                retries=3,
+                # Two more tries than other steps: if every trial kills its worker (out of memory), a lost trial
+                # counts once its retry died too, so a single worker's 5th try is the one that finds 3 such
+                # failures and stops, and select names the cause.
+                retries=4,
                 args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
                       else f"{{{{ [1, {cpus} // params.search_workers] | max }}}}"})
     select = step("select", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="2Gi"),

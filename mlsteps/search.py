@@ -73,11 +73,17 @@ def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, A
     for name, spec in space.items():
         _distribution(name, spec)  # fail now, with the parameter's name, not inside a worker
         _check_domain(name, spec)
+        if name in INTEGER_PARAMETERS:  # 32.0 -> 32: train's integer flags refuse "32.0"
+            for key in ("low", "high", "step", "value"):
+                if key in spec:
+                    spec[key] = int(spec[key])
+            if "choices" in spec:
+                spec["choices"] = [int(c) for c in spec["choices"]]
     return space
 
 
 def _check_domain(name: str, spec: dict[str, Any]) -> None:
-    """Refuse values the model cannot train with (a batch of 0, dropout 1.5) before any worker starts."""
+    """Refuse values the model cannot train with (a batch of 0, dropout 1.5, text) before any worker starts."""
     lowest, highest, inclusive, whole = DOMAINS[name]
     kind = spec["type"]
     values = (spec["choices"] if kind == "categorical" else [spec["value"]] if kind == "fixed"
@@ -86,13 +92,11 @@ def _check_domain(name: str, spec: dict[str, Any]) -> None:
                + (", a whole number" if whole else ""))
     for value in values:
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        if number is None and isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        bad = (number is None or not math.isfinite(number) or (number < lowest if inclusive else number <= lowest)
-               or (highest is not None and number >= highest) or (whole and not float(number).is_integer()))
+        try:
+            bad = (number is None or not math.isfinite(number) or (number < lowest if inclusive else number <= lowest)
+                   or (highest is not None and number >= highest) or (whole and not float(number).is_integer()))
+        except OverflowError:  # an integer too large for a float
+            bad = True
         if bad:
             raise StepError(f"search space: {name}: {value!r} is not a possible value; {name} must be {allowed}")
 
@@ -263,6 +267,7 @@ class Counts:
     running: int = 0
     waiting: int = 0
     errored: int = 0  # failed trials that raised an error (the others lost their worker)
+    retrying: int = 0  # failed trials (lost with their worker) whose retry is waiting or running
 
     @property
     def finished(self) -> int:
@@ -280,9 +285,13 @@ def counts(study: Any) -> Counts:
     trials = study.get_trials(deepcopy=False)
     states = collections.Counter(t.state for t in trials)
     errored = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("error"))
+    # RetryHeartbeatStaleTrialCallback's retry lists the trials it stands in for in its "retry_history".
+    pending = {n for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)
+               for n in t.system_attrs.get("retry_history", ())}
+    retrying = sum(1 for t in trials if t.state == TrialState.FAIL and t.number in pending)
     return Counts(complete=states[TrialState.COMPLETE], pruned=states[TrialState.PRUNED],
                   failed=states[TrialState.FAIL], running=states[TrialState.RUNNING],
-                  waiting=states[TrialState.WAITING], errored=errored)
+                  waiting=states[TrialState.WAITING], errored=errored, retrying=retrying)
 
 
 def failure_summary(study: Any) -> str:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,18 +120,29 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"learning_rate": -0.1}', ["learning_rate", "must be > 0"]),
         ('{"learning_rate": NaN}', ["learning_rate", "must be > 0"]),
         ('{"width": "wide"}', ["width", "'wide' is not a possible value"]),
+        ('{"batch_size": "32"}', ["batch_size", "'32' is not a possible value"]),
+        ('{"width": 1e400}', ["width", "inf is not a possible value"]),
+        ('{"width": [8, 10' + '0' * 400 + ']}', ["width", "is not a possible value"]),
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
          "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
          "categorical-without-choices", "fixed-as-range", "batch-of-zero", "a-choice-of-zero", "width-from-zero",
          "fractional-fixed-width", "dropout-above-one", "dropout-range-up-to-one", "negative-learning-rate",
-         "nan-learning-rate", "text-width"],
+         "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width"],
 )
 def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
     with pytest.raises(StepError, match=r"^search space") as raised:
         search.parse_space(overrides)
     for name in names:
         assert name in str(raised.value)
+
+
+def test_whole_floats_of_integer_parameters_become_integers_that_train_accepts() -> None:
+    space = search.parse_space({"batch_size": [32.0, 64], "width": {"low": 8.0, "high": 32.0, "step": 8.0}})
+    assert space["batch_size"] == {"type": "categorical", "choices": [32, 64]}
+    assert space["width"] == {"type": "int", "low": 8, "high": 32, "step": 8}
+    assert all(type(c) is int for c in space["batch_size"]["choices"])
+    assert type(search.parse_space({"width": 16.0})["width"]["value"]) is int
 
 
 def test_no_overrides_at_all_give_the_default_space() -> None:
@@ -494,6 +506,9 @@ def test_selecting_a_continued_search_again_updates_the_search_runs_best(tmp_pat
         k: str(v) for k, v in after["hyperparameters"].items()}
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(after["value"])
     assert run.data.metrics["trials_complete"] == 4
+    # One point per select, at the number of trials finished then: the search's progress, newest last.
+    history = MlflowClient(found.tracking_uri).get_metric_history(run.info.run_id, "trials_complete")
+    assert sorted((m.step, m.value) for m in history) == [(2, 2.0), (4, 4.0)]
 
 
 @integration
@@ -641,15 +656,16 @@ def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_pa
 @integration
 def test_a_search_whose_every_trial_kills_its_worker_stops_and_select_names_the_cause(tmp_path,
                                                                                          mlflow_server) -> None:
-    """Out of memory or evicted on every trial: each worker dies mid-trial, so none can report why. Airflow
-    retries the task; the retry that finds three such failures and nothing finished stops cleanly, so that
-    select runs and ends the search with the one error the user needs (not an upstream failure)."""
+    """Out of memory on every trial: each worker dies mid-trial, so none can report why. Airflow retries the
+    task; a lost trial counts once its retry (same parameters) died too, and the try that finds three such
+    failures and nothing finished stops cleanly, so that select runs and ends the search with the one error
+    the user needs (not an upstream failure)."""
     found = _new_search(tmp_path, mlflow_server, "tune_tests/oom", trials=6, max_epochs=2, pruner="none",
                         space={**FIXED, "learning_rate": 0.01, "dropout": 0.1}, heartbeat_seconds=1)
     found.setup()
 
     killed = []
-    for attempt in range(3):  # three tries of the task (the DAG's retries), each killed in its first trial
+    for attempt in range(4):  # four tries of the task (the DAG gives tune 4 retries), each killed mid-trial
         [step] = found.workers(1, kill={0: START_LINE})
         assert step.killed_on is not None, step.describe()
         killed.append(int(step.killed_on.group(2)))
@@ -659,12 +675,42 @@ def test_a_search_whose_every_trial_kills_its_worker_stops_and_select_names_the_
     assert last.process.returncode == 0, last.describe()
     assert not last.starts(), "the worker ran a trial after three trials had killed their workers"
     assert json.loads((found.results / "worker0.json").read_text())["stopped"] == "every trial failed"
-    assert "most common cause (3 of 3 failed trials): worker stopped mid-trial" in last.output
+    assert "most common cause (4 of 4 failed trials): worker stopped mid-trial" in last.output
     trials = found.trials_now()
-    assert sorted(t.number for t in trials if t.state.name == "FAIL") == killed
-    assert _states(trials)["COMPLETE"] == _states(trials)["PRUNED"] == _states(trials)["RUNNING"] == 0
+    assert sorted(t.number for t in trials if t.state.name == "FAIL") == killed == [0, 1, 2, 3]
+    assert {t.number: t.system_attrs.get("failed_trial") for t in trials} == {0: None, 1: 0, 2: None, 3: 2}
+    assert _states(trials) == {"FAIL": 4}
 
     step = found.select()
     assert step.process.returncode == 2, step.describe()
     assert "no trial finished" in step.stderr
     assert "worker stopped mid-trial (killed, evicted or out of memory)" in step.stderr
+
+
+@integration
+def test_workers_evicted_together_do_not_end_the_search_their_retries_run(tmp_path, mlflow_server) -> None:
+    """Three workers lost at once (a node pre-empted) before any trial finished: three failed trials, each
+    with a retry queued. The next worker runs the retries instead of calling the search failed."""
+    import optuna
+
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/evicted", trials=3, max_epochs=1, pruner="none",
+                        space={**FIXED, "learning_rate": 0.01, "dropout": 0.1})
+    found.setup()
+    study = found.study()
+    with warnings.catch_warnings():  # 'experimental' since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    lost = [study.ask() for _ in range(3)]  # three trials running at once ...
+    for trial in lost:  # ... whose workers vanished: what fail_stale_trials leaves behind
+        search.suggest(trial, search.parse_space(found.space))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        retry(study, study.trials[trial.number])
+    assert _states(found.trials_now()) == {"FAIL": 3, "WAITING": 3}
+
+    [worker] = found.workers(1)
+
+    assert worker.process.returncode == 0, worker.describe()
+    assert found.result("worker0.json")["stopped"] == "trial budget spent"
+    trials = found.trials_now()
+    assert _states(trials) == {"FAIL": 3, "COMPLETE": 3}
+    assert sorted(t.system_attrs.get("failed_trial") for t in trials if t.state.name == "COMPLETE") == [0, 1, 2]
