@@ -6,8 +6,8 @@ gate → review**.
 
 The search (Optuna: TPE sampling, successive-halving pruning by default) runs `search_workers` trial
 workers at once, as a mapped task in the `hyperparameter_search` pool; they share one study until the
-trial or time budget is spent, then `select` hands the best hyperparameters to train. Trigger with `search: false` to skip it
-and train with the form's hyperparameters.
+trial or time budget is spent, then `select` hands the best hyperparameters to train. Trigger with
+`search: false` to skip it and train with the form's hyperparameters.
 
 Compress prunes (to `compress_sparsity`, fine-tuned) and quantizes the model, converts every variant
 (float32, float16, dynamic range, int8, pruned int8) to TFLite, measures accuracy, size and latency

@@ -109,7 +109,7 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
         return {"type": "categorical", "choices": value}
     if isinstance(value, dict):
         allowed = {"type", "low", "high", "log", "step", "choices"}
-        extra = sorted(set(value) - allowed)
+        extra = sorted(set(value) - allowed - {"value"})
         if extra:
             raise StepError(f"{where}: unknown field(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
         kind = value.get("type")
@@ -118,9 +118,10 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
                 raise StepError(f"{where}: a list of choices is {{\"choices\": [..]}} (or just [..]) and nothing "
                                 "else; a range is {\"low\": .., \"high\": ..}")
             return {"type": "categorical", "choices": value["choices"]}
-        if kind == "fixed":
-            raise StepError(f"{where}: a fixed value is written as the value itself, e.g. \"{name}\": "
-                            f"{SEARCH_SPACE[name].get('low', 1)}")
+        if kind == "fixed" or "value" in value:
+            default = SEARCH_SPACE[name]
+            example = default["low"] if "low" in default else default["choices"][0]
+            raise StepError(f"{where}: a fixed value is written as the value itself, e.g. \"{name}\": {example}")
         default = SEARCH_SPACE[name]
         kind = kind or ("int" if name in INTEGER_PARAMETERS else "float")
         if default["type"] == kind:  # {"low": .., "high": ..} keeps the default's log scale and step

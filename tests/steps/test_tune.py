@@ -111,6 +111,7 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"width": null}', ["width", "expected a range object"]),
         ('{"width": {"type": "categorical", "low": 8, "high": 16}}', ["width", "list of choices"]),
         ('{"learning_rate": {"type": "fixed", "low": 1, "high": 2}}', ["learning_rate", "fixed value"]),
+        ('{"batch_size": {"value": 64}}', ["batch_size", 'written as the value itself, e.g. "batch_size": 32']),
         ('{"batch_size": 0}', ["batch_size", "must be >= 1"]),
         ('{"batch_size": [0, 32]}', ["batch_size", "0 is not a possible value"]),
         ('{"width": {"low": 0, "high": 16}}', ["width", "must be >= 1"]),
@@ -126,7 +127,7 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
          "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
-         "categorical-without-choices", "fixed-as-range", "batch-of-zero", "a-choice-of-zero", "width-from-zero",
+         "categorical-without-choices", "fixed-as-range", "fixed-as-object", "batch-of-zero", "a-choice-of-zero", "width-from-zero",
          "fractional-fixed-width", "dropout-above-one", "dropout-range-up-to-one", "negative-learning-rate",
          "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width"],
 )
