@@ -149,7 +149,9 @@ def run_search(surrogate: Surrogate, space: dict, sampler: Any, pruner: Any, tri
         history.append({"params": params, "curve": curve.tolist(), "pruned": False})
         return float(curve[-1])
 
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    # Named: Hyperband puts a trial in a bracket by a hash of the study's name (a random one if unnamed).
+    study = optuna.create_study(study_name=f"simulated-{seed}", direction="maximize", sampler=sampler,
+                                pruner=pruner)
     study.optimize(objective, n_trials=trials)
     return history
 
