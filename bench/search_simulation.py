@@ -112,24 +112,28 @@ def settings(variant: str, seed: int) -> tuple:
     """(sampler, pruner) of TPE + successive halving as the tune step makes them, or of one other setting."""
     import optuna
 
-    sampler, pruner = make_sampler("tpe", seed), make_pruner("successive_halving", EPOCHS)
-    tpe = lambda **kw: optuna.samplers.TPESampler(  # noqa: E731 - the tune step's TPE with one change
-        **{"seed": seed, "multivariate": True, "constant_liar": True, "n_startup_trials": 5, **kw})
+    def tpe(**changed: Any) -> Any:  # the tune step's TPE with one change
+        return optuna.samplers.TPESampler(
+            **{"seed": seed, "multivariate": True, "constant_liar": True, "n_startup_trials": 5, **changed})
+
     halving = optuna.pruners.SuccessiveHalvingPruner
-    return {"default": (sampler, pruner),
-            "reduction factor 2": (sampler, halving(min_resource=1, reduction_factor=2)),
-            "reduction factor 4": (sampler, halving(min_resource=1, reduction_factor=4)),
-            "first rung at epoch 3": (sampler, halving(min_resource=3, reduction_factor=3)),
-            "median pruner": (sampler, make_pruner("median", EPOCHS)),
-            "Hyperband": (sampler, make_pruner("hyperband", EPOCHS)),
-            "TPE start-up 2": (tpe(n_startup_trials=2), pruner),
-            "TPE start-up 10": (tpe(n_startup_trials=10), pruner),
-            "TPE gamma 5 %": (tpe(gamma=lambda n: min(math.ceil(0.05 * n), 25)), pruner),
-            "TPE univariate": (tpe(multivariate=False), pruner)}[variant]
+    samplers = {"TPE start-up 2": lambda: tpe(n_startup_trials=2), "TPE start-up 10": lambda: tpe(n_startup_trials=10),
+                "TPE gamma 5 %": lambda: tpe(gamma=lambda n: min(math.ceil(0.05 * n), 25)),
+                "TPE univariate": lambda: tpe(multivariate=False)}
+    pruners = {"reduction factor 2": lambda: halving(min_resource=1, reduction_factor=2),
+               "reduction factor 4": lambda: halving(min_resource=1, reduction_factor=4),
+               "first rung at epoch 3": lambda: halving(min_resource=3, reduction_factor=3),
+               "median pruner": lambda: make_pruner("median", EPOCHS),
+               "Hyperband": lambda: make_pruner("hyperband", EPOCHS)}
+    if variant not in {"default", *samplers, *pruners}:
+        raise ValueError(f"unknown setting {variant!r}")
+    sampler = samplers[variant]() if variant in samplers else make_sampler("tpe", seed)
+    pruner = pruners[variant]() if variant in pruners else make_pruner("successive_halving", EPOCHS)
+    return sampler, pruner
 
 
 VARIANTS = ["reduction factor 2", "reduction factor 4", "first rung at epoch 3", "median pruner", "Hyperband",
-            "TPE start-up 2", "TPE start-up 10", "TPE gamma 5 %", "TPE univariate"]
+            "TPE start-up 2", "TPE start-up 10", "TPE gamma 5 %", "TPE univariate"]  # the table's order
 
 
 def run_search(surrogate: Surrogate, space: dict, sampler: Any, pruner: Any, trials: int, seed: int) -> list[dict]:

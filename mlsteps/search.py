@@ -275,6 +275,11 @@ class Counts:
         """Trials that count against the budget: complete or pruned (failed ones are retried or reported)."""
         return self.complete + self.pruned
 
+    @property
+    def failed_for_good(self) -> int:
+        """Failed trials that will not be retried: raised an error, or lost with their worker and their retry."""
+        return self.failed - self.retrying
+
     def as_dict(self) -> dict[str, int]:
         return {"complete": self.complete, "pruned": self.pruned, "failed": self.failed, "running": self.running,
                 "waiting": self.waiting}

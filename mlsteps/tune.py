@@ -257,13 +257,13 @@ def run(config: TuneConfig) -> dict[str, Any]:
             stopped = "trial budget spent"
             log.info("worker %d: trial budget spent (%d of %d)", config.worker, now.finished, config.trials)
             break
-        if now.finished == 0 and now.failed - now.retrying >= min(3, config.trials):
+        if now.finished == 0 and now.failed_for_good >= min(3, config.trials):
             # Systematic (trials raising errors, or killing their worker: out of memory): stop here; select
             # reports it once, with the most common cause, for the whole search. A trial lost with its worker
             # counts once its retry has run too: workers evicted together must not end the search.
             stopped = "every trial failed"
             log.error("worker %d: the first %d trials all failed, stopping; %s", config.worker,
-                      now.failed - now.retrying, search.failure_summary(study))
+                      now.failed_for_good, search.failure_summary(study))
             break
         if now.errored >= config.trials:
             stopped = "as many trials failed as the budget"
