@@ -541,6 +541,38 @@ def test_a_val_loss_search_with_the_median_pruner_prunes_and_selects_the_lowest_
 
 
 @integration
+def test_hyperband_prunes_only_trials_of_brackets_with_a_rung_before_the_last_epoch(tmp_path,
+                                                                                   mlflow_server) -> None:
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/hyperband", trials=10, max_epochs=3,
+                        pruner="hyperband",
+                        space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
+    found.setup()
+    [worker] = found.workers(1)
+    assert worker.process.returncode == 0, worker.describe()
+    study = found.study()
+    trials = study.get_trials(deepcopy=False)
+    # Hyperband over epochs 1-3 with reduction factor 3 has two brackets, each a successive halving: bracket 0
+    # has rungs at epochs 1 and 3, bracket 1 only at epoch 3, the last epoch, so its trials always complete.
+    # A trial's bracket is a hash of the study name and trial number; ask the pruner the tune step uses.
+    pruner = search.make_pruner("hyperband", found.max_epochs)
+    pruner._try_initialization(study)
+    bracket = {t.number: pruner._get_bracket_id(study, t) for t in trials}
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+
+    assert set(bracket.values()) == {0, 1}, bracket
+    assert pruned, _states(trials)
+    assert all(bracket[t.number] == 0 and max(t.intermediate_values) == 1 for t in pruned)
+    assert all(t.state.name == "COMPLETE" for t in trials if bracket[t.number] == 1)
+    # Brackets are judged apart: a trial of bracket 1 trained on from an epoch-1 accuracy at or below one at
+    # which bracket 0 stopped a trial.
+    assert min(t.intermediate_values[1] for t in trials if bracket[t.number] == 1) <= max(
+        t.intermediate_values[1] for t in pruned)
+    step = found.select()
+    assert step.process.returncode == 0, step.describe()
+    assert found.result("select.json")["value"] == max(t.value for t in trials if t.state.name == "COMPLETE")
+
+
+@integration
 def test_a_search_whose_time_budget_is_spent_before_any_trial_says_so(tmp_path, mlflow_server) -> None:
     found = _new_search(tmp_path, mlflow_server, "tune_tests/late", trials=4, max_epochs=2, pruner="none",
                         space=FIXED, timeout_minutes=0.001)
