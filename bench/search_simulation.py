@@ -71,7 +71,10 @@ class Surrogate:
     """Learning curves for any hyperparameters, from the real trials of one bench/search.py results file."""
 
     def __init__(self, results: dict, noise_scale: float = 1.0):
-        trials = [t for c in results["comparisons"] for r in c["runs"].values() for t in r["trials"]]
+        # The 240 trials of random search and the default TPE + successive halving (not of other settings
+        # measured later in the same file), as the published fit and results were made from.
+        trials = [t for c in results["comparisons"] for name in ("random", "tpe_successive_halving")
+                  for t in c["runs"][name]["trials"]]
         self.by_epoch = []  # per epoch: (features, logit accuracy) of every trial that trained that far
         for e in range(EPOCHS):
             seen = [t for t in trials if len(t["curve"]) > e]
@@ -187,11 +190,17 @@ def ratios(per_seed: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def summarise(per_seed: list[dict]) -> dict:
     """Shares of seeds and of 3-seed benchmarks that meet the goal."""
     per_seed_ratio, blocks = ratios(per_seed)
+    tpe = np.array([np.inf if p["tpe_to_target"] is None else p["tpe_to_target"] for p in per_seed], float)
+    budget = np.array([p["random_epochs"] for p in per_seed], float)
+    against_budget = np.array([tpe[i:i + 3].sum() / budget[i:i + 3].sum() for i in range(0, len(per_seed) - 2, 3)])
     return {"seeds": len(per_seed), "median_ratio": round(float(np.median(per_seed_ratio)), 2),
             "share_seeds_at_most_third": round(float(np.mean(per_seed_ratio <= 1 / 3)), 3),
             "benchmarks_of_3_seeds": len(blocks),
             "benchmarks_meeting_goal": int(np.sum(blocks <= 1 / 3)),
             "share_benchmarks_meeting_goal": round(float(np.mean(blocks <= 1 / 3)), 3),
+            # The goal's other reading: against random search's whole budget (it spends all of it before it
+            # knows which trial was its best), as bench/search.py's "ratio to random's whole budget".
+            "benchmarks_meeting_goal_against_random_budget": int(np.sum(against_budget <= 1 / 3)),
             "share_seeds_target_never_reached": round(float(np.mean(~np.isfinite(per_seed_ratio))), 3),
             "whole_budget_ratio": round(sum(p["tpe_epochs"] for p in per_seed)
                                         / sum(p["random_epochs"] for p in per_seed), 2),
@@ -234,10 +243,12 @@ def main() -> None:
             results.append({"noise_scale": noise, "trials": trials, "summary": s, "per_seed": per_seed})
             rows.append([noise, f"{trials}x{EPOCHS}", s["median_ratio"], s["share_seeds_at_most_third"],
                          f"{s['benchmarks_meeting_goal']} of {s['benchmarks_of_3_seeds']}",
+                         f"{s['benchmarks_meeting_goal_against_random_budget']} of {s['benchmarks_of_3_seeds']}",
                          s["share_seeds_target_never_reached"], s["whole_budget_ratio"],
                          s["share_tpe_best_at_least_random"]])
             print(f"noise {noise}, {trials} trials: {json.dumps(s)} ({time.monotonic() - started:.0f} s)", flush=True)
-    headers = ["noise", "budget", "median ratio", "seeds <= 1/3", "3-seed benchmarks <= 1/3", "never reached",
+    headers = ["noise", "budget", "median ratio", "seeds <= 1/3", "3-seed benchmarks <= 1/3",
+               "<= 1/3 of random's whole budget", "never reached",
                "whole budget", "TPE best >= random's"]
     print(table(headers, rows))
     # Other settings of the tune step's TPE and pruner, one change each, as measured noise: does any make the
@@ -251,11 +262,13 @@ def main() -> None:
             variants.append({"variant": variant, "trials": args.variant_trials, "summary": s})
             variant_rows.append([variant, f"{args.variant_trials}x{EPOCHS}", s["median_ratio"],
                                  f"{s['benchmarks_meeting_goal']} of {s['benchmarks_of_3_seeds']}",
+                                 f"{s['benchmarks_meeting_goal_against_random_budget']} of "
+                                 f"{s['benchmarks_of_3_seeds']}",
                                  s["share_seeds_target_never_reached"], s["whole_budget_ratio"],
                                  s["share_tpe_best_at_least_random"]])
             print(f"{variant}: {json.dumps(s)}", flush=True)
         variant_headers = ["setting (noise 1)", "budget", "median ratio", "3-seed benchmarks <= 1/3",
-                           "never reached", "whole budget", "TPE best >= random's"]
+                           "<= 1/3 of random's whole budget", "never reached", "whole budget", "TPE best >= random's"]
         print(table(variant_headers, variant_rows))
     path = write("search_simulation", {"source": str(SOURCE.relative_to(ROOT)), "search_space": SPACES["wide"],
                                        "fit": fit, "table": {"headers": headers, "rows": rows},

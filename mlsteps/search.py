@@ -46,6 +46,10 @@ DOMAINS: dict[str, tuple[float, float | None, bool, bool]] = {
     "dropout": (0.0, 1.0, True, False),  # 0 <= dropout < 1
 }
 PRUNERS = ("successive_halving", "hyperband", "median", "none")
+# Successive halving and Hyperband: a trial trains on past a rung (epochs 1, N, N^2, ...) only if it is in the
+# best 1/N of the trials that reached that rung. 2 (more rungs, each keeping half) was measured against 3 and
+# is not better on every budget (docs/benchmarks.md, "reduction factor 2").
+REDUCTION_FACTORS = {"successive_halving": 3, "hyperband": 3}
 SAMPLERS = ("tpe", "random")
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
@@ -247,13 +251,20 @@ def make_sampler(name: str, seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
 
 
-def make_pruner(name: str, max_epochs: int) -> Any:
+def reduction_factor(pruner: str, given: int = 0) -> int | None:
+    """The reduction factor ``pruner`` runs with: ``given``, or its default if 0; None for other pruners."""
+    return (given or REDUCTION_FACTORS[pruner]) if pruner in REDUCTION_FACTORS else None
+
+
+def make_pruner(name: str, max_epochs: int, given_reduction_factor: int = 0) -> Any:
+    """The tune step's pruner; a reduction factor of 0 takes the pruner's default (REDUCTION_FACTORS)."""
     import optuna
 
+    factor = reduction_factor(name, given_reduction_factor)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=factor)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=factor)
     if name == "median":
         # Epochs are steps 1, 2, ...: judge a trial from its second epoch on, against 3 finished trials.
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)

@@ -32,6 +32,8 @@ class TuneConfig(tracking.RunStepConfig):
                                                "a running trial finishes")
     max_epochs: int = field(5, help="epochs of a trial that is never pruned")
     pruner: str = field("successive_halving", help=f"pruning of unpromising trials: {', '.join(search.PRUNERS)}")
+    reduction_factor: int = field(0, help="successive halving and Hyperband: a trial trains on past a rung "
+                                          "(epochs 1, N, N^2, ...) only if in the best 1/N there (0: 3)")
     sampler: str = field("tpe", help=f"how trials are proposed: {', '.join(search.SAMPLERS)}")
     objective: str = field("val_accuracy", help=f"what the search optimises: {', '.join(search.OBJECTIVES)}")
     search_space: str = field("", help="JSON overrides of the default search space (see mlsteps.search)")
@@ -61,6 +63,9 @@ def _check(config: TuneConfig) -> None:
         problems.append(f"--objective {config.objective!r} is not one of {', '.join(search.OBJECTIVES)}")
     if config.train_examples < 0 or config.threads < 0 or config.worker < 0:
         problems.append("--train-examples, --threads and --worker must be >= 0")
+    if config.reduction_factor == 1 or config.reduction_factor < 0:
+        problems.append(f"--reduction-factor {config.reduction_factor} is not 0 (the pruner's default) or >= 2 "
+                        "(1 would promote every trial)")
     if config.heartbeat_seconds < 1:
         problems.append("--heartbeat-seconds must be >= 1")
     if problems:
@@ -69,9 +74,9 @@ def _check(config: TuneConfig) -> None:
 
 def study_settings(config: TuneConfig, space: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """What defines a search: re-running it with other settings is refused rather than mixed into one study."""
-    return {"space": space, "objective": config.objective, "max_epochs": config.max_epochs,
-            "pruner": config.pruner, "sampler": config.sampler, "train_examples": config.train_examples,
-            "dataset_digest": manifest["digest"]}
+    return {"space": space, "objective": config.objective, "max_epochs": config.max_epochs, "pruner": config.pruner,
+            "reduction_factor": search.reduction_factor(config.pruner, config.reduction_factor),
+            "sampler": config.sampler, "train_examples": config.train_examples, "dataset_digest": manifest["digest"]}
 
 
 def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) -> tuple[Any, Any]:
@@ -83,7 +88,7 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
     name = search.study_name(config.run_key)
     kwargs = {"study_name": name, "storage": storage,
               "sampler": search.make_sampler(config.sampler, config.seed + 1000 * config.worker),
-              "pruner": search.make_pruner(config.pruner, config.max_epochs)}
+              "pruner": search.make_pruner(config.pruner, config.max_epochs, config.reduction_factor)}
     settings = json.loads(json.dumps(study_settings(config, space, manifest)))  # as stored: JSON round trip
     if create:
         study = optuna.create_study(direction=search.OBJECTIVES[config.objective], load_if_exists=True, **kwargs)
@@ -97,6 +102,8 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
             raise StepError(f"no study {name!r} in the Optuna storage: run `mlsteps.tune --setup-only true` "
                             "with the same flags first") from exc
     stored = study.user_attrs.get("settings")
+    if stored is not None and "reduction_factor" not in stored:  # started before the setting existed: then fixed
+        stored = {**stored, "reduction_factor": search.reduction_factor(stored.get("pruner", ""), 3)}
     if stored is not None and stored != settings:
         changed = sorted(k for k in settings if stored.get(k) != settings[k])
         raise StepError(f"study {name!r} was started with other settings ({', '.join(changed)} differ); "

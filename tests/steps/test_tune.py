@@ -150,6 +150,44 @@ def test_no_overrides_at_all_give_the_default_space() -> None:
     assert search.parse_space(None) == search.SEARCH_SPACE
 
 
+def _epoch_one_verdicts(pruner: Any, values: list[float]) -> list[bool]:
+    """Whether ``pruner`` stops each of a sequence of trials after an epoch 1 with the given accuracy."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    verdicts = []
+    for value in values:
+        trial = study.ask()
+        trial.report(value, 1)
+        verdicts.append(trial.should_prune())
+        if verdicts[-1]:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+    return verdicts
+
+
+def test_successive_halving_keeps_the_best_third_of_a_rung_unless_given_another_reduction_factor() -> None:
+    # The sixth trial is third of six at epoch 1: in the best half, not in the best third.
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.35]
+
+    assert search.reduction_factor("successive_halving") == 3
+    assert _epoch_one_verdicts(search.make_pruner("successive_halving", 9), values)[-1] is True
+    assert _epoch_one_verdicts(search.make_pruner("successive_halving", 9, 2), values)[-1] is False
+    assert search.reduction_factor("hyperband") == 3 and search.reduction_factor("median", 2) is None
+
+
+@pytest.mark.parametrize("factor", ["1", "-2"], ids=["one", "negative"])
+def test_a_reduction_factor_that_cannot_halve_is_refused_naming_the_flag(tmp_path, factor) -> None:
+    done = subprocess.run([sys.executable, "-m", "mlsteps.tune", "--manifest", str(tmp_path / "none.json"),
+                           "--data-root", str(tmp_path), "--run-key", "r", "--reduction-factor", factor],
+                          capture_output=True, text=True, env=step_env(), timeout=120)
+
+    assert done.returncode == 2, done.stderr
+    assert f"--reduction-factor {factor} is not 0 (the pruner's default) or >= 2" in done.stderr
+
+
 # --- running steps ----------------------------------------------------------------------------------------------
 
 
@@ -335,8 +373,9 @@ def shared_search(tmp_path_factory, mlflow_server) -> SharedSearch:
     """Eight trials by two workers started together, successive halving over up to 3 epochs.
 
     Half the learning-rate range cannot learn anything in one epoch, so some trials are certain to be pruned.
-    Epoch 3 is a rung of successive halving (epochs 1, 3, 9, ...): a trial that trained every epoch is
-    complete, never pruned at its last epoch, which would save nothing and hide its result from `select`.
+    Successive halving judges at epoch 1 (rungs at epochs 1, 3, 9, ... with its default reduction factor 3);
+    a trial that trained every epoch is complete, never pruned after its last epoch, which would save nothing
+    and hide its result from `select`.
     """
     found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, "tune_tests/shared", trials=8,
                         max_epochs=3, pruner="successive_halving",
@@ -394,6 +433,7 @@ def test_successive_halving_stops_hopeless_trials_early(shared_search) -> None:
 
     assert pruned, f"no trial was pruned: {_states(trials)}"
     assert complete
+    assert found.study().user_attrs["settings"]["reduction_factor"] == 3  # successive halving's default
     for trial in pruned:
         assert 1 <= len(trial.intermediate_values) < found.max_epochs
     for trial in complete:
@@ -476,6 +516,24 @@ def test_setup_again_with_another_search_space_is_refused(shared_search) -> None
     assert "other settings" in step.stderr and "space differ" in step.stderr
     assert not (found.results / "resetup.json").exists()
     assert len(found.trials_now()) == before
+
+
+@integration
+def test_a_search_started_before_the_reduction_factor_setting_continues_with_the_factor_it_ran_with(
+        tmp_path, mlflow_server) -> None:
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/older", trials=2, max_epochs=2,
+                        pruner="successive_halving", space=FIXED)
+    found.setup()
+    study = found.study()
+    older = {k: v for k, v in study.user_attrs["settings"].items() if k != "reduction_factor"}
+    study.set_user_attr("settings", older)  # as a search started by the previous version stored it
+
+    again = Step("tune", found.tune_args(setup=True, result="again.json"))
+    other = Step("tune", [*found.tune_args(setup=True, result="other.json"), "--reduction-factor", "2"])
+
+    assert again.wait() == 0, again.describe()
+    assert other.wait() == 2, other.describe()
+    assert "reduction_factor differ" in other.stderr
 
 
 @integration
