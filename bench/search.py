@@ -229,7 +229,9 @@ def main() -> None:
     comparisons = {str(c["seed"]): c for c in previous.get("comparisons", [])}
     for seed, runs in new_runs.items():
         comparisons[seed] = comparison(int(seed), {**comparisons.get(seed, {}).get("runs", {}), **runs})
-    settings = {k: v for k, v in vars(args).items() if k not in ("merge", "skip_speedup", "parallel", "searches")}
+    # Seeds are listed at the top level: all the file holds, not only this run's (--merge).
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("merge", "skip_speedup", "parallel", "searches", "seeds")}
     path = write(results_name, {
         "settings": settings,
         "search_space": SPACES[args.space] or "the tune step's default (mlsteps/search.py SEARCH_SPACE)",

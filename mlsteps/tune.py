@@ -33,7 +33,8 @@ class TuneConfig(tracking.RunStepConfig):
     max_epochs: int = field(5, help="epochs of a trial that is never pruned")
     pruner: str = field("successive_halving", help=f"pruning of unpromising trials: {', '.join(search.PRUNERS)}")
     reduction_factor: int = field(0, help="successive halving and Hyperband: a trial trains on past a rung "
-                                          "(epochs 1, N, N^2, ...) only if in the best 1/N there (0: 3)")
+                                          "only if in the best 1/N there; successive halving's rungs are at "
+                                          "epochs 1, N, N^2, ... (0: 3)")
     sampler: str = field("tpe", help=f"how trials are proposed: {', '.join(search.SAMPLERS)}")
     objective: str = field("val_accuracy", help=f"what the search optimises: {', '.join(search.OBJECTIVES)}")
     search_space: str = field("", help="JSON overrides of the default search space (see mlsteps.search)")
@@ -66,6 +67,9 @@ def _check(config: TuneConfig) -> None:
     if config.reduction_factor == 1 or config.reduction_factor < 0:
         problems.append(f"--reduction-factor {config.reduction_factor} is not 0 (the pruner's default) or >= 2 "
                         "(1 would promote every trial)")
+    elif config.reduction_factor and config.pruner not in search.REDUCTION_FACTORS:
+        problems.append(f"--reduction-factor applies to {' and '.join(search.REDUCTION_FACTORS)}, not to --pruner "
+                        f"{config.pruner}")
     if config.heartbeat_seconds < 1:
         problems.append("--heartbeat-seconds must be >= 1")
     if problems:

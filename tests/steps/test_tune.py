@@ -176,16 +176,23 @@ def test_successive_halving_keeps_the_best_third_of_a_rung_unless_given_another_
     assert _epoch_one_verdicts(search.make_pruner("successive_halving", 9), values)[-1] is True
     assert _epoch_one_verdicts(search.make_pruner("successive_halving", 9, 2), values)[-1] is False
     assert search.reduction_factor("hyperband") == 3 and search.reduction_factor("median", 2) is None
+    # Hyperband passes it to every bracket's successive halving (Optuna keeps no public accessor).
+    assert search.make_pruner("hyperband", 9, 2)._reduction_factor == 2
 
 
-@pytest.mark.parametrize("factor", ["1", "-2"], ids=["one", "negative"])
-def test_a_reduction_factor_that_cannot_halve_is_refused_naming_the_flag(tmp_path, factor) -> None:
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--reduction-factor", "1"], "--reduction-factor 1 is not 0 (the pruner's default) or >= 2"),
+    (["--reduction-factor", "-2"], "--reduction-factor -2 is not 0 (the pruner's default) or >= 2"),
+    (["--reduction-factor", "2", "--pruner", "median"],
+     "--reduction-factor applies to successive_halving and hyperband, not to --pruner median"),
+], ids=["one", "negative", "median-pruner"])
+def test_a_reduction_factor_that_cannot_apply_is_refused_naming_the_flag(tmp_path, flags, message) -> None:
     done = subprocess.run([sys.executable, "-m", "mlsteps.tune", "--manifest", str(tmp_path / "none.json"),
-                           "--data-root", str(tmp_path), "--run-key", "r", "--reduction-factor", factor],
+                           "--data-root", str(tmp_path), "--run-key", "r", *flags],
                           capture_output=True, text=True, env=step_env(), timeout=120)
 
     assert done.returncode == 2, done.stderr
-    assert f"--reduction-factor {factor} is not 0 (the pruner's default) or >= 2" in done.stderr
+    assert message in done.stderr
 
 
 # --- running steps ----------------------------------------------------------------------------------------------
