@@ -179,20 +179,19 @@ def compare(surrogate: Surrogate, space: dict, trials: int, seed: int, variant: 
             "tpe_epochs": sum(len(t["curve"]) for t in tpe), "tpe_pruned": sum(t["pruned"] for t in tpe)}
 
 
-def ratios(per_seed: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Epochs to target, TPE / random: per seed, and per benchmark of 3 seeds summed as bench/search.py does
-    (inf where TPE never reached the target)."""
+def ratios(per_seed: list[dict], against: str = "random_to_target") -> tuple[np.ndarray, np.ndarray]:
+    """TPE's epochs to target over random search's ``against`` (its epochs to target, or "random_epochs": its
+    whole budget): per seed, and per benchmark of 3 seeds summed as bench/search.py does (inf where TPE never
+    reached the target)."""
     tpe = np.array([np.inf if p["tpe_to_target"] is None else p["tpe_to_target"] for p in per_seed], float)
-    rnd = np.array([p["random_to_target"] for p in per_seed], float)
+    rnd = np.array([p[against] for p in per_seed], float)
     return tpe / rnd, np.array([tpe[i:i + 3].sum() / rnd[i:i + 3].sum() for i in range(0, len(per_seed) - 2, 3)])
 
 
 def summarise(per_seed: list[dict]) -> dict:
     """Shares of seeds and of 3-seed benchmarks that meet the goal."""
     per_seed_ratio, blocks = ratios(per_seed)
-    tpe = np.array([np.inf if p["tpe_to_target"] is None else p["tpe_to_target"] for p in per_seed], float)
-    budget = np.array([p["random_epochs"] for p in per_seed], float)
-    against_budget = np.array([tpe[i:i + 3].sum() / budget[i:i + 3].sum() for i in range(0, len(per_seed) - 2, 3)])
+    _, against_budget = ratios(per_seed, against="random_epochs")
     return {"seeds": len(per_seed), "median_ratio": round(float(np.median(per_seed_ratio)), 2),
             "share_seeds_at_most_third": round(float(np.mean(per_seed_ratio <= 1 / 3)), 3),
             "benchmarks_of_3_seeds": len(blocks),

@@ -49,7 +49,8 @@ PRUNERS = ("successive_halving", "hyperband", "median", "none")
 # Successive halving and Hyperband: a trial trains on past a rung (epochs 1, N, N^2, ...) only if it is in the
 # best 1/N of the trials that reached that rung. 2 (more rungs, each keeping half) was measured against 3 and
 # is not better on every budget (docs/benchmarks.md, "reduction factor 2").
-REDUCTION_FACTORS = {"successive_halving": 3, "hyperband": 3}
+HALVING_PRUNERS = ("successive_halving", "hyperband")
+REDUCTION_FACTOR = 3
 SAMPLERS = ("tpe", "random")
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
@@ -122,11 +123,10 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
                 raise StepError(f"{where}: a list of choices is {{\"choices\": [..]}} (or just [..]) and nothing "
                                 "else; a range is {\"low\": .., \"high\": ..}")
             return {"type": "categorical", "choices": value["choices"]}
+        default = SEARCH_SPACE[name]
         if kind == "fixed" or "value" in value:
-            default = SEARCH_SPACE[name]
             example = default["low"] if "low" in default else default["choices"][0]
             raise StepError(f"{where}: a fixed value is written as the value itself, e.g. \"{name}\": {example}")
-        default = SEARCH_SPACE[name]
         kind = kind or ("int" if name in INTEGER_PARAMETERS else "float")
         if default["type"] == kind:  # {"low": .., "high": ..} keeps the default's log scale and step
             value = {**{k: v for k, v in default.items() if k in ("log", "step")}, **value}
@@ -253,11 +253,11 @@ def make_sampler(name: str, seed: int) -> Any:
 
 def reduction_factor(pruner: str, given: int = 0) -> int | None:
     """The reduction factor ``pruner`` runs with: ``given``, or its default if 0; None for other pruners."""
-    return (given or REDUCTION_FACTORS[pruner]) if pruner in REDUCTION_FACTORS else None
+    return (given or REDUCTION_FACTOR) if pruner in HALVING_PRUNERS else None
 
 
 def make_pruner(name: str, max_epochs: int, given_reduction_factor: int = 0) -> Any:
-    """The tune step's pruner; a reduction factor of 0 takes the pruner's default (REDUCTION_FACTORS)."""
+    """The tune step's pruner; a reduction factor of 0 takes the default (REDUCTION_FACTOR)."""
     import optuna
 
     factor = reduction_factor(name, given_reduction_factor)

@@ -59,14 +59,15 @@ def best_trial(study: Any) -> tuple[Any, str, float]:
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if complete:
-        return study.best_trial, "complete", study.best_trial.value
-    if not study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        best = study.best_trial
+        return best, "complete", best.value
+    if not trials:
         raise StepError(f"search {study.study_name}: no trial ran: the time budget (search_timeout_minutes, "
                         "counted from the study's creation) was spent before a worker started one, or no worker "
                         "ran; see the tune tasks' logs, and trigger a new run with a larger time budget")
-    pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     if not pruned:
         raise StepError(f"search {study.study_name}: no trial finished ({search.counts(study).as_dict()}); "
                         f"{search.failure_summary(study)}")

@@ -67,8 +67,8 @@ def _check(config: TuneConfig) -> None:
     if config.reduction_factor == 1 or config.reduction_factor < 0:
         problems.append(f"--reduction-factor {config.reduction_factor} is not 0 (the pruner's default) or >= 2 "
                         "(1 would promote every trial)")
-    elif config.reduction_factor and config.pruner not in search.REDUCTION_FACTORS:
-        problems.append(f"--reduction-factor applies to {' and '.join(search.REDUCTION_FACTORS)}, not to --pruner "
+    elif config.reduction_factor and config.pruner not in search.HALVING_PRUNERS:
+        problems.append(f"--reduction-factor applies to {' and '.join(search.HALVING_PRUNERS)}, not to --pruner "
                         f"{config.pruner}")
     if config.heartbeat_seconds < 1:
         problems.append("--heartbeat-seconds must be >= 1")
@@ -107,7 +107,7 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
                             "with the same flags first") from exc
     stored = study.user_attrs.get("settings")
     if stored is not None and "reduction_factor" not in stored:  # started before the setting existed: then fixed
-        stored = {**stored, "reduction_factor": search.reduction_factor(stored.get("pruner", ""), 3)}
+        stored = {**stored, "reduction_factor": search.reduction_factor(stored.get("pruner", ""))}
     if stored is not None and stored != settings:
         changed = sorted(k for k in settings if stored.get(k) != settings[k])
         raise StepError(f"study {name!r} was started with other settings ({', '.join(changed)} differ); "
