@@ -114,11 +114,26 @@ def standalone(airflow_home: dict[str, str], log_dir: Path, wait_for_dag: str, *
         yield base, token
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        # Its components (scheduler, API server, ...) are in its process group and can outlive it: a scheduler
+        # still shutting down its executor was left running after the tests.
+        _end_group(process.pid, grace=30)
+        process.wait()
         log.close()
+
+
+def _end_group(pgid: int, *, grace: float) -> None:
+    """Wait up to ``grace`` seconds for every process of the group to exit, then kill what is left."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def migrated_airflow_home(home: Path, mlflow_server: MlflowServer) -> dict[str, str]:
