@@ -76,7 +76,8 @@ with DAG(
                             description="Folder with the four IDX files (.gz or raw). Empty: search the cache, "
                                         "/usr/share/datasets/, then download from the mirrors."),
         "epochs": Param(5, type="integer", minimum=1, maximum=500, description="Training epochs."),
-        "batch_size": Param(128, type="integer", minimum=8, maximum=8192, description="Global batch size."),
+        "batch_size": Param(128, type="integer", minimum=8, maximum=8192,
+                            description="Global batch size; used when search is off."),
         "learning_rate": Param(0.003, type="number", exclusiveMinimum=0, maximum=1,
                                description="Peak learning rate (Adam, cosine decay); used when search is off."),
         "width": Param(32, type="integer", minimum=4, maximum=512,
@@ -90,7 +91,8 @@ with DAG(
         "search_trials": Param(20, type="integer", minimum=1, maximum=1000,
                                description="Trial budget: complete + pruned trials over all workers."),
         "search_workers": Param(2, type="integer", minimum=1, maximum=64,
-                                description="Trial workers running at once (one pod each; the pool caps them)."),
+                                description="Trial workers running at once (one pod each; the pool caps them; "
+                                            "never more than search_trials)."),
         "search_timeout_minutes": Param(120, type="number", exclusiveMinimum=0, maximum=600,
                                         description="Time budget of the search; a running trial finishes "
                                                     "(a worker task may run 12 h)."),
@@ -162,12 +164,13 @@ with DAG(
                 # failures and stops, and select names the cause.
                 retries=4,
                 args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
-                      else f"{{{{ [1, {cpus} // params.search_workers] | max }}}}"})
+                      else f"{{{{ [1, {cpus} // ([params.search_workers, params.search_trials] | min)] | max }}}}"})
     select = step("select", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="2Gi"),
                   optional_secrets=(settings.optuna_secret,), args={"manifest": xcom("prep", "manifest"), **common},
-                  # once every worker stopped, even if some failed for good (the others' trials count);
-                  # skipped with the search, upstream_failed if no worker succeeded
-                  trigger_rule="all_done_min_one_success")
+                  # once every worker stopped, even if some or all failed for good (what finished counts; if
+                  # nothing did, select names the most common cause and closes the MLflow runs); skipped with
+                  # the search
+                  trigger_rule="none_skipped")
     chosen = hyperparameters()
     train = step("train", timeout=timedelta(hours=6), resources=Resources(cpu="4", memory="8Gi"),
                  gpus="{{ params.gpus }}", node_selector_json="{{ params.node_selector | tojson }}",

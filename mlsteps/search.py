@@ -15,6 +15,8 @@ trial that another worker marks failed (and retries once) instead of one that ru
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -38,12 +40,13 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
 }
 INTEGER_PARAMETERS = ("batch_size", "width")
-# What each parameter can be at all: (lowest, highest, whether the lowest itself is allowed, whole number).
-DOMAINS: dict[str, tuple[float, float | None, bool, bool]] = {
-    "learning_rate": (0.0, None, False, False),  # > 0
-    "batch_size": (1, None, True, True),  # >= 1
-    "width": (1, None, True, True),  # >= 1 filters in the first convolution
-    "dropout": (0.0, 1.0, True, False),  # 0 <= dropout < 1
+# What each parameter can be at all: (lowest, highest, whether each of those is allowed itself, whole number).
+# The upper ends are the trigger form's (dags/mnist_training.py): a search may not train what train refuses.
+DOMAINS: dict[str, tuple[float, float, bool, bool, bool]] = {
+    "learning_rate": (0.0, 1.0, False, True, False),  # 0 < learning rate <= 1
+    "batch_size": (1, 8192, True, True, True),  # 1 <= batch <= 8192
+    "width": (1, 512, True, True, True),  # 1 <= filters in the first convolution <= 512
+    "dropout": (0.0, 1.0, True, False, False),  # 0 <= dropout < 1
 }
 PRUNERS = ("successive_halving", "hyperband", "median", "none")
 # Successive halving and Hyperband: a trial trains on past a rung (epochs 1, N, N^2, ...) only if it is in the
@@ -89,17 +92,18 @@ def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, A
 
 def _check_domain(name: str, spec: dict[str, Any]) -> None:
     """Refuse values the model cannot train with (a batch of 0, dropout 1.5, text) before any worker starts."""
-    lowest, highest, inclusive, whole = DOMAINS[name]
+    lowest, highest, low_ok, high_ok, whole = DOMAINS[name]
     kind = spec["type"]
     values = (spec["choices"] if kind == "categorical" else [spec["value"]] if kind == "fixed"
               else [spec["low"], spec["high"]])
-    allowed = (f"{'>=' if inclusive else '>'} {lowest:g}" + (f" and < {highest:g}" if highest is not None else "")
+    allowed = (f"{'>=' if low_ok else '>'} {lowest:g} and {'<=' if high_ok else '<'} {highest:g}"
                + (", a whole number" if whole else ""))
     for value in values:
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         try:
-            bad = (number is None or not math.isfinite(number) or (number < lowest if inclusive else number <= lowest)
-                   or (highest is not None and number >= highest) or (whole and not float(number).is_integer()))
+            bad = (number is None or not math.isfinite(number) or (number < lowest if low_ok else number <= lowest)
+                   or (number > highest if high_ok else number >= highest)
+                   or (whole and not float(number).is_integer()))
         except OverflowError:  # an integer too large for a float
             bad = True
         if bad:
@@ -127,13 +131,36 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
         if kind == "fixed" or "value" in value:
             example = default["low"] if "low" in default else default["choices"][0]
             raise StepError(f"{where}: a fixed value is written as the value itself, e.g. \"{name}\": {example}")
-        kind = kind or ("int" if name in INTEGER_PARAMETERS else "float")
-        if default["type"] == kind:  # {"low": .., "high": ..} keeps the default's log scale and step
-            value = {**{k: v for k, v in default.items() if k in ("log", "step")}, **value}
+        expected = "int" if name in INTEGER_PARAMETERS else "float"
+        if kind not in (None, expected):
+            raise StepError(f"{where}: a range of {name} is of type {expected}, not {kind!r} "
+                            f"({name} takes {'whole numbers' if expected == 'int' else 'any number'}); "
+                            "leave \"type\" out")
+        if "log" in value and not isinstance(value["log"], bool):
+            raise StepError(f"{where}: log is true or false (a JSON boolean), not {value['log']!r}")
+        if "step" in value and (isinstance(value["step"], bool) or not isinstance(value["step"], (int, float))
+                                or not value["step"] > 0):
+            raise StepError(f"{where}: step is a number > 0, not {value['step']!r}")
+        if "step" in value and "log" not in value and default.get("log"):
+            raise StepError(f"{where}: a step cannot go with {name}'s default log scale; add \"log\": false")
+        # {"low": .., "high": ..} keeps the default's log scale and step
+        inherited = {k: v for k, v in default.items() if k in ("log", "step") and k not in value}
+        value = {**inherited, **value}
         missing = [k for k in ("low", "high") if k not in value]
         if missing:
             raise StepError(f"{where}: missing {' and '.join(missing)}; a range needs low and high")
-        return {**value, "type": kind}
+        low, high, step = value["low"], value["high"], value.get("step")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in (low, high, step or 1))
+        if step is not None and numbers and high > low and (expected == "float" or all(
+                float(v).is_integer() for v in (low, high, step))):  # else _distribution names the fraction
+            steps = (high - low) / step
+            if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+                # Optuna would quietly lower high to the last whole step ({"low": 8, "high": 12} -> only 8)
+                source = f"the default step {step:g} of {name}" if "step" in inherited else f"step {step:g}"
+                raise StepError(f"{where}: {low:g} to {high:g} is not a whole number of steps of {source}; "
+                                "give a range whose ends differ by a multiple of it, or another \"step\"")
+        return {**value, "type": expected}
     if isinstance(value, (int, float, str, bool)):
         return {"type": "fixed", "value": value}
     raise StepError(f"{where}: expected a range object, a list of choices or a fixed value, got {value!r}")
@@ -214,27 +241,118 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_storage(url: str, heartbeat_seconds: int) -> Any:
-    """An RDB storage with heartbeats; a stale trial is failed and retried once with the same parameters."""
-    import optuna
+class StorageUnavailable(RuntimeError):
+    """The study's database did not answer (down, restarting, unreachable): worth retrying, unlike a bad URL."""
 
+
+def _with_driver(url: str) -> str:
+    """postgresql://... with the driver our images install (SQLAlchemy 2.1 picks psycopg 3 by default)."""
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        log.info("Optuna storage: postgresql:// taken as postgresql+psycopg2:// (the driver installed)")
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+@functools.cache
+def _storage_class() -> type:
+    """Optuna's RDB storage with two guarantees a search's workers rely on (see the methods)."""
+    import fcntl
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    process_lock = threading.Lock()
+
+    class SearchStorage(optuna.storages.RDBStorage):  # type: ignore[misc]
+        def __init__(self, url: str, *, lock_file: Path | None, **kwargs: Any) -> None:
+            self.lock_file = lock_file
+            super().__init__(url, **kwargs)
+
+        @contextlib.contextmanager
+        def _state_lock(self) -> Any:
+            # SQLite ignores SELECT ... FOR UPDATE, so two workers could both move one waiting trial (a lost
+            # trial's retry) to running, or one could finish a trial another is failing as stale: state
+            # changes take turns on a lock file next to the database. PostgreSQL locks the row itself.
+            if self.lock_file is None:
+                yield
+                return
+            with process_lock, self.lock_file.open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+        def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+            # (what create_new_trial and Optuna's caching wrapper both call)
+            trial = super()._create_new_trial(study_id, template_trial)
+            if self.heartbeat_interval and trial.state == TrialState.RUNNING:
+                # Optuna's heartbeat thread starts only after sampling: a worker killed before it wrote once
+                # would leave a running trial that no heartbeat check ever fails, stalling the search.
+                self.record_heartbeat(trial._trial_id)
+            return trial
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            with self._state_lock():
+                changed = super().set_trial_state_values(trial_id, state, values)
+            if changed and state == TrialState.RUNNING and self.heartbeat_interval:
+                self.record_heartbeat(trial_id)  # a waiting trial taken: beating from now, as above
+            return changed
+
+    return SearchStorage
+
+
+def open_storage(url: str, heartbeat_seconds: int) -> Any:
+    """An RDB storage with heartbeats; a stale trial is failed and retried once with the same parameters.
+
+    A bad URL or a missing driver is a StepError (retrying cannot help); a database that does not answer
+    raises StorageUnavailable, which the step runners retry.
+    """
+    import optuna
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    shown = without_password(url)  # never print credentials
+    where = f"the Optuna storage {shown!r} (--storage / ${STORAGE_ENV})"
+    lock_file = None
+    try:
+        url = _with_driver(url)
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
+        raise StepError(f"{where} is not an SQLAlchemy URL ({exc}); e.g. "
+                        "postgresql+psycopg2://user:password@host:5432/optuna or sqlite:////data/optuna.db") from exc
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise StepError(f"{where}: an in-memory SQLite database is private to each worker; give a file, "
+                            "e.g. sqlite:////data/optuna/studies.db")
         engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on the file lock
+        lock_file = Path(parsed.database).with_name(Path(parsed.database).name + ".lock")
     else:
         engine_kwargs = {"pool_pre_ping": True}
+
+    def cause(exc: Exception) -> str:
+        message = str(exc).replace(url, shown).strip()
+        return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+
     try:
         with warnings.catch_warnings():  # the heartbeat retry callback is 'experimental' since Optuna 2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+            return _storage_class()(
+                url, lock_file=lock_file, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
                 grace_period=heartbeat_seconds * 3,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as exc:  # bad URL, missing driver, unreachable database
-        shown = without_password(url)  # never print credentials
-        message = str(exc).replace(url, shown).splitlines()[0] if str(exc) else ""
-        raise StepError(f"cannot open the Optuna storage {shown!r} (--storage / ${STORAGE_ENV}): "
-                        f"{type(exc).__name__}: {message}") from exc
+    except sqlalchemy.exc.OperationalError as exc:  # refused, timed out, restarting, file not openable
+        raise StorageUnavailable(f"cannot reach {where}: {cause(exc)}") from exc
+    except Exception as exc:  # missing driver, schema of another Optuna version, bad credentials...
+        raise StepError(f"cannot open {where}: {cause(exc)}") from exc
 
 
 def study_name(run_key: str) -> str:

@@ -1,6 +1,6 @@
 """select: pick the best trial of a finished search, plot the search, hand its hyperparameters to train.
 
-Runs after every ``tune`` worker has stopped (whether or not each succeeded): a search with at least one
+Runs after every ``tune`` worker has stopped (whether or not any succeeded): a search with at least one
 complete trial yields its best one; a search in which every trial failed ends with one error naming the
 most common cause. The plots (optimization history, per-epoch curves with pruning, parameter importances,
 parallel coordinates) and a table of all trials go to the search's MLflow parent run.
@@ -31,6 +31,22 @@ class SelectConfig(tracking.RunStepConfig):
                                            "data root)")
     heartbeat_seconds: int = field(15, help="the workers' trial heartbeat; a trial silent for 3 heartbeats "
                                             "counts as failed")
+
+
+def _settle(study: Any, heartbeat_seconds: int) -> None:
+    """Fail the trials of workers that died. select runs once every worker stopped, but a dead worker's trial
+    turns stale only 3 heartbeats after its last one: wait that long at most for such trials (a trial whose
+    worker still beats stays running, and select uses what finished)."""
+    search.fail_stale_trials(study)
+    deadline = time.monotonic() + 4 * heartbeat_seconds
+    while (running := search.counts(study).running) and time.monotonic() < deadline:
+        log.info("%d trial(s) still running; waiting up to %.0f s for their heartbeats to stop or go on",
+                 running, deadline - time.monotonic())
+        time.sleep(min(heartbeat_seconds, max(0.1, deadline - time.monotonic())))
+        search.fail_stale_trials(study)
+    if running:
+        log.warning("%d trial(s) still running with a live heartbeat: is a worker still training? selecting "
+                    "from the trials that finished", running)
 
 
 def _close_abandoned_runs(client: Any, study: Any) -> None:
@@ -137,7 +153,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     except KeyError as exc:
         raise StepError(f"no study {name!r} in the Optuna storage: did the search start (create_study/tune "
                         "tasks) for this run?") from exc
-    search.fail_stale_trials(study)
+    _settle(study, config.heartbeat_seconds)
     settings = study.user_attrs.get("settings") or {}
     parent = study.user_attrs.get("mlflow_run_id")
     mlflow = tracking.connect(config.tracking_uri)

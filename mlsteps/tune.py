@@ -37,7 +37,9 @@ class TuneConfig(tracking.RunStepConfig):
                                           "epochs 1, N, N^2, ... (0: 3)")
     sampler: str = field("tpe", help=f"how trials are proposed: {', '.join(search.SAMPLERS)}")
     objective: str = field("val_accuracy", help=f"what the search optimises: {', '.join(search.OBJECTIVES)}")
-    search_space: str = field("", help="JSON overrides of the default search space (see mlsteps.search)")
+    search_space: str = field("", help="JSON overrides of the default search space (mlsteps.search), e.g. "
+                                       '\'{"learning_rate": {"low": 0.001, "high": 0.01}, "width": [32, 48], '
+                                       '"dropout": 0.2}\'')
     train_examples: int = field(0, help="train each trial on the first N training examples (0: all)")
     storage: str | None = field(None, help="Optuna storage URL (default: $OPTUNA_STORAGE, else SQLite on "
                                            "the data root)")
@@ -91,13 +93,13 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
     storage = search.open_storage(search.storage_url(config.storage, config.data_root), config.heartbeat_seconds)
     name = search.study_name(config.run_key)
     kwargs = {"study_name": name, "storage": storage,
-              "sampler": search.make_sampler(config.sampler, config.seed + 1000 * config.worker),
               "pruner": search.make_pruner(config.pruner, config.max_epochs, config.reduction_factor)}
     settings = json.loads(json.dumps(study_settings(config, space, manifest)))  # as stored: JSON round trip
     if create:
         study = optuna.create_study(direction=search.OBJECTIVES[config.objective], load_if_exists=True, **kwargs)
         if "settings" not in study.user_attrs:
             study.set_user_attr("settings", settings)
+        if "created_at" not in study.user_attrs:  # the time budget counts from here, whichever try set it up
             study.set_user_attr("created_at", time.time())
     else:
         try:
@@ -111,8 +113,12 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
     if stored is not None and stored != settings:
         changed = sorted(k for k in settings if stored.get(k) != settings[k])
         raise StepError(f"study {name!r} was started with other settings ({', '.join(changed)} differ); "
-                        "a search continues only with the settings it started with; use a new DAG run "
-                        "for new settings")
+                        "a search continues only with the settings it started with; for new settings use a "
+                        "new DAG run (or, from the command line, another --run-key)")
+    # Seeded by worker and by how far the study got: a worker's retry, or a continued search, must not propose
+    # the trials its earlier try already ran (a fresh study's worker 0 still starts from --seed itself).
+    study.sampler = search.make_sampler(config.sampler,
+                                        config.seed + 1000 * config.worker + len(study.get_trials(deepcopy=False)))
     return study, space
 
 
@@ -133,6 +139,12 @@ def parent_run(mlflow: Any, config: TuneConfig, study: Any) -> str:
     return run_id
 
 
+def taken_over(config: TuneConfig) -> str:
+    """Why a live worker's trial ended: another worker failed it as stale and queued its retry."""
+    return (f"failed by another worker: no heartbeat from this one for {3 * config.heartbeat_seconds} s "
+            "(database slow or unreachable?); its retry trains these hyperparameters again")
+
+
 class _Trainer:
     """Runs one trial: builds the model from the trial's hyperparameters, trains, reports every epoch."""
 
@@ -150,10 +162,12 @@ class _Trainer:
         self.val = data.examples(manifest, "val")
         self.n_train = int(self.train.cardinality())
         self.metric = config.objective
+        self.trial_numbers: list[int] = []  # the trials this worker process started
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        self.trial_numbers.append(trial.number)
         trial.set_user_attr("worker", self.config.worker)
         run_id = None
         started = time.monotonic()
@@ -170,29 +184,40 @@ class _Trainer:
                      " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()))
             value, pruned_at, epochs = self._fit(trial, hp, run_id)
         except Exception as exc:
-            cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            trial.set_user_attr("error", cause[:500])  # before any MLflow call: it may be what failed
+            if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                cause = taken_over(self.config)
+            else:
+                cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                try:  # before any MLflow call: it may be what failed
+                    trial.set_user_attr("error", cause[:500])
+                except optuna.exceptions.UpdateFinishedTrialError:  # failed meanwhile by another worker
+                    cause = taken_over(self.config)
             log.warning("worker %d: trial %d failed: %s", self.config.worker, trial.number, cause)
-            if run_id is not None:
-                try:
-                    self.client.set_tag(run_id, "optuna.state", "FAIL")
-                    self.client.set_tag(run_id, "error", cause[:500])
-                    self.client.set_terminated(run_id, "FAILED")
-                except Exception as mlflow_error:  # noqa: BLE001 - the trial's own error is the one to report
-                    log.warning("could not mark MLflow run %s failed: %s", run_id, mlflow_error)
+            self._end_run(run_id, "FAIL", "FAILED", error=cause)
             raise
         finally:
             self.keras.backend.clear_session()
             gc.collect()
         seconds = time.monotonic() - started
         state = "PRUNED" if pruned_at is not None else "COMPLETE"
-        self.client.set_tag(run_id, "optuna.state", state)
-        self.client.set_terminated(run_id, "FINISHED")
+        self._end_run(run_id, state, "FINISHED")
         log.info("worker %d: trial %d %s: %s=%.4f after %d epoch(s) (%.0f s)", self.config.worker, trial.number,
                  state.lower(), self.metric, value, epochs, seconds)
         if pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruned_at}")
         return value
+
+    def _end_run(self, run_id: str | None, state: str, status: str, error: str = "") -> None:
+        """Close the trial's MLflow run; best effort: the trial's result is in the study either way."""
+        if run_id is None:
+            return
+        try:
+            self.client.set_tag(run_id, "optuna.state", state)
+            if error:
+                self.client.set_tag(run_id, "error", error[:500])
+            self.client.set_terminated(run_id, status)
+        except Exception as mlflow_error:  # noqa: BLE001 - losing a trained trial over a tag would be worse
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status.lower(), mlflow_error)
 
     def _fit(self, trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
         """Train one trial; return (last value of the objective, epoch it was pruned at or None, epochs run)."""
@@ -235,6 +260,23 @@ class _Trainer:
                 validation_data=data.batches(self.val, batch_size=512), epochs=config.max_epochs,
                 callbacks=[keras.callbacks.TerminateOnNaN(raise_error=True), Report()], verbose=0)
         return outcome["value"], outcome["pruned_at"], outcome["epochs"]
+
+
+def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
+    """Run one trial of ``study``; a trial that fails is recorded as failed and the worker goes on."""
+    from optuna.trial import TrialState
+
+    started = len(trainer.trial_numbers)
+    try:
+        study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
+    except ValueError:  # "Cannot tell a FAIL trial": another worker failed ours as stale meanwhile
+        if len(trainer.trial_numbers) == started:  # not from our trial: it never started
+            raise
+        number = trainer.trial_numbers[-1]
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if trial is None or trial.state != TrialState.FAIL:
+            raise
+        log.warning("worker %d: trial %d was %s; going on", config.worker, number, taken_over(config))
 
 
 def run(config: TuneConfig) -> dict[str, Any]:
@@ -282,7 +324,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
             break
         if time.time() >= deadline:
             stopped = "time budget spent"
-            log.info("worker %d: time budget of %.0f min spent", config.worker, config.timeout_minutes)
+            log.info("worker %d: time budget of %g min spent", config.worker, config.timeout_minutes)
             break
         if now.finished + now.running >= config.trials and not now.waiting:
             # The rest of the budget is running elsewhere; stay to take over if one of those workers dies.
@@ -290,11 +332,11 @@ def run(config: TuneConfig) -> dict[str, Any]:
             # end up to workers - 1 trials over budget.)
             time.sleep(min(config.heartbeat_seconds, 5))
             continue
-        study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        optimize_one(study, trainer, config)
         ran += 1
     final = search.counts(study)
-    epochs = sum(search.epochs_run(t) for t in study.get_trials(deepcopy=False)
-                 if t.user_attrs.get("worker") == config.worker)
+    mine = set(trainer.trial_numbers)
+    epochs = sum(search.epochs_run(t) for t in study.get_trials(deepcopy=False) if t.number in mine)
     log.info("worker %d done: ran %d trial(s), %d epochs; study %s: %s", config.worker, ran, epochs,
              study.study_name, final.as_dict())
     return {**summary, "trials_run": ran, "epochs": epochs, "counts": final.as_dict(), "stopped": stopped}

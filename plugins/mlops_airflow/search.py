@@ -18,7 +18,7 @@ SELECT_TASK = "select"
 @task.short_circuit(task_id="plan_search", ignore_downstream_trigger_rules=False,
                     execution_timeout=timedelta(minutes=2))
 def plan_search(params: dict[str, Any] | None = None) -> list[list[str]]:
-    """One argument list per trial worker, e.g. [["--worker", "0"], ["--worker", "1"]].
+    """One argument list per trial worker, e.g. [["--worker", "0"], ["--worker", "1"]]; never more than trials.
 
     With the search turned off the list is empty, which skips the search tasks (and only them: train then
     uses the trigger form's hyperparameters).
@@ -26,7 +26,9 @@ def plan_search(params: dict[str, Any] | None = None) -> list[list[str]]:
     assert params is not None
     if not params["search"]:
         return []
-    return [["--worker", str(i)] for i in range(int(params["search_workers"]))]
+    # A worker takes one trial at a time: more workers than trials would only wait (holding a pod, a GPU).
+    workers = min(int(params["search_workers"]), int(params["search_trials"]))
+    return [["--worker", str(i)] for i in range(workers)]
 
 
 @task(task_id="hyperparameters", trigger_rule="none_failed_min_one_success", execution_timeout=timedelta(minutes=2))

@@ -105,9 +105,12 @@ def test_search_runs_one_worker_per_requested_slot_and_is_skipped_when_off():
     from mlops_airflow.search import plan_search
 
     plan = plan_search.function
-    assert plan(params={"search": True, "search_workers": 3}) == [["--worker", "0"], ["--worker", "1"],
-                                                                   ["--worker", "2"]]
-    assert plan(params={"search": False, "search_workers": 3}) == []  # falsy: short-circuits the search
+    assert plan(params={"search": True, "search_workers": 3, "search_trials": 20}) == [
+        ["--worker", "0"], ["--worker", "1"], ["--worker", "2"]]
+    # no more workers than trials: the others would only wait, each holding a pod
+    assert plan(params={"search": True, "search_workers": 3, "search_trials": 2}) == [["--worker", "0"],
+                                                                                      ["--worker", "1"]]
+    assert plan(params={"search": False, "search_workers": 3, "search_trials": 20}) == []  # skips the search
 
 
 class _TI:
@@ -150,8 +153,9 @@ def test_train_never_falls_back_to_the_form_when_the_search_was_on_but_produced_
 
 def test_select_waits_for_every_worker_and_train_runs_whether_or_not_the_search_ran(dagbag):
     dag = dagbag.dags["mnist_training"]
-    # select runs even if a worker failed for good, but not when the search was skipped or never started
-    assert dag.get_task("select").trigger_rule == "all_done_min_one_success"
+    # select runs even if every worker failed for good (it names the cause and closes the search's MLflow
+    # runs), but not when the search was skipped
+    assert dag.get_task("select").trigger_rule == "none_skipped"
     chosen = dag.get_task("hyperparameters")
     assert chosen.trigger_rule == "none_failed_min_one_success"
     assert {"select", "validate"} <= chosen.upstream_task_ids

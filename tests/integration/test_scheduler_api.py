@@ -118,6 +118,9 @@ def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, mlflow_ser
     _answer_approval(url, token, "Reject", "worse on shirts")
     tasks = {t["task_id"]: t["state"] for t in _finish(url, token)}
     assert (tasks["approve"], tasks["promote"], tasks["record_rejection"]) == ("success", "skipped", "success")
+    # search off: the search tasks are skipped, select too (it runs after failed workers, never skipped ones)
+    assert {tasks[t] for t in ("create_study", "tune", "select")} == {"skipped"}
+    assert tasks["hyperparameters"] == "success"
     version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
     assert version["version"] != champion_before["version"]
     tags = {t["key"]: t["value"] for t in version["tags"]}

@@ -124,12 +124,25 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"batch_size": "32"}', ["batch_size", "'32' is not a possible value"]),
         ('{"width": 1e400}', ["width", "inf is not a possible value"]),
         ('{"width": [8, 10' + '0' * 400 + ']}', ["width", "is not a possible value"]),
+        ('{"width": {"type": "float", "low": 8, "high": 16}}', ["width", "of type int, not 'float'"]),
+        ('{"learning_rate": {"type": "int", "low": 1, "high": 2}}', ["learning_rate", "of type float"]),
+        ('{"learning_rate": {"low": 0.001, "high": 0.01, "log": "false"}}', ["learning_rate", "JSON boolean"]),
+        ('{"dropout": {"low": 0.0, "high": 0.5, "step": "0.1"}}', ["dropout", "step is a number > 0"]),
+        ('{"width": {"low": 8, "high": 12}}', ["width", "not a whole number of steps of the default step 8"]),
+        ('{"dropout": {"low": 0.0, "high": 0.5, "step": 0.2}}', ["dropout", "not a whole number of steps"]),
+        ('{"learning_rate": {"low": 0.001, "high": 0.01, "step": 0.001}}', ["learning_rate", '"log": false']),
+        ('{"width": {"low": 64, "high": 1024}}', ["width", "1024 is not a possible value", "<= 512"]),
+        ('{"batch_size": [64, 16384]}', ["batch_size", "<= 8192"]),
+        ('{"learning_rate": {"low": 0.01, "high": 2, "log": true}}', ["learning_rate", "<= 1"]),
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
          "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
          "categorical-without-choices", "fixed-as-range", "fixed-as-object", "batch-of-zero", "a-choice-of-zero", "width-from-zero",
          "fractional-fixed-width", "dropout-above-one", "dropout-range-up-to-one", "negative-learning-rate",
-         "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width"],
+         "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width",
+         "float-range-of-an-integer", "int-range-of-a-float", "log-as-text", "step-as-text",
+         "range-not-a-multiple-of-the-default-step", "range-not-a-multiple-of-its-step", "step-on-a-log-scale",
+         "width-beyond-the-forms", "batch-beyond-the-forms", "learning-rate-beyond-the-forms"],
 )
 def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
     with pytest.raises(StepError, match=r"^search space") as raised:
@@ -144,6 +157,15 @@ def test_whole_floats_of_integer_parameters_become_integers_that_train_accepts()
     assert space["width"] == {"type": "int", "low": 8, "high": 32, "step": 8}
     assert all(type(c) is int for c in space["batch_size"]["choices"])
     assert type(search.parse_space({"width": 16.0})["width"]["value"]) is int
+
+
+def test_a_step_that_divides_the_range_is_kept_and_a_matching_type_is_accepted() -> None:
+    space = search.parse_space({"width": {"type": "int", "low": 8, "high": 12, "step": 1},
+                                "dropout": {"low": 0.0, "high": 0.3, "step": 0.1},
+                                "learning_rate": {"low": 0.001, "high": 0.01, "step": 0.001, "log": False}})
+    assert space["width"] == {"type": "int", "low": 8, "high": 12, "step": 1}
+    assert space["dropout"] == {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1}
+    assert space["learning_rate"]["step"] == 0.001 and space["learning_rate"]["log"] is False
 
 
 def test_no_overrides_at_all_give_the_default_space() -> None:
@@ -196,6 +218,26 @@ def test_a_reduction_factor_that_cannot_apply_is_refused_naming_the_flag(tmp_pat
 
 
 # --- running steps ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("direction", "expected"), [("maximize", 1), ("minimize", 0)])
+def test_with_no_complete_trial_select_takes_the_pruned_trial_whose_last_epoch_scored_best(direction,
+                                                                                          expected) -> None:
+    import optuna
+
+    from mlsteps import select
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction)
+    for curve in ({1: 0.5, 2: 0.3}, {1: 0.4}):  # best-ever 0.5 (trial 0) is not what a pruned trial ended with
+        trial = study.ask()
+        for epoch, value in curve.items():
+            trial.report(value, epoch)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+    best, kind, value = select.best_trial(study)
+
+    assert (best.number, kind, value) == (expected, "pruned", [0.3, 0.4][expected])
 
 
 class Step:
@@ -706,6 +748,31 @@ def test_a_trial_of_a_killed_worker_is_failed_and_retried_by_the_other(tmp_path,
     assert not [r.info.run_id for r in nested if r.info.status == "RUNNING"]
 
 
+@integration
+def test_select_started_right_after_a_worker_died_fails_its_trial_and_closes_the_trials_run(tmp_path,
+                                                                                          mlflow_server) -> None:
+    """In the DAG select starts seconds after the last worker stopped: a trial whose worker was just killed
+    still has a fresh heartbeat then, so select waits until it goes stale instead of leaving it running."""
+    from mlflow import MlflowClient
+
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/select_after_kill", trials=2, max_epochs=1,
+                        pruner="none", space={**FIXED, "learning_rate": 0.01, "dropout": 0.1}, heartbeat_seconds=2)
+    found.setup()
+    [killed] = found.workers(1, kill={0: re.compile(r"mlsteps\.tune: worker 0: trial 1 starts: ")})
+    assert killed.killed_on is not None, killed.describe()
+
+    step = found.select()
+
+    assert step.process.returncode == 0, step.describe()
+    assert "still running; waiting" in step.output
+    trials = {t.number: t for t in found.trials_now()}
+    assert (trials[0].state.name, trials[1].state.name) == ("COMPLETE", "FAIL")
+    result = found.result("select.json")
+    assert (result["trial"], result["counts"]["running"], result["counts"]["failed"]) == (0, 0, 1)
+    lost_run = MlflowClient(found.tracking_uri).get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert (lost_run.info.status, lost_run.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+
+
 # --- nothing can train ------------------------------------------------------------------------------------------
 
 
@@ -749,6 +816,35 @@ def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_pa
     assert client.get_run(parent).info.status == "FAILED"
     assert CAUSE in client.get_run(parent).data.tags["error"]
     assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials} == {"FAILED"}
+
+
+@integration
+def test_a_worker_stops_once_as_many_trials_failed_as_the_budget_even_after_one_finished(tmp_path,
+                                                                                        mlflow_server) -> None:
+    """Failed trials do not count against the trial budget (they are retried or reported), so a search whose
+    trials all fail after one finished would otherwise run until its time budget is spent."""
+    import optuna
+
+    from mlsteps import data
+
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/broken_later", trials=3, max_epochs=1, pruner="none",
+                        space=FIXED, timeout_minutes=1.5)
+    found.setup()
+    space = search.parse_space(found.space)
+    study = found.study()
+    study.add_trial(optuna.trial.create_trial(  # one trial finished before the data broke
+        params={"learning_rate": 0.005, "dropout": 0.1}, value=0.5,
+        distributions={name: search._distribution(name, space[name]) for name in ("learning_rate", "dropout")}))
+    for shard in data.split_files(data.load_manifest(found.manifest), "train"):
+        raw = bytearray(Path(shard).read_bytes())
+        raw[len(raw) // 2:len(raw) // 2 + 64] = b"\xff" * 64
+        Path(shard).write_bytes(bytes(raw))
+
+    [worker] = found.workers(1)
+
+    assert worker.process.returncode == 0, worker.describe()
+    assert found.result("worker0.json")["stopped"] == "as many trials failed as the budget"
+    assert _states(found.trials_now()) == {"COMPLETE": 1, "FAIL": 3}
 
 
 @integration

@@ -1,0 +1,233 @@
+"""The search's shared study under trouble: dead and slow workers, racing workers, retries, storage outages."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlsteps import search, tune
+from mlsteps.core import StepError
+
+HEARTBEAT = 1  # seconds; a trial is stale after 3
+FIXED = {"width": 8, "batch_size": 32, "dropout": 0.1}
+
+
+def _study(url: str, name: str = "s") -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name=name, storage=search.open_storage(url, HEARTBEAT), direction="maximize",
+                               load_if_exists=True)
+
+
+def _ask(study: Any) -> Any:
+    """study.ask() as a worker's optimize loop does it (heartbeats are meant for optimize: no warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return study.ask()
+
+
+def _states(study: Any) -> dict[int, str]:
+    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+
+# --- a worker that dies before its first heartbeat --------------------------------------------------------------
+
+
+def test_a_trial_whose_worker_died_before_its_heartbeat_thread_started_is_still_failed_and_retried(
+        tmp_path) -> None:
+    """Optuna starts a trial's heartbeat thread only after sampling; a worker killed in between used to leave a
+    running trial that no heartbeat check could fail, so the other workers waited for it until the time
+    budget ran out. Its retry, taken from the queue, must beat from the start as well."""
+    study = _study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    _ask(study)  # trial 0: created, then the worker is gone (no heartbeat thread ever ran)
+
+    time.sleep(3 * HEARTBEAT + 1)
+    search.fail_stale_trials(study)
+    assert _states(study) == {0: "FAIL", 1: "WAITING"}  # failed, and its retry queued
+
+    retry = _ask(study)  # another worker takes the retry ... and dies at once too
+    assert retry.number == 1
+    time.sleep(3 * HEARTBEAT + 1)
+    search.fail_stale_trials(study)
+    assert _states(study) == {0: "FAIL", 1: "FAIL"}  # one retry each (max_retry=1): nothing left running
+
+
+# --- two workers on one SQLite file -----------------------------------------------------------------------------
+
+
+def _take_waiting_trials(url: str, count: int, start: Any, out: Any) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="s", storage=search.open_storage(url, HEARTBEAT))
+    start.wait()
+    out.put([_ask(study).number for _ in range(count)])
+
+
+def test_two_workers_on_sqlite_never_take_the_same_waiting_trial(tmp_path) -> None:
+    """Waiting trials are the retries of lost trials. SQLite ignores SELECT ... FOR UPDATE, so without a lock
+    two workers both moved one waiting trial to running (about 1 in 13 here) and trained it twice."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(url)
+    for k in range(120):
+        study.enqueue_trial({"x": k}, skip_if_exists=False)
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Event(), context.Queue()
+    workers = [context.Process(target=_take_waiting_trials, args=(url, 60, start, out)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    taken = [out.get(timeout=240) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+
+    assert sorted(taken[0] + taken[1]) == list(range(120))  # each queued trial went to exactly one worker
+
+
+# --- a live worker whose trial another worker failed ------------------------------------------------------------
+
+
+class _Runs:
+    """Stands in for the MLflow client (the trial's run): records what the trainer tells it."""
+
+    def __init__(self, fail_on: str = "") -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail_on = fail_on
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> Any:
+        self.calls.append(("create_run", run_name))
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id="R"))
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.calls.append(("set_tag", key, value))
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        if self.fail_on == "set_terminated":
+            raise ConnectionError("MLflow server restarting")
+        self.calls.append(("set_terminated", status))
+
+
+def _trainer(fit: Any, runs: _Runs) -> Any:
+    """A tune worker's trainer whose training is ``fit`` (the trial bookkeeping around it is the real one)."""
+    trainer = object.__new__(tune._Trainer)
+    trainer.config = types.SimpleNamespace(worker=0, heartbeat_seconds=HEARTBEAT)
+    trainer.space = search.parse_space({**FIXED, "learning_rate": {"low": 0.001, "high": 0.01}})
+    trainer.experiment_id, trainer.parent_run_id, trainer.metric = "0", "P", "val_accuracy"
+    trainer.client, trainer.trial_numbers = runs, []
+    trainer.mlflow = types.SimpleNamespace(entities=types.SimpleNamespace(Param=lambda k, v: (k, v)))
+    trainer.keras = types.SimpleNamespace(backend=types.SimpleNamespace(clear_session=lambda: None))
+    trainer._fit = fit
+    return trainer
+
+
+@pytest.mark.parametrize("then", ["reports the next epoch", "fails in training"])
+def test_a_trial_failed_by_another_worker_while_training_ends_that_trial_and_the_worker_goes_on(
+        tmp_path, then) -> None:
+    """A worker whose heartbeats stalled (database slow) has its trial failed and retried by another worker;
+    when it next reports an epoch (or its training fails) it must give the trial up and close its MLflow run,
+    not crash the worker."""
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(url)
+    other_worker = search.open_storage(url, HEARTBEAT)
+
+    def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        trial.report(0.5, 1)
+        other_worker.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # judged stale elsewhere
+        if then == "fails in training":
+            raise MemoryError("out of memory")
+        trial.report(0.6, 2)  # the next epoch
+        return 0.6, None, 2
+
+    runs = _Runs()
+    tune.optimize_one(study, _trainer(fit, runs), types.SimpleNamespace(worker=0, heartbeat_seconds=HEARTBEAT))
+
+    assert _states(study) == {0: "FAIL"}
+    assert ("set_terminated", "FAILED") in runs.calls
+    [error] = [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")]
+    assert "failed by another worker" in error
+
+
+def test_a_trained_trial_is_kept_when_mlflow_fails_to_close_its_run(tmp_path) -> None:
+    study = _study(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        trial.report(0.8, 1)
+        return 0.8, None, 1
+
+    tune.optimize_one(study, _trainer(fit, _Runs(fail_on="set_terminated")), types.SimpleNamespace(worker=0))
+
+    [trial] = study.get_trials(deepcopy=False)
+    assert (trial.state.name, trial.value) == ("COMPLETE", 0.8)
+
+
+# --- a worker's retry -------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, **overrides: Any) -> tune.TuneConfig:
+    settings = {"manifest": "m", "data_root": str(tmp_path), "run_key": "k", "tracking_uri": "unused",
+                "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "trials": 8, "max_epochs": 1, "pruner": "none",
+                "sampler": "random", "search_space": '{"width": 8, "batch_size": 32, "dropout": 0.1}',
+                "heartbeat_seconds": HEARTBEAT, "seed": 7}
+    return tune.TuneConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_workers_retry_does_not_propose_again_the_trials_its_first_try_ran(tmp_path, sampler) -> None:
+    """Airflow retries a failed worker with the same flags (same --worker, same --seed): seeded by those
+    alone, its sampler replayed the first try's proposals, spending the budget on trials already run."""
+    manifest = {"digest": "d"}
+    tune.open_study(_config(tmp_path, sampler=sampler), manifest, create=True)
+    proposed = []
+    for _try in range(2):
+        study, space = tune.open_study(_config(tmp_path, sampler=sampler), manifest, create=False)
+        study.optimize(lambda trial: search.suggest(trial, space)["learning_rate"], n_trials=2)
+        proposed.append([t.params["learning_rate"] for t in study.get_trials(deepcopy=False)][-2:])
+
+    assert not set(proposed[0]) & set(proposed[1]), proposed
+
+
+def test_a_fresh_studys_first_worker_samples_from_the_seed_it_was_given(tmp_path) -> None:
+    """What the benchmark relies on: TPE's start-up trials are random search's with the same --seed."""
+    import optuna
+
+    config = _config(tmp_path, sampler="tpe")
+    tune.open_study(config, {"digest": "d"}, create=True)
+    study, space = tune.open_study(config, {"digest": "d"}, create=False)
+    study.optimize(lambda trial: search.suggest(trial, space)["learning_rate"], n_trials=3)
+    plain = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=config.seed))
+    plain.optimize(lambda trial: search.suggest(trial, space)["learning_rate"], n_trials=3)
+
+    assert [t.params for t in study.get_trials()] == [t.params for t in plain.get_trials()]
+
+
+# --- the storage itself -----------------------------------------------------------------------------------------
+
+
+def test_a_database_that_does_not_answer_is_retryable_and_a_bad_url_is_not(tmp_path) -> None:
+    with pytest.raises(search.StorageUnavailable, match=r"cannot reach the Optuna storage .*u:\*\*\*@") as down:
+        search.open_storage("postgresql+psycopg2://u:secret@127.0.0.1:1/optuna", HEARTBEAT)
+    assert not isinstance(down.value, StepError)  # exit 1: the step runners retry it
+    assert "secret" not in str(down.value)
+    with pytest.raises(StepError, match="not an SQLAlchemy URL"):
+        search.open_storage("not a url", HEARTBEAT)
+    with pytest.raises(StepError, match="in-memory SQLite database is private to each worker"):
+        search.open_storage("sqlite://", HEARTBEAT)
+
+
+def test_a_plain_postgresql_url_uses_the_installed_driver() -> None:
+    assert search._with_driver("postgresql://u:p%40ss@db:5432/optuna") == \
+        "postgresql+psycopg2://u:p%40ss@db:5432/optuna"
+    assert search._with_driver("postgresql+psycopg2://u@db/optuna") == "postgresql+psycopg2://u@db/optuna"
+    assert search._with_driver("sqlite:////data/optuna.db") == "sqlite:////data/optuna.db"
