@@ -166,10 +166,12 @@ with DAG(
                 args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
                       else f"{{{{ [1, {cpus} // ([params.search_workers, params.search_trials] | min)] | max }}}}"})
     select = step("select", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="2Gi"),
-                  optional_secrets=(settings.optuna_secret,), args={"manifest": xcom("prep", "manifest"), **common},
+                  optional_secrets=(settings.optuna_secret,), args=common,
                   # once every worker stopped, even if some or all failed for good (what finished counts; if
                   # nothing did, select names the most common cause and closes the MLflow runs); skipped with
-                  # the search
+                  # the search. It also runs when a task before the search failed (Airflow has no rule for
+                  # "failed, not upstream_failed"): it pulls no earlier result, so it renders, then fails
+                  # saying the search never started.
                   trigger_rule="none_skipped")
     chosen = hyperparameters()
     train = step("train", timeout=timedelta(hours=6), resources=Resources(cpu="4", memory="8Gi"),

@@ -143,6 +143,9 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
             raise StepError(f"{where}: step is a number > 0, not {value['step']!r}")
         if "step" in value and "log" not in value and default.get("log"):
             raise StepError(f"{where}: a step cannot go with {name}'s default log scale; add \"log\": false")
+        if value.get("log") and "step" not in value and default.get("step", 1) != 1:
+            raise StepError(f"{where}: a log scale cannot go with {name}'s default step {default['step']:g}; "
+                            "add \"step\": 1")
         # {"low": .., "high": ..} keeps the default's log scale and step
         inherited = {k: v for k, v in default.items() if k in ("log", "step") and k not in value}
         value = {**inherited, **value}
@@ -294,8 +297,10 @@ def _storage_class() -> type:
             # (what create_new_trial and Optuna's caching wrapper both call)
             trial = super()._create_new_trial(study_id, template_trial)
             if self.heartbeat_interval and trial.state == TrialState.RUNNING:
-                # Optuna's heartbeat thread starts only after sampling: a worker killed before it wrote once
-                # would leave a running trial that no heartbeat check ever fails, stalling the search.
+                # Optuna starts the heartbeat thread only once study.ask() returned (after reading the trial
+                # back and the sampler's before_trial): a worker killed in that window, e.g. waiting on the
+                # SQLite lock, would leave a running trial that no heartbeat check ever fails, stalling the
+                # search.
                 self.record_heartbeat(trial._trial_id)
             return trial
 

@@ -26,7 +26,12 @@ log = logging.getLogger("mlsteps.select")
 
 
 @dataclass(frozen=True, kw_only=True)
-class SelectConfig(tracking.RunStepConfig):
+class SelectConfig:
+    # No manifest: select reads only the study, so it can run (and say why) when the steps before the search
+    # failed and left no results to pass on.
+    data_root: str = field(help="root folder; the default Optuna storage is SQLite on it")
+    run_key: str = field(help="identifies the pipeline run (DAG id / run id): its study is named after it")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     storage: str | None = field(None, help="Optuna storage URL (default: $OPTUNA_STORAGE, else SQLite on the "
                                            "data root)")
     heartbeat_seconds: int = field(15, help="the workers' trial heartbeat; a trial silent for 3 heartbeats "
@@ -151,8 +156,9 @@ def run(config: SelectConfig) -> dict[str, Any]:
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError as exc:
-        raise StepError(f"no study {name!r} in the Optuna storage: did the search start (create_study/tune "
-                        "tasks) for this run?") from exc
+        raise StepError(f"no study {name!r} in the Optuna storage: the search never started for this run "
+                        "(create_study did not run or failed: see its log, and those of the tasks before it)"
+                        ) from exc
     _settle(study, config.heartbeat_seconds)
     settings = study.user_attrs.get("settings") or {}
     parent = study.user_attrs.get("mlflow_run_id")

@@ -116,9 +116,10 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
                         "a search continues only with the settings it started with; for new settings use a "
                         "new DAG run (or, from the command line, another --run-key)")
     # Seeded by worker and by how far the study got: a worker's retry, or a continued search, must not propose
-    # the trials its earlier try already ran (a fresh study's worker 0 still starts from --seed itself).
-    study.sampler = search.make_sampler(config.sampler,
-                                        config.seed + 1000 * config.worker + len(study.get_trials(deepcopy=False)))
+    # the trials its earlier try already ran (a fresh study's worker 0 still starts from --seed itself). Workers
+    # are a million apart, so no two share a seed before a study holds a million trials.
+    seed = config.seed + 1_000_003 * config.worker + len(study.get_trials(deepcopy=False))
+    study.sampler = search.make_sampler(config.sampler, seed % 2**32)  # NumPy takes seeds below 2**32
     return study, space
 
 
@@ -269,7 +270,9 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
     started = len(trainer.trial_numbers)
     try:
         study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
-    except ValueError:  # "Cannot tell a FAIL trial": another worker failed ours as stale meanwhile
+    except Exception:  # noqa: BLE001 - re-raised unless another worker failed our trial as stale meanwhile
+        # Optuna's tell then raises "Cannot tell a FAIL trial" (ValueError), UpdateFinishedTrialError, or its
+        # own AssertionError, depending on when the other worker's change landed.
         if len(trainer.trial_numbers) == started:  # not from our trial: it never started
             raise
         number = trainer.trial_numbers[-1]
@@ -277,6 +280,8 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
         if trial is None or trial.state != TrialState.FAIL:
             raise
         log.warning("worker %d: trial %d was %s; going on", config.worker, number, taken_over(config))
+        # Its MLflow run may have been closed as finished before the result failed to save.
+        trainer._end_run(trial.user_attrs.get("mlflow_run_id"), "FAIL", "FAILED", error=taken_over(config))
 
 
 def run(config: TuneConfig) -> dict[str, Any]:

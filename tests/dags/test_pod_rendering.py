@@ -41,7 +41,7 @@ def dag():
     return bag.dags["mnist_training"]
 
 
-def render(dag, task_id: str, mapped: list[str] | None = None, **params):
+def render(dag, task_id: str, mapped: list[str] | None = None, results: dict | None = None, **params):
     """Render one task's templates with the trigger-form params and return its (dry-run) pod as a dict.
 
     A mapped task is rendered as its instance for ``mapped`` (the expanded extra arguments).
@@ -55,7 +55,7 @@ def render(dag, task_id: str, mapped: list[str] | None = None, **params):
     else:
         task = copy.deepcopy(task)  # rendering replaces templates in place
     resolved = {**dag.params.validate(), **params}
-    context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": FakeTaskInstance(task_id, RESULTS), "task": task}
+    context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": FakeTaskInstance(task_id, RESULTS if results is None else results), "task": task}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     pod = task.build_pod_request_obj(context, dry_run=True)
     return ApiClient().sanitize_for_serialization(pod), task
@@ -264,6 +264,14 @@ def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
     args = setup["spec"]["containers"][0]["args"]
     assert dict(zip(args[::2], args[1::2]))["--setup-only"] == "true"
     assert "nvidia.com/gpu" not in setup["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_select_renders_when_no_task_before_the_search_left_a_result(dag):
+    # select runs once the workers are done, even if prep failed (none_skipped): it must still render, so
+    # that it can say the search never started, instead of failing on a missing XCom in its arguments.
+    pod, _ = render(dag, "select", results={})
+    args = pod["spec"]["containers"][0]["args"]
+    assert dict(zip(args[::2], args[1::2])) == {"--data-root": "/data", "--run-key": f"mnist_training/{RUN_ID}"}
 
 
 def test_a_single_trial_worker_gets_a_fifth_try_to_report_trials_that_kill_it(dag):

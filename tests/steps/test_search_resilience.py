@@ -42,9 +42,9 @@ def _states(study: Any) -> dict[int, str]:
 
 def test_a_trial_whose_worker_died_before_its_heartbeat_thread_started_is_still_failed_and_retried(
         tmp_path) -> None:
-    """Optuna starts a trial's heartbeat thread only after sampling; a worker killed in between used to leave a
-    running trial that no heartbeat check could fail, so the other workers waited for it until the time
-    budget ran out. Its retry, taken from the queue, must beat from the start as well."""
+    """Optuna starts a trial's heartbeat thread only once study.ask() returned; a worker killed before that
+    used to leave a running trial that no heartbeat check could fail, so the other workers waited for it
+    until the time budget ran out. Its retry, taken from the queue, must beat from the start as well."""
     study = _study(f"sqlite:///{tmp_path / 'optuna.db'}")
     _ask(study)  # trial 0: created, then the worker is gone (no heartbeat thread ever ran)
 
@@ -155,8 +155,39 @@ def test_a_trial_failed_by_another_worker_while_training_ends_that_trial_and_the
 
     assert _states(study) == {0: "FAIL"}
     assert ("set_terminated", "FAILED") in runs.calls
-    [error] = [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")]
-    assert "failed by another worker" in error
+    errors = [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")]
+    assert errors and all("failed by another worker" in error for error in errors)
+
+
+def test_a_trial_failed_by_another_worker_while_its_result_is_being_saved_does_not_crash_the_worker(
+        tmp_path) -> None:
+    """The other worker's change can land between Optuna's check that the trial still runs and its save of the
+    result: the save then raises UpdateFinishedTrialError out of study.optimize, which used to end the worker."""
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(url)
+    other_worker = search.open_storage(url, HEARTBEAT)
+    after_trial = study.sampler.after_trial
+
+    def judged_stale_meanwhile(study_: Any, trial: Any, state: Any, values: Any) -> None:
+        other_worker.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        after_trial(study_, trial, state, values)
+
+    study.sampler.after_trial = judged_stale_meanwhile
+
+    def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        trial.report(0.8, 1)
+        return 0.8, None, 1
+
+    runs = _Runs()
+    tune.optimize_one(study, _trainer(fit, runs), types.SimpleNamespace(worker=0, heartbeat_seconds=HEARTBEAT))
+
+    assert _states(study) == {0: "FAIL"}
+    # Its MLflow run, closed as finished just before, ends failed like the trial, saying why.
+    assert [c for c in runs.calls if c[0] == "set_terminated"][-1] == ("set_terminated", "FAILED")
+    assert ("set_tag", "optuna.state", "FAIL") in runs.calls
+    assert "failed by another worker" in [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")][-1]
 
 
 def test_a_trained_trial_is_kept_when_mlflow_fails_to_close_its_run(tmp_path) -> None:

@@ -131,6 +131,7 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"width": {"low": 8, "high": 12}}', ["width", "not a whole number of steps of the default step 8"]),
         ('{"dropout": {"low": 0.0, "high": 0.5, "step": 0.2}}', ["dropout", "not a whole number of steps"]),
         ('{"learning_rate": {"low": 0.001, "high": 0.01, "step": 0.001}}', ["learning_rate", '"log": false']),
+        ('{"width": {"low": 8, "high": 64, "log": true}}', ["width", "default step 8", '"step": 1']),
         ('{"width": {"low": 64, "high": 1024}}', ["width", "1024 is not a possible value", "<= 512"]),
         ('{"batch_size": [64, 16384]}', ["batch_size", "<= 8192"]),
         ('{"learning_rate": {"low": 0.01, "high": 2, "log": true}}', ["learning_rate", "<= 1"]),
@@ -142,7 +143,7 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
          "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width",
          "float-range-of-an-integer", "int-range-of-a-float", "log-as-text", "step-as-text",
          "range-not-a-multiple-of-the-default-step", "range-not-a-multiple-of-its-step", "step-on-a-log-scale",
-         "width-beyond-the-forms", "batch-beyond-the-forms", "learning-rate-beyond-the-forms"],
+         "log-scale-on-the-default-step", "width-beyond-the-forms", "batch-beyond-the-forms", "learning-rate-beyond-the-forms"],
 )
 def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
     with pytest.raises(StepError, match=r"^search space") as raised:
@@ -238,6 +239,17 @@ def test_with_no_complete_trial_select_takes_the_pruned_trial_whose_last_epoch_s
     best, kind, value = select.best_trial(study)
 
     assert (best.number, kind, value) == (expected, "pruned", [0.3, 0.4][expected])
+
+
+def test_select_for_a_run_whose_search_never_started_says_so(tmp_path) -> None:
+    """select runs once the workers are done even if a task before the search failed (then no earlier task
+    left a result, so it takes none): it must name the cause, not fail on a missing flag or study."""
+    done = subprocess.run([sys.executable, "-m", "mlsteps.select", "--data-root", str(tmp_path), "--run-key",
+                           "mnist_training/manual__1", "--tracking-uri", f"file://{tmp_path / 'mlruns'}"],
+                          capture_output=True, text=True, env=step_env(), timeout=STEP_TIMEOUT)
+
+    assert done.returncode == 2, done.stderr
+    assert "the search never started for this run (create_study did not run or failed" in done.stderr
 
 
 class Step:
@@ -342,15 +354,15 @@ class Search:
         return f"sqlite:///{self.root / 'optuna.db'}"
 
     def _common(self, result: str) -> list[str]:
-        return ["--manifest", self.manifest, "--data-root", str(self.data_root), "--run-key", self.run_key,
-                "--tracking-uri", self.tracking_uri, "--experiment", EXPERIMENT, "--storage", self.storage,
-                "--heartbeat-seconds", str(self.heartbeat_seconds), "--result-path", str(self.results / result)]
+        return ["--data-root", str(self.data_root), "--run-key", self.run_key, "--tracking-uri", self.tracking_uri,
+                "--storage", self.storage, "--heartbeat-seconds", str(self.heartbeat_seconds), "--result-path",
+                str(self.results / result)]
 
     def tune_args(self, *, worker: int = 0, setup: bool = False, space: dict[str, Any] | None = None,
                   result: str | None = None) -> list[str]:
         space_json = json.dumps(self.space if space is None else space)
         return [*self._common(result or f"{'setup' if setup else f'worker{worker}'}.json"),
-                "--trials", str(self.trials), "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
+                "--manifest", self.manifest, "--experiment", EXPERIMENT, "--trials", str(self.trials), "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
                 "--sampler", self.sampler, "--objective", self.objective, "--timeout-minutes",
                 str(self.timeout_minutes), "--seed", "7", "--search-space", space_json,
                 "--worker", str(worker), "--threads", "1", "--setup-only", "true" if setup else "false"]
@@ -756,7 +768,8 @@ def test_select_started_right_after_a_worker_died_fails_its_trial_and_closes_the
     from mlflow import MlflowClient
 
     found = _new_search(tmp_path, mlflow_server, "tune_tests/select_after_kill", trials=2, max_epochs=1,
-                        pruner="none", space={**FIXED, "learning_rate": 0.01, "dropout": 0.1}, heartbeat_seconds=2)
+                        pruner="none", space={**FIXED, "learning_rate": 0.01, "dropout": 0.1},
+                        heartbeat_seconds=5)  # stale 15 s after the kill: select is up and checking long before
     found.setup()
     [killed] = found.workers(1, kill={0: re.compile(r"mlsteps\.tune: worker 0: trial 1 starts: ")})
     assert killed.killed_on is not None, killed.describe()
