@@ -792,18 +792,22 @@ def test_select_started_right_after_a_worker_died_fails_its_trial_and_closes_the
 CAUSE = "DataLossError"
 
 
-@integration
-def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_path, mlflow_server) -> None:
+def _damage_training_shards(found: Search) -> None:
+    """Storage trouble after prep: every training shard damaged mid-file (its records' checksums break)."""
     from mlsteps import data
 
-    found = _new_search(tmp_path, mlflow_server, "tune_tests/broken", trials=6, max_epochs=2, pruner="none",
-                        space=FIXED)
-    found.setup()
-    # Storage trouble after prep: every training shard damaged mid-file (its records' checksums break).
     for shard in data.split_files(data.load_manifest(found.manifest), "train"):
         raw = bytearray(Path(shard).read_bytes())
         raw[len(raw) // 2:len(raw) // 2 + 64] = b"\xff" * 64
         Path(shard).write_bytes(bytes(raw))
+
+
+@integration
+def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_path, mlflow_server) -> None:
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/broken", trials=6, max_epochs=2, pruner="none",
+                        space=FIXED)
+    found.setup()
+    _damage_training_shards(found)
 
     [worker] = found.workers(1)
 
@@ -838,8 +842,6 @@ def test_a_worker_stops_once_as_many_trials_failed_as_the_budget_even_after_one_
     trials all fail after one finished would otherwise run until its time budget is spent."""
     import optuna
 
-    from mlsteps import data
-
     found = _new_search(tmp_path, mlflow_server, "tune_tests/broken_later", trials=3, max_epochs=1, pruner="none",
                         space=FIXED, timeout_minutes=1.5)
     found.setup()
@@ -848,10 +850,7 @@ def test_a_worker_stops_once_as_many_trials_failed_as_the_budget_even_after_one_
     study.add_trial(optuna.trial.create_trial(  # one trial finished before the data broke
         params={"learning_rate": 0.005, "dropout": 0.1}, value=0.5,
         distributions={name: search._distribution(name, space[name]) for name in ("learning_rate", "dropout")}))
-    for shard in data.split_files(data.load_manifest(found.manifest), "train"):
-        raw = bytearray(Path(shard).read_bytes())
-        raw[len(raw) // 2:len(raw) // 2 + 64] = b"\xff" * 64
-        Path(shard).write_bytes(bytes(raw))
+    _damage_training_shards(found)
 
     [worker] = found.workers(1)
 
