@@ -164,11 +164,13 @@ class _Trainer:
         self.n_train = int(self.train.cardinality())
         self.metric = config.objective
         self.trial_numbers: list[int] = []  # the trials this worker process started
+        self.finished_run: str | None = None  # MLflow run of the last trial, once closed as finished
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
         self.trial_numbers.append(trial.number)
+        self.finished_run = None
         trial.set_user_attr("worker", self.config.worker)
         run_id = None
         started = time.monotonic()
@@ -202,6 +204,7 @@ class _Trainer:
         seconds = time.monotonic() - started
         state = "PRUNED" if pruned_at is not None else "COMPLETE"
         self._end_run(run_id, state, "FINISHED")
+        self.finished_run = run_id
         log.info("worker %d: trial %d %s: %s=%.4f after %d epoch(s) (%.0f s)", self.config.worker, trial.number,
                  state.lower(), self.metric, value, epochs, seconds)
         if pruned_at is not None:
@@ -263,6 +266,21 @@ class _Trainer:
         return outcome["value"], outcome["pruned_at"], outcome["epochs"]
 
 
+def _tell_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is how Optuna's tell fails on a trial that is no longer running.
+
+    Saving a result (or a pruned state) into a trial that was failed meanwhile raises ``Cannot tell a FAIL
+    trial`` (ValueError) or, when the change lands mid-write, UpdateFinishedTrialError; when the objective had
+    returned a value, Optuna's own bookkeeping then raises ``Should not reach.`` (AssertionError) over either.
+    """
+    import optuna
+
+    if isinstance(exc, AssertionError) and "Should not reach" in str(exc) and exc.__context__ is not None:
+        exc = exc.__context__
+    return isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or (
+        isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a FAIL trial"))
+
+
 def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
     """Run one trial of ``study``; a trial that fails is recorded as failed and the worker goes on."""
     from optuna.trial import TrialState
@@ -270,18 +288,19 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
     started = len(trainer.trial_numbers)
     try:
         study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
-    except Exception:  # noqa: BLE001 - re-raised unless another worker failed our trial as stale meanwhile
-        # Optuna's tell then raises "Cannot tell a FAIL trial" (ValueError), UpdateFinishedTrialError, or its
-        # own AssertionError, depending on when the other worker's change landed.
-        if len(trainer.trial_numbers) == started:  # not from our trial: it never started
-            raise
-        number = trainer.trial_numbers[-1]
+    except Exception as exc:  # re-raised unless another worker failed our trial as stale while it was saved
+        number = trainer.trial_numbers[-1] if len(trainer.trial_numbers) > started else None
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-        if trial is None or trial.state != TrialState.FAIL:
+        if trial is None or trial.state != TrialState.FAIL or not _tell_refused(exc):
+            if isinstance(exc, AssertionError) and "Should not reach" in str(exc) and exc.__context__:
+                raise exc.__context__ from None  # the real failure (a storage outage, say), not Optuna's assert
             raise
-        log.warning("worker %d: trial %d was %s; going on", config.worker, number, taken_over(config))
-        # Its MLflow run may have been closed as finished before the result failed to save.
-        trainer._end_run(trial.user_attrs.get("mlflow_run_id"), "FAIL", "FAILED", error=taken_over(config))
+        log.warning("worker %d: trial %d was %s (%s when saving its result); going on", config.worker, number,
+                    taken_over(config), type(exc).__name__)
+        # Its MLflow run was closed as finished just before the result failed to save: say what happened.
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is not None and run_id == trainer.finished_run:
+            trainer._end_run(run_id, "FAIL", "FAILED", error=taken_over(config))
 
 
 def run(config: TuneConfig) -> dict[str, Any]:

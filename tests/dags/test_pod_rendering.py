@@ -55,7 +55,8 @@ def render(dag, task_id: str, mapped: list[str] | None = None, results: dict | N
     else:
         task = copy.deepcopy(task)  # rendering replaces templates in place
     resolved = {**dag.params.validate(), **params}
-    context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": FakeTaskInstance(task_id, RESULTS if results is None else results), "task": task}
+    ti = FakeTaskInstance(task_id, RESULTS if results is None else results)
+    context = {"params": resolved, "dag": dag, "run_id": RUN_ID, "ti": ti, "task": task}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     pod = task.build_pod_request_obj(context, dry_run=True)
     return ApiClient().sanitize_for_serialization(pod), task

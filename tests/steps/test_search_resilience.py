@@ -159,10 +159,12 @@ def test_a_trial_failed_by_another_worker_while_training_ends_that_trial_and_the
     assert errors and all("failed by another worker" in error for error in errors)
 
 
+@pytest.mark.parametrize("outcome", ["complete", "pruned"])
 def test_a_trial_failed_by_another_worker_while_its_result_is_being_saved_does_not_crash_the_worker(
-        tmp_path) -> None:
+        tmp_path, outcome) -> None:
     """The other worker's change can land between Optuna's check that the trial still runs and its save of the
-    result: the save then raises UpdateFinishedTrialError out of study.optimize, which used to end the worker."""
+    result: the save raises UpdateFinishedTrialError, which Optuna covers with its own "Should not reach."
+    AssertionError when the objective returned a value; either used to end the worker."""
     from optuna.trial import TrialState
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -177,17 +179,83 @@ def test_a_trial_failed_by_another_worker_while_its_result_is_being_saved_does_n
     study.sampler.after_trial = judged_stale_meanwhile
 
     def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
-        trial.report(0.8, 1)
-        return 0.8, None, 1
+        trial.report(0.5, 1)
+        return (0.5, 1, 1) if outcome == "pruned" else (0.5, None, 1)
 
     runs = _Runs()
     tune.optimize_one(study, _trainer(fit, runs), types.SimpleNamespace(worker=0, heartbeat_seconds=HEARTBEAT))
 
     assert _states(study) == {0: "FAIL"}
     # Its MLflow run, closed as finished just before, ends failed like the trial, saying why.
-    assert [c for c in runs.calls if c[0] == "set_terminated"][-1] == ("set_terminated", "FAILED")
+    assert [c for c in runs.calls if c[0] == "set_terminated"] == [("set_terminated", "FINISHED"),
+                                                                   ("set_terminated", "FAILED")]
     assert ("set_tag", "optuna.state", "FAIL") in runs.calls
     assert "failed by another worker" in [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")][-1]
+
+
+def test_a_trial_that_failed_on_its_own_keeps_its_cause_when_another_worker_fails_it_while_it_is_saved(
+        tmp_path) -> None:
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(url)
+    other_worker = search.open_storage(url, HEARTBEAT)
+    after_trial = study.sampler.after_trial
+
+    def judged_stale_meanwhile(study_: Any, trial: Any, state: Any, values: Any) -> None:
+        other_worker.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        after_trial(study_, trial, state, values)
+
+    study.sampler.after_trial = judged_stale_meanwhile
+
+    def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        raise MemoryError("out of memory")
+
+    runs = _Runs()
+    tune.optimize_one(study, _trainer(fit, runs), types.SimpleNamespace(worker=0, heartbeat_seconds=HEARTBEAT))
+
+    assert _states(study) == {0: "FAIL"}
+    assert [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")] == ["MemoryError: out of memory"]
+    assert [c for c in runs.calls if c[0] == "set_terminated"] == [("set_terminated", "FAILED")]
+
+
+@pytest.mark.parametrize("failed_elsewhere", [False, True], ids=["running", "failed-by-another-worker-too"])
+@pytest.mark.parametrize("outcome", ["complete", "pruned"])
+def test_a_result_that_fails_to_save_for_another_reason_ends_the_worker_with_that_error(
+        tmp_path, outcome, failed_elsewhere) -> None:
+    """Only the refusal to save into a trial another worker failed is passed over; any other failure to save a
+    result (here the database going away) ends the worker, so Airflow retries it, naming the real error rather
+    than Optuna's "Should not reach." over it, even when another worker had failed the trial as well."""
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(url)
+    other_worker = search.open_storage(url, HEARTBEAT)
+    after_trial, save = study.sampler.after_trial, study._storage.set_trial_state_values
+
+    def maybe_judged_stale_meanwhile(study_: Any, trial: Any, state: Any, values: Any) -> None:
+        if failed_elsewhere:
+            other_worker.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        after_trial(study_, trial, state, values)
+
+    def database_gone(trial_id: int, state: Any, values: Any = None) -> bool:
+        if state.is_finished():
+            raise ConnectionError("database went away")
+        return save(trial_id, state, values)
+
+    study.sampler.after_trial, study._storage.set_trial_state_values = maybe_judged_stale_meanwhile, database_gone
+
+    def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        trial.report(0.5, 1)
+        return (0.5, 1, 1) if outcome == "pruned" else (0.5, None, 1)
+
+    runs = _Runs()
+    with pytest.raises(ConnectionError, match="database went away"):
+        tune.optimize_one(study, _trainer(fit, runs), types.SimpleNamespace(worker=0, heartbeat_seconds=HEARTBEAT))
+
+    # Left to the heartbeat check once this worker is gone (when another worker has not failed it already).
+    assert _states(study) == {0: "FAIL" if failed_elsewhere else "RUNNING"}
+    assert [c for c in runs.calls if c[0] == "set_terminated"] == [("set_terminated", "FINISHED")]
 
 
 def test_a_trained_trial_is_kept_when_mlflow_fails_to_close_its_run(tmp_path) -> None:

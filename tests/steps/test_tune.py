@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -138,12 +139,14 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
          "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
-         "categorical-without-choices", "fixed-as-range", "fixed-as-object", "batch-of-zero", "a-choice-of-zero", "width-from-zero",
+         "categorical-without-choices", "fixed-as-range", "fixed-as-object", "batch-of-zero", "a-choice-of-zero",
+         "width-from-zero",
          "fractional-fixed-width", "dropout-above-one", "dropout-range-up-to-one", "negative-learning-rate",
          "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width",
          "float-range-of-an-integer", "int-range-of-a-float", "log-as-text", "step-as-text",
          "range-not-a-multiple-of-the-default-step", "range-not-a-multiple-of-its-step", "step-on-a-log-scale",
-         "log-scale-on-the-default-step", "width-beyond-the-forms", "batch-beyond-the-forms", "learning-rate-beyond-the-forms"],
+         "log-scale-on-the-default-step", "width-beyond-the-forms", "batch-beyond-the-forms",
+         "learning-rate-beyond-the-forms"],
 )
 def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
     with pytest.raises(StepError, match=r"^search space") as raised:
@@ -362,7 +365,8 @@ class Search:
                   result: str | None = None) -> list[str]:
         space_json = json.dumps(self.space if space is None else space)
         return [*self._common(result or f"{'setup' if setup else f'worker{worker}'}.json"),
-                "--manifest", self.manifest, "--experiment", EXPERIMENT, "--trials", str(self.trials), "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
+                "--manifest", self.manifest, "--experiment", EXPERIMENT, "--trials", str(self.trials),
+                "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
                 "--sampler", self.sampler, "--objective", self.objective, "--timeout-minutes",
                 str(self.timeout_minutes), "--seed", "7", "--search-space", space_json,
                 "--worker", str(worker), "--threads", "1", "--setup-only", "true" if setup else "false"]
@@ -433,15 +437,19 @@ class SharedSearch:
 def shared_search(tmp_path_factory, mlflow_server) -> SharedSearch:
     """Eight trials by two workers started together, successive halving over up to 3 epochs.
 
-    Half the learning-rate range cannot learn anything in one epoch, so some trials are certain to be pruned.
     Successive halving judges at epoch 1 (rungs at epochs 1, 3, 9, ... with its default reduction factor 3);
     a trial that trained every epoch is complete, never pruned after its last epoch, which would save nothing
-    and hide its result from `select`.
+    and hide its result from `select`. Its verdicts depend on the order trials arrive in (one that beats every
+    earlier one always goes on), so the first four are set: two that learn, then two whose learning rate is
+    too small to move in one epoch, each certain to be stopped there. The sampler proposes the other four.
     """
     found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, "tune_tests/shared", trials=8,
                         max_epochs=3, pruner="successive_halving",
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     setup = found.setup()
+    study = found.study()
+    for learning_rate in (0.03, 0.03, 1e-6, 1e-6):
+        study.enqueue_trial({"learning_rate": learning_rate, "dropout": 0.0})
     workers = found.workers(2)
     for worker in workers:
         assert worker.process.returncode == 0, worker.describe()
@@ -493,6 +501,7 @@ def test_successive_halving_stops_hopeless_trials_early(shared_search) -> None:
     complete = [t for t in trials if t.state.name == "COMPLETE"]
 
     assert pruned, f"no trial was pruned: {_states(trials)}"
+    assert {2, 3} <= {t.number for t in pruned}, {t.number: t.intermediate_values for t in trials}
     assert complete
     assert found.study().user_attrs["settings"]["reduction_factor"] == 3  # successive halving's default
     for trial in pruned:
@@ -638,6 +647,10 @@ def test_a_val_loss_search_with_the_median_pruner_prunes_and_selects_the_lowest_
                         objective="val_loss", sampler="tpe",
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     found.setup()
+    study = found.study()
+    # Three that learn, then one too slow to move: certain to be stopped at epoch 2. TPE proposes the rest.
+    for learning_rate in (0.03, 0.02, 0.01, 1e-6):
+        study.enqueue_trial({"learning_rate": learning_rate, "dropout": 0.0})
     [worker] = found.workers(1)
     assert worker.process.returncode == 0, worker.describe()
     trials = found.trials_now()
@@ -646,7 +659,7 @@ def test_a_val_loss_search_with_the_median_pruner_prunes_and_selects_the_lowest_
 
     # The median pruner judges from epoch 2 on, once 3 trials completed, and never at the last epoch; it stops
     # a trial whose loss is above the median of the complete trials' losses at the same epoch.
-    assert pruned, _states(trials)
+    assert pruned and 3 in {t.number for t in pruned}, _states(trials)
     for trial in pruned:
         epoch = max(trial.intermediate_values)
         assert 2 <= epoch < found.max_epochs and sorted(trial.intermediate_values) == list(range(1, epoch + 1))
@@ -666,26 +679,31 @@ def test_hyperband_prunes_only_trials_of_brackets_with_a_rung_before_the_last_ep
                         pruner="hyperband",
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     found.setup()
-    [worker] = found.workers(1)
-    assert worker.process.returncode == 0, worker.describe()
     study = found.study()
-    trials = study.get_trials(deepcopy=False)
     # Hyperband over epochs 1-3 with reduction factor 3 has two brackets, each a successive halving: bracket 0
     # has rungs at epochs 1 and 3, bracket 1 only at epoch 3, the last epoch, so its trials always complete.
     # A trial's bracket is a hash of the study name and trial number; ask the pruner the tune step uses.
     pruner = search.make_pruner("hyperband", found.max_epochs)
     pruner._try_initialization(study)
-    bracket = {t.number: pruner._get_bracket_id(study, t) for t in trials}
+    bracket = {n: pruner._get_bracket_id(study, types.SimpleNamespace(number=n)) for n in range(found.trials)}
+    # Set every trial, so the verdicts do not hang on the order of random ones: the first of bracket 0 learns,
+    # every other trial has too small a learning rate to move in one epoch.
+    first = min(n for n, b in bracket.items() if b == 0)
+    for n in range(found.trials):
+        study.enqueue_trial({"learning_rate": 0.03 if n == first else 1e-6, "dropout": 0.0})
+    [worker] = found.workers(1)
+    assert worker.process.returncode == 0, worker.describe()
+    trials = found.trials_now()
     pruned = [t for t in trials if t.state.name == "PRUNED"]
 
     assert set(bracket.values()) == {0, 1}, bracket
     assert pruned, _states(trials)
     assert all(bracket[t.number] == 0 and max(t.intermediate_values) == 1 for t in pruned)
     assert all(t.state.name == "COMPLETE" for t in trials if bracket[t.number] == 1)
-    # Brackets are judged apart: a trial of bracket 1 trained on from an epoch-1 accuracy at or below one at
-    # which bracket 0 stopped a trial.
-    assert min(t.intermediate_values[1] for t in trials if bracket[t.number] == 1) <= max(
-        t.intermediate_values[1] for t in pruned)
+    # Brackets are judged apart: bracket 1's trials trained on from epoch-1 accuracies below bracket 0's best,
+    # which is what stopped bracket 0's.
+    best_of_bracket_0 = max(t.intermediate_values[1] for t in trials if bracket[t.number] == 0)
+    assert all(t.intermediate_values[1] < best_of_bracket_0 for t in trials if bracket[t.number] == 1)
     step = found.select()
     assert step.process.returncode == 0, step.describe()
     assert found.result("select.json")["value"] == max(t.value for t in trials if t.state.name == "COMPLETE")
