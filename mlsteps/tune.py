@@ -165,12 +165,13 @@ class _Trainer:
         self.metric = config.objective
         self.trial_numbers: list[int] = []  # the trials this worker process started
         self.finished_run: str | None = None  # MLflow run of the last trial, once closed as finished
+        self.interrupted = False  # the last trial ended with Ctrl-C
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
         self.trial_numbers.append(trial.number)
-        self.finished_run = None
+        self.finished_run, self.interrupted = None, False
         trial.set_user_attr("worker", self.config.worker)
         run_id = None
         started = time.monotonic()
@@ -197,6 +198,10 @@ class _Trainer:
                     cause = taken_over(self.config)
             log.warning("worker %d: trial %d failed: %s", self.config.worker, trial.number, cause)
             self._end_run(run_id, "FAIL", "FAILED", error=cause)
+            raise
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self._end_run(run_id, "FAIL", "KILLED", error="interrupted (Ctrl-C)")
             raise
         finally:
             self.keras.backend.clear_session()
@@ -266,17 +271,27 @@ class _Trainer:
         return outcome["value"], outcome["pruned_at"], outcome["epochs"]
 
 
-def _tell_refused(exc: BaseException) -> bool:
-    """Whether ``exc`` is how Optuna's tell fails on a trial that is no longer running.
+def _save_failure(exc: BaseException) -> BaseException:
+    """What failed when Optuna saved a trial, under what its _run_trial raises over it.
 
-    Saving a result (or a pruned state) into a trial that was failed meanwhile raises ``Cannot tell a FAIL
-    trial`` (ValueError) or, when the change lands mid-write, UpdateFinishedTrialError; when the objective had
-    returned a value, Optuna's own bookkeeping then raises ``Should not reach.`` (AssertionError) over either.
+    When saving fails, its bookkeeping raises ``Should not reach.`` (AssertionError) over the failure if the
+    objective had returned a value, or UnboundLocalError if reading the trial back failed too.
+    """
+    while exc.__context__ is not None and (
+            (isinstance(exc, AssertionError) and "Should not reach" in str(exc))
+            or (isinstance(exc, UnboundLocalError) and "updated_state" in str(exc))):
+        exc = exc.__context__
+    return exc
+
+
+def _tell_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is Optuna refusing to save into a trial that is no longer running.
+
+    ``Cannot tell a FAIL trial`` (ValueError) when the trial was failed before the save began, or
+    UpdateFinishedTrialError when that change landed mid-save.
     """
     import optuna
 
-    if isinstance(exc, AssertionError) and "Should not reach" in str(exc) and exc.__context__ is not None:
-        exc = exc.__context__
     return isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or (
         isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a FAIL trial"))
 
@@ -289,18 +304,22 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
     try:
         study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
     except Exception as exc:  # re-raised unless another worker failed our trial as stale while it was saved
+        cause = _save_failure(exc)
+        if trainer.interrupted:  # Ctrl-C: Optuna's failed save of the interrupted trial would hide it
+            raise KeyboardInterrupt from exc
         number = trainer.trial_numbers[-1] if len(trainer.trial_numbers) > started else None
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-        if trial is None or trial.state != TrialState.FAIL or not _tell_refused(exc):
-            if isinstance(exc, AssertionError) and "Should not reach" in str(exc) and exc.__context__:
-                raise exc.__context__ from None  # the real failure (a storage outage, say), not Optuna's assert
+        if trial is None or trial.state != TrialState.FAIL or not _tell_refused(cause):
+            if cause is not exc:
+                raise cause from None  # the real failure (a storage outage, say), not Optuna's bookkeeping
             raise
-        log.warning("worker %d: trial %d was %s (%s when saving its result); going on", config.worker, number,
-                    taken_over(config), type(exc).__name__)
-        # Its MLflow run was closed as finished just before the result failed to save: say what happened.
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id is not None and run_id == trainer.finished_run:
-            trainer._end_run(run_id, "FAIL", "FAILED", error=taken_over(config))
+        if run_id is None or run_id != trainer.finished_run:
+            return  # given up during training: the trainer said so and closed its MLflow run
+        log.warning("worker %d: trial %d was %s (%s when saving its result); going on", config.worker, number,
+                    taken_over(config), type(cause).__name__)
+        # Its MLflow run was closed as finished just before the result failed to save: say what happened.
+        trainer._end_run(run_id, "FAIL", "FAILED", error=taken_over(config))
 
 
 def run(config: TuneConfig) -> dict[str, Any]:
