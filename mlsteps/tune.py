@@ -305,7 +305,7 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
         study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
     except Exception as exc:  # re-raised unless another worker failed our trial as stale while it was saved
         cause = _save_failure(exc)
-        if trainer.interrupted:  # Ctrl-C: Optuna's failed save of the interrupted trial would hide it
+        if trainer.interrupted and len(trainer.trial_numbers) > started:  # Ctrl-C: the failed save hid it
             raise KeyboardInterrupt from exc
         number = trainer.trial_numbers[-1] if len(trainer.trial_numbers) > started else None
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
