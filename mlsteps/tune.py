@@ -305,9 +305,9 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
         study.optimize(trainer, n_trials=1, catch=(Exception,), gc_after_trial=False)
     except Exception as exc:  # re-raised unless another worker failed our trial as stale while it was saved
         cause = _save_failure(exc)
-        if trainer.interrupted and len(trainer.trial_numbers) > started:  # Ctrl-C: the failed save hid it
+        number = trainer.trial_numbers[-1] if len(trainer.trial_numbers) > started else None  # None: not ours
+        if number is not None and trainer.interrupted:  # Ctrl-C: the failed save hid it
             raise KeyboardInterrupt from exc
-        number = trainer.trial_numbers[-1] if len(trainer.trial_numbers) > started else None
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
         if trial is None or trial.state != TrialState.FAIL or not _tell_refused(cause):
             if cause is not exc:
