@@ -31,11 +31,13 @@ def dataset(manifest: dict[str, Any], split: str, *, batch_size: int, shuffle: b
     return batches(examples(manifest, split, cache=cache), batch_size=batch_size, shuffle=shuffle, seed=seed)
 
 
-def examples(manifest: dict[str, Any], split: str, *, cache: bool = True, limit: int = 0) -> Any:
+def examples(manifest: dict[str, Any], split: str, *, cache: bool = True, limit: int = 0,
+             check_count: bool = True) -> Any:
     """Unbatched (uint8 image, int32 label) pairs of one split, cached in memory after the first pass.
 
     Build it once and call :func:`batches` on it per training run (as the search does per trial) to
-    read the shards only once. ``limit`` keeps the first N examples (0: all).
+    read the shards only once. ``limit`` keeps the first N examples (0: all). ``check_count=False``
+    reads whatever the shards hold, for ``validate`` to compare with the manifest itself.
     """
     import tensorflow as tf
 
@@ -53,7 +55,8 @@ def examples(manifest: dict[str, Any], split: str, *, cache: bool = True, limit:
     ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     # A known length lets Keras size its epochs (and fails loudly if the shards disagree with the manifest).
     count = manifest["splits"][split]["count"]
-    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    if check_count:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if 0 < limit < count:
         ds = ds.take(limit)
     return ds.cache() if cache else ds
@@ -70,12 +73,13 @@ def batches(examples: Any, *, batch_size: int, shuffle: bool = False, seed: int 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def arrays(manifest: dict[str, Any], split: str) -> tuple[Any, Any]:
+def arrays(manifest: dict[str, Any], split: str, *, check_count: bool = True) -> tuple[Any, Any]:
     """The whole split as numpy arrays (uint8 images, int labels)."""
     import numpy as np
 
     images, labels = [], []
-    for x, y in dataset(manifest, split, batch_size=8192, cache=False).as_numpy_iterator():
+    split_examples = examples(manifest, split, cache=False, check_count=check_count)
+    for x, y in batches(split_examples, batch_size=8192).as_numpy_iterator():
         images.append(x.astype(np.uint8))
         labels.append(y)
     if not images:

@@ -9,6 +9,7 @@ prepared twice, and it appears there only once complete.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -78,7 +79,8 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.URLError):
         # DNS failures and refused connections will not heal in seconds: try the next mirror instead.
         return not isinstance(exc.reason, (socket.gaierror, ConnectionRefusedError))
-    return isinstance(exc, (TimeoutError, ConnectionError))
+    # HTTPException: the connection ended mid-body (IncompleteRead), or the server spoke no HTTP.
+    return isinstance(exc, (TimeoutError, ConnectionError, http.client.HTTPException))
 
 
 @retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=1, max=8),
@@ -94,6 +96,9 @@ def _download(url: str, dest: Path, timeout: float) -> None:
                 share = f"{100 * done / total:.0f}%" if total else "?"
                 log.info("downloading %s: %.1f MiB (%s)", url, done / 2**20, share)
                 last_report = time.monotonic()
+        if total and done != total:
+            # urllib ends a short body quietly when the server closes the connection early.
+            raise ConnectionError(f"connection closed after {done} of {total} bytes")
 
 
 def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile) -> Path:
@@ -116,8 +121,12 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         partial = cache / f".{data_file.name}.download"
         try:
             _download(url, partial, config.download_timeout)
-            _verify(spec, config, data_file, partial, partial.read_bytes())
-        except (OSError, urllib.error.URLError, StepError) as exc:  # StepError: bad checksum or not IDX
+            payload = _verify(spec, config, data_file, partial, partial.read_bytes())
+            # Parsed before it is cached, so that an error page served as the file (possible without
+            # checksums) makes prep try the next mirror instead of failing on the cached page for good.
+            idx.parse(partial, payload, expect_ndim=_ndim(data_file))
+        except (OSError, urllib.error.URLError, http.client.HTTPException, StepError) as exc:
+            # StepError: bad checksum or not IDX; HTTPException: the connection dropped mid-body
             partial.unlink(missing_ok=True)
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
             log.warning("mirror failed: %s", errors[-1])
@@ -132,6 +141,10 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         "If this machine is offline, point prep at local IDX files with --source-dir DIR "
         "(make demo SOURCE_DIR=DIR), or use DATASET=fashion_mnist after "
         "'apt-get install dataset-fashion-mnist', which installs them under /usr/share/datasets/.")
+
+
+def _ndim(data_file: datasets.DataFile) -> int:
+    return 3 if data_file.role.endswith("images") else 1
 
 
 def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile,
@@ -164,7 +177,7 @@ def _load(spec: datasets.DatasetSpec, config: PrepConfig) -> tuple[dict[str, np.
         path = _obtain(spec, config, data_file)
         raw = path.read_bytes()
         payload = _verify(spec, config, data_file, path, raw)
-        arrays[data_file.role] = idx.parse(path, payload, expect_ndim=3 if data_file.role.endswith("images") else 1)
+        arrays[data_file.role] = idx.parse(path, payload, expect_ndim=_ndim(data_file))
         content.update(hashlib.sha256(payload).digest())
         sources[data_file.role] = {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
     for split in ("train", "test"):
@@ -220,6 +233,8 @@ def run(config: PrepConfig) -> dict[str, Any]:
     """Prepare the dataset (or find it already prepared) and return where its manifest is."""
     if not 0 < config.val_fraction < 1:
         raise StepError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
+    if config.records_per_shard < 1:
+        raise StepError(f"--records-per-shard must be at least 1, got {config.records_per_shard}")
     spec = _spec(config)
     arrays, sources = _load(spec, config)
     settings = {"format_version": FORMAT_VERSION, "class_names": list(spec.class_names),

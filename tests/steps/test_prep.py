@@ -193,8 +193,11 @@ def test_missing_file_in_source_dir_is_named(source_dir, data_root, prepare, rol
         ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
         ({"val_fraction": 0.0}, "--val-fraction"),
         ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"records_per_shard": 0}, "--records-per-shard must be at least 1, got 0"),
+        ({"records_per_shard": -5}, "--records-per-shard must be at least 1, got -5"),
     ],
-    ids=["custom-without-source", "unknown-dataset", "val-fraction-zero", "val-fraction-one"],
+    ids=["custom-without-source", "unknown-dataset", "val-fraction-zero", "val-fraction-one",
+         "records-per-shard-zero", "records-per-shard-negative"],
 )
 def test_bad_settings_fail_before_any_work(source_dir, data_root, prepare, overrides, message) -> None:
     with pytest.raises(StepError, match=message):

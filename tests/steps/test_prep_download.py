@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import idxdata
@@ -173,3 +177,93 @@ def test_gzip_served_files_decompress_to_the_served_content(data_root, prepare, 
     assert manifest["splits"]["test"]["count"] == 20
     payload = gzip.decompress((folder / idxdata.NAMES["test_labels"]).read_bytes())
     assert manifest["splits"]["test"]["class_histogram"] == [payload[8:].count(bytes([c])) for c in range(10)]
+
+
+def test_a_download_that_matches_the_known_checksums_is_verified_and_cached(data_root, prepare, http_mirror,
+                                                                            monkeypatch, no_system_copies) -> None:
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+    # The served files stand in for the official ones: their digests become the known ones.
+    spec = datasets.KNOWN["fashion_mnist"]
+    files = tuple(dataclasses.replace(f, sha256=(hashlib.sha256((folder / f.name).read_bytes()).hexdigest(),),
+                                      content_sha256=None) for f in spec.files)
+    monkeypatch.setitem(datasets.KNOWN, "fashion_mnist", dataclasses.replace(spec, files=files))
+
+    result = prepare(None, dataset="fashion_mnist", mirrors=(url,))  # checksums verified: the default
+    sources = json.loads(Path(result["manifest"]).read_text())["sources"]
+    assert {role: sources[f.role]["sha256"] for role, f in zip(idxdata.NAMES, files)} == {
+        f.role: f.sha256[0] for f in files}
+    assert _cache_files(data_root) == sorted(f"fashion_mnist/{name}" for name in idxdata.NAMES.values())
+
+
+def test_a_mirror_serving_a_web_page_instead_of_the_files_falls_through_and_caches_none_of_it(
+        data_root, prepare, http_mirror, no_system_copies) -> None:
+    url, folder, _ = http_mirror
+    (folder / "portal").mkdir()
+    for name in idxdata.NAMES.values():  # a captive portal or error page answering 200 (unverifiable without checksums)
+        (folder / "portal" / name).write_bytes(b"<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    _serve_dataset(folder / "good")
+
+    result = prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url + "portal/", url + "good/"))
+    assert Path(result["manifest"]).is_file()
+    for name in idxdata.NAMES.values():
+        assert (data_root / "cache" / "fashion_mnist" / name).read_bytes() == (folder / "good" / name).read_bytes()
+    assert partial_leftovers(data_root) == []
+
+
+@pytest.fixture
+def dropping_mirror() -> Iterator[tuple[str, list[str]]]:
+    """A server that starts sending the training labels and drops the connection; 404 for other files.
+
+    Under /chunked/ the body is chunked, elsewhere it falls short of its Content-Length.
+    """
+    requested: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            if not self.path.endswith(idxdata.NAMES["train_labels"]):
+                self.send_error(404)
+                return
+            self.send_response(200)
+            start = b"\x1f\x8b" + bytes(14)  # the first bytes of a gzip stream
+            if self.path.startswith("/chunked/"):
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(start), start))
+            else:
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(start)
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature of the base class)
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("transfer", ["chunked", "content-length"])
+def test_a_connection_dropped_mid_download_is_retried_then_the_next_mirror_serves_the_file(
+        data_root, prepare, http_mirror, dropping_mirror, no_system_copies, transfer) -> None:
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+    dropping, requested = dropping_mirror
+    name = idxdata.NAMES["train_labels"]
+
+    result = prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(f"{dropping}{transfer}/", url))
+    assert Path(result["manifest"]).is_file()
+    assert requested.count(f"/{transfer}/{name}") == 3  # a dropped connection is transient: tried 3 times
+    assert (data_root / "cache" / "fashion_mnist" / name).read_bytes() == (folder / name).read_bytes()
+    assert partial_leftovers(data_root) == []

@@ -41,6 +41,16 @@ def test_clean_synthetic_dataset_passes_every_check(source_dir, data_root, prepa
     assert validate.summary(report).splitlines()[0].endswith(f"passed {len(report['checks'])} checks")
 
 
+def test_shards_that_disagree_with_the_manifest_count_fail_the_count_check(source_dir, data_root, prepare) -> None:
+    manifest = data.load_manifest(prepare(source_dir)["manifest"])
+    manifest["splits"]["val"]["count"] += 1  # the shards hold one example fewer than the manifest says
+
+    report = validate.inspect(manifest, _config(data_root))
+    assert report["failed"] == ["val: count matches manifest"]
+    check = _by_name(report)["val: count matches manifest"]
+    assert check["detail"] == f"read {check['value']} examples, manifest says {check['value'] + 1}"
+
+
 def test_test_images_copied_from_train_fail_leakage_check(tmp_path, data_root, prepare) -> None:
     source = idxdata.write_dataset(tmp_path / "source")
     train_images = gzip.decompress((source / idxdata.NAMES["train_images"]).read_bytes())[16:]
