@@ -1,8 +1,9 @@
 """train: fit the CNN on the prepared TFRecords, checkpoint every epoch, resume, log everything to MLflow.
 
-Uses every GPU of its pod (MirroredStrategy, mixed precision) and the CPU otherwise. A re-run for the
-same run key resumes after the last finished epoch (Keras BackupAndRestore); a run key whose model is
-already trained with the same settings returns that model instead of training again.
+Uses every GPU of its pod (MirroredStrategy, mixed precision; the saved model computes in float32) and
+the CPU otherwise. A re-run for the same run key resumes after the last finished epoch (Keras
+BackupAndRestore, of the same settings only); a run key whose model is already trained with the same
+settings returns that model instead of training again. A failed try marks the MLflow run FAILED.
 """
 
 from __future__ import annotations
@@ -113,20 +114,60 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if is_complete(model_dir) and json.loads((model_dir / "result.json").read_text())["settings"] == settings:
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
         return json.loads((model_dir / "result.json").read_text())
-    backup_dir = workdir / "backup"
     if model_dir.exists():
         # A model for other settings, or a half-written one: train again, from scratch.
         shutil.rmtree(model_dir)
-        shutil.rmtree(backup_dir, ignore_errors=True)
+        shutil.rmtree(workdir / "backup", ignore_errors=True)
 
+    mlflow = tracking.connect(config.tracking_uri)
+    client = mlflow.MlflowClient()
+    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
+    client.update_run(run_id, status="RUNNING")  # a retry after a failed try
+    try:
+        return _train(config, manifest, settings, workdir, mlflow, run_id)
+    except BaseException as exc:
+        # Not left RUNNING for good: the MLflow run shows that training failed (a retry reopens it).
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _backup_for(backup_dir: Path, settings: dict[str, Any]) -> None:
+    """Keep an epoch backup only if it was made with these settings; mark the backup folder with them.
+
+    A backup of other settings (a retry after the hyperparameters changed) would not load into this
+    network, or would silently continue the other settings' training.
+    """
+    marker = backup_dir / "settings.json"
+    if backup_dir.exists() and (not marker.is_file() or json.loads(marker.read_text()) != settings):
+        log.warning("discarding the epoch backup in %s: it was not made with these settings; training from scratch",
+                    backup_dir)
+        shutil.rmtree(backup_dir)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, settings)
+
+
+def _final_metrics(client: Any, run_id: str, history: dict[str, list[float]], epochs: int) -> dict[str, float]:
+    """The last epoch's metrics: from this fit, or from MLflow when every epoch was done by an earlier try."""
+    if history:
+        return {k: float(v[-1]) for k, v in history.items()}
+    final = {}
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        last = [m for m in client.get_metric_history(run_id, key) if m.step == epochs]
+        if last:
+            final[key] = max(last, key=lambda m: m.timestamp).value
+    return final
+
+
+def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, Any], workdir: Path, mlflow: Any,
+           run_id: str) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
     from . import model as model_lib
 
-    mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
-    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
+    model_dir = workdir / "model"
+    backup_dir = workdir / "backup"
     source = {"hyperparameters.source": "trigger form"}
     if config.search_run_id:
         source = {"hyperparameters.source": "search", "search.run_id": config.search_run_id,
@@ -153,10 +194,22 @@ def run(config: TrainConfig) -> dict[str, Any]:
     val_ds = data.dataset(manifest, "val", batch_size=max(config.batch_size, 512))
     progress = _progress_callback(keras, client, run_id, config.epochs, n_train)
     # The backup outlives fit(): if logging to MLflow fails afterwards, the retry restores the last epoch
-    # instead of training again. It is removed once the finished model is in place.
-    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False), progress]
+    # instead of training again. It is removed once the finished model is in place. Two copies: a pod
+    # killed while writing one resumes from the other.
+    _backup_for(backup_dir, settings)
+    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False),
+                 progress]
     history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
                       shuffle=False)  # the dataset shuffles itself
+    if keras.mixed_precision.global_policy().name != "float32":
+        # The variables are float32 already; what is saved, evaluated, compressed and served computes in
+        # float32 too (a mixed_float16 model would run in float16 on CPU pods and differ from compress's
+        # float32 rebuild).
+        keras.mixed_precision.set_global_policy("float32")
+        trained = net
+        net = model_lib.build(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],
+                              width=config.width, dropout=config.dropout)
+        net.set_weights(trained.get_weights())
 
     workdir.mkdir(parents=True, exist_ok=True)
     curves = workdir / "learning_curves.png"
@@ -171,9 +224,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     signature = infer_signature(example, net.predict(example, verbose=0))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.tensorflow.log_model(net, name="model", signature=signature, input_example=example)
-    final = {k: float(v[-1]) for k, v in history.history.items()} if history.history else {}
+    final = _final_metrics(client, run_id, history.history, config.epochs)
+    # No epoch began: an earlier try had trained them all and failed afterwards.
+    resumed_from = config.epochs if progress.first_epoch is None else progress.first_epoch
     result = {"mlflow_run_id": run_id, "model_uri": info.model_uri, "model_path": str(model_dir / "model.keras"),
-              "metrics": final, "epochs": config.epochs, "resumed_from_epoch": progress.first_epoch or 0,
+              "metrics": final, "epochs": config.epochs, "resumed_from_epoch": resumed_from,
               "parameters": net.count_params(), "settings": settings}
     with atomic_directory(model_dir) as scratch:
         net.save(scratch / "model.keras")

@@ -99,6 +99,102 @@ def test_killed_training_resumes_after_last_finished_epoch(tmp_path, data_root, 
     assert seconds < 60
 
 
+def test_a_checkpoint_damaged_by_a_kill_resumes_from_the_copy_before_it(tmp_path, data_root, prepare,
+                                                                       mlflow_server) -> None:
+    source = idxdata.write_dataset(tmp_path / "source", train=600, test=50)
+    manifest = prepare(source)["manifest"]
+    result_path = tmp_path / "train.json"
+    command = _train_command(manifest, data_root, mlflow_server, result_path)
+
+    code, lines, _ = _run_streaming(command, kill_on="epoch 2/4")
+    assert code == -9, "\n".join(lines[-40:])
+    backup = tracking.run_dir(str(data_root), "k1") / "backup"
+    latest = [p for p in backup.rglob("*.weights.h5")]
+    assert len(latest) == 1, sorted(backup.rglob("*"))
+    latest[0].write_bytes(latest[0].read_bytes()[:1000])  # what a kill in the middle of writing it leaves
+
+    code, lines, _ = _run_streaming(command)
+    output = "\n".join(lines)
+    assert code == 0, output[-4000:]
+    assert "resuming from checkpoint: epoch 2/4" in output  # epoch 1's copy, kept beside the damaged one
+    assert _epochs(lines) == [2, 3, 4]
+    assert json.loads(result_path.read_text())["resumed_from_epoch"] == 1
+
+
+def _train_config(manifest: str, data_root: Path, url: str, run_key: str, **overrides) -> train.TrainConfig:
+    settings = {"manifest": manifest, "data_root": str(data_root), "run_key": run_key, "tracking_uri": url,
+                "experiment": "train_tests", "epochs": 1, "batch_size": 64, "width": 4}
+    return train.TrainConfig(**(settings | overrides))
+
+
+def _fail_after_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the step fail once every epoch is trained (and backed up), before the model is saved."""
+    def fail(*args, **kwargs) -> None:
+        raise RuntimeError("MLflow unreachable while logging the learning curves")
+
+    monkeypatch.setattr(train, "_learning_curves", fail)
+
+
+def test_a_try_that_failed_after_training_is_marked_failed_and_its_retry_reports_the_last_epoch(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    config = _train_config(manifest, data_root, mlflow_server, "train/after-fit")
+    with monkeypatch.context() as patch:
+        _fail_after_training(patch)
+        with pytest.raises(RuntimeError, match="learning curves"):
+            train.run(config)
+    client = MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("train_tests").experiment_id],
+                             f"tags.`{tracking.RUN_KEY_TAG}` = 'train/after-fit'")[0]
+    assert run.info.status == "FAILED"
+
+    result = train.run(config)
+    assert result["resumed_from_epoch"] == 1  # nothing left to train: the retry restored the last epoch
+    last = {key: [m.value for m in client.get_metric_history(run.info.run_id, key) if m.step == 1]
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    assert result["metrics"] == {key: values[-1] for key, values in last.items()}
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch, caplog) -> None:
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    with monkeypatch.context() as patch:
+        _fail_after_training(patch)
+        with pytest.raises(RuntimeError):
+            train.run(_train_config(manifest, data_root, mlflow_server, "train/changed", width=4))
+
+    result = train.run(_train_config(manifest, data_root, mlflow_server, "train/changed", width=8))
+    assert result["resumed_from_epoch"] == 0
+    assert result["settings"]["width"] == 8
+    assert "discarding the epoch backup" in caplog.text
+
+
+def test_a_model_trained_in_mixed_precision_is_saved_in_float32_and_compress_accepts_it(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    import keras
+
+    from mlsteps import compress, data
+
+    def mixed_precision_on_cpu(tf, config):  # what a GPU pod does, here on the CPU
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        return tf.distribute.get_strategy(), 0
+
+    monkeypatch.setattr(train, "_strategy", mixed_precision_on_cpu)
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=64))["manifest"]
+    try:
+        result = train.run(_train_config(manifest, data_root, mlflow_server, "train/mixed"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    net = keras.models.load_model(result["model_path"], compile=False)
+    assert {layer.dtype_policy.name for layer in net.layers} == {"float32"}
+    images, _ = data.arrays(data.load_manifest(manifest), "test")
+    compress.legacy_clone(net, images, result["model_path"])  # refuses a model whose rebuild predicts otherwise
+
+
 def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root, prepare, mlflow_server) -> None:
     from mlflow import MlflowClient
 
