@@ -59,7 +59,8 @@ class CompressConfig(tracking.RunStepConfig):
     latency_tolerance: float = field(0.1, help="a variant may be this fraction slower than float TFLite at "
                                                "batch 1 and still count as no worse (timer noise)")
     finetune_epochs: int = field(5, help="epochs of fine-tuning while pruning (and of QAT)")
-    finetune_learning_rate: float = field(1e-3, help="peak Adam learning rate of the fine-tuning (cosine decay to 0)")
+    finetune_learning_rate: float = field(1e-3, help="peak Adam learning rate of the fine-tuning while pruning "
+                                                     "(cosine decay to 0); QAT uses a tenth of it, constant")
     batch_size: int = field(128, help="fine-tuning batch size")
     train_examples: int = field(0, help="fine-tune on the first N training examples (0: all)")
     representative_examples: int = field(500, help="training images used to calibrate int8 ranges")
