@@ -25,7 +25,7 @@ TEST_MARKERS ?= not slow
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: envs demo test test-steps test-airflow bench mlflow-start mlflow-stop serving-start serving-stop airflow-ui lock clean
+.PHONY: envs demo test bench mlflow-start mlflow-stop serving-start serving-stop airflow-ui lock clean
 
 envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
 

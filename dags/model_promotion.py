@@ -17,9 +17,11 @@ awaited, readiness = model loaded) or the supervised local server (`local`: swit
 dropped). **smoke_test** asks the live endpoint and checks every answer names the new version. **record**
 tags the version `promotion.status=serving`.
 
-On failure **rollback** restores the previous version on the serving side, moves `champion` back to it
-(unless a reviewer moved it on meanwhile), tags the failed version `promotion.status=failed` (the failing
-step's reason is in its `promotion.*` tag) and fails the run.
+On failure **rollback** restores the previous version on the serving side (after a first promotion:
+nothing served, as before), moves `champion` back to it (unless a reviewer moved it on meanwhile), tags
+the failed version `promotion.status=failed` (the failing step's reason is in its `promotion.*` tag) and
+fails the run. When **plan** itself fails, nothing was changed: rollback is skipped and plan's error is
+the run's reason.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ through ``mlflow.pyfunc`` instead. Which version: ``--model-uri`` (``models:/<na
 Deployment in place (the local deploy target): with ``--admin-token-file``, ``POST /admin/deploy
 {"version": "7"}`` (bearer token) loads and warms version 7 beside the served one and then switches to
 it; requests never wait and never fail during the switch, and a version that fails to load leaves the
-served one untouched (HTTP 422 names why). ``--deployment-file`` records what is served, so a restarted
-server comes back with the same version (not whatever the alias says now).
+served one untouched (HTTP 422 names why). ``{"version": null}`` unloads the served version (rolling back a
+first promotion): requests then get 503 until a version is deployed. ``--deployment-file`` records what is
+served, so a restarted server comes back with the same version (not whatever the alias says now); unloading
+removes the record, so a restarted server then serves the alias ``champion``, if there is one.
 
 Endpoints (every response names the model and version, in the body and in ``X-Model-Name`` /
 ``X-Model-Version`` headers):
@@ -20,7 +22,7 @@ Endpoints (every response names the model and version, in the body and in ``X-Mo
   GET  /v2/models/<name>[/ready]                  model metadata | readiness
   POST /v2/models/<name>[/versions/<v>]/infer     {"inputs": [{"name", "shape", "datatype", "data"}]}
   GET  /metrics                                   Prometheus: requests and latency by protocol and status code
-  POST /admin/deploy                              switch to another version (only with --admin-token-file)
+  POST /admin/deploy                              switch to another version, or unload (only with --admin-token-file)
 Bad requests get 400 (not JSON, not numbers), 413 (body or batch too large) or 422 (wrong shape, values out
 of 0..255) with {"error": "<what is wrong and what is expected>"}; the server stays up.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
@@ -208,6 +210,7 @@ class ModelHolder:
         self.error = ""
         self.on_loaded: Any = None  # called once a model answers (the app updates its metrics)
         self._swap = threading.Lock()
+        self._administered = False  # a version was deployed or unloaded: the initial load must not override it
 
     @property
     def ready(self) -> bool:
@@ -230,12 +233,12 @@ class ModelHolder:
             served = load_version(self.config, uri)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, report it and stay alive (not ready)
             with self._swap:
-                if self.served is None:  # a version deployed meanwhile wins
+                if not self._administered:  # a version deployed (or an unload) meanwhile wins
                     self.state, self.error = "END", f"{type(exc).__name__}: {exc}"
             log.error("could not load %s: %s", uri or self.name, f"{type(exc).__name__}: {exc}")
             return
         with self._swap:
-            if self.served is not None:  # a version deployed meanwhile wins
+            if self._administered:  # a version deployed (or an unload) meanwhile wins
                 return
             self.served, self.state, self.error = served, "AVAILABLE", ""
             if self.config.deployment_file and not read_deployment(self.config.deployment_file, self.name):
@@ -255,10 +258,25 @@ class ModelHolder:
             if self.config.deployment_file:
                 write_deployment(self.config.deployment_file, self.name, served, previous)
             self.served, self.state, self.error = served, "AVAILABLE", ""
+            self._administered = True
         if self.on_loaded:
             self.on_loaded()
         log.info("switched %s from version %s to %s", self.name, previous or "(none)", served.version)
         return served, previous
+
+    def unload(self) -> str:
+        """Serve nothing (predictions get 503) and forget the deployment record; returns the version unloaded."""
+        with self._swap:
+            previous = self.version
+            if self.config.deployment_file:
+                Path(self.config.deployment_file).unlink(missing_ok=True)
+            self.served, self.state = None, "END"
+            self.error = "no model deployed (unloaded through /admin/deploy; deploy a version to serve again)"
+            self._administered = True
+        if self.on_loaded:
+            self.on_loaded()
+        log.info("unloaded %s version %s: serving nothing", self.name, previous or "(none)")
+        return previous
 
 
 def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
@@ -456,9 +474,14 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             payload = await body(request)
         except RequestError as exc:
             return error(exc.status, str(exc))
+        if isinstance(payload, dict) and "version" in payload and payload["version"] is None:
+            previous = await run_in_threadpool(holder.unload)
+            deployments.labels("unloaded").inc()
+            return reply({"model_name": holder.name, "model_version": None, "previous_version": previous})
         version = str(payload.get("version", "")) if isinstance(payload, dict) else ""
         if not version.isdigit():
-            return error(400, 'body must be {"version": "<registered version number>"}')
+            return error(400, 'body must be {"version": "<registered version number>"}, or {"version": null} '
+                              "to unload")
         try:
             served, previous = await run_in_threadpool(holder.deploy, version)
         except Exception as exc:  # noqa: BLE001 - the old version keeps serving; the caller learns why
@@ -476,7 +499,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
 
     def track_version() -> None:
         info.clear()
-        info.labels(holder.name, holder.version).set(1)
+        if holder.version:
+            info.labels(holder.name, holder.version).set(1)
 
     holder.on_loaded = track_version
 

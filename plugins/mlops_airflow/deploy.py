@@ -9,11 +9,15 @@
 ``mlops/model-version`` pod label) and waits for the rollout like ``kubectl rollout status``: every
 replica updated and available (readiness = model loaded and warmed; ``maxUnavailable: 0`` keeps the old
 pods serving meanwhile). Restoring patches the previous values back, which is what ``kubectl rollout
-undo`` does, but to a known version rather than to "the revision before".
+undo`` does, but to a known version rather than to "the revision before". Restoring a first promotion
+(nothing served before) scales the Deployment to 0, keeping its replica count in an annotation for the
+next promotion: pods of the manifest's ``@champion`` URI would load whatever the alias names at that
+moment, the failed version included.
 
 ``LocalTarget`` drives the model server that ``scripts/serving.sh`` starts and supervises: ``POST
 /admin/deploy`` loads the version beside the served one and switches when it is warm; no request fails
-or waits, and a version that does not load leaves the served one in place.
+or waits, and a version that does not load leaves the served one in place. Restoring a first promotion
+(nothing served before) unloads the version (``{"version": null}``): the server serves nothing, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 VERSION_LABEL = "mlops/model-version"
 MODEL_URI_ENV = "MODEL_URI"
 CONTAINER = "server"
+REPLICAS_ANNOTATION = "mlops/replicas-before-rollback"  # kept while a failed first promotion is scaled to 0
 
 
 class DeployFailed(Exception):
@@ -77,13 +82,17 @@ class LocalTarget:
         return Serving(version, f"models:/{self.model_name}/{version}" if version else "")
 
     def deploy(self, version: str) -> None:
+        self._admin_deploy(str(version))
+
+    def _admin_deploy(self, version: str | None) -> None:
+        """``POST /admin/deploy``: switch to ``version``, or with None unload the served one."""
         import httpx
 
         token_path = Path(self.token_file)
         if not token_path.is_file():
             raise self._unavailable(f"has no admin token at {token_path} (MLOPS_SERVING_ADMIN_TOKEN_FILE)")
         try:
-            response = self._http.post(f"{self.url}/admin/deploy", json={"version": str(version)},
+            response = self._http.post(f"{self.url}/admin/deploy", json={"version": version},
                                        headers={"Authorization": f"Bearer {token_path.read_text().strip()}"})
         except httpx.TransportError as exc:
             raise self._unavailable(f"does not answer ({type(exc).__name__})") from None
@@ -93,8 +102,9 @@ class LocalTarget:
             raise DeployFailed(response.json().get("error", response.text[:500]))
 
     def restore(self, before: Serving) -> None:
-        if before.version and self.current().version != before.version:
-            self.deploy(before.version)
+        """Serve ``before.version`` again; None (a first promotion) unloads whatever serves now."""
+        if self.current().version != before.version:
+            self._admin_deploy(before.version)
 
 
 class KubernetesTarget:
@@ -136,36 +146,59 @@ class KubernetesTarget:
             }},
         }
 
-    def _apply(self, version: str | None, model_uri: str) -> None:
-        self.apps.patch_namespaced_deployment(self.deployment, self.namespace, self.patch(version, model_uri),
+    def _apply(self, patch: dict[str, Any]) -> None:
+        self.apps.patch_namespaced_deployment(self.deployment, self.namespace, patch,
                                               _content_type="application/strategic-merge-patch+json")
         self.wait_for_rollout()
 
     def deploy(self, version: str) -> None:
-        self._apply(str(version), f"models:/{self.model_name}/{version}")
+        patch = self.patch(str(version), f"models:/{self.model_name}/{version}")
+        deployment = self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        kept = (deployment.metadata.annotations or {}).get(REPLICAS_ANNOTATION)
+        if kept and not deployment.spec.replicas:  # scaled to 0 by the rollback of a first promotion
+            patch["spec"]["replicas"] = int(kept)
+            patch["metadata"]["annotations"][REPLICAS_ANNOTATION] = None  # strategic merge: removed
+        self._apply(patch)
 
     def restore(self, before: Serving) -> None:
-        if self.current() != before:
-            self._apply(before.version, before.model_uri)
+        if self.current() == before:
+            return
+        patch = self.patch(before.version, before.model_uri)
+        if before.version is None:
+            # Nothing served before: serve nothing again. Pods at the manifest's @champion URI would load
+            # what the alias names now (the failed version, until rollback moves it), so no pods at all.
+            replicas = self.apps.read_namespaced_deployment(self.deployment, self.namespace).spec.replicas
+            patch["spec"]["replicas"] = 0
+            if replicas:
+                patch["metadata"]["annotations"][REPLICAS_ANNOTATION] = str(replicas)
+        self._apply(patch)
 
     def wait_for_rollout(self) -> None:
-        """Return when every replica runs the new template and is available (``kubectl rollout status``)."""
+        """Return when every replica runs the new template and is available (``kubectl rollout status``).
+
+        Like kubectl, conditions and replica counts are trusted only once the controller has observed the
+        patched generation: until then they describe the previous rollout (right after a timed-out rollout,
+        its ProgressDeadlineExceeded), so the wait goes on.
+        """
         deadline = self._clock() + self.rollout_timeout
         while True:
             deployment = self.apps.read_namespaced_deployment_status(self.deployment, self.namespace)
             wanted, status = deployment.spec.replicas or 0, deployment.status
-            for condition in status.conditions or []:
-                if condition.type == "Progressing" and condition.reason == "ProgressDeadlineExceeded":
-                    raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} made no progress: "
-                                       f"{condition.message}")
-            if ((status.observed_generation or 0) >= (deployment.metadata.generation or 0)
-                    and (status.updated_replicas or 0) == wanted and (status.replicas or 0) == wanted
-                    and (status.available_replicas or 0) == wanted and not status.unavailable_replicas):
-                return
+            generation, observed = deployment.metadata.generation or 0, status.observed_generation or 0
+            if observed >= generation:
+                for condition in status.conditions or []:
+                    if condition.type == "Progressing" and condition.reason == "ProgressDeadlineExceeded":
+                        raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} made no progress: "
+                                           f"{condition.message}")
+                if ((status.updated_replicas or 0) == wanted and (status.replicas or 0) == wanted
+                        and (status.available_replicas or 0) == wanted and not status.unavailable_replicas):
+                    return
             if self._clock() > deadline:
+                progress = (f"{status.updated_replicas or 0}/{wanted} updated, {status.available_replicas or 0}/"
+                            f"{wanted} available" if observed >= generation else
+                            f"the controller has not observed generation {generation} yet (at {observed})")
                 raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} not done after "
-                                   f"{self.rollout_timeout:g} s: {status.updated_replicas or 0}/{wanted} updated, "
-                                   f"{status.available_replicas or 0}/{wanted} available")
+                                   f"{self.rollout_timeout:g} s: {progress}")
             self._sleep(self.poll_seconds)
 
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,16 @@ def record(ti: Any = None) -> dict[str, Any]:
 
 @task(task_id="rollback", trigger_rule="one_failed", execution_timeout=timedelta(minutes=30))
 def rollback(ti: Any = None) -> None:
-    """Serving back to what it was, the alias back to that version (if it still names the failed one)."""
+    """Serving back to what it was, the alias back to that version (if it still names the failed one).
+
+    Skipped when plan itself failed (its downstream tasks are then upstream_failed, which fires one_failed too):
+    nothing was changed, and plan's own error is the run's reason.
+    """
     from mlops_airflow.deploy import Serving
 
     planned = _plan(ti)
+    if not planned:
+        raise AirflowSkipException("plan failed before anything was changed; nothing to roll back")
     settings, registry = _context()
     name, failed, previous = planned["model_name"], planned["version"], planned["previous_version"]
     _target(settings, name).restore(Serving(previous, planned["previous_model_uri"]))

@@ -199,6 +199,21 @@ def test_rollback_of_a_first_promotion_removes_the_alias(after_plan):
     assert registry.moves == [("delete", None)] and "(none)" in str(error)
 
 
+def test_a_run_whose_plan_fails_skips_rollback_and_fails_with_plans_own_error(dag, airflow_db, monkeypatch, capfd):
+    """Airflow fires rollback's one_failed on upstream_failed too: with no plan there is nothing to undo."""
+    from mlops_airflow import promotion
+
+    monkeypatch.setattr(promotion, "_context", lambda: (None, FakeRegistry(champion="2")))
+    run = dag.test(run_conf={"model_name": "mnist_classifier", "version": 9})  # not registered: plan fails
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "failed"
+    assert (states["plan"], states["rollback"]) == ("failed", "skipped")
+    assert {states[t] for t in ("infra_validate", "deploy", "smoke_test", "record")} == {"upstream_failed"}
+    log = capfd.readouterr().out
+    assert "mnist_classifier version 9 is not registered" in log
+    assert "nothing to roll back" in log and "TypeError" not in log
+
+
 def test_record_moves_the_alias_only_for_a_version_given_by_hand(after_plan):
     from mlops_airflow import promotion
 
@@ -206,6 +221,62 @@ def test_record_moves_the_alias_only_for_a_version_given_by_hand(after_plan):
     assert error is None and registry.moves == [] and registry.tags["3"]["promotion.status"] == "serving"
     registry, _, _ = after_plan(promotion.record, champion="2", trigger="manual")
     assert registry.moves == [("set", "3")] and registry.tags["3"]["promotion.trigger"] == "manual"
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """A stand-in for the local model server's status and /admin/deploy (the real one: tests/steps/test_serve.py)."""
+    import http.server
+    import json
+    import threading
+
+    state = {"version": "3", "posted": []}  # version 3 was deployed by the promotion that failed
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - http.server's name; TF Serving model status
+            served = state["version"]
+            self._answer(200, {"model_version_status": [{"version": served or "",
+                                                         "state": "AVAILABLE" if served else "END"}]})
+
+        def do_POST(self):  # noqa: N802
+            assert self.path == "/admin/deploy" and self.headers["Authorization"] == "Bearer admin-token-0123456789"
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["posted"].append(request)
+            previous, state["version"] = state["version"], request["version"]
+            self._answer(200, {"model_version": request["version"], "previous_version": previous or ""})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "admin-token"
+    token.write_text("admin-token-0123456789\n")
+    yield f"http://127.0.0.1:{server.server_address[1]}", str(token), state
+    server.shutdown()
+
+
+@pytest.mark.parametrize(("before", "posted", "served"), [
+    (None, [{"version": None}], None),
+    ("2", [{"version": "2"}], "2"),
+], ids=["first-promotion-unloads", "previous-version-redeployed"])
+def test_restoring_the_local_server_leaves_it_serving_what_served_before(local_server, before, posted, served):
+    from mlops_airflow.deploy import LocalTarget, Serving
+
+    url, token, state = local_server
+    target = LocalTarget(url, "m", token)
+    target.restore(Serving(before, f"models:/m/{before}" if before else ""))
+    assert state["posted"] == posted
+    assert target.current().version == served
+    target.restore(Serving(before, ""))  # already there: nothing more is sent
+    assert state["posted"] == posted
 
 
 @pytest.fixture

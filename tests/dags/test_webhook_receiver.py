@@ -1,8 +1,9 @@
 """The MLflow webhook receiver (FastAPI app of the plugin): what it accepts, refuses and emits.
 
 Signatures are made the way MLflow makes them (mlflow.webhooks.delivery: HMAC-SHA256 over
-"<delivery id>.<timestamp>.<body>", "v1,<base64>"); emitting the asset event is replaced by a list.
-The real API server, MLflow sending and the resulting DAG run are covered in tests/integration.
+"<delivery id>.<timestamp>.<body>", "v1,<base64>"); emitting the asset event is replaced by a list, except
+in the redelivery test, which emits into a real migrated metadata database. The real API server, MLflow
+sending and the resulting DAG run are covered in tests/integration.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def test_a_signed_champion_alias_event_emits_one_asset_event_and_a_redelivery_no
     assert again.status_code == 200 and again.json() == {"duplicate": "d-1"}
     assert emitted == [{"kind": "model_version_alias.created", "model_name": "mnist_classifier", "version": "7",
                         "delivery_id": "d-1"}]
+
+
+def test_a_redelivery_adds_no_second_event_to_the_airflow_database(dags_in_db):
+    from fastapi.testclient import TestClient
+    from mlops_airflow.webhooks import ASSET_NAME, create_app
+
+    client = TestClient(create_app(secret=lambda: SECRET, clock=lambda: NOW))  # the real emit_asset_event
+    first = _post(client, _event(), delivery="d-redelivered")
+    again = _post(client, _event(), delivery="d-redelivered")
+    other = _post(client, _event(), delivery="d-next")  # another delivery of the same change is a new event
+    assert first.status_code == 200 and "asset_event_id" in first.json(), first.json()
+    assert again.status_code == 200 and again.json() == {"duplicate": "d-redelivered"}
+    assert other.status_code == 200 and "asset_event_id" in other.json(), other.json()
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        stored = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                                 .where(AssetModel.name == ASSET_NAME)).all()
+        deliveries = sorted((event.extra or {}).get("delivery_id") for event in stored)
+    assert deliveries == ["d-next", "d-redelivered"]
 
 
 @pytest.mark.parametrize(("change", "words"), [

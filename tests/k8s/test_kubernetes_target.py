@@ -28,7 +28,9 @@ MERGE_PATCH = "application/strategic-merge-patch+json"
 def _merge(target: dict, patch: dict) -> dict:
     """Strategic merge of the fields promotion patches: maps recursively, containers/env lists by name."""
     for key, value in patch.items():
-        if isinstance(value, dict):
+        if value is None:  # a null removes the key
+            target.pop(key, None)
+        elif isinstance(value, dict):
             target[key] = _merge(target.get(key) or {}, value)
         elif isinstance(value, list) and key in ("containers", "env"):
             by_name = {item["name"]: item for item in target.get(key, [])}
@@ -43,16 +45,19 @@ def _merge(target: dict, patch: dict) -> dict:
 
 
 class FakeApps:
-    """AppsV1Api for one Deployment; a version in ``never_ready`` never gets a ready pod."""
+    """AppsV1Api for one Deployment; a version in ``never_ready`` never gets a ready pod. The first
+    ``stale_reads`` status reads after a patch answer the status from before it (the controller has not
+    observed the new generation yet), as a real API server may."""
 
-    def __init__(self, never_ready: set[str] = frozenset(), polls_to_roll_out: int = 2) -> None:
+    def __init__(self, never_ready: set[str] = frozenset(), polls_to_roll_out: int = 2, stale_reads: int = 0) -> None:
         self.deployment = copy.deepcopy(MANIFEST)
         self.deployment["metadata"]["generation"] = 1
         self.deployment["status"] = self._done(1)
-        self.never_ready, self.polls_to_roll_out = never_ready, polls_to_roll_out
+        self.never_ready, self.polls_to_roll_out, self.stale_reads = never_ready, polls_to_roll_out, stale_reads
         self.patches: list[tuple[dict, str]] = []
         self.status_reads = 0
         self._rolling = 0
+        self._stale_left = 0
 
     def _done(self, generation: int) -> dict:
         replicas = self.deployment["spec"]["replicas"] if hasattr(self, "deployment") else MANIFEST["spec"]["replicas"]
@@ -78,10 +83,14 @@ class FakeApps:
         _merge(self.deployment, body)
         self.deployment["metadata"]["generation"] += 1
         self._rolling = 0
+        self._stale_left = self.stale_reads
         return self._object()
 
     def read_namespaced_deployment_status(self, name: str, namespace: str) -> object:
         self.status_reads += 1
+        if self._stale_left:
+            self._stale_left -= 1
+            return self._object()  # the status of the previous generation, as last written
         self._rolling += 1
         generation = self.deployment["metadata"]["generation"]
         replicas = self.deployment["spec"]["replicas"]
@@ -160,6 +169,29 @@ def test_a_rollout_that_makes_no_progress_fails_and_restore_patches_the_previous
     _validate(apps.deployment)
 
 
+def test_restore_right_after_a_timed_out_rollout_waits_for_the_controller_to_observe_the_undo():
+    apps = FakeApps(never_ready={"8"}, stale_reads=2)
+    target = _target(apps)
+    target.deploy("7")
+    before = target.current()
+    with pytest.raises(DeployFailed, match="made no progress"):
+        target.deploy("8")
+    reads = apps.status_reads
+    # The first reads after the undo patch still carry version 8's generation and ProgressDeadlineExceeded.
+    target.restore(before)
+    assert apps.status_reads - reads > apps.stale_reads  # it waited past the stale status
+    assert target.current() == Serving("7", "models:/mnist_classifier/7")
+    assert apps.deployment["status"]["observedGeneration"] == apps.deployment["metadata"]["generation"]
+
+
+def test_a_rollout_the_controller_never_observes_fails_at_the_timeout_and_says_so():
+    apps = FakeApps(stale_reads=10**6)
+    now = iter(range(0, 10**6, 60))
+    target = _target(apps, rollout_timeout=300, clock=lambda: next(now))
+    with pytest.raises(DeployFailed, match=r"not done after 300 s: the controller has not observed generation 2"):
+        target.deploy("9")
+
+
 def test_a_rollout_still_incomplete_at_the_timeout_fails_with_the_replica_counts():
     apps = FakeApps(polls_to_roll_out=10**6)
     now = iter(range(0, 10**6, 60))
@@ -168,16 +200,29 @@ def test_a_rollout_still_incomplete_at_the_timeout_fails_with_the_replica_counts
         target.deploy("9")
 
 
-def test_restoring_after_a_failed_first_promotion_returns_to_the_manifest_as_applied():
-    apps = FakeApps(never_ready={"3"})
+@pytest.mark.parametrize("never_ready", [{"3"}, set()], ids=["rollout-failed", "smoke-test-failed"])
+def test_restoring_a_failed_first_promotion_serves_nothing_and_the_next_promotion_scales_back(never_ready):
+    apps = FakeApps(never_ready=never_ready)
     target = _target(apps)
     before = target.current()
-    with pytest.raises(DeployFailed):
+    try:
         target.deploy("3")
+    except DeployFailed:
+        assert never_ready
     target.restore(before)
     body, _ = apps.patches[-1]
     assert body["spec"]["template"]["metadata"]["labels"] == {"mlops/model-version": "none"}
     assert _env(apps)["MODEL_URI"] == "models:/mnist_classifier@champion"
+    # No pod left to load the failed version (through the alias, which rollback moves only afterwards).
+    assert apps.deployment["spec"]["replicas"] == 0
+    assert apps.deployment["metadata"]["annotations"]["mlops/replicas-before-rollback"] == "2"
+    assert target.current() == before
+    _validate(apps.deployment)
+
+    target.deploy("4")
+    assert apps.deployment["spec"]["replicas"] == 2
+    assert "mlops/replicas-before-rollback" not in apps.deployment["metadata"]["annotations"]
+    assert target.current() == Serving("4", "models:/mnist_classifier/4")
     _validate(apps.deployment)
 
 

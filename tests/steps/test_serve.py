@@ -329,6 +329,31 @@ def test_a_version_that_fails_to_load_is_refused_and_the_served_one_keeps_answer
         _stop(server)
 
 
+def test_unloading_serves_nothing_until_a_deployment_and_a_restart_does_not_bring_the_version_back(
+        tmp_path, versions, mlflow_server):
+    """What rolling back a first promotion asks of the local server: {"version": null}."""
+    first, champion = versions
+    server, auth, record = _admin_server(tmp_path, mlflow_server, first)
+    try:
+        status, _, reply = server.call("POST", "/admin/deploy", {"version": None}, headers=auth)
+        assert (status, reply["model_version"], reply["previous_version"]) == (200, None, str(first))
+        status, _, reply = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": _images(1).tolist()})
+        assert status == 503 and "no model deployed" in reply["error"]
+        state = server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]
+        assert (state["version"], state["state"]) == ("", "END")
+        assert server.call("GET", "/v2/health/ready")[0] == 503
+        assert not record.exists()
+        assert 'model_server_deployments_total{outcome="unloaded"} 1.0' in server.call("GET", "/metrics")[2]
+    finally:
+        _stop(server)
+    # The record is gone: a restarted server serves the champion alias, not the version unloaded.
+    restarted = _start(tmp_path, mlflow_server, "--deployment-file", str(record))
+    try:
+        assert restarted.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["version"] == str(champion)
+    finally:
+        _stop(restarted)
+
+
 def test_without_a_token_file_there_is_no_admin_endpoint(server, versions):
     status, _, reply = server.call("POST", "/admin/deploy", {"version": str(versions[0])},
                                    headers={"Authorization": "Bearer anything-at-all-here"})
