@@ -187,6 +187,13 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     existing = client.get_run(run_id).data.params
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()
                                      if k not in existing])
+    # MLflow params never change: when this run key trains again with other settings (select picked
+    # another trial, say), the values this model was trained with are recorded beside the stale params.
+    changed = {k: str(v) for k, v in params.items() if k in existing and existing[k] != str(v)}
+    if changed:
+        log.warning("run %s trains again with other settings; params keep the first values, tag "
+                    "train.settings_changed has these: %s", run_id, changed)
+        client.set_tag(run_id, "train.settings_changed", json.dumps(changed, sort_keys=True))
     log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
              net.name, net.count_params(), n_train, config.batch_size, config.epochs)
 

@@ -170,6 +170,13 @@ def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
     assert result["resumed_from_epoch"] == 0
     assert result["settings"]["width"] == 8
     assert "discarding the epoch backup" in caplog.text
+    # The run's params still say width 4 (MLflow params never change); the tag says what this model used.
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_server).get_run(result["mlflow_run_id"])
+    assert run.data.params["width"] == "4"
+    changed = json.loads(run.data.tags["train.settings_changed"])
+    assert changed["width"] == "8" and changed["parameters"] == str(result["parameters"])
 
 
 def test_a_model_trained_in_mixed_precision_is_saved_in_float32_and_compress_accepts_it(
