@@ -127,7 +127,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         return _train(config, manifest, settings, workdir, mlflow, run_id)
     except BaseException as exc:
         # Not left RUNNING for good: the MLflow run shows that training failed (a retry reopens it).
-        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        try:
+            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception as unreachable:  # noqa: BLE001 - the training error is the one to report
+            log.warning("could not mark MLflow run %s failed: %s", run_id, unreachable)
         raise
 
 
@@ -194,6 +197,8 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
         log.warning("run %s trains again with other settings; params keep the first values, tag "
                     "train.settings_changed has these: %s", run_id, changed)
         client.set_tag(run_id, "train.settings_changed", json.dumps(changed, sort_keys=True))
+    elif "train.settings_changed" in client.get_run(run_id).data.tags:  # back to the params' settings
+        client.delete_tag(run_id, "train.settings_changed")
     log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
              net.name, net.count_params(), n_train, config.batch_size, config.epochs)
 
@@ -237,11 +242,12 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     result = {"mlflow_run_id": run_id, "model_uri": info.model_uri, "model_path": str(model_dir / "model.keras"),
               "metrics": final, "epochs": config.epochs, "resumed_from_epoch": resumed_from,
               "parameters": net.count_params(), "settings": settings}
+    url = tracking.run_url(mlflow, run_id)  # the last MLflow call comes before the model is in place
     with atomic_directory(model_dir) as scratch:
         net.save(scratch / "model.keras")
         write_json_atomic(scratch / "result.json", result)
     shutil.rmtree(backup_dir, ignore_errors=True)
-    log.info("trained: %s; MLflow run %s", {k: round(v, 4) for k, v in final.items()}, tracking.run_url(mlflow, run_id))
+    log.info("trained: %s; MLflow run %s", {k: round(v, 4) for k, v in final.items()}, url)
     return result
 
 

@@ -177,6 +177,9 @@ def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
     assert run.data.params["width"] == "4"
     changed = json.loads(run.data.tags["train.settings_changed"])
     assert changed["width"] == "8" and changed["parameters"] == str(result["parameters"])
+    # Back to the settings the params name: the tag goes.
+    train.run(_train_config(manifest, data_root, mlflow_server, "train/changed", width=4))
+    assert "train.settings_changed" not in MlflowClient(mlflow_server).get_run(run.info.run_id).data.tags
 
 
 def test_a_model_trained_in_mixed_precision_is_saved_in_float32_and_compress_accepts_it(
