@@ -49,8 +49,9 @@ def decide(*, challenger: float, champion: float | None, min_accuracy: float,
         regression = 100 * (champion - challenger)
         fine = regression <= max_regression + 1e-9
         ok = ok and fine
-        reasons.append(f"{regression:+.2f} pt against the champion's {100 * champion:.2f} % "
-                       f"({'within' if fine else 'beyond'} the {max_regression:g} pt allowed)")
+        side = "below" if regression > 0 else "above"
+        reasons.append(f"{abs(regression):.2f} pt {side} the champion's {100 * champion:.2f} % "
+                       f"({'within' if fine else 'beyond'} the {max_regression:g} pt drop allowed)")
     return (PASSED if ok else FAILED), reasons
 
 

@@ -52,8 +52,8 @@ V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "INT8", "INT16", "INT
 @dataclass(frozen=True)
 class ServeConfig:
     model_name: str = field("mnist_classifier", help="registered model name (and the name in request paths)")
-    model_uri: str = field("", help="models:/<name>/<version> or models:/<name>@<alias> "
-                                    "(default: models:/<model-name>@champion)")
+    model_uri: str = field("", help="models:/<name>/<version> or models:/<name>@<alias>; "
+                                    "empty: models:/<model-name>@champion")
     host: str = field("0.0.0.0", help="address to listen on")
     port: int = field(8501, help="HTTP port (8501 is TF Serving's REST port)")
     threads: int = field(1, help="LiteRT interpreter threads per request")

@@ -9,6 +9,39 @@ cd "$root"
 mkdir -p var
 log=var/demo.log
 
+# Options are checked before anything starts: a wrong one is named with what it accepts.
+conf=$(DATASET=${DATASET:-mnist} EPOCHS=${EPOCHS:-5} BATCH_SIZE=${BATCH_SIZE:-128} SOURCE_DIR=${SOURCE_DIR:-} \
+  SEARCH=${SEARCH:-true} SEARCH_TRIALS=${SEARCH_TRIALS:-6} SEARCH_WORKERS=${SEARCH_WORKERS:-1} \
+  SEARCH_EPOCHS=${SEARCH_EPOCHS:-2} SEARCH_EXAMPLES=${SEARCH_EXAMPLES:-10000} COMPRESS_EPOCHS=${COMPRESS_EPOCHS:-2} \
+  REVIEW=${REVIEW:-auto} .venvs/airflow/bin/python - <<'PY'
+import json, os, sys
+
+e = os.environ
+def fail(message):
+    sys.exit(f"make demo: {message}")
+def number(name):
+    try:
+        return int(e[name])
+    except ValueError:
+        fail(f"{name}={e[name]!r} is not a whole number")
+choices = {"DATASET": ("mnist", "fashion_mnist", "custom"), "REVIEW": ("auto", "none")}
+for name, allowed in choices.items():
+    if e[name] not in allowed:
+        hint = (" (approval waits for a reviewer in Airflow's Required Actions, which needs the scheduler: "
+                "run make airflow-ui and trigger mnist_training from the UI)") if e[name] == "approval" else ""
+        fail(f"{name}={e[name]!r}: choose one of {', '.join(allowed)}{hint}")
+if e["DATASET"] == "custom" and not e["SOURCE_DIR"]:
+    fail("DATASET=custom needs SOURCE_DIR=<folder with the four IDX files>")
+if e["SOURCE_DIR"] and not os.path.isdir(e["SOURCE_DIR"]):
+    fail(f"SOURCE_DIR={e['SOURCE_DIR']!r} is not a folder")
+print(json.dumps({"dataset": e["DATASET"], "epochs": number("EPOCHS"), "batch_size": number("BATCH_SIZE"),
+                  "source_dir": e["SOURCE_DIR"], "gpus": 0, "search": e["SEARCH"].lower() in ("1", "true", "yes"),
+                  "search_trials": number("SEARCH_TRIALS"), "search_workers": number("SEARCH_WORKERS"),
+                  "search_epochs": number("SEARCH_EPOCHS"), "search_train_examples": number("SEARCH_EXAMPLES"),
+                  "compress_finetune_epochs": number("COMPRESS_EPOCHS"), "review": e["REVIEW"]}))
+PY
+)
+
 MLFLOW_TRACKING_URI=$(mlflow/server.sh start)
 export MLFLOW_TRACKING_URI
 echo "MLflow: $MLFLOW_TRACKING_URI"
@@ -18,27 +51,32 @@ echo "model server: $serving_url (scripts/serving.sh; log var/serving/server.log
 { airflow db migrate && scripts/airflow-pools.sh; } >var/airflow-migrate.log 2>&1 \
   || { tail -n 30 var/airflow-migrate.log; exit 1; }
 
-conf=$(DATASET=${DATASET:-mnist} EPOCHS=${EPOCHS:-5} BATCH_SIZE=${BATCH_SIZE:-128} SOURCE_DIR=${SOURCE_DIR:-} \
-  SEARCH=${SEARCH:-true} SEARCH_TRIALS=${SEARCH_TRIALS:-6} SEARCH_WORKERS=${SEARCH_WORKERS:-1} \
-  SEARCH_EPOCHS=${SEARCH_EPOCHS:-2} SEARCH_EXAMPLES=${SEARCH_EXAMPLES:-10000} COMPRESS_EPOCHS=${COMPRESS_EPOCHS:-2} \
-  REVIEW=${REVIEW:-auto} \
-  .venvs/airflow/bin/python -c 'import json, os; e = os.environ; print(json.dumps({"dataset": e["DATASET"],
-    "epochs": int(e["EPOCHS"]), "batch_size": int(e["BATCH_SIZE"]), "source_dir": e["SOURCE_DIR"], "gpus": 0,
-    "search": e["SEARCH"].lower() in ("1", "true", "yes"), "search_trials": int(e["SEARCH_TRIALS"]),
-    "search_workers": int(e["SEARCH_WORKERS"]), "search_epochs": int(e["SEARCH_EPOCHS"]),
-    "search_train_examples": int(e["SEARCH_EXAMPLES"]), "compress_finetune_epochs": int(e["COMPRESS_EPOCHS"]),
-    "review": e["REVIEW"]}))')
 echo "airflow dags test mnist_training -c '$conf'   (full log: $log)"
 # Show what the steps print (minus TensorFlow's C++ chatter); Airflow's own lines go to the log only.
 set +e
 airflow dags test mnist_training -c "$conf" 2>&1 | tee "$log" \
   | sed -unE 's/^[^ ]+ \[info +\] (.*) \[airflow\.task\.operators\.mlops_airflow\.local\.LocalStepOperator\].*/\1/p' \
-  | grep --line-buffered -vE '^[IWE][0-9]{4} |Warning|warnings\.warn|^ *$|^running: '
+  | grep --line-buffered -vE '^[IWE][0-9]{4} |Warning|warnings\.warn|^ *$|^running: |^WARNING: All log messages|self\.data_adapter|color_warning\(|set_ylim|Downloading artifacts|━'
 status=${PIPESTATUS[0]}
 set -e
 if [[ $status -ne 0 ]] || ! grep -q "Marking run .* successful" "$log"; then
   echo
-  echo "mnist_training failed; the step's own message is above (full log: $log)." >&2
+  # A trigger-form value out of range never reaches a step: Airflow's message names the param and its schema.
+  invalid=$(grep -m1 -oE "ParamValidationError: Invalid input for param .*" "$log" | sed 's/^[A-Za-z]*: //' || true)
+  # The first step error, with its continuation lines (the step's message ends its output).
+  first=$(awk '/\[airflow\.task\.operators\.mlops_airflow\.local\.LocalStepOperator\]/ {
+      msg = $0; sub(/^[^ ]+ \[[a-z]+ *\] /, "", msg); sub(/ \[airflow\.task\.operators\.mlops_airflow\.local\.LocalStepOperator\].*/, "", msg)
+      if (!found && msg ~ /^error: /) found = 1
+      if (found) { print "  " msg; next }
+    }
+    found { exit }' "$log")
+  if [[ -n $invalid ]]; then
+    echo "mnist_training refused its parameters: $invalid" >&2
+  elif [[ -n $first ]]; then
+    echo "mnist_training failed; the first error (later ones follow from it):" >&2
+    echo "$first" >&2
+  fi
+  echo "full log: $log" >&2
   exit 1
 fi
 echo

@@ -73,8 +73,8 @@ def test_below_the_floor_fails_and_says_so_in_the_version_tags(manifest, registr
 
 
 @pytest.mark.parametrize(("max_regression", "verdict", "words"), [
-    (5.0, "failed", "+10.00 pt against the champion's 100.00 % (beyond the 5 pt allowed)"),
-    (10.0, "passed", "+10.00 pt against the champion's 100.00 % (within the 10 pt allowed)"),
+    (5.0, "failed", "10.00 pt below the champion's 100.00 % (beyond the 5 pt drop allowed)"),
+    (10.0, "passed", "10.00 pt below the champion's 100.00 % (within the 10 pt drop allowed)"),
 ], ids=["regression-beyond-the-limit", "regression-within-the-limit"])
 def test_challenger_is_compared_with_the_champion_on_the_same_test_set(manifest, registry, mlflow_server,
                                                                        max_regression, verdict, words):
