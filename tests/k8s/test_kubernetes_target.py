@@ -184,19 +184,14 @@ def test_restore_right_after_a_timed_out_rollout_waits_for_the_controller_to_obs
     assert apps.deployment["status"]["observedGeneration"] == apps.deployment["metadata"]["generation"]
 
 
-def test_a_rollout_the_controller_never_observes_fails_at_the_timeout_and_says_so():
-    apps = FakeApps(stale_reads=10**6)
+@pytest.mark.parametrize(("stuck", "words"), [
+    ({"polls_to_roll_out": 10**6}, "1/2 updated"),
+    ({"stale_reads": 10**6}, "the controller has not observed generation 2"),
+], ids=["replicas-never-updated", "generation-never-observed"])
+def test_a_rollout_unfinished_at_the_timeout_fails_and_says_where_it_stands(stuck, words):
     now = iter(range(0, 10**6, 60))
-    target = _target(apps, rollout_timeout=300, clock=lambda: next(now))
-    with pytest.raises(DeployFailed, match=r"not done after 300 s: the controller has not observed generation 2"):
-        target.deploy("9")
-
-
-def test_a_rollout_still_incomplete_at_the_timeout_fails_with_the_replica_counts():
-    apps = FakeApps(polls_to_roll_out=10**6)
-    now = iter(range(0, 10**6, 60))
-    target = _target(apps, rollout_timeout=300, clock=lambda: next(now))
-    with pytest.raises(DeployFailed, match=r"not done after 300 s: 1/2 updated"):
+    target = _target(FakeApps(**stuck), rollout_timeout=300, clock=lambda: next(now))
+    with pytest.raises(DeployFailed, match=f"not done after 300 s: {words}"):
         target.deploy("9")
 
 

@@ -269,6 +269,15 @@ def _admin_server(tmp_path: Path, mlflow_server: str, version: int) -> tuple[Ser
     return server, {"Authorization": "Bearer s3cret-token-of-the-test"}, record
 
 
+def _version_after_restart(tmp_path, mlflow_server, record) -> str:
+    """The version a server started on this deployment record serves."""
+    restarted = _start(tmp_path, mlflow_server, "--deployment-file", str(record))
+    try:
+        return restarted.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["version"]
+    finally:
+        _stop(restarted)
+
+
 def test_deploying_in_place_switches_versions_without_a_failed_request(tmp_path, versions, mlflow_server):
     import threading
 
@@ -304,11 +313,7 @@ def test_deploying_in_place_switches_versions_without_a_failed_request(tmp_path,
     finally:
         _stop(server)
     # A restarted server comes back with what was deployed, not with what the alias names.
-    restarted = _start(tmp_path, mlflow_server, "--deployment-file", str(record))
-    try:
-        assert restarted.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["version"] == str(second)
-    finally:
-        _stop(restarted)
+    assert _version_after_restart(tmp_path, mlflow_server, record) == str(second)
 
 
 def test_a_version_that_fails_to_load_is_refused_and_the_served_one_keeps_answering(tmp_path, versions,
@@ -347,11 +352,7 @@ def test_unloading_serves_nothing_until_a_deployment_and_a_restart_does_not_brin
     finally:
         _stop(server)
     # The record is gone: a restarted server serves the champion alias, not the version unloaded.
-    restarted = _start(tmp_path, mlflow_server, "--deployment-file", str(record))
-    try:
-        assert restarted.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["version"] == str(champion)
-    finally:
-        _stop(restarted)
+    assert _version_after_restart(tmp_path, mlflow_server, record) == str(champion)
 
 
 def test_without_a_token_file_there_is_no_admin_endpoint(server, versions):
