@@ -60,16 +60,24 @@ def _epochs(lines: list[str]) -> list[int]:
     return [int(m.group(1)) for line in lines if (m := EPOCH_LINE.search(line))]
 
 
+def _killed_after_epoch(epoch: int, tmp_path: Path, data_root: Path, prepare, url: str, *,
+                       train: int) -> tuple[list[str], Path, list[str]]:
+    """Start training (4 epochs) on ``train`` synthetic examples, SIGKILL it once epoch ``epoch`` is logged.
+
+    Returns the command (to run it again), its result path and the killed run's output lines.
+    """
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=train, test=50))["manifest"]
+    result_path = tmp_path / "train.json"
+    command = _train_command(manifest, data_root, url, result_path)
+    code, lines, _ = _run_streaming(command, kill_on=f"epoch {epoch}/4")
+    assert code == -9, "\n".join(lines[-40:])
+    return command, result_path, lines
+
+
 def test_killed_training_resumes_after_last_finished_epoch(tmp_path, data_root, prepare, mlflow_server) -> None:
     from mlflow import MlflowClient
 
-    source = idxdata.write_dataset(tmp_path / "source", train=3000, test=200)
-    manifest = prepare(source)["manifest"]
-    result_path = tmp_path / "train.json"
-    command = _train_command(manifest, data_root, mlflow_server, result_path)
-
-    code, lines, _ = _run_streaming(command, kill_on="epoch 1/4")
-    assert code == -9, "\n".join(lines[-40:])
+    command, result_path, lines = _killed_after_epoch(1, tmp_path, data_root, prepare, mlflow_server, train=3000)
     assert _epochs(lines) == [1]
     assert not result_path.exists()
 
@@ -101,13 +109,7 @@ def test_killed_training_resumes_after_last_finished_epoch(tmp_path, data_root, 
 
 def test_a_checkpoint_damaged_by_a_kill_resumes_from_the_copy_before_it(tmp_path, data_root, prepare,
                                                                        mlflow_server) -> None:
-    source = idxdata.write_dataset(tmp_path / "source", train=600, test=50)
-    manifest = prepare(source)["manifest"]
-    result_path = tmp_path / "train.json"
-    command = _train_command(manifest, data_root, mlflow_server, result_path)
-
-    code, lines, _ = _run_streaming(command, kill_on="epoch 2/4")
-    assert code == -9, "\n".join(lines[-40:])
+    command, result_path, _ = _killed_after_epoch(2, tmp_path, data_root, prepare, mlflow_server, train=600)
     backup = tracking.run_dir(str(data_root), "k1") / "backup"
     latest = [p for p in backup.rglob("*.weights.h5")]
     assert len(latest) == 1, sorted(backup.rglob("*"))
