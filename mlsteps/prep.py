@@ -104,6 +104,9 @@ def _download(url: str, dest: Path, timeout: float) -> None:
 def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile) -> Path:
     """Return a local path for one file, downloading it into the cache when no copy exists."""
     if config.source_dir:
+        if not Path(config.source_dir).is_dir():
+            raise StepError(f"--source-dir {config.source_dir}: no such folder; give the folder that holds the "
+                            "four IDX files (or leave it empty to use the cache, the system folders or a download)")
         found = _find_in(Path(config.source_dir), data_file.name)
         if found is None:
             raise StepError(f"{config.source_dir}: missing {data_file.name} (or its uncompressed form "

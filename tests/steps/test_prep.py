@@ -186,6 +186,13 @@ def test_missing_file_in_source_dir_is_named(source_dir, data_root, prepare, rol
     assert datasets_entries(data_root) == []
 
 
+def test_a_source_dir_that_does_not_exist_is_named_as_such(tmp_path, data_root, prepare) -> None:
+    with pytest.raises(StepError, match="no such folder") as caught:
+        prepare(tmp_path / "typo")
+    assert str(tmp_path / "typo") in str(caught.value)
+    assert datasets_entries(data_root) == []
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
