@@ -2,6 +2,8 @@
 
 Decisions: ``approved`` (a reviewer approved it in Airflow), ``auto`` (the run promotes versions that pass
 the gate), ``rejected`` (tagged, alias untouched), ``none`` (nothing to record: no review was asked for).
+A version is promoted only while ``champion`` is still the version the gate compared it with (an approval
+card may wait hours); a version that is already champion cannot be rejected by tags alone.
 Tags: ``review.decision``, ``review.reviewer``, ``review.time``, ``review.comment``, and on promotion
 ``review.previous_champion``. Moving the alias is what promotion reacts to: the registry alias
 ``champion`` names the version that must be served.
@@ -51,12 +53,25 @@ def run(config: ReviewConfig) -> dict[str, Any]:
     when = config.decided_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = {"review.decision": config.decision, "review.reviewer": config.reviewer or "unknown",
               "review.time": when, "review.comment": config.comment}
+    try:
+        current = client.get_model_version_by_alias(name, config.alias).version
+    except mlflow.exceptions.MlflowException:
+        current = None
     previous = None
+    if config.decision == "rejected" and current == version:
+        raise StepError(f"{name} version {version} is {config.alias} (approved earlier) and would stay served if "
+                        f"only tagged rejected: move the alias {config.alias} back to version "
+                        f"{tags.get('review.previous_champion') or '(none)'} in MLflow first (promotion follows it)")
     if config.decision in ("approved", "auto"):
-        try:
-            previous = client.get_model_version_by_alias(name, config.alias).version
-        except mlflow.exceptions.MlflowException:
-            previous = None
+        previous = current
+        judged_against = tags.get("gate.champion_version")  # "" when there was no champion to compare with
+        if previous != version and judged_against is not None and (previous or "") != judged_against:
+            raise StepError(
+                f"{name} version {version} was compared by the gate with {config.alias} version "
+                f"{judged_against or '(none)'}, but {config.alias} is now version {previous or '(none)'}, which it "
+                f"was never compared with; not promoted. To promote it anyway, move the alias {config.alias} to it "
+                "in MLflow (promotion follows); to judge it against the new champion, delete its gate.* tags and "
+                "clear the gate task.")
         if previous == version:  # a retry after the alias already moved: keep what the first try recorded
             record.pop("review.time")
             previous = tags.get("review.previous_champion") or None

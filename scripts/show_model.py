@@ -13,13 +13,17 @@ def main() -> None:
     parser.add_argument("--alias", default="challenger")
     args = parser.parse_args()
     client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias(args.model_name, args.alias)
+    try:
+        version = client.get_model_version_by_alias(args.model_name, args.alias)
+    except mlflow.exceptions.MlflowException:
+        raise SystemExit(f"{args.model_name} has no version with alias {args.alias} at {mlflow.get_tracking_uri()}; "
+                         "run mnist_training first (make demo)") from None
     run = client.get_run(version.run_id)
     uri = mlflow.get_tracking_uri().rstrip("/")
     print(f"MLflow run:     {uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
     print(f"model version:  {args.model_name} version {version.version} (alias {args.alias})")
     print(f"  registry:     {uri}/#/models/{args.model_name}/versions/{version.version}")
-    print(f"test accuracy:  {run.data.metrics.get('test_accuracy', float('nan')):.4f}")
+    print(f"test accuracy:  {run.data.metrics.get('test_accuracy', float('nan')):.4f} (float model; the served variant's below)")
     tags = version.tags
     if "compression.variant" in tags:
         print(f"compressed:     {tags['compression.variant']}, {tags['compression.size_bytes']} bytes "

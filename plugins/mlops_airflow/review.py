@@ -1,7 +1,7 @@
 """Airflow-side glue of the review: which path a registered version takes, and the approval card.
 
 ``review`` (trigger-form param) chooses: ``approval`` waits for a reviewer in Airflow's Required Actions
-(ApprovalOperator), ``auto`` promotes a version that passed the gate, ``none`` stops after registration.
+(ApprovalOperator), ``auto`` promotes a version that passed the gate, ``none`` stops after the gate.
 A version that failed the gate is never offered for approval or promoted.
 """
 

@@ -26,6 +26,8 @@ def versions(mlflow_server, request):
             info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
         version = mlflow.register_model(info.model_uri, name).version
         client.set_model_version_tag(name, version, "gate.verdict", verdict)
+        # What the gate compared it with: nothing for the first, the first (champion) for the second.
+        client.set_model_version_tag(name, version, "gate.champion_version", str(numbers[0]) if numbers else "")
         numbers.append(int(version))
     client.set_registered_model_alias(name, "champion", str(numbers[0]))
     return name, numbers, client
@@ -70,3 +72,40 @@ def test_nothing_to_record_touches_nothing(versions, mlflow_server):
     assert _review(name, new, mlflow_server, "none")["promoted"] is False
     assert "review.decision" not in client.get_model_version(name, str(new)).tags
     assert client.get_model_version_by_alias(name, "champion").version == str(old)
+
+
+def _register_another(name: str, client) -> str:
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+    version = mlflow.register_model(info.model_uri, name).version
+    client.set_model_version_tag(name, version, "gate.verdict", "passed")
+    return version
+
+
+def test_an_approval_after_champion_moved_on_since_the_gate_promotes_nothing(versions, mlflow_server):
+    name, (old, new), client = versions
+    newer = _register_another(name, client)
+    client.set_registered_model_alias(name, "champion", newer)  # moved while the approval card waited
+    with pytest.raises(review.StepError, match=f"compared by the gate with champion version {old}, but champion is "
+                                               f"now version {newer}"):
+        _review(name, new, mlflow_server, "approved", reviewer="ada")
+    assert client.get_model_version_by_alias(name, "champion").version == newer
+    assert "review.decision" not in client.get_model_version(name, str(new)).tags
+
+
+def test_a_retried_approval_keeps_what_the_first_try_recorded(versions, mlflow_server):
+    name, (old, new), client = versions
+    _review(name, new, mlflow_server, "approved", reviewer="ada", decided_at="2026-11-27T09:00:00+00:00")
+    again = _review(name, new, mlflow_server, "approved", reviewer="ada", decided_at="2026-11-27T10:00:00+00:00")
+    assert again["previous_champion"] == old
+    tags = client.get_model_version(name, str(new)).tags
+    assert (tags["review.time"], tags["review.previous_champion"]) == ("2026-11-27T09:00:00+00:00", str(old))
+
+
+def test_rejecting_the_version_that_is_champion_is_refused_and_says_how_to_undo_it(versions, mlflow_server):
+    name, (old, new), client = versions
+    _review(name, new, mlflow_server, "approved", reviewer="ada")
+    with pytest.raises(review.StepError, match=f"move the alias champion back to version {old}"):
+        _review(name, new, mlflow_server, "rejected", reviewer="bob")
+    tags = client.get_model_version(name, str(new)).tags
+    assert tags["review.decision"] == "approved"
