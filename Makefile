@@ -29,13 +29,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
 
+# --clear: a package dropped from the requirements does not linger (nor end up in the next lock).
 $(AIRFLOW_VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
-	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(PYTHON) -m venv --clear $(AIRFLOW_VENV)
 	$(AIRFLOW_PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirements-dev.txt images/steps/constraints.txt pyproject.toml
-	$(PYTHON) -m venv $(STEPS_VENV)
+	$(PYTHON) -m venv --clear $(STEPS_VENV)
 	$(STEPS_PY) -m pip install -q -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt
 	$(STEPS_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
@@ -66,10 +67,17 @@ serving-stop:
 airflow-ui: envs
 	scripts/airflow-standalone.sh
 
-# Regenerate the locks after changing a top-level pin.
+# Regenerate the locks after changing a top-level pin: each environment resolved afresh from its
+# requirements alone (the old lock would refuse the new pin), frozen, thrown away; then make envs.
+LOCK_VENV := .venvs/lock
 lock:
-	$(AIRFLOW_PY) -m pip freeze --exclude-editable | sed '1i # Lock of the Airflow environment (pip freeze); regenerate with make lock.' > constraints.txt
-	$(STEPS_PY) -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
+	$(PYTHON) -m venv --clear $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # Lock of the Airflow environment (pip freeze); regenerate with make lock.' > constraints.txt
+	$(PYTHON) -m venv --clear $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q -r images/steps/requirements.txt -r images/steps/requirements-dev.txt
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	-scripts/serving.sh stop

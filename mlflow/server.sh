@@ -22,7 +22,12 @@ running() { daemon_running "$pidfile"; }
 
 case "${1:-}" in
   start)
-    if running && healthy; then echo "$url"; exit 0; fi
+    if running; then
+      # Ours, alive: still starting (or hung). Wait for it rather than start a second one over its pid file.
+      daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
+        || { daemon_stop "$pidfile"; exit 1; }
+      echo "$url"; exit 0
+    fi
     if healthy; then
       echo "error: something else already answers on $url; set MLFLOW_PORT to another port" >&2; exit 1
     fi
@@ -43,12 +48,15 @@ case "${1:-}" in
         --host "$host" --port "$port" --workers 1 \
         >"$state/server.log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
-    daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy || exit 1
+    daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
+      || { daemon_stop "$pidfile"; exit 1; }
     echo "$url"
     ;;
   stop) daemon_stop "$pidfile" ;;
   status)
-    if running && healthy; then echo "running: $url (pid $(cat "$pidfile"))"; else echo "stopped"; exit 3; fi
+    if running && healthy; then echo "running: $url (pid $(cat "$pidfile"))"
+    elif running; then echo "running (pid $(cat "$pidfile")) but not answering on $url; log: $state/server.log"; exit 1
+    else echo "stopped"; exit 3; fi
     ;;
   url) echo "$url" ;;
   *) echo "usage: $0 start|stop|status|url" >&2; exit 64 ;;

@@ -23,7 +23,12 @@ running() { daemon_running "$pidfile"; }
 
 case "${1:-}" in
   start)
-    if running && live; then echo "$url"; exit 0; fi
+    if running; then
+      # Ours, alive: still starting (or failing). Wait for it rather than start a second supervisor.
+      daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \
+        || { daemon_stop "$pidfile"; exit 1; }
+      echo "$url"; exit 0
+    fi
     if live; then echo "error: something else already answers on $url; set SERVING_PORT to another port" >&2; exit 1; fi
     [[ -x $python ]] || { echo "error: $python not found; run 'make envs' first" >&2; exit 1; }
     tracking=${MLFLOW_TRACKING_URI:-$(MLOPS_VAR=$var "$root/mlflow/server.sh" url)}
@@ -41,7 +46,9 @@ case "${1:-}" in
         sleep 2
       done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
-    daemon_await "$pidfile" "$state/server.log" "the model server on $url" live || exit 1
+    # A server that never comes up is not left restarting in the background.
+    daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \
+      || { daemon_stop "$pidfile"; exit 1; }
     echo "$url"
     ;;
   stop) daemon_stop "$pidfile" ;;
@@ -49,6 +56,8 @@ case "${1:-}" in
     if running && live; then
       echo "running: $url (supervisor pid $(cat "$pidfile"))"
       curl -fsS -m 2 "$url/v1/models/$model" || true; echo
+    elif running; then
+      echo "running (supervisor pid $(cat "$pidfile")) but not answering on $url; log: $state/server.log"; exit 1
     else
       echo "stopped"; exit 3
     fi

@@ -4,12 +4,12 @@
 # daemon_running <pidfile>: the recorded process is alive.
 daemon_running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# daemon_await <pidfile> <log> <what> <check command...>: wait up to 60 s for the check to pass while the
-# process lives; otherwise say so with the end of its log and return 1.
+# daemon_await <pidfile> <log> <what> <check command...>: wait up to $DAEMON_START_SECONDS (60) s for the
+# check to pass while the process lives; otherwise say so with the end of its log and return 1.
 daemon_await() {
   local pidfile=$1 log=$2 what=$3
   shift 3
-  for _ in $(seq 1 120); do
+  for _ in $(seq 1 $((2 * ${DAEMON_START_SECONDS:-60}))); do
     "$@" && return 0
     daemon_running "$pidfile" || break
     sleep 0.5

@@ -1,0 +1,88 @@
+"""mlflow/server.sh and scripts/serving.sh: one server per pid file, nothing left running after a failed start.
+
+Stand-ins replace the real servers (MLFLOW_BIN, STEPS_PYTHON): a slow starter that answers its health
+check after 3 s, and a model server that exits at once. The scripts, their pid files and their process
+groups are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from services import ROOT, free_port
+
+SLOW_SERVER = textwrap.dedent("""\
+    import http.server, sys, time
+    port = int(sys.argv[sys.argv.index("--port") + 1])
+    time.sleep(3)  # still starting when a second 'start' comes
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+""")
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind(tmp_path):
+    """Whatever the outcome, no stand-in outlives its test (a failing script would leave it running)."""
+    yield
+    subprocess.run(["pkill", "-f", str(tmp_path)], check=False)
+
+
+def _processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def _script(path: str, action: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / path), action], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_ends_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)  # server.sh makes its webhook key with the bin's python
+    fake = bin_dir / "mlflow"
+    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
+    fake.chmod(0o755)
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+
+    first = subprocess.Popen([str(ROOT / "mlflow/server.sh"), "start"], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(1)
+    second = _script("mlflow/server.sh", "start", env)
+    assert first.wait(timeout=60) == 0 and second.returncode == 0, second.stderr
+    assert len(_processes(str(fake))) == 1  # the second start waited for the first server
+    assert _script("mlflow/server.sh", "status", env).stdout.startswith("running:")
+
+    _script("mlflow/server.sh", "stop", env)
+    assert _processes(str(fake)) == []
+    assert _script("mlflow/server.sh", "status", env).returncode == 3
+
+
+def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
+    fake = tmp_path / "python"
+    # Runs the real interpreter for the admin token (-c), and fails at once as the model server.
+    fake.write_text(f'#!/usr/bin/env bash\n[[ $1 == -c ]] && exec {sys.executable} "$@"\necho "cannot start" >&2; exit 1\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port()),
+           "STEPS_PYTHON": str(fake), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "DAEMON_START_SECONDS": "5"}
+
+    started = _script("scripts/serving.sh", "start", env)
+    assert started.returncode == 1
+    assert "did not come up" in started.stderr and "cannot start" in started.stderr
+    time.sleep(3)  # a supervisor left behind would have restarted the server by now
+    assert _processes(f"{fake} -m mlsteps.serve") == []
+    assert not (tmp_path / "var" / "serving" / "supervisor.pid").exists()
+    assert _script("scripts/serving.sh", "status", env).returncode == 3
