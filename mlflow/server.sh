@@ -17,6 +17,7 @@ pidfile=$state/server.pid
 url="http://$host:$port"
 
 source "$root/scripts/lib/daemon.sh"
+daemon_marker=$state  # in the server's command line (its SQLite path)
 healthy() { curl -fsS -m 2 "$url/health" >/dev/null 2>&1; }
 running() { daemon_running "$pidfile"; }
 

@@ -18,6 +18,7 @@ pidfile=$state/supervisor.pid
 url="http://$host:$port"
 
 source "$root/scripts/lib/daemon.sh"
+daemon_marker=$state  # in the supervisor's command line (its state folder argument)
 live() { curl -fsS -m 2 "$url/v2/health/live" >/dev/null 2>&1; }
 running() { daemon_running "$pidfile"; }
 

@@ -1,8 +1,13 @@
 # What mlflow/server.sh and scripts/serving.sh share (sourced): a background process group with a pid file,
 # awaited and stopped the same way.
 
-# daemon_running <pidfile>: the recorded process is alive.
-daemon_running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# daemon_running <pidfile>: the recorded process is alive and is ours: its command line holds $daemon_marker
+# (set by the sourcing script), so a pid file left by a reboot never names someone else's process.
+daemon_running() {
+  local pid
+  [[ -f $1 ]] && pid=$(cat "$1") && kill -0 "$pid" 2>/dev/null \
+    && ps -o args= -p "$pid" 2>/dev/null | grep -qF -- "${daemon_marker:?daemon_marker not set}"
+}
 
 # daemon_await <pidfile> <log> <what> <check command...>: wait up to $DAEMON_START_SECONDS (60) s for the
 # check to pass while the process lives; otherwise say so with the end of its log and return 1.

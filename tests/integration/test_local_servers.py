@@ -60,7 +60,10 @@ def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_end
     env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
 
     first = subprocess.Popen([str(ROOT / "mlflow/server.sh"), "start"], env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(1)
+    pidfile = tmp_path / "var" / "mlflow" / "server.pid"
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:  # the first server is starting
+        time.sleep(0.1)
     second = _script("mlflow/server.sh", "start", env)
     assert first.wait(timeout=60) == 0 and second.returncode == 0, second.stderr
     assert len(_processes(str(fake))) == 1  # the second start waited for the first server
@@ -69,6 +72,21 @@ def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_end
     _script("mlflow/server.sh", "stop", env)
     assert _processes(str(fake)) == []
     assert _script("mlflow/server.sh", "status", env).returncode == 3
+
+
+def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path):
+    bystander = subprocess.Popen(["sleep", "300"])  # what a reused pid from before a reboot would name
+    try:
+        state = tmp_path / "var" / "mlflow"
+        state.mkdir(parents=True)
+        (state / "server.pid").write_text(f"{bystander.pid}\n")
+        env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port())}
+        assert _script("mlflow/server.sh", "status", env).returncode == 3
+        _script("mlflow/server.sh", "stop", env)
+        assert bystander.poll() is None  # not signalled
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
@@ -83,6 +101,6 @@ def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
     assert started.returncode == 1
     assert "did not come up" in started.stderr and "cannot start" in started.stderr
     time.sleep(3)  # a supervisor left behind would have restarted the server by now
-    assert _processes(f"{fake} -m mlsteps.serve") == []
+    assert _processes(str(tmp_path)) == []  # neither the supervisor nor a server it restarted
     assert not (tmp_path / "var" / "serving" / "supervisor.pid").exists()
     assert _script("scripts/serving.sh", "status", env).returncode == 3
