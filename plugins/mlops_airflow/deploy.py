@@ -123,8 +123,13 @@ class KubernetesTarget:
 
         return cls(client.AppsV1Api(KubernetesHook(conn_id=conn_id).api_client), **kwargs)
 
+    def _read(self) -> Any:
+        return self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+
     def current(self) -> Serving:
-        deployment = self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        return self._serving(self._read())
+
+    def _serving(self, deployment: Any) -> Serving:
         template = deployment.spec.template
         container = next((c for c in template.spec.containers if c.name == CONTAINER), None)
         if container is None:
@@ -153,7 +158,7 @@ class KubernetesTarget:
 
     def deploy(self, version: str) -> None:
         patch = self.patch(str(version), f"models:/{self.model_name}/{version}")
-        deployment = self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        deployment = self._read()
         kept = (deployment.metadata.annotations or {}).get(REPLICAS_ANNOTATION)
         if kept and not deployment.spec.replicas:  # scaled to 0 by the rollback of a first promotion
             patch["spec"]["replicas"] = int(kept)
@@ -161,13 +166,14 @@ class KubernetesTarget:
         self._apply(patch)
 
     def restore(self, before: Serving) -> None:
-        if self.current() == before:
+        deployment = self._read()
+        if self._serving(deployment) == before:
             return
         patch = self.patch(before.version, before.model_uri)
         if before.version is None:
             # Nothing served before: serve nothing again. Pods at the manifest's @champion URI would load
             # what the alias names now (the failed version, until rollback moves it), so no pods at all.
-            replicas = self.apps.read_namespaced_deployment(self.deployment, self.namespace).spec.replicas
+            replicas = deployment.spec.replicas
             patch["spec"]["replicas"] = 0
             if replicas:
                 patch["metadata"]["annotations"][REPLICAS_ANNOTATION] = str(replicas)
