@@ -53,7 +53,7 @@ case "${1:-}" in
       || { daemon_stop "$pidfile"; exit 1; }
     echo "$url"
     ;;
-  stop) daemon_stop "$pidfile" ;;
+  stop) daemon_stop "$pidfile" "the MLflow server on $url" ;;
   status)
     if running && healthy; then echo "running: $url (pid $(cat "$pidfile"))"
     elif running; then echo "running (pid $(cat "$pidfile")) but not answering on $url; log: $state/server.log"; exit 1

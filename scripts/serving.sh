@@ -52,7 +52,7 @@ case "${1:-}" in
       || { daemon_stop "$pidfile"; exit 1; }
     echo "$url"
     ;;
-  stop) daemon_stop "$pidfile" ;;
+  stop) daemon_stop "$pidfile" "the model server on $url" ;;
   status)
     if running && live; then
       echo "running: $url (supervisor pid $(cat "$pidfile"))"

@@ -24,14 +24,23 @@ daemon_await() {
   return 1
 }
 
-# daemon_stop <pidfile>: TERM the whole process group, KILL what is left after 15 s.
+# daemon_stop <pidfile> [what]: TERM the whole process group, KILL what is left after 15 s; with <what>, say
+# what happened (make mlflow-stop / serving-stop would otherwise end silently either way).
 daemon_stop() {
-  local pidfile=$1 pid
+  local pidfile=$1 what=${2:-} pid
   if daemon_running "$pidfile"; then
     pid=$(cat "$pidfile")
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      [[ -z $what ]] || echo "$what (pid $pid) did not stop within 15 s; killed"
+    else
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      [[ -z $what ]] || echo "$what (pid $pid) stopped"
+    fi
+  else
+    [[ -z $what ]] || echo "$what was not running"
   fi
   rm -f "$pidfile"
 }

@@ -69,9 +69,12 @@ def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_end
     assert len(_processes(str(fake))) == 1  # the second start waited for the first server
     assert _script("mlflow/server.sh", "status", env).stdout.startswith("running:")
 
-    _script("mlflow/server.sh", "stop", env)
+    stopped = _script("mlflow/server.sh", "stop", env)
     assert _processes(str(fake)) == []
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
     assert _script("mlflow/server.sh", "status", env).returncode == 3
+    again = _script("mlflow/server.sh", "stop", env)  # says so rather than ending silently
+    assert again.returncode == 0 and "was not running" in again.stdout
 
 
 def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path):
@@ -82,8 +85,9 @@ def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path)
         (state / "server.pid").write_text(f"{bystander.pid}\n")
         env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port())}
         assert _script("mlflow/server.sh", "status", env).returncode == 3
-        _script("mlflow/server.sh", "stop", env)
+        stopped = _script("mlflow/server.sh", "stop", env)
         assert bystander.poll() is None  # not signalled
+        assert "was not running" in stopped.stdout
     finally:
         bystander.kill()
         bystander.wait()
