@@ -41,6 +41,17 @@ def per_class(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return precision, recall
 
 
+def confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, limit: int) -> np.ndarray:
+    """Indexes of up to ``limit`` misclassified examples, the most confident mistakes first.
+
+    Those are what a reviewer should look at: a model sure of a wrong answer is the one to worry about.
+    """
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    # stable: equally confident mistakes keep the test set's order.
+    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:limit]
+
+
 def _plots(out: Path, matrix: np.ndarray, class_names: list[str], images: np.ndarray, labels: np.ndarray,
            probabilities: np.ndarray, max_mistakes: int) -> list[Path]:
     import matplotlib
@@ -65,9 +76,7 @@ def _plots(out: Path, matrix: np.ndarray, class_names: list[str], images: np.nda
     plt.close(fig)
 
     predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)
-    # The most confident mistakes first: those are what a reviewer should look at.
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:max_mistakes]
+    wrong = confident_mistakes(labels, probabilities, max_mistakes)
     cols = 5
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
@@ -86,6 +95,9 @@ def _plots(out: Path, matrix: np.ndarray, class_names: list[str], images: np.nda
 
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
+    if config.batch_size < 1 or config.max_mistakes < 0:
+        raise StepError(f"--batch-size must be at least 1 (got {config.batch_size}) and --max-mistakes at least 0 "
+                        f"(got {config.max_mistakes})")
     manifest = data.load_manifest(config.manifest)
     if not Path(config.model_path).is_file():
         raise StepError(f"{config.model_path}: trained model not found; run the train step first")

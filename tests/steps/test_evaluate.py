@@ -74,3 +74,78 @@ def test_perfect_predictions_give_diagonal_and_unit_scores() -> None:
     precision, recall = evaluate.per_class(matrix)
     np.testing.assert_array_equal(precision, np.ones(10))
     np.testing.assert_array_equal(recall, np.ones(10))
+
+
+def test_confident_mistakes_lists_only_mistakes_most_confident_first_up_to_the_limit() -> None:
+    labels = np.array([0, 1, 2, 0, 1])
+    probabilities = np.array([
+        [0.9, 0.1, 0.0],  # right
+        [0.6, 0.4, 0.0],  # wrong at 60 %
+        [0.0, 0.95, 0.05],  # wrong at 95 %
+        [0.2, 0.0, 0.8],  # wrong at 80 %
+        [0.0, 1.0, 0.0],  # right
+    ])
+    assert evaluate.confident_mistakes(labels, probabilities, 25).tolist() == [2, 3, 1]
+    assert evaluate.confident_mistakes(labels, probabilities, 2).tolist() == [2, 3]
+    assert evaluate.confident_mistakes(labels, probabilities, 0).tolist() == []
+
+
+def _swapping_classifier(path, swap: tuple[int, int]) -> None:
+    """A hand-weighted classifier of tests/idxdata's squares that answers class b for a and a for b."""
+    import keras
+
+    weights = np.zeros((28 * 28, 10), dtype=np.float32)
+    for label in range(10):
+        row, col = 2 + (label // 4) * 8, 2 + (label % 4) * 6
+        square = np.zeros((28, 28), dtype=np.float32)
+        square[row:row + 6, col:col + 6] = 1.0
+        weights[:, label] = square.ravel() / 36 / 255 * 20  # a bright square scores ~17, noise ~1
+    a, b = swap
+    weights[:, [a, b]] = weights[:, [b, a]]
+    inputs = keras.Input((28, 28))
+    dense = keras.layers.Dense(10, activation="softmax")
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([weights, np.zeros(10, dtype=np.float32)])
+    model.save(path)
+
+
+def test_run_scores_the_test_split_and_logs_metrics_report_and_readable_plots(
+        tmp_path, source_dir, data_root, prepare, mlflow_server) -> None:
+    import json
+
+    import matplotlib.image
+    import mlflow
+
+    manifest = prepare(source_dir)["manifest"]  # test split: 100 examples, 10 per class
+    model_path = tmp_path / "model.keras"
+    _swapping_classifier(model_path, (1, 2))
+    config = evaluate.EvaluateConfig(manifest=manifest, data_root=str(data_root), run_key="eval-1",
+                                     tracking_uri=mlflow_server, experiment="evaluate-test",
+                                     model_path=str(model_path), max_mistakes=7)
+    result = evaluate.run(config)
+
+    assert result["metrics"]["test_accuracy"] == pytest.approx(0.8)  # every 1 and every 2 is wrong
+    report = json.loads(open(result["report"]).read())
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix[1, 2] == 10 and matrix[2, 1] == 10 and matrix.trace() == 80
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = mlflow.MlflowClient().get_run(result["mlflow_run_id"]).data.metrics
+    assert logged["test_accuracy"] == pytest.approx(0.8)
+    assert logged["test_recall_1"] == 0 and logged["test_precision_2"] == 0 and logged["test_recall_3"] == 1
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["mlflow_run_id"], "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png",
+            "evaluation/report.json"} <= artifacts
+
+    out = data_root / "runs" / "eval-1" / "evaluation"
+    confusion_png = matplotlib.image.imread(out / "confusion_matrix.png")
+    assert confusion_png.shape[:2] == (700, 700)  # one 0.6-inch cell per class at 100 dpi, plus margins
+    grid = matplotlib.image.imread(out / "misclassified.png")
+    assert grid.shape[:2] == (440, 1000)  # 7 of the 20 mistakes: two rows of five panels
+    assert grid[..., :3].std() > 0.05  # digits drawn, not a blank page
+
+
+def test_run_refuses_a_negative_mistake_count_before_loading_anything(tmp_path) -> None:
+    config = evaluate.EvaluateConfig(manifest=str(tmp_path / "missing.json"), data_root=str(tmp_path),
+                                     run_key="k", model_path=str(tmp_path / "m.keras"), max_mistakes=-1)
+    with pytest.raises(evaluate.StepError, match="--max-mistakes at least 0"):
+        evaluate.run(config)
