@@ -2,7 +2,7 @@
 # Start, stop or query the local MLflow tracking server: SQLite backend, artifacts proxied to a folder.
 #   mlflow/server.sh start|stop|status|url
 # Settings (environment): MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1), MLOPS_VAR (<repo>/var),
-# MLFLOW_BIN (the steps environment's mlflow).
+# MLFLOW_BIN (the steps environment's mlflow), MLFLOW_SERVER_ENABLE_JOB_EXECUTION (false: GenAI jobs off).
 # Webhooks (registry events to Airflow's receiver, scripts/mlflow_webhook.py) work on this SQLite backend;
 # for this local server they may target http:// and loopback addresses, and webhook secrets are encrypted
 # with a key kept in var/mlflow/webhook-key (MLflow would otherwise make a new one at every start).
@@ -42,6 +42,10 @@ case "${1:-}" in
     export MLFLOW_WEBHOOK_ALLOWED_SCHEMES=${MLFLOW_WEBHOOK_ALLOWED_SCHEMES:-http,https}
     export MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=${MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS:-true}
     export MLFLOW_WEBHOOK_CACHE_TTL=${MLFLOW_WEBHOOK_CACHE_TTL:-5}
+    # MLflow 3's job runner serves only GenAI features (judges, prompt optimisation, trace rollups): off, it
+    # saves seven idle worker processes (~25 CPU-seconds at every start, then ~10 % of a core). Webhooks
+    # do not use it.
+    export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
     # setsid: the server and its workers form one process group that 'stop' can end together.
     setsid "$mlflow_bin" server \
         --backend-store-uri "sqlite:///$state/mlflow.db" \

@@ -108,3 +108,11 @@ def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
     assert _processes(str(tmp_path)) == []  # neither the supervisor nor a server it restarted
     assert not (tmp_path / "var" / "serving" / "supervisor.pid").exists()
     assert _script("scripts/serving.sh", "status", env).returncode == 3
+
+
+def test_the_mlflow_server_runs_without_the_genai_job_runner(mlflow_server):
+    """Its seven idle job workers cost ~25 CPU-seconds at every start; nothing here uses them."""
+    pid = int((Path(mlflow_server.env["MLOPS_VAR"]) / "mlflow" / "server.pid").read_text())
+    group = subprocess.run(["pgrep", "-a", "-g", str(pid)], capture_output=True, text=True).stdout
+    assert "uvicorn" in group  # the server's own processes are there
+    assert "huey" not in group, group

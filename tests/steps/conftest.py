@@ -103,7 +103,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
              "--artifacts-destination", str(state / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=state, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            env=step_env(), start_new_session=True)
+            env=step_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not _healthy(url):
