@@ -21,7 +21,7 @@ if [[ -z ${MLOPS_WEBHOOK_SECRET:-} ]]; then
 fi
 export MLOPS_WEBHOOK_SECRET MLOPS_SERVING_URL=$serving_url
 .venvs/steps/bin/python scripts/mlflow_webhook.py --airflow-url http://127.0.0.1:${AIRFLOW__API__PORT:-8080}
-echo "Airflow: http://localhost:8080 (user admin; password in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
+echo "Airflow: http://localhost:${AIRFLOW__API__PORT:-8080} (user admin; password in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
 # Own process group, so that Ctrl-C (or a TERM to this script) ends every Airflow child too.
 setsid airflow standalone &
 pid=$!

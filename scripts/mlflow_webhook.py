@@ -1,6 +1,7 @@
 """Point MLflow's registry webhook at Airflow's receiver (idempotent: updates the webhook if it exists).
 
-    MLFLOW_TRACKING_URI=... MLOPS_WEBHOOK_SECRET=... python scripts/mlflow_webhook.py --airflow-url http://airflow:8080
+    MLFLOW_TRACKING_URI=http://<mlflow>:5000 MLOPS_WEBHOOK_SECRET=<16+ characters> \
+        .venvs/steps/bin/python scripts/mlflow_webhook.py --airflow-url http://<airflow>:8080
 
 MLflow then POSTs every alias change (``model_version_alias.created``), signed with the secret, to
 ``<airflow-url>/mlops/webhooks/mlflow``; the receiver turns a move of ``champion`` into a model_promotion run.
@@ -26,9 +27,15 @@ def main() -> int:
         print("error: set MLOPS_WEBHOOK_SECRET (at least 16 characters), the same value as on the Airflow API "
               "server", file=sys.stderr)
         return 2
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking_uri.startswith(("http://", "https://")):
+        # Unset, MLflow would quietly create a new local mlflow.db and register the webhook there.
+        print(f"error: set MLFLOW_TRACKING_URI to the MLflow server's http(s) URL (got {tracking_uri or 'nothing'}): "
+              "the webhook lives in the server that sends it", file=sys.stderr)
+        return 2
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri)
     url = args.airflow_url.rstrip("/") + "/mlops/webhooks/mlflow"
     existing = next((w for w in client.list_webhooks() if w.name == NAME), None)
     if existing is None:
@@ -36,7 +43,7 @@ def main() -> int:
                                      description="alias changes -> Airflow model_promotion")
     else:
         hook = client.update_webhook(existing.webhook_id, url=url, events=EVENTS, secret=secret, status="ACTIVE")
-    print(f"MLflow webhook {hook.name} ({hook.webhook_id}) -> {url}")
+    print(f"MLflow webhook {hook.name} ({hook.webhook_id}) on {tracking_uri} -> {url}")
     return 0
 
 

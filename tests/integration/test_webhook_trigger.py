@@ -85,3 +85,14 @@ def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api,
     mlflow_server.post("registered-models/alias", {"name": MODEL, "alias": "challenger", "version": str(version)})
     time.sleep(15)  # several scheduler loops: time for a second run to appear, if anything would make one
     assert len(_asset_runs(base, token)) == 1
+
+
+@pytest.mark.parametrize("tracking_uri", [None, "sqlite:///mlflow.db"], ids=["unset", "not-a-server"])
+def test_registering_the_webhook_without_the_servers_url_is_refused_and_creates_no_database(tmp_path, tracking_uri):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"MLOPS_WEBHOOK_SECRET": SECRET} | ({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})
+    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url",
+                          "http://127.0.0.1:8080"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "set MLFLOW_TRACKING_URI to the MLflow server's http(s) URL" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db quietly made here
