@@ -13,6 +13,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.common.compat.sdk import AirflowSkipException
 from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
+from kubernetes.client.exceptions import ApiException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 10001  # the non-root user of images/steps/Dockerfile
+SIDECAR_LIMITS = {"cpu": "50m", "memory": "32Mi"}  # a shell sleeping until the result is read
 USER_ERROR = 2  # exit code of mlsteps.core.cli for a StepError (bad input, failed validation)
 
 
@@ -45,6 +47,27 @@ class StepPodOperator(KubernetesPodOperator):
         self.node_selector_json = node_selector_json
         # Appended to the rendered arguments; what a mapped task expands over (e.g. ["--worker", "1"]).
         self.extra_arguments = [str(a) for a in extra_arguments or []]
+
+    def process_pod_deletion(self, pod: k8s.V1Pod, *, reraise: bool = True) -> bool:
+        """As the provider's (succeeded pods go, failed ones stay for ``kubectl logs``), but a pod whose step
+        has not finished is deleted too.
+
+        That is a pod the task gave up on: still Pending at the startup timeout (no GPU node came), or still
+        running at ``execution_timeout``. Left there, it would run on beside the retry's pod (a retry never
+        reattaches to a pod its predecessor checked), holding a GPU and writing the same run folder.
+        """
+        if pod is not None and pod.status is not None and pod.status.phase in ("Pending", "Running") \
+                and exit_code(pod, self.base_container_name) is None:
+            self.log.info("Deleting pod %s: its step never finished (phase %s)", pod.metadata.name, pod.status.phase)
+            try:
+                self.pod_manager.delete_pod(pod)
+            except ApiException:
+                if reraise:
+                    raise
+                self.log.exception("Could not delete pod %s; delete it by hand", pod.metadata.name)
+                return False
+            return True
+        return super().process_pod_deletion(pod, reraise=reraise)
 
     def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> Any:
         """As the provider's, but a step that rejected its input fails the task without retries."""
@@ -79,6 +102,13 @@ class StepPodOperator(KubernetesPodOperator):
                 raise ValueError(f"{self.task_id}: node_selector must be a JSON object of strings, "
                                  f"got {self.node_selector_json!r}")
             pod.spec.node_selector = {**(pod.spec.node_selector or {}), **selector}
+        for sidecar in pod.spec.containers[1:]:
+            # The provider's XCom sidecar requests resources but sets no limits: a namespace whose
+            # ResourceQuota or LimitRange demands them would refuse the whole pod.
+            resources = sidecar.resources or k8s.V1ResourceRequirements()
+            if not resources.limits:
+                resources.limits = dict(SIDECAR_LIMITS)
+            sidecar.resources = resources
         return pod
 
 
@@ -91,6 +121,8 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
     Returns StepPodOperator's keyword arguments, for a plain task or for ``StepPodOperator.partial(...)``.
     ``optional_secrets`` are mounted as environment variables when they exist (e.g. the Optuna storage URL).
     """
+    hardened = k8s.V1SecurityContext(allow_privilege_escalation=False, privileged=False, run_as_non_root=True,
+                                     capabilities=k8s.V1Capabilities(drop=["ALL"]))
     env_from = [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.mlflow_secret))]
     env_from += [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name, optional=True))
                  for name in optional_secrets]
@@ -116,10 +148,13 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
         security_context=k8s.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
-        container_security_context=k8s.V1SecurityContext(
-            allow_privilege_escalation=False, privileged=False, run_as_non_root=True,
-            capabilities=k8s.V1Capabilities(drop=["ALL"])),
+        container_security_context=hardened,
+        # The "restricted" Pod Security level checks every container, the XCom sidecar too.
+        xcom_sidecar_container_security_context=hardened,
         active_deadline_seconds=deadline_seconds,
+        # The provider's 120 s would fail a step waiting for a GPU node to be added or pulling the CUDA image.
+        schedule_timeout_seconds=settings.pod_start_timeout,
+        startup_timeout_seconds=settings.pod_start_timeout,
         do_xcom_push=True,
         deferrable=True,
         logging_interval=30,

@@ -37,6 +37,7 @@ class Settings:
     serving_deployment: str  # Deployment of the model server (kubernetes target)
     serving_admin_token_file: str  # bearer token of the local server's /admin/deploy (local target)
     kubernetes_conn_id: str  # Airflow connection the kubernetes target patches the Deployment through
+    pod_start_timeout: int  # seconds a step pod may wait to be scheduled, then as long again to start
 
 
 def load() -> Settings:
@@ -48,6 +49,10 @@ def load() -> Settings:
     if target not in DEPLOY_TARGETS:
         raise ValueError(f"MLOPS_DEPLOY_TARGET={target!r} is not one of {', '.join(DEPLOY_TARGETS)}")
     namespace = os.environ.get("MLOPS_NAMESPACE", "mlops")
+    var = Path(os.environ.get("MLOPS_VAR") or PROJECT_ROOT / "var")  # where scripts/serving.sh keeps its state
+    start_timeout = os.environ.get("MLOPS_POD_START_TIMEOUT", "1800")
+    if not start_timeout.strip().isdigit() or int(start_timeout) < 1:
+        raise ValueError(f"MLOPS_POD_START_TIMEOUT={start_timeout!r}: give a whole number of seconds (at least 1)")
     return Settings(
         runtime=runtime,
         namespace=namespace,
@@ -71,6 +76,7 @@ def load() -> Settings:
         serving_image=os.environ.get("MLOPS_SERVING_IMAGE", "ghcr.io/mlops-mnist/serving:0.1.0"),
         serving_deployment=os.environ.get("MLOPS_SERVING_DEPLOYMENT", "model-server"),
         serving_admin_token_file=os.environ.get("MLOPS_SERVING_ADMIN_TOKEN_FILE",
-                                                str(PROJECT_ROOT / "var" / "serving" / "admin-token")),
+                                                str(var / "serving" / "admin-token")),
         kubernetes_conn_id=os.environ.get("MLOPS_KUBERNETES_CONN_ID", "kubernetes_default"),
+        pod_start_timeout=int(start_timeout),
     )

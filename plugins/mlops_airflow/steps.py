@@ -64,7 +64,8 @@ def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Reso
             task_id=task_id, module=module, arguments=arguments, resources=resources, gpus=gpus,
             node_selector_json=node_selector_json, settings=settings, execution_timeout=timeout,
             optional_secrets=optional_secrets, image=image,
-            # The pod must die before Airflow gives up on it, or it would outlive its task.
+            # The pod's own limit as well (from its start): the operator deletes a pod still running when the
+            # task times out, and this ends it even where that deletion could not happen.
             deadline_seconds=int(timeout.total_seconds()), **operator_kwargs)
     else:
         from mlops_airflow.local import LocalStepOperator

@@ -102,8 +102,13 @@ def test_pod_runs_the_step_cli_hardened_with_shared_volume_and_mlflow_secret(ren
     assert spec["serviceAccountName"] == "mlops-steps"
     assert pod["metadata"]["namespace"] == "mlops"
     # The XCom sidecar reads the step's result file.
-    assert any(c["name"] == "airflow-xcom-sidecar" for c in spec["containers"])
+    (sidecar,) = [c for c in spec["containers"] if c["name"] == "airflow-xcom-sidecar"]
     assert {"name": "xcom", "mountPath": "/airflow/xcom"} in container["volumeMounts"]
+    # ... and passes what a namespace enforcing the "restricted" Pod Security level and a ResourceQuota ask of
+    # every container: without it the whole pod is refused.
+    assert sidecar["securityContext"]["allowPrivilegeEscalation"] is False
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert sidecar["resources"]["limits"]["cpu"] and sidecar["resources"]["limits"]["memory"]
 
 
 def test_step_arguments_carry_params_and_earlier_results(rendered):
@@ -231,6 +236,55 @@ def test_pod_whose_step_rejected_its_input_fails_without_retry(dag, monkeypatch,
     with pytest.raises(AirflowFailException if fails_at_once else RuntimeError) as raised:
         task.cleanup(pod, pod)
     assert isinstance(raised.value, AirflowFailException) is fails_at_once
+
+
+def _pod(phase: str, base: str | None, code: int = 0):
+    """A pod in ``phase`` whose step container is ``base``: None (not started), running or terminated."""
+    from kubernetes.client import models as k8s
+
+    statuses = []
+    if base is not None:
+        state = (k8s.V1ContainerState(running=k8s.V1ContainerStateRunning()) if base == "running" else
+                 k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code)))
+        statuses = [k8s.V1ContainerStatus(name="base", image="x", image_id="", ready=False, restart_count=0,
+                                           state=state)]
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="train-abc", namespace="mlops"),
+                     status=k8s.V1PodStatus(phase=phase, container_statuses=statuses))
+
+
+@pytest.mark.parametrize(("phase", "base", "code", "deleted"), [
+    ("Pending", None, 0, True),  # startup timeout: no GPU node came
+    ("Running", "running", 0, True),  # execution_timeout while the step still ran
+    ("Running", "terminated", 1, False),  # step failed, the XCom sidecar not yet gone: kept for kubectl logs
+    ("Failed", "terminated", 1, False),
+    ("Succeeded", "terminated", 0, True),
+], ids=["pending-at-startup-timeout", "running-at-timeout", "failed-sidecar-running", "failed", "succeeded"])
+def test_a_pod_the_task_gave_up_on_is_deleted_and_a_failed_one_kept(dag, phase, base, code, deleted):
+    class PodManager:
+        deleted: list[str] = []
+
+        def delete_pod(self, pod):
+            self.deleted.append(pod.metadata.name)
+
+    task = copy.deepcopy(dag.get_task("train"))
+    task.pod_manager = manager = PodManager()
+    task.process_pod_deletion(_pod(phase, base, code), reraise=False)
+    assert manager.deleted == (["train-abc"] if deleted else [])
+
+
+def test_step_pods_wait_for_a_node_and_an_image_longer_than_the_providers_two_minutes(dag, monkeypatch):
+    from datetime import timedelta
+
+    from mlops_airflow import settings, steps
+
+    task = dag.get_task("train")
+    assert task.schedule_timeout_seconds == task.startup_timeout_seconds == 1800
+    monkeypatch.setenv("MLOPS_POD_START_TIMEOUT", "600")
+    op = steps.step("validate", args={}, timeout=timedelta(hours=1))
+    assert op.schedule_timeout_seconds == op.startup_timeout_seconds == 600
+    monkeypatch.setenv("MLOPS_POD_START_TIMEOUT", "ten minutes")
+    with pytest.raises(ValueError, match="MLOPS_POD_START_TIMEOUT='ten minutes'"):
+        settings.load()
 
 
 def test_each_trial_worker_pod_gets_its_worker_index_and_the_search_settings(dag):

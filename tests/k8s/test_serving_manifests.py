@@ -48,6 +48,10 @@ def test_rollout_never_drops_ready_capacity_and_readiness_means_model_loaded():
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"  # never waits for MLflow
+    # Leaving pods answer until endpoints forget them, well within the grace period.
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert int(container["lifecycle"]["preStop"]["exec"]["command"][1]) < \
+        deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] / 2
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MODEL_URI"].startswith("models:/") and "$(MODEL_URI)" in container["args"]
 
@@ -58,6 +62,7 @@ def test_service_and_disruption_budget_select_the_server_pods():
     assert service["spec"]["selector"].items() <= labels.items()
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # unready pods never block a drain
     port = OBJECTS["Deployment"]["spec"]["template"]["spec"]["containers"][0]["ports"][0]
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
 
@@ -83,3 +88,15 @@ def test_promotion_may_read_and_patch_only_the_model_server():
     assert rule["resourceNames"] == [OBJECTS["Deployment"]["metadata"]["name"]] == [load().serving_deployment]
     assert set(rule["verbs"]) == {"get", "patch"} and set(rule["resources"]) == {"deployments", "deployments/status"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_the_kustomization_image_override_names_the_deployments_image():
+    import sys
+
+    sys.path.insert(0, str(FOLDER.parents[1] / "plugins"))
+    from mlops_airflow.settings import load
+
+    (override,) = yaml.safe_load((FOLDER / "kustomization.yaml").read_text())["images"]
+    image = OBJECTS["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.rsplit(":", 1)[0] == override["name"]  # else kustomize would leave the image alone
+    assert f"{override['newName']}:{override['newTag']}" == load().serving_image  # infra-validation runs the same
