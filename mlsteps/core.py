@@ -91,6 +91,25 @@ def setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
 
 
+EXPECTED_GPUS_ENV = "MLSTEPS_EXPECTED_GPUS"  # set by the Kubernetes runtime on pods that request GPUs
+
+
+def require_gpus(tf: Any) -> int:
+    """The GPUs TensorFlow sees; a StepError when the pod was given more than that.
+
+    A pod granted a GPU whose image lacks TensorFlow's CUDA build (or whose node lacks a working driver)
+    would otherwise train on the CPU for hours while holding the GPU.
+    """
+    visible = len(tf.config.list_physical_devices("GPU"))
+    text = os.environ.get(EXPECTED_GPUS_ENV, "0").strip() or "0"
+    expected = int(text) if text.isdigit() else 0
+    if visible < expected:
+        raise StepError(f"this pod was given {expected} GPU(s) but TensorFlow sees {visible}: build the steps image "
+                        "with --build-arg TF_EXTRAS=and-cuda (TensorFlow's CUDA libraries), and check the node's "
+                        "NVIDIA driver and device plugin; or set gpus to 0 in the trigger form to train on CPUs")
+    return visible
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON so that readers see either the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)

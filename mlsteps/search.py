@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,8 +315,9 @@ def _storage_class() -> type:
     return SearchStorage
 
 
-def open_storage(url: str, heartbeat_seconds: int) -> Any:
-    """An RDB storage with heartbeats; a stale trial is failed and retried once with the same parameters.
+def open_storage(url: str, heartbeat_seconds: int, *, retry_stale: bool = True) -> Any:
+    """An RDB storage with heartbeats; a stale trial is failed and (``retry_stale``) retried once with the same
+    parameters. ``select`` opens it without retries: once every worker has stopped, none would run them.
 
     A bad URL or a missing driver is a StepError (retrying cannot help); a database that does not answer
     raises StorageUnavailable, which the step runners retry.
@@ -338,6 +340,9 @@ def open_storage(url: str, heartbeat_seconds: int) -> Any:
         if parsed.database in (None, "", ":memory:"):
             raise StepError(f"{where}: an in-memory SQLite database is private to each worker; give a file, "
                             "e.g. sqlite:////data/optuna/studies.db")
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():  # SQLite's "unable to open database file", which no retry can fix
+            raise StepError(f"{where}: folder {folder} does not exist; create it, or point the URL elsewhere")
         engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on the file lock
         lock_file = Path(parsed.database).with_name(Path(parsed.database).name + ".lock")
     else:
@@ -353,10 +358,16 @@ def open_storage(url: str, heartbeat_seconds: int) -> Any:
             return _storage_class()(
                 url, lock_file=lock_file, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
                 grace_period=heartbeat_seconds * 3,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except sqlalchemy.exc.OperationalError as exc:  # refused, timed out, restarting, file not openable
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+                if retry_stale else None)
+    except sqlalchemy.exc.OperationalError as exc:  # refused, timed out, restarting, bad credentials, locked
         raise StorageUnavailable(f"cannot reach {where}: {cause(exc)}") from exc
-    except Exception as exc:  # missing driver, schema of another Optuna version, bad credentials...
+    except optuna.exceptions.StorageInternalError as exc:
+        # Optuna wraps what fails inside its own sessions (reading the schema version): an outage there too.
+        if isinstance(exc.__cause__ or exc.__context__, sqlalchemy.exc.OperationalError):
+            raise StorageUnavailable(f"cannot reach {where}: {cause(exc.__cause__ or exc.__context__)}") from exc
+        raise StepError(f"cannot open {where}: {cause(exc)}") from exc
+    except Exception as exc:  # missing driver, schema of another Optuna version...
         raise StepError(f"cannot open {where}: {cause(exc)}") from exc
 
 
@@ -439,12 +450,18 @@ def failure_summary(study: Any) -> str:
     from optuna.trial import TrialState
 
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
-    causes = collections.Counter(t.user_attrs.get("error") or "worker stopped mid-trial (killed, evicted or "
-                                 "out of memory); see that worker's log" for t in failed)
+    errors = [t.user_attrs.get("error") or "worker stopped mid-trial (killed, evicted or out of memory); see that "
+              "worker's log" for t in failed]
+    # One cause, whatever its numbers: "NaN loss at batch 3" and "... at batch 7" are the same failure.
+    causes = collections.Counter(_NUMBER.sub("#", error) for error in errors)
     if not causes:
         return "no trial failed"
-    cause, n = causes.most_common(1)[0]
-    return f"most common cause ({n} of {len(failed)} failed trials): {cause}"
+    kind, n = causes.most_common(1)[0]
+    example = next(error for error in errors if _NUMBER.sub("#", error) == kind)
+    return f"most common cause ({n} of {len(failed)} failed trials): {example}"
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\b(?:nan|inf)\b", re.IGNORECASE)
 
 
 def fail_stale_trials(study: Any) -> None:

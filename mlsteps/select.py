@@ -74,6 +74,21 @@ def _close_abandoned_runs(client: Any, study: Any) -> None:
             client.set_terminated(run_id, "FAILED")
 
 
+def _why_no_trial(study: Any) -> str:
+    """The likeliest reason a study holds no trial, from what its setup recorded."""
+    if not study.user_attrs.get("mlflow_run_id"):
+        return ("create_study did not finish (it records the search's MLflow run last); see its log, fix the "
+                "cause (often MLflow unreachable) and clear create_study")
+    created = study.user_attrs.get("created_at")
+    minutes = study.user_attrs.get("timeout_minutes")
+    if created is not None and minutes is not None and time.time() < float(created) + float(minutes) * 60:
+        return ("no worker started a trial, with time left in the budget: the tune tasks failed before their "
+                "first trial (or never started); see their logs")
+    return ("the time budget (search_timeout_minutes, counted from the study's creation) was spent before a "
+            "worker started one, or no worker ran; see the tune tasks' logs, and trigger a new run with a larger "
+            "time budget")
+
+
 def best_trial(study: Any) -> tuple[Any, str, float]:
     """(trial, state, value): the best complete trial; if none completed, the pruned trial whose last epoch
     scored best, with that score."""
@@ -85,9 +100,7 @@ def best_trial(study: Any) -> tuple[Any, str, float]:
         best = study.best_trial
         return best, "complete", best.value
     if not trials:
-        raise StepError(f"search {study.study_name}: no trial ran: the time budget (search_timeout_minutes, "
-                        "counted from the study's creation) was spent before a worker started one, or no worker "
-                        "ran; see the tune tasks' logs, and trigger a new run with a larger time budget")
+        raise StepError(f"search {study.study_name}: no trial ran: {_why_no_trial(study)}")
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     if not pruned:
         raise StepError(f"search {study.study_name}: no trial finished ({search.counts(study).as_dict()}); "
@@ -151,7 +164,8 @@ def _plots(study: Any, folder: Path) -> list[Path]:
 def run(config: SelectConfig) -> dict[str, Any]:
     import optuna
 
-    storage = search.open_storage(search.storage_url(config.storage, config.data_root), config.heartbeat_seconds)
+    storage = search.open_storage(search.storage_url(config.storage, config.data_root), config.heartbeat_seconds,
+                                  retry_stale=False)  # every worker has stopped: none would run a retry
     name = search.study_name(config.run_key)
     try:
         study = optuna.load_study(study_name=name, storage=storage)

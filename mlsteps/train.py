@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data, tracking
-from .core import StepError, atomic_directory, cli, field, is_complete, write_json_atomic
+from .core import StepError, atomic_directory, cli, field, is_complete, require_gpus, write_json_atomic
 
 log = logging.getLogger("mlsteps.train")
 
@@ -36,7 +36,7 @@ class TrainConfig(tracking.RunStepConfig):
 
 
 def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = require_gpus(tf)
     if not gpus:
         log.info("no GPU visible: training on the CPU")
         return tf.distribute.get_strategy(), 0
@@ -44,8 +44,8 @@ def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
         import keras
 
         keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("training on %d GPU(s) with MirroredStrategy", len(gpus))
-    return tf.distribute.MirroredStrategy(), len(gpus)
+    log.info("training on %d GPU(s) with MirroredStrategy", gpus)
+    return tf.distribute.MirroredStrategy(), gpus
 
 
 def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int, examples: int) -> Any:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import data, search, tracking
-from .core import StepError, cli, field
+from .core import StepError, cli, field, require_gpus
 
 log = logging.getLogger("mlsteps.tune")
 
@@ -56,8 +56,8 @@ def _check(config: TuneConfig) -> None:
         problems.append("--trials must be >= 1")
     if config.max_epochs < 1:
         problems.append("--max-epochs must be >= 1")
-    if config.timeout_minutes <= 0:
-        problems.append("--timeout-minutes must be > 0")
+    if not math.isfinite(config.timeout_minutes) or config.timeout_minutes <= 0:
+        problems.append(f"--timeout-minutes must be a number > 0, got {config.timeout_minutes}")
     if config.pruner not in search.PRUNERS:
         problems.append(f"--pruner {config.pruner!r} is not one of {', '.join(search.PRUNERS)}")
     if config.sampler not in search.SAMPLERS:
@@ -101,6 +101,8 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
             study.set_user_attr("settings", settings)
         if "created_at" not in study.user_attrs:  # the time budget counts from here, whichever try set it up
             study.set_user_attr("created_at", time.time())
+        if "timeout_minutes" not in study.user_attrs:  # for select to tell a spent budget from dead workers
+            study.set_user_attr("timeout_minutes", config.timeout_minutes)
     else:
         try:
             study = optuna.load_study(**kwargs)
@@ -310,6 +312,12 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
             raise KeyboardInterrupt from exc
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
         if trial is None or trial.state != TrialState.FAIL or not _tell_refused(cause):
+            saved = trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            if number is not None and trainer.finished_run is not None and not saved:
+                # Its MLflow run was closed as finished, but the result never reached the study: the trial
+                # will be failed as stale and retried, so the run must not go on saying it completed.
+                trainer._end_run(trainer.finished_run, "FAIL", "FAILED",
+                                 error=f"result not saved in the study ({type(cause).__name__}); retried")
             if cause is not exc:
                 raise cause from None  # the real failure (a storage outage, say), not Optuna's bookkeeping
             raise
@@ -339,6 +347,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
     import optuna
     import tensorflow as tf
 
+    require_gpus(tf)
     if config.threads:
         tf.config.threading.set_intra_op_parallelism_threads(config.threads)
         tf.config.threading.set_inter_op_parallelism_threads(config.threads)

@@ -34,11 +34,30 @@ if e["DATASET"] == "custom" and not e["SOURCE_DIR"]:
     fail("DATASET=custom needs SOURCE_DIR=<folder with the four IDX files>")
 if e["SOURCE_DIR"] and not os.path.isdir(e["SOURCE_DIR"]):
     fail(f"SOURCE_DIR={e['SOURCE_DIR']!r} is not a folder")
-print(json.dumps({"dataset": e["DATASET"], "epochs": number("EPOCHS"), "batch_size": number("BATCH_SIZE"),
-                  "source_dir": e["SOURCE_DIR"], "gpus": 0, "search": e["SEARCH"].lower() in ("1", "true", "yes"),
-                  "search_trials": number("SEARCH_TRIALS"), "search_workers": number("SEARCH_WORKERS"),
-                  "search_epochs": number("SEARCH_EPOCHS"), "search_train_examples": number("SEARCH_EXAMPLES"),
-                  "compress_finetune_epochs": number("COMPRESS_EPOCHS"), "review": e["REVIEW"]}))
+if e["SEARCH"].lower() not in ("1", "true", "yes", "0", "false", "no"):
+    fail(f"SEARCH={e['SEARCH']!r}: choose true or false")
+options = {"epochs": "EPOCHS", "batch_size": "BATCH_SIZE", "search_trials": "SEARCH_TRIALS",
+           "search_workers": "SEARCH_WORKERS", "search_epochs": "SEARCH_EPOCHS",
+           "search_train_examples": "SEARCH_EXAMPLES", "compress_finetune_epochs": "COMPRESS_EPOCHS"}
+conf = {"dataset": e["DATASET"], "source_dir": e["SOURCE_DIR"], "gpus": 0,
+        "search": e["SEARCH"].lower() in ("1", "true", "yes"), "review": e["REVIEW"]}
+conf |= {param: number(name) for param, name in options.items()}
+# The ranges are the trigger form's own (the DAG's params), checked here rather than after the servers started.
+import copy, importlib.util
+sys.path[:0] = ["plugins"]
+spec = importlib.util.spec_from_file_location("mnist_training_options", "dags/mnist_training.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from airflow.sdk import DAG
+dag = next(v for v in vars(module).values() if isinstance(v, DAG))
+for param, value in conf.items():
+    params = copy.deepcopy(dag.params)
+    try:
+        params[param] = value
+        params.validate()
+    except Exception as exc:  # ParamValidationError: its first line names the param, the value and the bound
+        fail(f"{options.get(param, param.upper())}={value}: {str(exc).splitlines()[0]}")
+print(json.dumps(conf))
 PY
 )
 

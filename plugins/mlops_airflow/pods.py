@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from mlops_airflow.steps import Resources
 
 GPU_RESOURCE = "nvidia.com/gpu"
+EXPECTED_GPUS_ENV = "MLSTEPS_EXPECTED_GPUS"  # mlsteps.core.require_gpus reads it
 RUN_AS_USER = 10001  # the non-root user of images/steps/Dockerfile
 SIDECAR_LIMITS = {"cpu": "50m", "memory": "32Mi"}  # a shell sleeping until the result is read
 USER_ERROR = 2  # exit code of mlsteps.core.cli for a StepError (bad input, failed validation)
@@ -96,6 +97,8 @@ class StepPodOperator(KubernetesPodOperator):
             container.resources = resources
             pod.spec.tolerations = [*(pod.spec.tolerations or []),
                                     k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+            # The step refuses to run on the CPU when TensorFlow does not see what the pod was given.
+            container.env = [*(container.env or []), k8s.V1EnvVar(name=EXPECTED_GPUS_ENV, value=str(gpus))]
         if self.node_selector_json.strip():
             selector = json.loads(self.node_selector_json)
             if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):

@@ -200,6 +200,7 @@ def test_training_pod_requests_the_gpus_and_node_pool_from_the_trigger_form(dag)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "2"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
     assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "a100"}
+    assert {"name": "MLSTEPS_EXPECTED_GPUS", "value": "2"} in container["env"]  # the step checks it sees them
     assert pod["spec"]["activeDeadlineSeconds"] == int(task.execution_timeout.total_seconds())
     assert task.deferrable and task.logging_interval and task.do_xcom_push
     assert task.on_finish_action.value == "delete_succeeded_pod"
@@ -209,6 +210,7 @@ def test_cpu_only_training_and_other_steps_request_no_gpu(dag, rendered):
     pod, _ = render(dag, "train", gpus=0)
     assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
     assert not pod["spec"].get("tolerations")
+    assert all(e["name"] != "MLSTEPS_EXPECTED_GPUS" for e in pod["spec"]["containers"][0]["env"])
     assert "nvidia.com/gpu" not in rendered["prep"]["spec"]["containers"][0]["resources"]["limits"]
 
 

@@ -193,3 +193,22 @@ def test_run_keys_become_single_safe_folder_names(tmp_path, run_key, safe) -> No
     folder = tracking.run_dir(str(tmp_path), run_key)
     assert folder.parent == tmp_path.resolve() / "runs"
     assert folder.name == safe
+
+
+@pytest.mark.parametrize(("expected", "visible", "fails"), [("", 0, False), ("0", 0, False), ("2", 2, False),
+                                                            ("1", 0, True), ("4", 2, True)],
+                         ids=["cpu-pod", "zero", "all-seen", "cuda-missing", "some-missing"])
+def test_a_pod_given_gpus_that_tensorflow_cannot_see_refuses_to_train_on_the_cpu(monkeypatch, expected, visible,
+                                                                                  fails) -> None:
+    import types
+
+    from mlsteps import core
+
+    tf = types.SimpleNamespace(config=types.SimpleNamespace(
+        list_physical_devices=lambda kind: [f"/physical_device:GPU:{i}" for i in range(visible)]))
+    monkeypatch.setenv("MLSTEPS_EXPECTED_GPUS", expected)
+    if fails:
+        with pytest.raises(core.StepError, match=rf"given {expected} GPU\(s\) but TensorFlow sees {visible}.*TF_EXTRAS"):
+            core.require_gpus(tf)
+    else:
+        assert core.require_gpus(tf) == visible

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import time
 import types
 import warnings
@@ -283,7 +284,9 @@ def test_a_result_that_fails_to_save_for_another_reason_ends_the_worker_with_tha
 
     # Left to the heartbeat check once this worker is gone (when another worker has not failed it already).
     assert _states(study) == {0: "FAIL" if failed_elsewhere else "RUNNING"}
-    assert [c for c in runs.calls if c[0] == "set_terminated"] == [("set_terminated", "FINISHED")]
+    # Its MLflow run, closed as finished before the save, no longer says so: the trial will be retried.
+    assert [c for c in runs.calls if c[0] == "set_terminated"] == [("set_terminated", "FINISHED"),
+                                                                    ("set_terminated", "FAILED")]
 
 
 def test_a_trained_trial_is_kept_when_mlflow_fails_to_close_its_run(tmp_path) -> None:
@@ -358,3 +361,81 @@ def test_a_plain_postgresql_url_uses_the_installed_driver() -> None:
         "postgresql+psycopg2://u:p%40ss@db:5432/optuna"
     assert search._with_driver("postgresql+psycopg2://u@db/optuna") == "postgresql+psycopg2://u@db/optuna"
     assert search._with_driver("sqlite:////data/optuna.db") == "sqlite:////data/optuna.db"
+
+
+def test_a_sqlite_url_in_a_missing_folder_is_a_configuration_error_not_an_outage(tmp_path) -> None:
+    with pytest.raises(StepError, match=r"folder .*nowhere does not exist"):
+        search.open_storage(f"sqlite:///{tmp_path / 'nowhere' / 'optuna.db'}", HEARTBEAT)
+
+
+def test_an_outage_inside_optunas_own_session_is_still_retryable(tmp_path, monkeypatch) -> None:
+    import sqlalchemy.exc
+    from optuna.storages._rdb import models
+
+    def connection_lost(*args: Any, **kwargs: Any) -> None:
+        raise sqlalchemy.exc.OperationalError("SELECT version_info", {}, Exception("server closed the connection"))
+
+    # Optuna reads the schema version inside its own session, which wraps the error in StorageInternalError.
+    monkeypatch.setattr(models.VersionInfoModel, "find", connection_lost)
+    with pytest.raises(search.StorageUnavailable, match="server closed the connection"):
+        search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", HEARTBEAT)
+
+
+# --- what select reports ----------------------------------------------------------------------------------------
+
+
+def _failed(study: Any, error: str | None) -> None:
+    import optuna
+
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                              user_attrs={"error": error} if error else {}))
+
+
+def test_the_most_common_cause_counts_one_failure_whatever_its_numbers() -> None:
+    import optuna
+
+    study = optuna.create_study()
+    for batch, lr in ((3, 0.41), (17, 0.92), (2, 1.5e-1)):
+        _failed(study, f"RuntimeError: NaN or Inf loss encountered at batch {batch}; learning_rate={lr}")
+    _failed(study, None)  # a worker that died
+    summary = search.failure_summary(study)
+    assert summary.startswith("most common cause (3 of 4 failed trials): RuntimeError: NaN or Inf loss")
+    assert "batch 3; learning_rate=0.41" in summary  # one real message, as it was
+
+
+def test_select_queues_no_retry_of_a_dead_workers_trial_since_no_worker_is_left(tmp_path) -> None:
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(url)
+    _ask(study)  # a worker took a trial, then died: its heartbeat stops
+    time.sleep(3 * HEARTBEAT + 1)
+    as_select = optuna.load_study(study_name="s", storage=search.open_storage(url, HEARTBEAT, retry_stale=False))
+    search.fail_stale_trials(as_select)
+    assert _states(as_select) == {0: "FAIL"}  # no WAITING copy that nobody would ever run
+    assert search.counts(as_select).failed_for_good == 1
+
+
+@pytest.mark.parametrize(("setup", "expected"), [
+    ({}, "create_study did not finish"),
+    ({"mlflow_run_id": "r", "created_at": "now", "timeout_minutes": 60}, "no worker started a trial, with time left"),
+    ({"mlflow_run_id": "r", "created_at": 0.0, "timeout_minutes": 60}, "the time budget (search_timeout_minutes"),
+], ids=["setup-unfinished", "workers-failed", "budget-spent"])
+def test_select_says_why_no_trial_ran(setup, expected) -> None:
+    import optuna
+
+    from mlsteps import select
+
+    study = optuna.create_study()
+    for key, value in setup.items():
+        study.set_user_attr(key, time.time() if value == "now" else value)
+    with pytest.raises(StepError, match=re.escape(expected)):
+        select.best_trial(study)
+
+
+def test_a_time_budget_that_is_not_a_finite_number_is_refused() -> None:
+    from mlsteps import tune
+
+    config = tune.TuneConfig(manifest="m.json", data_root="/tmp", run_key="k", timeout_minutes=float("nan"))
+    with pytest.raises(StepError, match="--timeout-minutes must be a number > 0, got nan"):
+        tune._check(config)
