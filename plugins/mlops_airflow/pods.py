@@ -117,7 +117,7 @@ class StepPodOperator(KubernetesPodOperator):
 
 def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resources: Resources, gpus: str | int,
                     node_selector_json: str, deadline_seconds: int, settings: Settings,
-                    optional_secrets: tuple[str, ...] = (), image: str | None = None,
+                    optional_secrets: tuple[str, ...] = (), image: str | None = None, data_volume: bool = True,
                     **kwargs: Any) -> dict[str, Any]:
     """One step as a pod: image, command, resources, shared volume, MLflow secret, hardening.
 
@@ -143,8 +143,8 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
         gpus=gpus,
         node_selector_json=node_selector_json,
         volumes=[k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=settings.data_pvc))],
-        volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=settings.data_root)],
+            claim_name=settings.data_pvc))] if data_volume else [],
+        volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=settings.data_root)] if data_volume else [],
         env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
         env_from=env_from,
         service_account_name=settings.service_account,

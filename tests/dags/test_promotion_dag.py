@@ -55,6 +55,8 @@ def test_infra_validation_pod_runs_the_candidate_in_the_serving_image(dag):
     assert container["command"] == ["python", "-m", "mlsteps.infra_validate"]
     flags = dict(zip(container["args"][::2], container["args"][1::2]))
     assert (flags["--model-name"], flags["--version"], flags["--requests"]) == ("mnist_classifier", "7", "80")
+    # It reads the model from MLflow only: no claim on the data volume (which, ReadWriteOnce, would pin the node).
+    assert all("persistentVolumeClaim" not in v for v in pod["spec"]["volumes"])
 
 
 class FakeRegistry:
