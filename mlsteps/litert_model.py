@@ -58,7 +58,10 @@ class LiteRTClassifier(mlflow.pyfunc.PythonModel):
                 self._batch = len(images)
             self._interpreter.set_tensor(self._input["index"], images)
             self._interpreter.invoke()
-            return self._interpreter.get_tensor(self._output["index"]).copy()
+            probabilities = self._interpreter.get_tensor(self._output["index"]).astype(np.float32)
+        # An int8 model's softmax comes out in steps of 1/256: rows summed to 0.99, not 1. Rescaled, they do.
+        sums = probabilities.sum(axis=1, keepdims=True)
+        return np.divide(probabilities, sums, out=probabilities, where=sums > 0)
 
 
 mlflow.models.set_model(LiteRTClassifier())

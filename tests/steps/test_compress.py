@@ -181,6 +181,7 @@ def test_pyfunc_of_the_registered_version_predicts_the_same_classes_as_litert(tr
     model = mlflow.pyfunc.load_model(registered["model_uri"])
     probabilities = np.asarray(model.predict(images))
     assert probabilities.shape == (len(images), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)  # even from an int8 softmax
     expected = _litert_classes(compressed["tflite_path"], images)
     np.testing.assert_array_equal(probabilities.argmax(axis=1), expected)
     assert np.mean(expected == labels) == pytest.approx(compressed["accuracy"], abs=1e-9)

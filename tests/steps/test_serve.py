@@ -136,7 +136,9 @@ def test_tf_serving_predict_answers_what_litert_answers_and_names_model_and_vers
     images = _images(5)
     status, headers, body = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": images.tolist()})
     assert status == 200, body
-    np.testing.assert_allclose(np.asarray(body["predictions"]), _litert(tflite, images), atol=1e-6)
+    raw = _litert(tflite, images)  # int8 softmax: steps of 1/256, rows not summing to 1
+    np.testing.assert_allclose(np.asarray(body["predictions"]), raw / raw.sum(axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(body["predictions"]).sum(axis=1), 1.0, atol=1e-6)  # probabilities
     champion = str(versions[-1])
     assert (body["model_name"], body["model_version"]) == (MODEL, champion)
     assert (headers["x-model-name"], headers["x-model-version"]) == (MODEL, champion)
