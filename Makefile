@@ -19,7 +19,7 @@ SEARCH_EPOCHS ?= 2
 SEARCH_EXAMPLES ?= 10000
 COMPRESS_EPOCHS ?= 2
 REVIEW ?= auto
-# make test options: PYTEST_ARGS="-k resume", TEST_MARKERS="not slow"
+# make test options: PYTEST_ARGS="-k resume", TEST_MARKERS="not slow" (TEST_SERIAL=1: suites one after the other)
 PYTEST_ARGS ?=
 TEST_MARKERS ?= not slow
 
