@@ -28,6 +28,11 @@ class StepError(Exception):
     """A failure the user can act on; the CLI prints it without a stack trace and exits 2."""
 
 
+class NodeError(Exception):
+    """A fault of the machine the step ran on (e.g. a GPU it cannot use); the CLI prints it without a stack
+    trace and exits 1, so the runner retries, perhaps on another node."""
+
+
 C = TypeVar("C")
 
 
@@ -95,7 +100,7 @@ EXPECTED_GPUS_ENV = "MLSTEPS_EXPECTED_GPUS"  # set by the Kubernetes runtime on 
 
 
 def require_gpus(tf: Any) -> int:
-    """The GPUs TensorFlow sees; a StepError when the pod was given more than that.
+    """The GPUs TensorFlow sees; a NodeError when the pod was given more than that.
 
     A pod granted a GPU whose image lacks TensorFlow's CUDA build (or whose node lacks a working driver)
     would otherwise train on the CPU for hours while holding the GPU.
@@ -103,8 +108,8 @@ def require_gpus(tf: Any) -> int:
     visible = len(tf.config.list_physical_devices("GPU"))
     text = os.environ.get(EXPECTED_GPUS_ENV, "0").strip() or "0"
     expected = int(text) if text.isdigit() else 0
-    if visible < expected:
-        raise StepError(f"this pod was given {expected} GPU(s) but TensorFlow sees {visible}: build the steps image "
+    if visible < expected:  # retried: another node may have a working driver (a missing CUDA build fails again)
+        raise NodeError(f"this pod was given {expected} GPU(s) but TensorFlow sees {visible}: build the steps image "
                         "with --build-arg TF_EXTRAS=and-cuda (TensorFlow's CUDA libraries), and check the node's "
                         "NVIDIA driver and device plugin; or set gpus to 0 in the trigger form to train on CPUs")
     return visible
@@ -168,6 +173,10 @@ def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except NodeError as exc:
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     write_json_atomic(result_path, result)
     log.info("result written to %s", result_path)
     return 0

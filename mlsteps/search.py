@@ -452,20 +452,32 @@ def failure_summary(study: Any) -> str:
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
     errors = [t.user_attrs.get("error") or "worker stopped mid-trial (killed, evicted or out of memory); see that "
               "worker's log" for t in failed]
-    # One cause, whatever its numbers: "NaN loss at batch 3" and "... at batch 7" are the same failure.
-    causes = collections.Counter(_NUMBER.sub("#", error) for error in errors)
+    causes = collections.Counter(_cause_kind(error) for error in errors)
     if not causes:
         return "no trial failed"
     kind, n = causes.most_common(1)[0]
-    example = next(error for error in errors if _NUMBER.sub("#", error) == kind)
+    example = next(error for error in errors if _cause_kind(error) == kind)
     return f"most common cause ({n} of {len(failed)} failed trials): {example}"
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\b(?:nan|inf)\b", re.IGNORECASE)
+# A number on its own (not part of a name such as float16), or nan/inf.
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])|\b(?:nan|inf)\b",
+                     re.IGNORECASE)
+
+
+def _cause_kind(error: str) -> str:
+    """One cause, whatever its numbers: "NaN loss at batch 3" and "... at batch 7" are the same failure; HTTP
+    status codes (403 is not 503) stay."""
+    def blank(match: re.Match) -> str:
+        text = match.group(0)
+        return text if text.isdigit() and len(text) == 3 and 100 <= int(text) <= 599 else "#"
+
+    return _NUMBER.sub(blank, error)
 
 
 def fail_stale_trials(study: Any) -> None:
-    """Mark trials whose worker stopped sending heartbeats as failed (their retry is queued)."""
+    """Mark trials whose worker stopped sending heartbeats as failed (and queue their retry, when the storage
+    was opened with ``retry_stale``)."""
     import optuna
 
     with warnings.catch_warnings():

@@ -101,8 +101,9 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
             study.set_user_attr("settings", settings)
         if "created_at" not in study.user_attrs:  # the time budget counts from here, whichever try set it up
             study.set_user_attr("created_at", time.time())
-        if "timeout_minutes" not in study.user_attrs:  # for select to tell a spent budget from dead workers
-            study.set_user_attr("timeout_minutes", config.timeout_minutes)
+        # For select to tell a spent budget from dead workers: the budget of the latest setup (a continued search
+        # may bring a new one).
+        study.set_user_attr("timeout_minutes", config.timeout_minutes)
     else:
         try:
             study = optuna.load_study(**kwargs)

@@ -21,10 +21,11 @@ fi
 
 logs=var/test-logs
 mkdir -p "$logs"
-"${airflow[@]}" >"$logs/airflow.log" 2>&1 &
+# A background job of a script starts with SIGINT ignored: give it back, so that Ctrl-C reaches it.
+( trap - INT; exec "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
 airflow_pid=$!
-# Ctrl-C or a failure of this script must not leave the background suite running.
-trap 'kill -INT $airflow_pid 2>/dev/null; wait $airflow_pid 2>/dev/null' INT TERM
+# Ctrl-C or a TERM (a CI timeout) must not leave the background suite running.
+trap 'kill -INT $airflow_pid 2>/dev/null; wait $airflow_pid 2>/dev/null; exit 130' INT TERM
 echo "$airflow_title: running alongside, output in $logs/airflow.log (printed when it ends)"
 echo "$steps_title"
 "${steps[@]}"

@@ -13,7 +13,6 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.common.compat.sdk import AirflowSkipException
 from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
-from kubernetes.client.exceptions import ApiException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -62,7 +61,7 @@ class StepPodOperator(KubernetesPodOperator):
             self.log.info("Deleting pod %s: its step never finished (phase %s)", pod.metadata.name, pod.status.phase)
             try:
                 self.pod_manager.delete_pod(pod)
-            except ApiException:
+            except Exception:  # as the provider's: with reraise=False nothing may hide the task's own failure
                 if reraise:
                     raise
                 self.log.exception("Could not delete pod %s; delete it by hand", pod.metadata.name)
@@ -109,6 +108,8 @@ class StepPodOperator(KubernetesPodOperator):
             # The provider's XCom sidecar requests resources but sets no limits: a namespace whose
             # ResourceQuota or LimitRange demands them would refuse the whole pod.
             resources = sidecar.resources or k8s.V1ResourceRequirements()
+            if isinstance(resources, dict):  # as the connection's xcom_sidecar_container_resources extra gives it
+                resources = k8s.V1ResourceRequirements(**resources)
             if not resources.limits:
                 resources.limits = dict(SIDECAR_LIMITS)
             sidecar.resources = resources

@@ -208,7 +208,25 @@ def test_a_pod_given_gpus_that_tensorflow_cannot_see_refuses_to_train_on_the_cpu
         list_physical_devices=lambda kind: [f"/physical_device:GPU:{i}" for i in range(visible)]))
     monkeypatch.setenv("MLSTEPS_EXPECTED_GPUS", expected)
     if fails:
-        with pytest.raises(core.StepError, match=rf"given {expected} GPU\(s\) but TensorFlow sees {visible}.*TF_EXTRAS"):
+        with pytest.raises(core.NodeError, match=rf"given {expected} GPU\(s\) but TensorFlow sees {visible}.*TF_EXTRAS"):
             core.require_gpus(tf)
     else:
         assert core.require_gpus(tf) == visible
+
+
+def test_a_node_fault_exits_1_so_the_runner_retries_and_a_step_error_exits_2(tmp_path, capsys) -> None:
+    import dataclasses
+
+    from mlsteps import core
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        what: str = core.field("step", help="which error")
+
+    def run(config: Config) -> dict:
+        raise (core.NodeError if config.what == "node" else core.StepError)(f"{config.what} went wrong")
+
+    result = ["--result-path", str(tmp_path / "r.json")]
+    assert core.cli(run, Config, "t", ["--what", "node", *result]) == 1
+    assert core.cli(run, Config, "t", ["--what", "step", *result]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: node went wrong", "error: step went wrong"]

@@ -403,6 +403,19 @@ def test_the_most_common_cause_counts_one_failure_whatever_its_numbers() -> None
     assert "batch 3; learning_rate=0.41" in summary  # one real message, as it was
 
 
+
+def test_failures_that_differ_in_an_http_status_or_a_name_stay_apart() -> None:
+    import optuna
+
+    study = optuna.create_study()
+    for code in (403, 503, 503):
+        _failed(study, f"MlflowException: API request failed with error code {code} != 200")
+    _failed(study, "TypeError: expected float16, got float32")
+    assert search.failure_summary(study) == ("most common cause (2 of 4 failed trials): MlflowException: API "
+                                             "request failed with error code 503 != 200")
+    assert search._cause_kind("expected float16, got float32") == "expected float16, got float32"
+
+
 def test_select_queues_no_retry_of_a_dead_workers_trial_since_no_worker_is_left(tmp_path) -> None:
     import optuna
 
