@@ -137,10 +137,12 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
     python = VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    installed = VENV / ".installed"  # written last: an install that failed half-way is redone, not used
+    if not installed.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "-r",
                         str(ROOT / "bench" / "requirements-frameworks.txt")], check=True)
+        installed.touch()
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="bench_frameworks_"))

@@ -42,10 +42,10 @@ from functools import partial
 # ([dag_processor] parsing_pre_import_modules): the provider's ~0.7 s import is then not paid per parse.
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
-from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_BY, REVIEW_MODES, REVIEWER,
-                                  approval, plan_review)
+from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_AT, REJECTED_BY,
+                                  REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_review)
 from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
-from mlops_airflow.settings import load
+from mlops_airflow.settings import MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
 
@@ -136,8 +136,9 @@ with DAG(
         "node_selector": Param({}, type="object",
                                description='Node selector for the training and trial-worker pods, e.g. '
                                            '{"cloud.google.com/gke-nodepool": "gpu-a100"}.'),
-        "model_name": Param("mnist_classifier", type="string", minLength=1,
-                            description="Registered model name in MLflow."),
+        "model_name": Param("mnist_classifier", type="string", minLength=1, maxLength=200,
+                            pattern=MODEL_NAME_PATTERN,
+                            description="Registered model name in MLflow: letters, digits, _ . - (it is in the model server's URLs)."),
     },
 ) as dag:
     prep = step("prep", timeout=timedelta(minutes=30), resources=Resources(cpu="1", memory="2Gi"),
@@ -214,7 +215,8 @@ with DAG(
     # records only a rejection (approve skipped promote).
     record = step("review", task_id="record_rejection", timeout=timedelta(minutes=10),
                   resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed",
-                  args={**review, "decision": REJECTED, "reviewer": REJECTED_BY, "comment": ""})
+                  args={**review, "decision": REJECTED, "reviewer": REJECTED_BY, "comment": REJECTED_COMMENT,
+                        "decided_at": REJECTED_AT})
 
     prep >> validate >> workers >> create_study >> tune >> select >> chosen
     validate >> chosen >> train >> evaluate >> compress >> register >> gate >> plan >> [approve, promote]

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param
 from mlops_airflow.promotion import deploy, plan, record, rollback, smoke_test
-from mlops_airflow.settings import load
+from mlops_airflow.settings import MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import Resources, xcom
 from mlops_airflow.steps import step as render_step
 from mlops_airflow.webhooks import ASSET_NAME, ASSET_URI
@@ -57,9 +57,10 @@ with DAG(
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=20),
                   "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=5)},
     params={
-        "model_name": Param("mnist_classifier", type="string", minLength=1,
+        "model_name": Param("mnist_classifier", type="string", minLength=1, maxLength=200,
+                            pattern=MODEL_NAME_PATTERN,
                             description="The registered model this deployment serves (alias events of other "
-                                        "models are ignored)."),
+                                        "models are ignored); letters, digits, _ . -."),
         "version": Param(0, type="integer", minimum=0,
                          description="Deploy this version (the alias champion follows it); 0: the champion."),
         "validation_requests": Param(50, type="integer", minimum=2, maximum=10000,

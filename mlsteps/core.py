@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import types
@@ -162,11 +163,20 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    log.warning("terminated (SIGTERM): stopping")
+    raise SystemExit(128 + signum)
+
+
 def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str,
         argv: Sequence[str] | None = None) -> int:
     """Shared ``main``: parse flags into the config, run the step, write its result for XCom."""
     setup_logging()
     config, result_path = parse_config(config_cls, argv, description)
+    # SIGTERM (a timed-out or cleared task, a deleted pod) ends the step through its `finally` blocks: a
+    # process it started in a session of its own (infra_validate's model server) is stopped, not orphaned.
+    # Exit 143 as before; anything not handled in a `finally` is left as a kill would leave it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         result = run(config)
     except StepError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,9 @@ class RegisterConfig:
     tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # as the DAGs' MODEL_NAME_PATTERN
+
+
 def code_version() -> str:
     """The steps package version, plus the commit baked into the image when there is one."""
     commit = os.environ.get("MLSTEPS_GIT_COMMIT", "")
@@ -56,6 +60,9 @@ def _json_object(flag: str, text: str) -> dict[str, Any]:
 
 
 def run(config: RegisterConfig) -> dict[str, Any]:
+    if not MODEL_NAME.fullmatch(config.model_name):
+        raise StepError(f"--model-name {config.model_name!r}: use letters, digits, '_', '.' and '-', starting with a "
+                        "letter or digit (MLflow refuses '/' and ':'; the model server puts the name in its URLs)")
     metrics = _json_object("--metrics", config.metrics)
     extra_tags = {str(k): str(v) for k, v in _json_object("--tags", config.tags).items()}
     mlflow = tracking.connect(config.tracking_uri)

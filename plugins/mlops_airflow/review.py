@@ -49,15 +49,39 @@ Approve moves the alias `champion` to this version (promotion then deploys it); 
 """
 
 
+ANSWER_KEY = "answer"
+
+
+class ReviewApproval(ApprovalOperator):
+    """ApprovalOperator that keeps every answer in XCom (key ``answer``), a rejection's too.
+
+    On Reject (or no answer in time) the operator skips ``promote`` by raising out of ``execute_complete``
+    before its answer is returned, so the return value is never pushed: who rejected, when and why would
+    be lost to ``record_rejection``.
+    """
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        if "error" not in event:
+            responded_at = event.get("responded_at")
+            context["ti"].xcom_push(key=ANSWER_KEY, value={
+                "chosen_options": list(event.get("chosen_options") or []),
+                "params_input": dict(event.get("params_input") or {}),
+                "responded_by_user": event.get("responded_by_user"),
+                "responded_at": responded_at.isoformat() if hasattr(responded_at, "isoformat") else responded_at})
+        return super().execute_complete(context=context, event=event)
+
+
 def approval(*, mlflow_ui: str) -> ApprovalOperator:
     """The review card in Required Actions; on timeout the version is rejected."""
-    return ApprovalOperator(
+    return ReviewApproval(
         task_id=APPROVE_TASK,
         subject="Promote {{ params.model_name }} version {{ ti.xcom_pull(task_ids='register')['version'] }} "
                 "to champion?",
         body=CARD.replace("{{ mlflow_ui }}", mlflow_ui.rstrip("/")),
         defaults="Reject",
-        response_timeout=timedelta(hours=22),  # answered or rejected before the next nightly run (02:00)
+        # The card comes hours after the 02:00 start; 18 h ends one shown by 08:00 before the next nightly run,
+        # which max_active_runs=1 would otherwise hold back until the answer.
+        response_timeout=timedelta(hours=18),
         params={"comment": Param("", type="string", description="Why (recorded on the model version)")},
     )
 
@@ -65,11 +89,16 @@ def approval(*, mlflow_ui: str) -> ApprovalOperator:
 # Jinja for the review step's arguments, from the approval's answer (absent when no one was asked).
 _ANSWER = "{% set r = ti.xcom_pull(task_ids='approve') or {} %}"
 DECISION = _ANSWER + "{{ 'approved' if r else 'auto' }}"
-# On Reject (or no answer in time) ApprovalOperator skips `promote` and pushes no answer: the card was
-# shown (plan_review chose it) and nothing came back. The reviewer's name stays in the approve task.
+# On Reject (or no answer in time) ApprovalOperator skips `promote` and returns no answer: the card was
+# shown (plan_review chose it) and no approval came back. Who rejected, and why: ReviewApproval's `answer`.
 REJECTED = _ANSWER + ("{% set asked = 'approve' in (ti.xcom_pull(task_ids='plan_review') or []) %}"
                       "{{ 'rejected' if asked and not r else 'none' }}")
-REJECTED_BY = "see the approve task of this DAG run in Airflow"
+_REJECTION = "{% set a = ti.xcom_pull(task_ids='approve', key='" + ANSWER_KEY + "') or {} %}"
+REJECTED_BY = _REJECTION + ("{{ (a.get('responded_by_user') or {}).get('name') or "
+                            "('nobody: no answer in time' if a else 'unknown') }}")
+REJECTED_COMMENT = _REJECTION + ("{% set c = (a.get('params_input') or {}).get('comment', '') %}"
+                                 "{{ c['value'] if c is mapping else c }}")
+REJECTED_AT = _REJECTION + "{{ a.get('responded_at', '') }}"
 REVIEWER = _ANSWER + "{{ (r.get('responded_by_user') or {}).get('name') or ('pipeline' if not r else 'unknown') }}"
 COMMENT = _ANSWER + ("{% set c = (r.get('params_input') or {}).get('comment', '') %}"
                      "{{ c['value'] if c is mapping else c }}")

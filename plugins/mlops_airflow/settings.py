@@ -10,6 +10,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# A registered model name the whole pipeline can carry: MLflow refuses '/' and ':', and the model server puts
+# the name in its URLs. The same rule as mlsteps.register.MODEL_NAME.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RUNTIMES = ("kubernetes", "local")
 DEPLOY_TARGETS = ("kubernetes", "local")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -45,4 +45,6 @@ class FakeTaskInstance:
         self.results = results or {}
 
     def xcom_pull(self, task_ids: str, key: str = "return_value"):
-        return self.results.get(task_ids)  # None, as Airflow returns for a task that pushed nothing
+        """``results[task_id]`` for the return value, ``results[(task_id, key)]`` for another key; None, as
+        Airflow returns for a task that pushed nothing."""
+        return self.results.get(task_ids if key == "return_value" else (task_ids, key))

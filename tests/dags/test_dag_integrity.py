@@ -101,6 +101,18 @@ def test_trigger_form_rejects_invalid_values(dagbag, name, value):
         param.resolve(value)
 
 
+@pytest.mark.parametrize("dag_id", ["mnist_training", "model_promotion"])
+def test_model_names_mlflow_or_the_server_urls_would_refuse_are_refused_by_the_form(dagbag, dag_id):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = dagbag.dags[dag_id].params.get_param("model_name")
+    for good in ("mnist_classifier", "fashion-v2.1", "M0"):
+        assert param.resolve(good) == good
+    for bad in ("team/model", "team:model", " ", "-leading-dash", "with space", "x" * 201):
+        with pytest.raises(ParamValidationError):  # else register fails after hours of training
+            param.resolve(bad)
+
+
 def test_search_runs_one_worker_per_requested_slot_and_is_skipped_when_off():
     from mlops_airflow.search import plan_search
 

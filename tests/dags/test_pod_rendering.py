@@ -140,6 +140,8 @@ def test_gate_pod_judges_the_registered_version_with_the_trigger_form_thresholds
     assert flags["--manifest"] == RESULTS["prep"]["manifest"]
 
 
+REJECTED_ANSWER = {"chosen_options": ["Reject"], "params_input": {"comment": "worse on shirts"},
+                   "responded_by_user": {"id": "8", "name": "grace"}, "responded_at": "2026-11-27T10:00:00+00:00"}
 APPROVED = {"chosen_options": ["Approve"], "params_input": {"comment": "better on shirts"},
             "responded_by_user": {"id": "7", "name": "ada"}, "responded_at": "2026-11-27T09:00:00+00:00"}
 
@@ -148,19 +150,51 @@ APPROVED = {"chosen_options": ["Approve"], "params_input": {"comment": "better o
     ("promote", ["approve"], APPROVED, {"--decision": "approved", "--reviewer": "ada", "--comment": "better on shirts",
                                         "--decided-at": "2026-11-27T09:00:00+00:00"}),
     ("promote", ["promote"], None, {"--decision": "auto", "--reviewer": "pipeline", "--comment": ""}),
-    ("record_rejection", ["approve"], None, {"--decision": "rejected"}),  # Reject: skipped promote, no answer
+    # Reject: approve skipped promote and returned nothing; ReviewApproval kept the answer under "answer".
+    ("record_rejection", ["approve"], None, {"--decision": "rejected", "--reviewer": "grace",
+                                             "--comment": "worse on shirts", "--decided-at": "2026-11-27T10:00:00+00:00"}),
+    ("record_rejection", ["approve"], "timeout", {"--decision": "rejected", "--reviewer": "nobody: no answer in time"}),
     ("record_rejection", ["approve"], APPROVED, {"--decision": "none"}),
     ("record_rejection", ["promote"], None, {"--decision": "none"}),
     ("record_rejection", [], None, {"--decision": "none"}),
-], ids=["approved", "auto-without-approval", "rejected", "nothing-to-record-after-approval", "auto", "no-review"])
+], ids=["approved", "auto-without-approval", "rejected", "rejected-by-timeout", "nothing-to-record-after-approval",
+        "auto", "no-review"])
 def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, plan, answer, expected):
     monkeypatch.setitem(RESULTS, "plan_review", plan)
-    monkeypatch.setitem(RESULTS, "approve", answer)
+    monkeypatch.setitem(RESULTS, "approve", answer if isinstance(answer, dict) else None)
+    if answer is None and plan == ["approve"]:
+        monkeypatch.setitem(RESULTS, ("approve", "answer"), REJECTED_ANSWER)
+    elif answer == "timeout":
+        monkeypatch.setitem(RESULTS, ("approve", "answer"), {**REJECTED_ANSWER, "responded_by_user": None,
+                                                              "params_input": {"comment": ""}})
     pod, _ = render(dag, task_id)
     args = pod["spec"]["containers"][0]["args"]
     flags = dict(zip(args[::2], args[1::2]))
     assert {k: flags[k] for k in expected} == expected
     assert (flags["--model-name"], flags["--version"]) == ("mnist_classifier", "3")
+
+
+def test_a_rejection_is_kept_for_record_rejection_though_skipping_promote_ends_the_approval_early(dag, monkeypatch):
+    import datetime
+    import types
+
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    class DownstreamTasksSkipped(Exception):  # what Airflow 3's skip() raises out of execute_complete on Reject
+        pass
+
+    def skip_promote(self, context, event):
+        raise DownstreamTasksSkipped(["promote"])
+
+    monkeypatch.setattr(ApprovalOperator, "execute_complete", skip_promote)
+    pushed = {}
+    ti = types.SimpleNamespace(xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    event = {"chosen_options": ["Reject"], "params_input": {"comment": "worse on shirts"},
+             "responded_by_user": {"id": "8", "name": "grace"},
+             "responded_at": datetime.datetime(2026, 11, 27, 10, tzinfo=datetime.timezone.utc)}
+    with pytest.raises(DownstreamTasksSkipped):
+        dag.get_task("approve").execute_complete({"ti": ti}, event)
+    assert pushed["answer"] == {**event, "responded_at": "2026-11-27T10:00:00+00:00"}
 
 
 def test_approval_card_shows_the_version_against_the_champion_with_gate_and_compression(dag, monkeypatch):

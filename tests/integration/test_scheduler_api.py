@@ -125,5 +125,7 @@ def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, mlflow_ser
     assert version["version"] != champion_before["version"]
     tags = {t["key"]: t["value"] for t in version["tags"]}
     assert tags["review.decision"] == "rejected"
+    # Who rejected and why, though the rejecting approval returned nothing (it skipped promote).
+    assert (tags["review.reviewer"], tags["review.comment"]) == ("admin", "worse on shirts")
     champion = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
     assert champion["version"] == champion_before["version"]

@@ -230,3 +230,50 @@ def test_a_node_fault_exits_1_so_the_runner_retries_and_a_step_error_exits_2(tmp
     assert core.cli(run, Config, "t", ["--what", "node", *result]) == 1
     assert core.cli(run, Config, "t", ["--what", "step", *result]) == 2
     assert capsys.readouterr().err.splitlines() == ["error: node went wrong", "error: step went wrong"]
+
+
+def test_a_terminated_step_runs_its_finally_blocks_and_stops_what_it_started(tmp_path) -> None:
+    """As infra_validate does with its model server: started in a session of its own, stopped in `finally`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "child.pid"
+    script = f"""
+import dataclasses, os, signal, subprocess, time
+from mlsteps import core
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seconds: int = core.field(300, help="how long the child sleeps")
+
+def run(config):
+    child = subprocess.Popen(["sleep", str(config.seconds)], start_new_session=True)
+    open({str(marker)!r}, "w").write(str(child.pid))
+    try:
+        time.sleep(config.seconds)
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
+    return {{}}
+
+raise SystemExit(core.cli(run, Config, "t", ["--result-path", {str(tmp_path / "r.json")!r}]))
+"""
+    step = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert step.poll() is None and time.monotonic() < deadline, "the step never started its child"
+        time.sleep(0.1)
+    child = int(marker.read_text())
+    step.send_signal(signal.SIGTERM)
+    assert step.wait(timeout=30) == 143  # as a plain SIGTERM death is reported by the runners: retried
+    time.sleep(0.2)
+    try:
+        os.kill(child, 0)
+        gone = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True,
+                              text=True).stdout.strip().startswith("Z")
+    except ProcessLookupError:
+        gone = True
+    assert gone, "the step's child outlived it"

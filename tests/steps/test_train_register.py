@@ -244,3 +244,11 @@ def test_register_rejects_metrics_that_are_not_json(mlflow_server) -> None:
                                      dataset_digest="0" * 64, metrics="accuracy=0.9", tracking_uri=mlflow_server)
     with pytest.raises(register.StepError, match="--metrics must be a JSON object"):
         register.run(config)
+
+
+@pytest.mark.parametrize("name", ["team/model", "team:model", " "], ids=["slash", "colon", "blank"])
+def test_register_refuses_a_model_name_mlflow_would_refuse_before_calling_it(name) -> None:
+    config = register.RegisterConfig(model_uri="models:/unused", run_key="register/name", dataset="custom",
+                                     dataset_digest="0" * 64, model_name=name, tracking_uri="http://127.0.0.1:9")
+    with pytest.raises(register.StepError, match="--model-name .*use letters, digits"):
+        register.run(config)
