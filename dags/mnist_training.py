@@ -138,7 +138,8 @@ with DAG(
                                            '{"cloud.google.com/gke-nodepool": "gpu-a100"}.'),
         "model_name": Param("mnist_classifier", type="string", minLength=1, maxLength=200,
                             pattern=MODEL_NAME_PATTERN,
-                            description="Registered model name in MLflow: letters, digits, _ . - (it is in the model server's URLs)."),
+                            description="Registered model name in MLflow: letters, digits, _ . - "
+                                        "(it is in the model server's URLs)."),
     },
 ) as dag:
     prep = step("prep", timeout=timedelta(minutes=30), resources=Resources(cpu="1", memory="2Gi"),
