@@ -44,10 +44,12 @@ def main() -> None:
                                                          tracking_uri=url))
         client = mlflow.MlflowClient(url)
         run_id = trained["mlflow_run_id"]
-        seconds = [m.value for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)]
-        rates = [m.value for m in sorted(client.get_metric_history(run_id, "images_per_second"), key=lambda m: m.step)]
-        val_accuracy = [m.value for m in sorted(client.get_metric_history(run_id, "val_accuracy"),
-                                                key=lambda m: m.step)]
+
+        def per_epoch(metric: str) -> list[float]:
+            return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+        seconds, rates = per_epoch("epoch_seconds"), per_epoch("images_per_second")
+        val_accuracy = per_epoch("val_accuracy")
         accuracy = evaluated["metrics"]["test_accuracy"]
         params = trained["parameters"]
         print(table(["epoch", "seconds", "images/s", "val accuracy"],

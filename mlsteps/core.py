@@ -179,14 +179,10 @@ def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         result = run(config)
-    except StepError as exc:
+    except (StepError, NodeError) as exc:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except NodeError as exc:
-        sys.stdout.flush()
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return 2 if isinstance(exc, StepError) else 1  # 1: the runners retry
     write_json_atomic(result_path, result)
     log.info("result written to %s", result_path)
     return 0

@@ -452,12 +452,16 @@ def failure_summary(study: Any) -> str:
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
     errors = [t.user_attrs.get("error") or "worker stopped mid-trial (killed, evicted or out of memory); see that "
               "worker's log" for t in failed]
-    causes = collections.Counter(_cause_kind(error) for error in errors)
+    examples = {}  # kind of cause -> its first message, as it was
+    causes = collections.Counter()
+    for error in errors:
+        kind = _cause_kind(error)
+        examples.setdefault(kind, error)
+        causes[kind] += 1
     if not causes:
         return "no trial failed"
     kind, n = causes.most_common(1)[0]
-    example = next(error for error in errors if _cause_kind(error) == kind)
-    return f"most common cause ({n} of {len(failed)} failed trials): {example}"
+    return f"most common cause ({n} of {len(failed)} failed trials): {examples[kind]}"
 
 
 # A number on its own (not part of a name such as float16), or nan/inf.

@@ -50,11 +50,10 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 from airflow.sdk import DAG
 dag = next(v for v in vars(module).values() if isinstance(v, DAG))
+params = copy.deepcopy(dag.params)
 for param, value in conf.items():
-    params = copy.deepcopy(dag.params)
     try:
-        params[param] = value
-        params.validate()
+        params[param] = value  # validated as it is set
     except Exception as exc:  # ParamValidationError: its first line names the param, the value and the bound
         fail(f"{options.get(param, param.upper())}={value}: {str(exc).splitlines()[0]}")
 print(json.dumps(conf))

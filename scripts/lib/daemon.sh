@@ -32,13 +32,10 @@ daemon_stop() {
     pid=$(cat "$pidfile")
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      [[ -z $what ]] || echo "$what (pid $pid) did not stop within 15 s; killed"
-    else
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      [[ -z $what ]] || echo "$what (pid $pid) stopped"
-    fi
+    local outcome=stopped
+    kill -0 "$pid" 2>/dev/null && outcome="did not stop within 15 s; killed"
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    [[ -z $what ]] || echo "$what (pid $pid) $outcome"
   else
     [[ -z $what ]] || echo "$what was not running"
   fi

@@ -146,27 +146,29 @@ APPROVED = {"chosen_options": ["Approve"], "params_input": {"comment": "better o
             "responded_by_user": {"id": "7", "name": "ada"}, "responded_at": "2026-11-27T09:00:00+00:00"}
 
 
-@pytest.mark.parametrize(("task_id", "plan", "answer", "expected"), [
-    ("promote", ["approve"], APPROVED, {"--decision": "approved", "--reviewer": "ada", "--comment": "better on shirts",
-                                        "--decided-at": "2026-11-27T09:00:00+00:00"}),
-    ("promote", ["promote"], None, {"--decision": "auto", "--reviewer": "pipeline", "--comment": ""}),
-    # Reject: approve skipped promote and returned nothing; ReviewApproval kept the answer under "answer".
-    ("record_rejection", ["approve"], None, {"--decision": "rejected", "--reviewer": "grace",
-                                             "--comment": "worse on shirts", "--decided-at": "2026-11-27T10:00:00+00:00"}),
-    ("record_rejection", ["approve"], "timeout", {"--decision": "rejected", "--reviewer": "nobody: no answer in time"}),
-    ("record_rejection", ["approve"], APPROVED, {"--decision": "none"}),
-    ("record_rejection", ["promote"], None, {"--decision": "none"}),
-    ("record_rejection", [], None, {"--decision": "none"}),
+TIMED_OUT = {**REJECTED_ANSWER, "responded_by_user": None, "params_input": {"comment": ""}}
+
+
+# returned: what approve returned (Approve only: on Reject the skip ends it first); kept: ReviewApproval's "answer".
+@pytest.mark.parametrize(("task_id", "plan", "returned", "kept", "expected"), [
+    ("promote", ["approve"], APPROVED, APPROVED, {"--decision": "approved", "--reviewer": "ada",
+                                                  "--comment": "better on shirts",
+                                                  "--decided-at": "2026-11-27T09:00:00+00:00"}),
+    ("promote", ["promote"], None, None, {"--decision": "auto", "--reviewer": "pipeline", "--comment": ""}),
+    ("record_rejection", ["approve"], None, REJECTED_ANSWER, {"--decision": "rejected", "--reviewer": "grace",
+                                                              "--comment": "worse on shirts",
+                                                              "--decided-at": "2026-11-27T10:00:00+00:00"}),
+    ("record_rejection", ["approve"], None, TIMED_OUT, {"--decision": "rejected",
+                                                        "--reviewer": "nobody: no answer in time"}),
+    ("record_rejection", ["approve"], APPROVED, APPROVED, {"--decision": "none"}),
+    ("record_rejection", ["promote"], None, None, {"--decision": "none"}),
+    ("record_rejection", [], None, None, {"--decision": "none"}),
 ], ids=["approved", "auto-without-approval", "rejected", "rejected-by-timeout", "nothing-to-record-after-approval",
         "auto", "no-review"])
-def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, plan, answer, expected):
+def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, plan, returned, kept, expected):
     monkeypatch.setitem(RESULTS, "plan_review", plan)
-    monkeypatch.setitem(RESULTS, "approve", answer if isinstance(answer, dict) else None)
-    if answer is None and plan == ["approve"]:
-        monkeypatch.setitem(RESULTS, ("approve", "answer"), REJECTED_ANSWER)
-    elif answer == "timeout":
-        monkeypatch.setitem(RESULTS, ("approve", "answer"), {**REJECTED_ANSWER, "responded_by_user": None,
-                                                              "params_input": {"comment": ""}})
+    monkeypatch.setitem(RESULTS, "approve", returned)
+    monkeypatch.setitem(RESULTS, ("approve", "answer"), kept)
     pod, _ = render(dag, task_id)
     args = pod["spec"]["containers"][0]["args"]
     flags = dict(zip(args[::2], args[1::2]))
