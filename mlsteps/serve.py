@@ -23,8 +23,9 @@ Endpoints (every response names the model and version, in the body and in ``X-Mo
   POST /v2/models/<name>[/versions/<v>]/infer     {"inputs": [{"name", "shape", "datatype", "data"}]}
   GET  /metrics                                   Prometheus: requests and latency by protocol and status code
   POST /admin/deploy                              switch to another version, or unload (only with --admin-token-file)
-Bad requests get 400 (not JSON, not numbers), 413 (body or batch too large) or 422 (wrong shape, values out
-of 0..255) with {"error": "<what is wrong and what is expected>"}; the server stays up.
+Bad requests get 400 (not JSON; not numbers: strings, true/false and null are refused), 413 (body or batch
+too large) or 422 (wrong shape, values out of 0..255) with {"error": "<what is wrong and what is expected>"};
+the server stays up.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -138,11 +140,25 @@ class Served:
     variant: str
 
 
+def transient(exc: BaseException) -> bool:
+    """A registry outage worth waiting for: no connection, or MLflow's own retries ended in one or a 5xx.
+
+    MLflow reports an unreachable server as an ``MlflowException`` (INTERNAL_ERROR, after its own HTTP retries),
+    a 503 as TEMPORARILY_UNAVAILABLE; a version or alias that does not exist (RESOURCE_DOES_NOT_EXIST) is not
+    retried.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (ConnectionError, OSError)):
+        return True
+    return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+
+
 def load_version(config: ServeConfig, uri: str) -> Served:
     """Resolve ``uri`` in the registry, download the version, build its runner and warm it up."""
     import mlflow
     import yaml
-    from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+    from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
     from . import tracking
 
@@ -150,7 +166,9 @@ def load_version(config: ServeConfig, uri: str) -> Served:
     client = mlflow.MlflowClient()
 
     @retry(stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
-           retry=retry_if_exception_type((ConnectionError, OSError)))
+           retry=retry_if_exception(transient), before_sleep=lambda state: log.warning(
+               "loading %s: the registry did not answer (%s); try %d of 8 in %.0f s", uri,
+               state.outcome.exception(), state.attempt_number + 1, state.next_action.sleep))
     def resolve() -> tuple[str, Path]:
         target = uri.removeprefix("models:/")
         if "@" in target:
@@ -289,12 +307,24 @@ def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where:
             value = [row["image"] for row in value]
         except (KeyError, TypeError):
             raise RequestError(400, f"{where}: named instances must each have an \"image\" field") from None
+    return checked(numbers(value, f"{where} must be a list of images of numbers (shape N x "
+                                  f"{' x '.join(map(str, image_shape))})"), image_shape, max_batch, where)
+
+
+def numbers(value: Any, what: str) -> np.ndarray:
+    """``value`` (nested JSON lists) as float32, refused (400) unless every element is a JSON number.
+
+    A plain float32 cast would take "7" and true as pixels; null, strings, booleans and ragged lists are
+    named instead.
+    """
     try:
-        images = np.asarray(value, dtype=np.float32)
+        array = np.asarray(value)
     except (ValueError, TypeError):
-        raise RequestError(400, f"{where} must be a list of images of numbers (shape N x "
-                                f"{' x '.join(map(str, image_shape))}); got ragged or non-numeric data") from None
-    return checked(images, image_shape, max_batch, where)
+        raise RequestError(400, f"{what}; got ragged lists") from None
+    if array.dtype.kind not in "iuf":
+        found = {"b": "true/false", "U": "strings"}.get(array.dtype.kind, "null, objects or ragged lists")
+        raise RequestError(400, f"{what}; got {found}")
+    return array.astype(np.float32)
 
 
 def checked(images: np.ndarray, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
@@ -407,18 +437,16 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         tensor = payload["inputs"][0]
         if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= tensor.keys():
             raise RequestError(400, 'the input tensor needs "name", "shape", "datatype" and "data"')
-        if tensor["datatype"] not in V2_DATATYPES:
+        if not isinstance(tensor["datatype"], str) or tensor["datatype"] not in V2_DATATYPES:
             raise RequestError(400, f"datatype {tensor['datatype']!r} is not numeric; use one of "
                                     f"{', '.join(sorted(V2_DATATYPES))}")
         shape = tensor["shape"]
-        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d >= 0 for d in shape)):
+        # type(d) is int: JSON true would pass isinstance(d, int); counted with Python ints (np.prod overflows)
+        if not (isinstance(shape, list) and shape and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
             raise RequestError(400, f'"shape" must be a list of non-negative integers, got {shape!r}')
-        try:
-            flat = np.asarray(tensor["data"], dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError):
-            raise RequestError(400, '"data" must be numbers (flat or nested)') from None
-        if flat.size != int(np.prod(shape)):
-            raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {int(np.prod(shape))}')
+        flat = numbers(tensor["data"], '"data" must be numbers (flat or nested)').reshape(-1)
+        if flat.size != math.prod(shape):
+            raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {math.prod(shape)}')
         images = checked(flat.reshape(shape), served.runner.image_shape, config.max_batch, "input")
         probabilities = served.runner.predict(images)
         out = {"model_name": holder.name, "model_version": served.version,

@@ -58,10 +58,12 @@ class Target(Protocol):
 class LocalTarget:
     """The supervised local model server (scripts/serving.sh), switched in place over its admin endpoint."""
 
-    def __init__(self, url: str, model_name: str, token_file: str, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, model_name: str, token_file: str, timeout: float = 600.0,
+                 settle_timeout: float = 300.0, poll_seconds: float = 2.0) -> None:
         import httpx
 
         self.url, self.model_name, self.token_file = url.rstrip("/"), model_name, token_file
+        self.settle_timeout, self.poll_seconds = settle_timeout, poll_seconds
         self._http = httpx.Client(timeout=timeout)
 
     def _unavailable(self, why: str) -> TargetUnavailable:
@@ -69,15 +71,25 @@ class LocalTarget:
                                  "`scripts/serving.sh start` (or set MLOPS_SERVING_URL to where it listens)")
 
     def current(self) -> Serving:
+        """What serves now. A server still LOADING (just restarted, or waiting for MLflow) is waited for: taken
+        for "nothing served", a rollback would unload the version it is loading and drop the alias."""
         import httpx
 
-        try:
-            response = self._http.get(f"{self.url}/v1/models/{self.model_name}")
-        except httpx.TransportError as exc:
-            raise self._unavailable(f"does not answer ({type(exc).__name__})") from None
-        if response.status_code == 404:
-            raise self._unavailable(f"serves another model, not {self.model_name}")
-        status = response.json()["model_version_status"][0]
+        deadline = time.monotonic() + self.settle_timeout
+        while True:
+            try:
+                response = self._http.get(f"{self.url}/v1/models/{self.model_name}")
+            except httpx.TransportError as exc:
+                raise self._unavailable(f"does not answer ({type(exc).__name__})") from None
+            if response.status_code == 404:
+                raise self._unavailable(f"serves another model, not {self.model_name}")
+            status = response.json()["model_version_status"][0]
+            if status["state"] != "LOADING":
+                break
+            if time.monotonic() > deadline:
+                raise TargetUnavailable(f"the local model server at {self.url} is still loading a model after "
+                                        f"{self.settle_timeout:g} s; its log says why ($MLOPS_VAR/serving/server.log)")
+            time.sleep(self.poll_seconds)
         version = status["version"] if status["state"] == "AVAILABLE" else None
         return Serving(version, f"models:/{self.model_name}/{version}" if version else "")
 
@@ -167,10 +179,13 @@ class KubernetesTarget:
 
     def restore(self, before: Serving) -> None:
         deployment = self._read()
-        if self._serving(deployment) == before:
+        first = before.version is None
+        # A first promotion that failed before deploy (infra_validate) left the Deployment as applied: its pods,
+        # at the manifest's @champion URI, may already load the alias's version, never validated. Scaled to 0.
+        if self._serving(deployment) == before and not (first and deployment.spec.replicas):
             return
         patch = self.patch(before.version, before.model_uri)
-        if before.version is None:
+        if first:
             # Nothing served before: serve nothing again. Pods at the manifest's @champion URI would load
             # what the alias names now (the failed version, until rollback moves it), so no pods at all.
             replicas = deployment.spec.replicas

@@ -1,8 +1,10 @@
 """The Airflow tasks of model_promotion: reconcile serving to the registry alias ``champion``.
 
 plan (no-op when serving already runs the champion) -> infra_validate (a step: the candidate in the real
-model server) -> deploy -> smoke_test -> record; on any failure after plan, rollback puts serving and
-the alias back where they were, tags the version, and fails the run.
+model server) -> deploy -> smoke_test -> record; on a failure of infra_validate, deploy or smoke_test,
+rollback puts serving and the alias back where they were, tags the version, and fails the run. record
+failing (MLflow unreachable after its retries) fails the run without a rollback: the version serves, and
+the next run reconciles serving to the alias (which a version given by hand has then not moved).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
                  ", ".join(sorted(m or "?" for m in moved)), name)
         return {}
     manual = int(params.get("version") or 0) > 0
-    wanted = str(params["version"]) if manual else registry.alias(name, CHAMPION)
+    champion = registry.alias(name, CHAMPION)
+    wanted = str(params["version"]) if manual else champion
     if wanted is None:
         log.info("%s has no version with alias %s: nothing to serve", name, CHAMPION)
         return {}
@@ -66,15 +69,22 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
     except TargetUnavailable as exc:
         raise AirflowFailException(str(exc)) from None
     if before.version == wanted:
-        log.info("serving already runs %s version %s (%s): nothing to do", name, wanted, CHAMPION)
+        if manual and champion != wanted:  # the alias follows a version given by hand, served or not
+            registry.set_alias(name, CHAMPION, wanted)
+            log.info("serving already runs %s version %s: alias %s moved to it (was %s)", name, wanted, CHAMPION,
+                     champion or "unset")
+        else:
+            log.info("serving already runs %s version %s (%s): nothing to do", name, wanted, CHAMPION)
         return {}
-    run_type = str(getattr(dag_run, "run_type", "") or "")
+    run_type = getattr(dag_run, "run_type", "") or ""
+    run_type = str(getattr(run_type, "value", run_type))  # the SDK's DagRunType: str() is "DagRunType.SCHEDULED"
     trigger = "manual" if manual else ("mlflow webhook" if events else
                                        "schedule" if run_type.endswith("scheduled") else "by hand")
     log.info("promoting %s version %s (serving now: %s; trigger: %s)", name, wanted, before.version or "nothing",
              trigger)
     return {"model_name": name, "version": wanted, "previous_version": before.version,
-            "previous_model_uri": before.model_uri, "trigger": trigger, "run_id": run_id}
+            "previous_model_uri": before.model_uri, "trigger": trigger, "run_id": run_id,
+            "champion_at_plan": champion}
 
 
 def _plan(ti: Any) -> dict[str, Any]:
@@ -149,11 +159,17 @@ def record(ti: Any = None) -> dict[str, Any]:
                                       "promotion.previous_version": planned["previous_version"] or "",
                                       "promotion.trigger": planned["trigger"],
                                       "promotion.dag_run_id": planned["run_id"] or ""})
-    # Only a version given by hand moves the alias: otherwise the alias may have moved on meanwhile, and the
-    # run its webhook queued will deploy that version next.
-    if planned["trigger"] == "manual" and registry.alias(name, CHAMPION) != version:
-        registry.set_alias(name, CHAMPION, version)
-        log.info("alias %s of %s moved to version %s (promoted by hand)", CHAMPION, name, version)
+    # Only a version given by hand moves the alias, and only from where plan saw it: a reviewer who approved
+    # another version meanwhile wins, and the run that approval's webhook queued deploys it next. Otherwise
+    # the alias, moved on or not, stays: it names what must be served.
+    champion = registry.alias(name, CHAMPION)
+    if planned["trigger"] == "manual" and champion != version:
+        if champion == planned.get("champion_at_plan", champion):
+            registry.set_alias(name, CHAMPION, version)
+            log.info("alias %s of %s moved to version %s (promoted by hand)", CHAMPION, name, version)
+        else:
+            log.warning("alias %s of %s moved to version %s during this promotion of version %s (an approval): "
+                        "left there; the next run deploys it", CHAMPION, name, champion, version)
     return {"model_name": name, "serving": version, "previous_version": planned["previous_version"]}
 
 

@@ -5,7 +5,8 @@ MLflow (3.3+, SQL backend) POSTs registry events to ``<airflow>/mlops/webhooks/m
 ``X-MLflow-Delivery-Id`` and ``X-MLflow-Timestamp`` (Unix seconds). The receiver:
 
 - refuses a missing or wrong signature (401) and a timestamp more than ``MAX_SKEW_SECONDS`` away from
-  now (401: a replayed old delivery);
+  now (401: a replayed old delivery); unsigned requests before their body is read, bodies over
+  ``MAX_BODY_BYTES`` (413) before more is read;
 - refuses events it does not handle (422; MLflow logs the refusal); an alias event for another alias
   than ``champion`` is acknowledged and ignored (200);
 - turns ``model_version_alias.created`` for ``champion`` into one event of the asset
@@ -34,6 +35,7 @@ ASSET_NAME = "mlflow_champion_alias"
 ASSET_URI = "mlflow://registry/aliases/champion"
 ALIAS = "champion"
 MAX_SKEW_SECONDS = 300
+MAX_BODY_BYTES = 64 * 1024
 HANDLED = {"model_version_alias.created"}
 SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER = "x-mlflow-signature", "x-mlflow-delivery-id", "x-mlflow-timestamp"
 
@@ -50,11 +52,17 @@ class Refused(Exception):
         self.status = status
 
 
+def require_signed(headers: dict[str, str]) -> None:
+    """Refused (401) unless the signature headers are all there: checked before the body is read."""
+    missing = [h for h in (SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER) if not headers.get(h)]
+    if missing:
+        raise Refused(401, f"missing {', '.join(missing)}")
+
+
 def check(secret: str, headers: dict[str, str], body: bytes, now: float) -> dict[str, Any]:
     """The verified event, or Refused: the status code and why."""
-    delivery, stamp, given = (headers.get(h, "") for h in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
-    if not (delivery and stamp and given):
-        raise Refused(401, f"missing {', '.join(h for h in (SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER) if not headers.get(h))}")
+    require_signed(headers)
+    delivery, stamp, given = (headers[h] for h in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
     if not hmac.compare_digest(given.encode(), signature(secret, delivery, stamp, body).encode()):
         raise Refused(401, "signature does not match: is MLOPS_WEBHOOK_SECRET the webhook's secret?")
     if not stamp.isdigit() or abs(now - int(stamp)) > MAX_SKEW_SECONDS:
@@ -93,6 +101,20 @@ def emit_asset_event(extra: dict[str, Any]) -> int | None:
         return event.id if event else None
 
 
+async def bounded_body(request: Any) -> bytes:
+    """The body, refused (413) past MAX_BODY_BYTES before it is all read: the endpoint is open to whoever
+    reaches the API server, and the signature can only be checked over the whole body."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise Refused(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES} (an MLflow event is a few hundred)")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise Refused(413, f"body exceeds {MAX_BODY_BYTES} bytes (an MLflow event is a few hundred)")
+    return body
+
+
 def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK_SECRET", ""),
                emit: Callable[[dict[str, Any]], int | None] = emit_asset_event,
                clock: Callable[[], float] = time.time) -> Any:
@@ -108,9 +130,10 @@ def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK
         if not key:
             return JSONResponse({"error": "receiver not configured: set MLOPS_WEBHOOK_SECRET on the API server"},
                                 status_code=503)
-        body = await request.body()
+        headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            event = check(key, {k.lower(): v for k, v in request.headers.items()}, body, clock())
+            require_signed(headers)
+            event = check(key, headers, await bounded_body(request), clock())
         except Refused as exc:
             log.warning("webhook refused (%s): %s", exc.status, exc)
             return JSONResponse({"error": str(exc)}, status_code=exc.status)

@@ -84,10 +84,13 @@ def plan_with(monkeypatch):
             seen["model"] = name
             return SimpleNamespace(current=lambda: Serving(served, f"models:/{name}/{served}" if served else ""))
 
-        monkeypatch.setattr(promotion, "_context", lambda: (None, FakeRegistry(champion)))
+        registry = run.registry = RecordingRegistry(champion)
+        monkeypatch.setattr(promotion, "_context", lambda: (None, registry))
         monkeypatch.setattr(promotion, "_target", target)
         params = {"model_name": model_name, "version": version}
-        dag_run = SimpleNamespace(run_type="asset_triggered" if events else "scheduled")
+        from airflow.sdk.api.datamodels._generated import DagRunType  # what the Task SDK's DagRun holds
+
+        dag_run = SimpleNamespace(run_type=DagRunType.ASSET_TRIGGERED if events else DagRunType.SCHEDULED)
         return promotion.plan.function(params=params, triggering_asset_events=events, run_id="r1",
                                        dag_run=dag_run), seen
 
@@ -102,12 +105,18 @@ def test_plan_does_nothing_when_serving_runs_the_champion_or_there_is_none(plan_
 def test_plan_promotes_the_champion_and_remembers_what_served_before(plan_with):
     planned, _ = plan_with(champion="3", served="2")
     assert planned == {"model_name": "mnist_classifier", "version": "3", "previous_version": "2",
-                       "previous_model_uri": "models:/mnist_classifier/2", "trigger": "schedule", "run_id": "r1"}
+                       "previous_model_uri": "models:/mnist_classifier/2", "trigger": "schedule", "run_id": "r1",
+                       "champion_at_plan": "3"}
 
 
 def test_plan_deploys_a_version_given_by_hand_even_if_the_alias_names_another(plan_with):
     planned, _ = plan_with(champion="2", served="2", version=1)
     assert (planned["version"], planned["trigger"]) == ("1", "manual")
+
+
+def test_a_version_given_by_hand_that_already_serves_gets_the_alias_without_a_deployment(plan_with):
+    planned, _ = plan_with(champion="3", served="1", version=1)  # champion 3 is bad; 1 pinned by hand
+    assert planned == {} and plan_with.registry.champion == "1"
 
 
 def test_plan_refuses_a_version_that_is_not_registered(plan_with):
@@ -221,8 +230,17 @@ def test_record_moves_the_alias_only_for_a_version_given_by_hand(after_plan):
 
     registry, _, error = after_plan(promotion.record, champion="4")  # webhook run for 3; 4 approved since
     assert error is None and registry.moves == [] and registry.tags["3"]["promotion.status"] == "serving"
-    registry, _, _ = after_plan(promotion.record, champion="2", trigger="manual")
+    registry, _, _ = after_plan(promotion.record, champion="2", trigger="manual", champion_at_plan="2")
     assert registry.moves == [("set", "3")] and registry.tags["3"]["promotion.trigger"] == "manual"
+
+
+def test_a_promotion_by_hand_leaves_an_alias_a_reviewer_moved_during_it(after_plan):
+    """Version 7 approved while version 3 was deployed by hand: 7 stays champion (its queued run deploys it)."""
+    from mlops_airflow import promotion
+
+    registry, _, error = after_plan(promotion.record, champion="7", trigger="manual", champion_at_plan="2")
+    assert error is None and registry.moves == [] and registry.champion == "7"
+    assert registry.tags["3"]["promotion.status"] == "serving"
 
 
 @pytest.fixture
@@ -244,6 +262,10 @@ def local_server(tmp_path):
 
         def do_GET(self):  # noqa: N802 - http.server's name; TF Serving model status
             served = state["version"]
+            if state.get("loading_reads"):
+                state["loading_reads"] -= 1
+                self._answer(200, {"model_version_status": [{"version": "", "state": "LOADING"}]})
+                return
             self._answer(200, {"model_version_status": [{"version": served or "",
                                                          "state": "AVAILABLE" if served else "END"}]})
 
@@ -263,6 +285,18 @@ def local_server(tmp_path):
     token.write_text("admin-token-0123456789\n")
     yield f"http://127.0.0.1:{server.server_address[1]}", str(token), state
     server.shutdown()
+
+
+def test_the_local_target_waits_for_a_loading_server_instead_of_taking_it_for_an_empty_one(local_server):
+    from mlops_airflow.deploy import LocalTarget, TargetUnavailable
+
+    url, token, state = local_server
+    state["loading_reads"] = 3  # restarted by its supervisor: LOADING version 3 for three more status reads
+    assert LocalTarget(url, "m", token, poll_seconds=0).current().version == "3"
+    assert state["loading_reads"] == 0
+    state["loading_reads"] = 10**6
+    with pytest.raises(TargetUnavailable, match="still loading a model after 0.2 s"):
+        LocalTarget(url, "m", token, settle_timeout=0.2, poll_seconds=0.05).current()
 
 
 @pytest.mark.parametrize(("before", "posted", "served"), [

@@ -115,6 +115,22 @@ def test_unsigned_requests_are_refused(receiver):
     assert emitted == []
 
 
+def test_an_oversized_body_is_refused_before_it_is_read_whole(receiver):
+    from mlops_airflow.webhooks import MAX_BODY_BYTES
+
+    client, emitted = receiver
+    padded = _event()[:-1] + ', "padding": "' + "x" * MAX_BODY_BYTES + '"}'  # validly signed, too large
+    announced = _post(client, padded)
+    assert announced.status_code == 413 and f"exceeds {MAX_BODY_BYTES}" in announced.json()["error"]
+    delivery, stamp = "d-chunked", str(NOW)
+    streamed = client.post("/webhooks/mlflow", content=iter([padded.encode()[i:i + 8192]
+                                                             for i in range(0, len(padded), 8192)]),
+                           headers={"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp,
+                                    "X-MLflow-Signature": _mlflow_signature(SECRET, delivery, stamp, padded)})
+    assert streamed.status_code == 413 and "content-length" not in streamed.request.headers
+    assert emitted == []
+
+
 @pytest.mark.parametrize(("entity", "action"), [("model_version", "created"), ("model_version_tag", "set"),
                                                 ("model_version_alias", "deleted")])
 def test_an_event_it_does_not_handle_is_refused(receiver, entity, action):

@@ -7,6 +7,7 @@ answers exactly what LiteRT answers does).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,13 +81,13 @@ class Server:
             return status, headers, payload.decode()
 
 
-def _start(tmp_path: Path, tracking_uri: str, *args: str, wait_ready: bool = True) -> Server:
+def _start(tmp_path: Path, tracking_uri: str, *args: str, wait_ready: bool = True, **env: str) -> Server:
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, "--port", str(port),
                                     "--host", "127.0.0.1", "--max-batch", "64", "--max-body-bytes", "2000000", *args],
-                                   env=step_env(MLFLOW_TRACKING_URI=tracking_uri), stdout=out,
+                                   env=step_env(MLFLOW_TRACKING_URI=tracking_uri, **env), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 90
@@ -193,6 +194,23 @@ BAD = [
     ("body-too-large", f"/v1/models/{MODEL}:predict", None, b"{}", 413, "exceeds the limit of 2000000"),
     ("v2-bytes", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "BYTES", "data": ["x"]}]}, None, 400, "not numeric"),
+    ("pixel-strings", f"/v1/models/{MODEL}:predict", {"instances": [["7"] * 784]}, None, 400, "got strings"),
+    ("pixel-booleans", f"/v1/models/{MODEL}:predict", {"instances": [[True] * 784]}, None, 400, "got true/false"),
+    ("pixel-nulls", f"/v1/models/{MODEL}:predict", {"instances": [[None] * 784]}, None, 400, "got null"),
+    ("v2-empty-batch", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [0, 784], "datatype": "FP32", "data": []}]}, None, 422, "batch is empty"),
+    ("v2-string-data", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", "data": ["5"] * 784}]}, None, 400,
+     "got strings"),
+    ("v2-datatype-list", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [1, 784], "datatype": ["FP32"], "data": [0] * 784}]}, None, 400,
+     "not numeric"),
+    ("v2-shape-boolean", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [True, 784], "datatype": "FP32", "data": [0] * 784}]}, None, 400,
+     "non-negative integers"),
+    ("v2-shape-overflowing", f"/v2/models/{MODEL}/infer",  # np.prod of it wraps around to 784
+     {"inputs": [{"name": "image", "shape": [2**63 - 1, 2**63 - 1, 1, 784], "datatype": "FP32", "data": [0] * 784}]},
+     None, 400, "non-negative integers"),
     ("v2-shape-mismatch", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "image", "shape": [2, 784], "datatype": "FP32", "data": [0] * 784}]}, None, 422,
      "needs 1568"),
@@ -212,6 +230,18 @@ def test_bad_requests_get_a_clear_4xx_and_the_next_valid_request_succeeds(server
     ok, _, answer = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": _images(1).tolist()})
     assert ok == 200 and len(answer["predictions"]) == 1
     assert server.process.poll() is None
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(server):
+    """No Content-Length to refuse early: the server counts what arrives (2,000,000 bytes allowed here)."""
+    chunk = b" " * 100_000
+    body = iter([b'{"instances": [', *[chunk] * 21, b"]}"])  # 2.1 MB of whitespace: valid JSON, too large
+    request = urllib.request.Request(server.url + f"/v1/models/{MODEL}:predict", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413 and "exceeds the limit of 2000000 bytes" in json.loads(refused.value.read())["error"]
+    assert "content-length" not in {name.lower() for name, _ in request.header_items()}
 
 
 def test_metrics_count_requests_by_protocol_and_status_and_name_the_version(server, versions):
@@ -240,6 +270,74 @@ def test_liveness_does_not_need_mlflow_and_readiness_waits_for_the_model(tmp_pat
         assert state in ("LOADING", "END")
     finally:
         _stop(server)
+
+
+class Forwarder:
+    """A TCP port that forwards to ``target`` once started: a registry that comes up late."""
+
+    def __init__(self, port: int, target: str) -> None:
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        self.port, self.target = port, urlsplit(target)
+        self._socket = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection((self.target.hostname, self.target.port))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_a_registry_that_comes_up_after_the_server_is_waited_for_and_its_version_served(tmp_path, versions,
+                                                                                         mlflow_server):
+    """MLflow reports a refused connection as an MlflowException (after its own retries: none here): the
+    server retries it (tenacity) instead of ending up not ready until a restart."""
+    port = free_port()
+    server = _start(tmp_path, f"http://127.0.0.1:{port}", wait_ready=False, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    forwarder = None
+    try:
+        deadline = time.monotonic() + 60
+        while "the registry did not answer" not in server.log.read_text():
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert server.call("GET", "/v2/health/ready")[0] == 503
+        forwarder = Forwarder(port, mlflow_server)  # the registry is back
+        while server.call("GET", "/v2/health/ready")[0] != 200:
+            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+            time.sleep(0.3)
+        status = server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]
+        assert (status["state"], status["version"]) == ("AVAILABLE", str(versions[-1]))
+    finally:
+        _stop(server)
+        if forwarder:
+            forwarder.close()
 
 
 def test_a_version_that_fails_to_load_is_reported_not_served(tmp_path, versions, mlflow_server):
