@@ -47,6 +47,30 @@ def connect(tracking_uri: str | None) -> Any:
     return mlflow
 
 
+def log_params_once(mlflow: Any, run_id: str, params: dict[str, Any], changed_tag: str) -> dict[str, str]:
+    """Log the ``params`` the run lacks; return (and keep in tag ``changed_tag``, JSON) those it has with other
+    values.
+
+    MLflow params never change: when a step runs again under the same run key with other inputs (a retry after
+    the data was fixed, another trial selected), logging them again would fail the step for good. The tag
+    goes once the values agree with the params again.
+    """
+    import json
+
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()
+                                     if k not in logged.params])
+    changed = {k: str(v) for k, v in params.items() if k in logged.params and logged.params[k] != str(v)}
+    if changed:
+        log.warning("run %s ran again with other values; its params keep the first ones, tag %s has these: %s",
+                    run_id, changed_tag, changed)
+        client.set_tag(run_id, changed_tag, json.dumps(changed, sort_keys=True))
+    elif changed_tag in logged.tags:
+        client.delete_tag(run_id, changed_tag)
+    return changed
+
+
 def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None = None, tag: str = RUN_KEY_TAG,
             tags: dict[str, str] | None = None) -> str:
     """Return the id of the MLflow run whose ``tag`` is ``run_key``, creating it (and the experiment) if needed.

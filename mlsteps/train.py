@@ -187,19 +187,8 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
                                  decay_steps=steps_per_epoch * config.epochs)
     params = {**{k: v for k, v in settings.items() if k != "run_key"}, "parameters": net.count_params(),
               "gpus": gpus, "train_examples": n_train}
-    logged = client.get_run(run_id).data
-    existing = logged.params
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()
-                                     if k not in existing])
-    # MLflow params never change: when this run key trains again with other settings (select picked
-    # another trial, say), the values this model was trained with are recorded beside the stale params.
-    changed = {k: str(v) for k, v in params.items() if k in existing and existing[k] != str(v)}
-    if changed:
-        log.warning("run %s trains again with other settings; params keep the first values, tag "
-                    "train.settings_changed has these: %s", run_id, changed)
-        client.set_tag(run_id, "train.settings_changed", json.dumps(changed, sort_keys=True))
-    elif "train.settings_changed" in logged.tags:  # back to the params' settings
-        client.delete_tag(run_id, "train.settings_changed")
+    # Trained again with other settings (select picked another trial, say): those are in train.settings_changed.
+    tracking.log_params_once(mlflow, run_id, params, "train.settings_changed")
     log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
              net.name, net.count_params(), n_train, config.batch_size, config.epochs)
 

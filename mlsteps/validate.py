@@ -121,8 +121,9 @@ def run(config: ValidateConfig) -> dict[str, Any]:
     client = mlflow.MlflowClient()
     client.log_dict(run_id, report, "validation/report.json")
     client.set_tag(run_id, "data.validation", "passed" if report["passed"] else "failed")
-    client.log_param(run_id, "dataset", manifest["dataset"])
-    client.log_param(run_id, "dataset_digest", manifest["digest"])
+    # Cleared after the data was fixed, validate sees another digest: kept in tag data.dataset_changed.
+    tracking.log_params_once(mlflow, run_id, {"dataset": manifest["dataset"], "dataset_digest": manifest["digest"]},
+                             "data.dataset_changed")
     log.info("%s", summary(report))
     if not report["passed"]:
         raise DataValidationError(f"data validation failed ({', '.join(report['failed'])}); "
