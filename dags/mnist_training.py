@@ -133,7 +133,7 @@ with DAG(
                                     "that passes the gate; none: stop after the gate."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
-        "node_selector": Param({}, type="object",
+        "node_selector": Param({}, type="object", additionalProperties={"type": "string"},
                                description='Node selector for the training and trial-worker pods, e.g. '
                                            '{"cloud.google.com/gke-nodepool": "gpu-a100"}.'),
         "model_name": Param("mnist_classifier", type="string", minLength=1, maxLength=200,

@@ -191,7 +191,7 @@ def _quantization_aware(pruned: Any, config: CompressConfig, train_ds: Any, val_
     quantize = tfmot.quantization.keras
 
     class Passthrough(quantize.QuantizeConfig):
-        """Reshape and Rescaling have no weights and no quantized kernel: leave them as they are."""
+        """Reshape has no weights and no quantized kernel: left as it is (the input layer quantizes 0..255)."""
 
         def get_weights_and_quantizers(self, layer: Any) -> list:
             return []
@@ -211,13 +211,25 @@ def _quantization_aware(pruned: Any, config: CompressConfig, train_ds: Any, val_
         def get_config(self) -> dict:
             return {}
 
+    class ScaledOutput(Passthrough):
+        """Rescaling's output (0..1) quantized over the range each batch has. Left unquantized, the converter
+        folds its 1/255 into the first conv's int8 kernel, whose scale QAT fixed for the unscaled weights: every
+        weight rounded to zero and the model answered one class. (A moving-average quantizer would keep most
+        of its initial -6..6 range over a short fine-tuning.)"""
+
+        def get_output_quantizers(self, layer: Any) -> list:
+            return [quantize.quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                           narrow_range=False)]
+
     def annotate(layer: Any) -> Any:
-        if isinstance(layer, (tf_keras.layers.Rescaling, tf_keras.layers.Reshape)):
+        if isinstance(layer, tf_keras.layers.Rescaling):
+            return quantize.quantize_annotate_layer(layer, quantize_config=ScaledOutput())
+        if isinstance(layer, tf_keras.layers.Reshape):
             return quantize.quantize_annotate_layer(layer, quantize_config=Passthrough())
         return quantize.quantize_annotate_layer(layer)
 
     annotated = tf_keras.models.clone_model(pruned, clone_function=annotate)
-    with quantize.quantize_scope({"Passthrough": Passthrough}):
+    with quantize.quantize_scope({"Passthrough": Passthrough, "ScaledOutput": ScaledOutput}):
         model = quantize.quantize_apply(annotated, tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme())
     model.compile(optimizer=tf_keras.optimizers.Adam(config.finetune_learning_rate / 10),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -472,6 +484,20 @@ def version_tags(report: dict[str, Any], config: CompressConfig) -> dict[str, st
             "compression.reason": report["reason"][:5000]}
 
 
+def _log_table(client: Any, run_id: str, rows: list[dict[str, Any]], path: Path) -> None:
+    """``compression/<path name>`` as an MLflow table that a retry or a rebuild replaces: ``log_table`` appends
+    to an existing one (rows of two builds, two chosen)."""
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    pd.DataFrame(rows).to_json(path, orient="split", index=False)  # log_table's format
+    client.log_artifact(run_id, str(path), "compression")
+    listed = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": f"compression/{path.name}", "type": "table"}  # what lists it as a table in the UI
+    if entry not in listed:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*listed, entry]))
+
+
 def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str, Any]:
     """Log the table, the plot, every .tflite and the chosen one as a pyfunc model; return what register needs."""
     mlflow = tracking.connect(config.tracking_uri)
@@ -486,8 +512,7 @@ def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str,
                for row in rows for key in ("accuracy", "size_bytes", "gzip_bytes", "latency_p50_ms",
                                             "throughput_per_s")]
     client.log_batch(run_id, metrics=metrics, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
-    client.log_table(run_id, data={k: [row[k] for row in rows] for k in rows[0]},
-                     artifact_file="compression/variants.json")
+    _log_table(client, run_id, rows, out / "variants.json")
     client.log_artifact(run_id, str(out / "tradeoff.png"), "compression")
     client.log_artifact(run_id, str(out / "report.json"), "compression")
     for name in report["variants"]:

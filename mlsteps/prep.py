@@ -16,6 +16,7 @@ import math
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ class PrepConfig:
     verify_checksums: bool = field(True, help="check files against the known SHA-256 digests (not possible for 'custom')")
     val_fraction: float = field(0.1, help="share of the training set held out for per-epoch validation")
     records_per_shard: int = field(10000, help="TFRecord examples per shard file")
-    num_classes: int = field(10, help="number of classes (only used for the 'custom' dataset)")
+    num_classes: int = field(0, help="classes of a 'custom' dataset (0: one more than the largest label)")
     download_timeout: float = field(30.0, help="seconds before one download attempt gives up")
     seed: int = field(1234, help="seed of the train/validation split")
 
@@ -172,7 +173,9 @@ def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         "Delete it and run prep again, or use --dataset custom for your own IDX files.")
 
 
-def _load(spec: datasets.DatasetSpec, config: PrepConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _load(spec: datasets.DatasetSpec,
+          config: PrepConfig) -> tuple[dict[str, np.ndarray], dict[str, Any], datasets.DatasetSpec]:
+    """The four arrays, where they came from, and the spec (a custom dataset's classes counted from its labels)."""
     arrays: dict[str, np.ndarray] = {}
     sources: dict[str, Any] = {}
     content = hashlib.sha256()
@@ -188,19 +191,27 @@ def _load(spec: datasets.DatasetSpec, config: PrepConfig) -> tuple[dict[str, np.
         if len(images) != len(labels):
             raise idx.IdxFormatError(f"{split} split: {len(images)} images but {len(labels)} labels "
                                      f"({sources[f'{split}_images']['path']}, {sources[f'{split}_labels']['path']})")
+        if not len(images):
+            raise idx.IdxFormatError(f"{sources[f'{split}_images']['path']}: holds no images; the {split} split "
+                                     "needs some")
+    if spec.name == "custom" and not config.num_classes:
+        spec = datasets.custom(max(2, 1 + max(int(arrays[r].max()) for r in ("train_labels", "test_labels"))))
+        log.info("custom dataset: %d classes (labels 0..%d)", len(spec.class_names), len(spec.class_names) - 1)
     num_classes = len(spec.class_names)
     for role in ("train_labels", "test_labels"):
         labels = arrays[role]
         if len(labels) and int(labels.max()) >= num_classes:
             bad = int(np.argmax(labels >= num_classes))
             raise idx.IdxFormatError(f"{sources[role]['path']}: label {int(labels[bad])} at index {bad} is out of "
-                                     f"range 0..{num_classes - 1}; for your own data set --num-classes "
-                                     "with --dataset custom")
+                                     f"range 0..{num_classes - 1}" + (
+                                         f"; give --num-classes {int(labels.max()) + 1} or more, or 0 to count "
+                                         "them from the labels" if spec.name == "custom" else
+                                         f": not a {spec.name} labels file"))
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise idx.IdxFormatError(f"train images are {arrays['train_images'].shape[1:]} but test images are "
                                  f"{arrays['test_images'].shape[1:]}")
     sources["content_sha256"] = content.hexdigest()
-    return arrays, sources
+    return arrays, sources, spec
 
 
 def _write_split(tf: Any, folder: Path, split: str, images: np.ndarray, labels: np.ndarray,
@@ -238,8 +249,14 @@ def run(config: PrepConfig) -> dict[str, Any]:
         raise StepError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     if config.records_per_shard < 1:
         raise StepError(f"--records-per-shard must be at least 1, got {config.records_per_shard}")
+    if config.num_classes < 0 or config.num_classes == 1:
+        raise StepError(f"--num-classes must be 0 (count them from the labels) or at least 2, got {config.num_classes}")
+    for mirror in config.mirrors or ():
+        if urllib.parse.urlsplit(mirror).scheme not in ("http", "https", "file"):
+            raise StepError(f"--mirrors: {mirror!r} is not an http(s):// or file:// URL, e.g. "
+                            "https://ossci-datasets.s3.amazonaws.com/mnist/")
     spec = _spec(config)
-    arrays, sources = _load(spec, config)
+    arrays, sources, spec = _load(spec, config)
     settings = {"format_version": FORMAT_VERSION, "class_names": list(spec.class_names),
                 "val_fraction": config.val_fraction,
                 "records_per_shard": config.records_per_shard, "seed": config.seed}

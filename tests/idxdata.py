@@ -36,12 +36,12 @@ def make_split(n: int, rng: random.Random, classes: int = 10, size: int = 28) ->
 
 
 def write_dataset(folder: Path, *, train: int = 300, test: int = 100, seed: int = 0, gz: bool = True,
-                  size: int = 28) -> Path:
+                  size: int = 28, classes: int = 10) -> Path:
     """Write the four IDX files of a small synthetic dataset into ``folder``."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", train), ("test", test)):
-        images, labels = make_split(n, rng, size=size)
+        images, labels = make_split(n, rng, classes=classes, size=size)
         payloads = {f"{split}_images": idx_bytes((n, size, size), images), f"{split}_labels": idx_bytes((n,), labels)}
         for role, payload in payloads.items():
             name = NAMES[role] if gz else NAMES[role].removesuffix(".gz")

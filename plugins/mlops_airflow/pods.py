@@ -101,8 +101,8 @@ class StepPodOperator(KubernetesPodOperator):
         if self.node_selector_json.strip():
             selector = json.loads(self.node_selector_json)
             if not isinstance(selector, dict) or not all(isinstance(v, str) for v in selector.values()):
-                raise ValueError(f"{self.task_id}: node_selector must be a JSON object of strings, "
-                                 f"got {self.node_selector_json!r}")
+                raise AirflowFailException(f"{self.task_id}: node_selector must be a JSON object of strings, "
+                                           f"got {self.node_selector_json!r}")  # a retry would not change it
             pod.spec.node_selector = {**(pod.spec.node_selector or {}), **selector}
         for sidecar in pod.spec.containers[1:]:
             # The provider's XCom sidecar requests resources but sets no limits: a namespace whose

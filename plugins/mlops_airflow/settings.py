@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # A registered model name the whole pipeline can carry: MLflow refuses '/' and ':', and the model server puts
-# the name in its URLs. The same rule as mlsteps.register.MODEL_NAME.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# the name in its URLs. The same rule as mlsteps.register.MODEL_NAME. (?!\n): Python's re.search, which
+# jsonschema uses, lets $ match before a final newline ("name\n"); the form's JavaScript does not.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(?!\n)$"
 RUNTIMES = ("kubernetes", "local")
 DEPLOY_TARGETS = ("kubernetes", "local")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

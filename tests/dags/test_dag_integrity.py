@@ -87,10 +87,12 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
 
 
 @pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("dataset", "cifar"), ("learning_rate", 0),
-                                           ("gpus", -1), ("node_selector", "gpu"), ("search_workers", 0),
+                                           ("gpus", -1), ("node_selector", "gpu"), ("node_selector", {"pool": 1}),
+                                           ("node_selector", {"gpu": True}), ("search_workers", 0),
                                            ("search_trials", 0), ("search_pruner", "asha"),
                                            ("search_space", "lr=0.1"), ("search", "maybe")],
                          ids=["zero-epochs", "unknown-dataset", "zero-lr", "negative-gpus", "selector-not-object",
+                              "selector-number-value", "selector-boolean-value",
                               "no-workers", "no-trials", "unknown-pruner", "space-not-object", "search-not-bool"])
 def test_trigger_form_rejects_invalid_values(dagbag, name, value):
     from airflow.sdk.exceptions import ParamValidationError
@@ -108,7 +110,8 @@ def test_model_names_mlflow_or_the_server_urls_would_refuse_are_refused_by_the_f
     param = dagbag.dags[dag_id].params.get_param("model_name")
     for good in ("mnist_classifier", "fashion-v2.1", "M0"):
         assert param.resolve(good) == good
-    for bad in ("team/model", "team:model", " ", "-leading-dash", "with space", "x" * 201):
+    # "name\n": Python's re.search (jsonschema's pattern) lets $ match before a final newline
+    for bad in ("team/model", "team:model", " ", "-leading-dash", "with space", "x" * 201, "mnist_classifier\n"):
         with pytest.raises(ParamValidationError):  # else register fails after hours of training
             param.resolve(bad)
 

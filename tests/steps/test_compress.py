@@ -249,16 +249,25 @@ def test_impossible_threshold_keeps_float_and_records_the_reason(trained, mlflow
 
 
 def test_rerun_with_the_same_settings_reuses_the_variants_and_the_logged_model(trained, compressed, mlflow_server):
+    import mlflow
+
     result_path = trained["work"] / "again.json"
+    # As after a crash between logging the model and recording it: the retry logs again and must find it.
+    (Path(compressed["report"]).parent / "logged.json").unlink()
     out = _step("compress", *trained["common"], "--model-path", trained["train"]["model_path"],
                 "--sparsity", "0.5", *FAST, result=result_path, tracking_uri=mlflow_server)
     again = _ok(out, result_path)
     assert again["model_uri"] == compressed["model_uri"]
     assert again["variants"] == compressed["variants"]
-    assert "already built with these settings" in out.stdout
+    assert "already built with these settings" in out.stdout and "already logged as" in out.stdout
+    client = mlflow.MlflowClient(mlflow_server)
+    table = json.loads(Path(client.download_artifacts(again["mlflow_run_id"], "compression/variants.json")).read_text())
+    assert len(table["data"]) == len(compressed["variants"]), "the table is replaced, not appended to"
+    tagged = json.loads(client.get_run(again["mlflow_run_id"]).data.tags["mlflow.loggedArtifacts"])
+    assert tagged == [{"path": "compression/variants.json", "type": "table"}]
 
 
-def test_quantization_aware_option_keeps_the_pruned_zeros(trained, mlflow_server):
+def test_quantization_aware_option_keeps_the_pruned_zeros_and_the_accuracy(trained, mlflow_server):
     result_path = trained["work"] / "qat.json"
     args = [a if a != "compress/base" else "compress/qat" for a in trained["common"]]
     out = _step("compress", *args, "--model-path", trained["train"]["model_path"], "--sparsity", "0.5",
@@ -270,6 +279,8 @@ def test_quantization_aware_option_keeps_the_pruned_zeros(trained, mlflow_server
     assert "pruned_int8" not in report["variants"]
     assert qat["sparsity"] >= 0.49, "pruning-preserving QAT keeps the zeros"
     assert report["variants"]["float"]["size_bytes"] / qat["size_bytes"] >= 3.5
+    # What LiteRT measures on the test split, not the Keras QAT model: the conversion must keep it working.
+    assert qat["accuracy"] >= report["variants"]["float"]["accuracy"] - 0.1, (qat, report["variants"]["float"])
     assert "quantization-aware training" in out.stdout
 
 

@@ -97,6 +97,30 @@ def test_records_per_shard_splits_output_into_numbered_shards(source_dir, prepar
     assert len(images) == len(labels) == 100
 
 
+def test_a_custom_dataset_has_as_many_classes_as_its_labels_say_and_validates(tmp_path, data_root, prepare) -> None:
+    from mlsteps import validate
+
+    result = prepare(idxdata.write_dataset(tmp_path / "three", classes=3))  # labels 0, 1, 2; no --num-classes
+    manifest = data.load_manifest(result["manifest"])
+    assert (manifest["num_classes"], manifest["class_names"]) == (3, ["0", "1", "2"])
+    report = validate.inspect(manifest, validate.ValidateConfig(manifest=result["manifest"], data_root=str(data_root),
+                                                                run_key="three"))
+    assert report["passed"], validate.summary(report)
+
+
+def test_an_empty_split_is_refused_naming_the_file(source_dir, data_root, prepare) -> None:
+    path = _rewrite(source_dir, "train_images", idxdata.idx_bytes((0, 28, 28), b""))
+    _rewrite(source_dir, "train_labels", idxdata.idx_bytes((0,), b""))
+    with pytest.raises(IdxFormatError, match="holds no images") as caught:
+        prepare(source_dir)
+    assert str(path) in str(caught.value) and datasets_entries(data_root) == []
+
+
+def test_a_mirror_that_is_not_a_url_is_refused_before_anything_is_fetched(data_root, prepare) -> None:
+    with pytest.raises(StepError, match="'ossci-datasets.s3.amazonaws.com/mnist/' is not an http"):
+        prepare(None, dataset="mnist", mirrors=("ossci-datasets.s3.amazonaws.com/mnist/",))
+
+
 def test_num_classes_change_is_not_served_from_cache(source_dir, prepare) -> None:
     prepare(source_dir, num_classes=10)
     again = prepare(source_dir, num_classes=12)
@@ -135,7 +159,7 @@ def _label_out_of_range(folder: Path) -> tuple[Path, str]:
     labels = bytearray(_payload(folder, "test_labels")[8:])
     labels[7] = 12
     path = _rewrite(folder, "test_labels", idxdata.idx_bytes((len(labels),), bytes(labels)))
-    return path, "label 12 at index 7 is out of range 0..9"
+    return path, "label 12 at index 7 is out of range 0..9; give --num-classes 13 or more"
 
 
 def _corrupt_gzip(folder: Path) -> tuple[Path, str]:
@@ -152,7 +176,7 @@ def _corrupt_gzip(folder: Path) -> tuple[Path, str]:
 def test_malformed_file_is_named_and_leaves_no_output(source_dir, data_root, prepare, break_folder) -> None:
     bad_file, expected = break_folder(source_dir)
     with pytest.raises(IdxFormatError, match=expected) as caught:
-        prepare(source_dir)
+        prepare(source_dir, num_classes=10)
     assert str(bad_file) in str(caught.value)
     assert datasets_entries(data_root) == []
     assert partial_leftovers(data_root) == []
