@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from . import data, tracking
+from . import model as model_lib
 from .core import StepError, atomic_directory, cli, field, is_complete, write_json_atomic
+from .model import ModelLoadError
 
 log = logging.getLogger("mlsteps.compress")
 
@@ -36,10 +38,6 @@ METHODS = ("post_training", "quantization_aware")
 FLOAT = "float"
 PYFUNC_NAME = "compressed_model"
 REPORT_TAG = "compression.report_sha256"  # on the logged model: which report.json it was logged from
-
-
-class ModelLoadError(StepError):
-    """The trained model is missing, damaged, or not the pipeline's network."""
 
 
 class EmptySplitError(StepError):
@@ -85,20 +83,6 @@ def _check(config: CompressConfig) -> None:
             raise StepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
 
 
-def load_float_model(path: str) -> Any:
-    """The trained Keras 3 model; a clear StepError if it is missing or unreadable."""
-    model_path = Path(path)
-    if not model_path.is_file():
-        raise ModelLoadError(f"{model_path}: trained model not found; run the train step first (or check --model-path)")
-    import keras
-
-    try:
-        return keras.models.load_model(model_path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a damaged file; all mean the same
-        raise ModelLoadError(f"{model_path}: cannot load the trained model ({type(exc).__name__}: {exc}); "
-                        "the file is damaged or not a Keras model: run the train step again") from None
-
-
 def legacy_clone(net: Any, images: np.ndarray, path: str) -> Any:
     """The same network rebuilt with tf-keras (Keras 2), which tensorflow-model-optimization requires.
 
@@ -107,7 +91,6 @@ def legacy_clone(net: Any, images: np.ndarray, path: str) -> Any:
     import keras
     import tf_keras
 
-    from . import model as model_lib
 
     convs = [layer for layer in net.layers if isinstance(layer, keras.layers.Conv2D)]
     dropouts = [layer for layer in net.layers if isinstance(layer, keras.layers.Dropout)]
@@ -408,7 +391,7 @@ def _settings(config: CompressConfig, manifest: dict[str, Any]) -> dict[str, Any
 
 def compute(config: CompressConfig, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     """Build and measure every variant into ``out``; return the report (no MLflow)."""
-    net = load_float_model(config.model_path)
+    net = model_lib.load_trained(config.model_path)
     # After Keras 3 has loaded the model: tensorflow-model-optimization switches tf.keras to tf-keras.
     import tf_keras
 

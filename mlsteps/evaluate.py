@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import data, tracking
+from . import model as model_lib
 from .core import StepError, cli, field, write_json_atomic
 
 log = logging.getLogger("mlsteps.evaluate")
@@ -99,11 +100,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         raise StepError(f"--batch-size must be at least 1 (got {config.batch_size}) and --max-mistakes at least 0 "
                         f"(got {config.max_mistakes})")
     manifest = data.load_manifest(config.manifest)
-    if not Path(config.model_path).is_file():
-        raise StepError(f"{config.model_path}: trained model not found; run the train step first")
-    import keras
-
-    model = keras.models.load_model(config.model_path)
+    model = model_lib.load_trained(config.model_path)
     images, labels = data.arrays(manifest, "test")
     probabilities = model.predict(images.astype(np.float32), batch_size=config.batch_size, verbose=0)
     predicted = probabilities.argmax(axis=1)

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from .core import StepError
+
+
+class ModelLoadError(StepError):
+    """The trained model is missing, damaged, or not the pipeline's network."""
+
+
+def load_trained(path: str, *, compile: bool = False) -> Any:  # noqa: A002 - keras.models.load_model's name
+    """The trained Keras 3 model at ``path``; a ModelLoadError (an input error: no retry) if it is missing or
+    unreadable (Keras says "File not found" of a file that exists but is not a model)."""
+    model_path = Path(path)
+    if not model_path.is_file():
+        raise ModelLoadError(f"{model_path}: trained model not found; run the train step first (or check --model-path)")
+    import keras
+
+    try:
+        return keras.models.load_model(model_path, compile=compile)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a damaged file; all mean the same
+        raise ModelLoadError(f"{model_path}: cannot load the trained model ({type(exc).__name__}: {exc}); "
+                             "the file is damaged or not a Keras model: run the train step again") from None
 
 
 def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dropout: float = 0.2,

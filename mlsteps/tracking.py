@@ -79,6 +79,10 @@ def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None 
     """
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
+    if exp is not None and exp.lifecycle_stage == "deleted":  # MLflow refuses new runs in it, and its name
+        raise StepError(f"MLflow experiment {experiment!r} (id {exp.experiment_id}) was deleted: restore it with "
+                        f"`mlflow experiments restore --experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI "
+                        "set), or delete it for good with `mlflow gc` on the server to reuse the name")
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = {quote(run_key)}", max_results=1)
     if found:

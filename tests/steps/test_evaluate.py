@@ -149,3 +149,17 @@ def test_run_refuses_a_negative_mistake_count_before_loading_anything(tmp_path) 
                                      run_key="k", model_path=str(tmp_path / "m.keras"), max_mistakes=-1)
     with pytest.raises(evaluate.StepError, match="--max-mistakes at least 0"):
         evaluate.run(config)
+
+
+def test_a_damaged_model_file_is_an_input_error_naming_the_file(tmp_path, source_dir, data_root, prepare) -> None:
+    """Keras says "File not found" of a file that is there; the step says what it is (exit 2: no retry)."""
+    from mlsteps import core
+
+    manifest = prepare(source_dir)["manifest"]
+    damaged = tmp_path / "model.keras"
+    damaged.write_bytes(b"not a keras archive\n" * 50)
+    config = evaluate.EvaluateConfig(manifest=manifest, data_root=str(data_root), run_key="eval-damaged",
+                                     model_path=str(damaged))
+    with pytest.raises(core.StepError, match="cannot load the trained model.*damaged or not a Keras model") as caught:
+        evaluate.run(config)
+    assert str(damaged) in str(caught.value)

@@ -11,6 +11,7 @@ import idxdata
 import pytest
 
 from mlsteps import data, tracking, validate
+from mlsteps.core import StepError
 
 SIZE = 28
 
@@ -165,3 +166,16 @@ def test_run_on_clean_data_passes_and_reuses_the_mlflow_run(source_dir, data_roo
     second = validate.run(config)
     assert first["passed"] is True
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
+
+
+def test_a_deleted_experiment_is_an_input_error_saying_how_to_restore_it(source_dir, data_root, prepare,
+                                                                         mlflow_server) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment("validate_deleted")
+    client.delete_experiment(experiment_id)  # in the MLflow UI, by someone tidying up
+    config = _config(data_root, manifest=prepare(source_dir)["manifest"], run_key="validate/deleted",
+                     tracking_uri=mlflow_server, experiment="validate_deleted")
+    with pytest.raises(StepError, match=f"mlflow experiments restore --experiment-id {experiment_id}"):
+        validate.run(config)
