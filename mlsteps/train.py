@@ -50,7 +50,8 @@ def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
 
 def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int, examples: int) -> Any:
     class Progress(keras.callbacks.Callback):
-        """One log line and one MLflow metrics batch per finished epoch (after the backup is written)."""
+        """One MLflow metrics batch per finished epoch, sent before the backup is written, and one log line
+        after it (``announce``): a line "epoch N/M" means epoch N is saved."""
 
         first_epoch: int | None = None
 
@@ -70,8 +71,12 @@ def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int,
 
             now = int(time.time() * 1000)
             mlflow_client.log_batch(run_id, metrics=[Metric(k, v, now, epoch + 1) for k, v in metrics.items()])
+            self._logged = metrics
+
+        def announce(self, epoch: int, logs: dict | None = None) -> None:
+            metrics = self._logged
             shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "second" not in k)
-            log.info("epoch %d/%d %s (%.1f s, %.0f img/s)", epoch + 1, epochs, shown, seconds,
+            log.info("epoch %d/%d %s (%.1f s, %.0f img/s)", epoch + 1, epochs, shown, metrics["epoch_seconds"],
                      metrics["images_per_second"])
 
     return Progress()
@@ -199,8 +204,11 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     # instead of training again. It is removed once the finished model is in place. Two copies: a pod
     # killed while writing one resumes from the other.
     _backup_for(backup_dir, settings)
-    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False),
-                 progress]
+    # progress first: an epoch is backed up only once MLflow has its metrics, so an outage while logging them
+    # retrains that epoch on the retry instead of skipping it with its metrics lost.
+    callbacks = [progress,
+                 keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False),
+                 keras.callbacks.LambdaCallback(on_epoch_end=progress.announce)]
     history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
                       shuffle=False)  # the dataset shuffles itself
     if keras.mixed_precision.global_policy().name != "float32":

@@ -160,6 +160,30 @@ def test_a_try_that_failed_after_training_is_marked_failed_and_its_retry_reports
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
+def test_an_epoch_whose_metrics_mlflow_did_not_take_is_trained_again_on_the_retry(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    config = _train_config(manifest, data_root, mlflow_server, "train/lost-epoch", epochs=2)
+    real = MlflowClient.log_batch
+
+    def outage_at_epoch_2(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step == 2 for m in metrics):
+            raise ConnectionError("MLflow unreachable while logging epoch 2")
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", outage_at_epoch_2)
+        with pytest.raises(ConnectionError, match="epoch 2"):
+            train.run(config)
+    result = train.run(config)
+    assert result["resumed_from_epoch"] == 1  # epoch 1 was backed up; epoch 2 was not, so it ran again
+    client = MlflowClient(mlflow_server)
+    assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val_accuracy")) == [1, 2]
+    assert set(result["metrics"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+
+
 def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
         tmp_path, data_root, prepare, mlflow_server, monkeypatch, caplog) -> None:
     manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
