@@ -36,7 +36,7 @@ def test_clean_synthetic_dataset_passes_every_check(source_dir, data_root, prepa
     assert report["failed"] == []
     names = set(_by_name(report))
     assert {"train: class balance", "test: labels in 0..9", "train/test leakage (exact duplicates)",
-            "pixel mean shift train vs test", "val: count matches manifest"} <= names
+            "pixel mean shift train vs test", "val: count matches manifest", "test: images decode as 28x28 uint8"} <= names
     assert "official dataset sizes" not in names  # custom data has no official sizes
     assert report["stats"]["train"]["count"] + report["stats"]["val"]["count"] == 300
     assert validate.summary(report).splitlines()[0].endswith(f"passed {len(report['checks'])} checks")
