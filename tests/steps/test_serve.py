@@ -499,6 +499,37 @@ def test_infra_validation_fails_a_version_the_server_cannot_load_and_says_why(tm
     assert seen["tags"]["promotion.infra_validation"].startswith("failed: the model server could not load it")
 
 
+@pytest.fixture(scope="module")
+def nan_version(tmp_path_factory, mlflow_server) -> int:
+    """A registered version whose .tflite loads and answers, but NaN: its classifier's weights are NaN."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("nan") / "model.tflite"
+    script = (
+        "import sys, numpy as np, tf_keras\n"
+        "from mlsteps import compress, model\n"
+        "net = model.build(image_shape=(28, 28), num_classes=10, width=4, keras_module=tf_keras)\n"
+        "kernel, bias = net.layers[-1].get_weights()\n"
+        "net.layers[-1].set_weights([np.full_like(kernel, np.nan), bias])\n"
+        "open(sys.argv[1], 'wb').write(compress.convert(net, 'float'))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=step_env(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                       artifacts={"tflite": str(path)})
+    return int(mlflow.register_model(info.model_uri, MODEL).version)
+
+
+def test_a_version_answering_non_finite_probabilities_fails_infra_validation_and_is_never_served(
+        tmp_path, nan_version, mlflow_server):
+    out, seen = _infra_validate(tmp_path, mlflow_server, nan_version)
+    assert out.returncode == 2, out.stdout[-3000:]
+    assert "non-finite probabilities" in out.stderr and "Traceback" not in out.stderr
+    assert seen["tags"]["promotion.infra_validation"].startswith("failed: the model server could not load it")
+
+
 def test_server_and_infra_validation_import_nothing_the_serving_image_lacks():
     """images/serving has no TensorFlow, Keras, pandas or Optuna: neither module may need them."""
     probe = ("import sys, mlsteps.serve, mlsteps.infra_validate\n"
