@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -191,6 +192,39 @@ def test_checksum_mismatch_names_file_and_leaves_no_output(source_dir, data_root
     assert datasets.FASHION_MNIST.file("train_images").sha256[0] in message
     assert datasets_entries(data_root) == []
     assert partial_leftovers(data_root) == []
+
+
+def _known_as_fashion(monkeypatch, folder: Path, *, content: bool) -> None:
+    """Make the files in ``folder`` stand in for Fashion-MNIST's: their archives' digests unknown (another
+    gzip, as Debian's package has), their decompressed content's digest known if ``content``."""
+    import dataclasses
+
+    spec = datasets.KNOWN["fashion_mnist"]
+    files = tuple(dataclasses.replace(f, sha256=("0" * 64,), content_sha256=hashlib.sha256(
+        _payload(folder, f.role)).hexdigest() if content else None) for f in spec.files)
+    monkeypatch.setitem(datasets.KNOWN, "fashion_mnist", dataclasses.replace(spec, files=files, system_dirs=()))
+
+
+def test_a_recompressed_copy_passes_by_its_content_digest_and_a_changed_one_does_not(
+        source_dir, data_root, prepare, monkeypatch) -> None:
+    _known_as_fashion(monkeypatch, source_dir, content=True)
+    assert prepare(source_dir, dataset="fashion_mnist")["manifest"]  # the offline `make demo` path
+    labels = bytearray(_payload(source_dir, "test_labels"))
+    labels[-1] = (labels[-1] + 1) % 10  # one label changed: same format, other content
+    bad = _rewrite(source_dir, "test_labels", bytes(labels))
+    with pytest.raises(prep.DatasetChecksumError, match="does not match the known fashion_mnist") as caught:
+        prepare(source_dir, dataset="fashion_mnist")
+    assert str(bad) in str(caught.value)
+
+
+def test_an_uncompressed_copy_with_only_the_archive_digest_known_cannot_be_verified(
+        tmp_path, data_root, prepare, monkeypatch) -> None:
+    gz = idxdata.write_dataset(tmp_path / "gz")
+    _known_as_fashion(monkeypatch, gz, content=False)
+    raw = idxdata.write_dataset(tmp_path / "raw", gz=False)
+    with pytest.raises(prep.DatasetChecksumError, match="uncompressed, and only the official .* cannot be verified"):
+        prepare(raw, dataset="fashion_mnist")
+    assert datasets_entries(data_root) == []
 
 
 def test_checksums_can_be_skipped_for_known_dataset_names(source_dir, prepare) -> None:

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,11 +34,14 @@ def _cache_files(data_root: Path) -> list[str]:
     return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
 
 
-def test_offline_without_source_dir_fails_fast_with_a_way_out(data_root, prepare, no_system_copies) -> None:
-    started = time.monotonic()
+def test_offline_without_source_dir_fails_fast_with_a_way_out(data_root, prepare, no_system_copies,
+                                                              monkeypatch) -> None:
+    opened = []
+    real_urlopen = prep.urllib.request.urlopen
+    monkeypatch.setattr(prep.urllib.request, "urlopen", lambda url, **kw: opened.append(url) or real_urlopen(url, **kw))
     with pytest.raises(prep.DatasetUnavailableError) as caught:
         prepare(None, dataset="mnist", mirrors=(CLOSED_PORT,))
-    assert time.monotonic() - started < 20
+    assert opened == [CLOSED_PORT + "train-images-idx3-ubyte.gz"]  # a refused connection is not retried
     message = str(caught.value)
     assert "--source-dir" in message
     assert "fashion_mnist" in message
@@ -53,7 +55,6 @@ def test_offline_without_source_dir_fails_fast_with_a_way_out(data_root, prepare
                     reason="MNIST is installed on this machine, so prep would not need the network")
 def test_offline_cli_exits_2_with_one_line_error_and_no_traceback(tmp_path, data_root) -> None:
     result_path = tmp_path / "result.json"
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "mlsteps.prep", "--data-root", str(data_root), "--dataset", "mnist",
          "--mirrors", CLOSED_PORT, "--result-path", str(result_path)],
@@ -62,7 +63,6 @@ def test_offline_cli_exits_2_with_one_line_error_and_no_traceback(tmp_path, data
     assert done.stderr.startswith("error:"), done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert "--source-dir" in done.stderr
-    assert time.monotonic() - started < 20
     assert not result_path.exists()
     assert _cache_files(data_root) == []
 
