@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -11,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -131,12 +134,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 COMPLETE_MARKER = "_COMPLETE"
+ABANDONED_AFTER_S = 24 * 3600  # a scratch folder this old was left by a killed writer (steps time out within 6 h)
 
 
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``final`` (with a completion marker) only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(final)
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
         yield scratch
@@ -152,6 +157,21 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Scratch folders of ``final`` left by a writer killed outright (SIGKILL, OOM, node loss: no cleanup ran).
+
+    Only those untouched for ABANDONED_AFTER_S, longer than any step runs: a younger one may be a live
+    concurrent writer's.
+    """
+    cutoff = time.time() - ABANDONED_AFTER_S
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < cutoff:
+                log.warning("removing %s: the scratch folder of a writer killed more than %d h ago", stale,
+                            ABANDONED_AFTER_S // 3600)
+                shutil.rmtree(stale)
 
 
 def is_complete(directory: Path) -> bool:

@@ -145,6 +145,25 @@ def test_atomic_directory_keeps_the_first_complete_writer(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["result"]
 
 
+def test_atomic_directory_removes_scratch_folders_of_writers_killed_long_ago_only(tmp_path) -> None:
+    import os
+    import time
+
+    final = tmp_path / "result"
+    killed = tmp_path / ".result.k1ll3d.partial"  # SIGKILL'd two days ago: no cleanup ran
+    (killed / "shard").mkdir(parents=True)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(killed, (two_days_ago, two_days_ago))
+    live = tmp_path / ".result.wr1t1ng.partial"  # a concurrent writer, still at work
+    live.mkdir()
+    other = tmp_path / ".other.0ld.partial"  # another output's: not this one's to judge
+    other.mkdir()
+    os.utime(other, (two_days_ago, two_days_ago))
+    with core.atomic_directory(final) as scratch:
+        (scratch / "data").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.0ld.partial", ".result.wr1t1ng.partial", "result"]
+
+
 def test_write_json_atomic_replaces_whole_file(tmp_path) -> None:
     path = tmp_path / "sub" / "r.json"
     core.write_json_atomic(path, {"a": 1})
