@@ -119,8 +119,9 @@ with DAG(
                                  description="int8 of the pruned model: post-training quantization, or "
                                              "pruning-preserving quantization-aware training."),
         "compress_max_accuracy_drop": Param(0.3, type="number", minimum=-100, maximum=100,
-                                            description="Largest accepted test-accuracy drop of a compressed "
-                                                        "variant, in percentage points (else float is kept)."),
+                                            description="Largest accepted validation-accuracy drop of a "
+                                                        "compressed variant, in percentage points (else float is "
+                                                        "kept)."),
         "compress_finetune_epochs": Param(5, type="integer", minimum=1, maximum=50,
                                           description="Fine-tuning epochs while pruning (and again of QAT), "
                                                       "each about one training epoch on two CPUs."),

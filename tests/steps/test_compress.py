@@ -142,8 +142,13 @@ def test_gate_choice_and_its_record_in_the_mlflow_run(compressed, mlflow_server)
     variants = report["variants"]
     chosen = compressed["variant"]
     # The step applied the gate to what it measured, with the default threshold and tolerance.
+    # Chosen on the validation split; the test split only reports.
     assert (chosen, compressed["reason"]) == compress.choose(
-        variants, reference_accuracy=report["float_keras"]["accuracy"], max_drop_points=0.3, latency_tolerance=0.1)
+        variants, reference_accuracy=report["float_keras"]["val_accuracy"], max_drop_points=0.3,
+        latency_tolerance=0.1, metric="val_accuracy")
+    assert "on validation" in compressed["reason"]
+    assert report["val_accuracy_drop_points"] == pytest.approx(
+        100 * (report["float_keras"]["val_accuracy"] - variants[chosen]["val_accuracy"]))
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(compressed["mlflow_run_id"])
     assert run.data.tags["compression.variant"] == chosen
@@ -333,6 +338,15 @@ def test_gate_picks_the_smallest_variant_within_the_drop_and_no_slower_than_floa
     chosen, reason = compress.choose(variants, reference_accuracy=0.90, max_drop_points=0.3, latency_tolerance=0.1)
     assert chosen == expected
     assert why in reason
+
+
+def test_the_gate_judges_the_validation_accuracy_it_is_given_not_the_test_accuracy():
+    variants = {"float": {**_variant(0.90, 300, 1.0), "val_accuracy": 0.92},
+                "int8": {**_variant(0.90, 90, 0.5), "val_accuracy": 0.91},  # fine on test, 1 pt down on val
+                "dynamic": {**_variant(0.85, 100, 0.5), "val_accuracy": 0.919}}  # the other way round
+    chosen, reason = compress.choose(variants, reference_accuracy=0.92, max_drop_points=0.3, latency_tolerance=0.1,
+                                     metric="val_accuracy")
+    assert chosen == "dynamic" and "on validation" in reason
 
 
 def test_register_refuses_tags_that_are_not_a_json_object(mlflow_server):
