@@ -174,7 +174,11 @@ def test_registered_version_carries_the_compressed_model_and_its_tags(trained, c
         compressed["accuracy_drop_points"], abs=1e-3)
     assert int(version.tags["compression.size_bytes"]) == compressed["size_bytes"]
     assert version.tags["float_model_uri"] == trained["train"]["model_uri"]
-    assert "compression.sparsity" in version.tags
+    report = json.loads(Path(compressed["report"]).read_text())
+    assert float(version.tags["compression.sparsity"]) == pytest.approx(
+        report["variants"][compressed["variant"]]["sparsity"], abs=1e-4)  # counted in the served .tflite
+    assert float(version.tags["compression.val_accuracy"]) == pytest.approx(
+        report["variants"][compressed["variant"]]["val_accuracy"], abs=1e-6)
 
 
 def test_pyfunc_of_the_registered_version_predicts_the_same_classes_as_litert(trained, compressed, registered,
