@@ -2,13 +2,14 @@
 ### model_promotion
 
 Keeps serving in line with the MLflow registry: **the alias `champion` names the version that must be
-served.** plan → infra_validate → deploy → smoke_test → record, and rollback on any failure.
+served.** plan → infra_validate → deploy → smoke_test → record, and rollback when a step before record fails.
 
 Triggered three ways, one run at a time:
 - by an MLflow webhook when an alias moves (the receiver on the Airflow API server, `/mlops/webhooks/mlflow`,
   checks the HMAC signature and emits an event of the asset `mlflow_champion_alias`);
 - every 10 minutes as a safety net (a lost webhook delivery, an alias moved while Airflow was down);
-- by hand, with `version` set to deploy a given version (the alias then follows it).
+- by hand, with `version` set to deploy a given version (the alias then follows it, unless a reviewer moved
+  it during the run: the approval wins and is deployed next).
 
 **plan** does nothing when serving already runs that version. **infra_validate** loads the candidate in
 the real model server (the serving image, in its own pod) and sends it real requests on both protocols.
@@ -17,11 +18,12 @@ awaited, readiness = model loaded) or the supervised local server (`local`: swit
 dropped). **smoke_test** asks the live endpoint and checks every answer names the new version. **record**
 tags the version `promotion.status=serving`.
 
-On failure **rollback** restores the previous version on the serving side (after a first promotion:
-nothing served, as before), moves `champion` back to it (unless a reviewer moved it on meanwhile), tags
-the failed version `promotion.status=failed` (the failing step's reason is in its `promotion.*` tag) and
+When infra_validate, deploy or smoke_test fails, **rollback** restores the previous version on the serving
+side (after a first promotion: nothing served, as before), moves `champion` back to it (unless a reviewer
+moved it on meanwhile), tags the failed version `promotion.status=failed` (the failing step's reason is in its `promotion.*` tag) and
 fails the run. When **plan** itself fails, nothing was changed: rollback is skipped and plan's error is
-the run's reason.
+the run's reason. When **record** fails (MLflow unreachable), the run fails without a rollback; the next run
+reconciles serving to the alias.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ with DAG(
                             description="The registered model this deployment serves (alias events of other "
                                         "models are ignored); letters, digits, _ . -."),
         "version": Param(0, type="integer", minimum=0,
-                         description="Deploy this version (the alias champion follows it); 0: the champion."),
+                         description="Deploy this version (the alias champion follows it, unless moved during "
+                                     "the run); 0: the champion."),
         "validation_requests": Param(50, type="integer", minimum=2, maximum=10000,
                                      description="Requests the candidate must answer in infra-validation."),
         "smoke_requests": Param(20, type="integer", minimum=1, maximum=10000,

@@ -4,10 +4,12 @@ Variants: float32 TFLite (the reference), float16 and dynamic-range quantization
 post-training quantization (representative dataset from the training split), and magnitude pruning
 to ``--sparsity`` with fine-tuning followed by int8 quantization (post-training, or pruning-preserving
 quantization-aware training with ``--method quantization_aware``). Each is run with the LiteRT
-interpreter on the test set: accuracy, size raw and gzipped, batch-1 latency, batched throughput.
+interpreter: accuracy on the validation and test splits, size raw and gzipped, batch-1 latency, batched
+throughput.
 
-Gate: the smallest variant (gzipped) whose accuracy is at most ``--max-accuracy-drop`` points below the float
-Keras model and whose batch-1 latency is no worse than float TFLite's wins; if none passes, the float
+Gate: the smallest variant (gzipped) whose validation accuracy is at most ``--max-accuracy-drop`` points
+below the float Keras model's and whose batch-1 latency is no worse than float TFLite's wins (the test split
+only reports: it did not choose); if none passes, the float
 TFLite model is kept and the reason is recorded. The winner is logged to the training run as an MLflow
 pyfunc model (``compressed_model``, LiteRT inside) that ``register`` turns into the model version.
 """
@@ -41,7 +43,7 @@ REPORT_TAG = "compression.report_sha256"  # on the logged model: which report.js
 
 
 class EmptySplitError(StepError):
-    """A split that compression needs (train for calibration and fine-tuning, test for the gate) is empty."""
+    """A split compression needs is empty (train: calibration and fine-tuning; val: the gate; test: the report)."""
 MIN_PRUNED_KERNEL = 1024  # weights; smaller conv/dense kernels are left dense
 # Pins written into the logged pyfunc model's requirements (what `mlflow models serve` installs).
 LITERT_REQUIREMENT = "ai-edge-litert==2.3.0"
@@ -52,7 +54,7 @@ class CompressConfig(tracking.RunStepConfig):
     model_path: str = field(help="the trained Keras model (model.keras) written by train")
     sparsity: float = field(0.82, help="fraction of conv/dense weights pruned to zero (0: no pruned variant)")
     method: str = field("post_training", help="int8 for the pruned model: post_training or quantization_aware")
-    max_accuracy_drop: float = field(0.3, help="largest accepted test-accuracy drop, in percentage points, "
+    max_accuracy_drop: float = field(0.3, help="largest accepted validation-accuracy drop, in percentage points, "
                                                "against the float Keras model (negative: demand a gain)")
     latency_tolerance: float = field(0.1, help="a variant may be this fraction slower than float TFLite at "
                                                "batch 1 and still count as no worse (timer noise)")

@@ -32,6 +32,7 @@ Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFL
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -154,8 +155,14 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 
 
-def load_version(config: ServeConfig, uri: str) -> Served:
-    """Resolve ``uri`` in the registry, download the version, build its runner and warm it up."""
+def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True) -> Served:
+    """Resolve ``uri`` in the registry, download the version, build its runner and warm it up.
+
+    ``retry_outage``: wait out a registry outage (up to 8 tries, each after MLflow's own HTTP retries: half an
+    hour while the server is down). The server's initial load does (nothing else can make it ready); an
+    in-place deployment does not: after MLflow's own retries it answers that the version could not be loaded
+    (the caller, a promotion, rolls back), instead of holding the switch past the caller's timeout.
+    """
     import mlflow
     import yaml
     from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -165,7 +172,8 @@ def load_version(config: ServeConfig, uri: str) -> Served:
     tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
 
-    @retry(stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
+    @retry(stop=stop_after_attempt(8 if retry_outage else 1), wait=wait_exponential(multiplier=0.5, max=15),
+           reraise=True,
            retry=retry_if_exception(transient), before_sleep=lambda state: log.warning(
                "loading %s: the registry did not answer (%s); try %d of 8 in %.0f s", uri,
                state.outcome.exception(), state.attempt_number + 1, state.next_action.sleep))
@@ -274,7 +282,7 @@ class ModelHolder:
         Raises whatever loading raised; the served version is then unchanged.
         """
         with self._swap:  # one deployment at a time
-            served = load_version(self.config, f"models:/{self.name}/{version}")
+            served = load_version(self.config, f"models:/{self.name}/{version}", retry_outage=False)
             previous = self.version
             if self.config.deployment_file:
                 write_deployment(self.config.deployment_file, self.name, served, previous)
@@ -322,8 +330,14 @@ def numbers(value: Any, what: str) -> np.ndarray:
     except (ValueError, TypeError):
         raise RequestError(400, f"{what}; got ragged lists") from None
     if array.dtype.kind not in "iuf":
-        found = {"b": "true/false", "U": "strings"}.get(array.dtype.kind, "null, objects or ragged lists")
+        found = {"b": "true/false", "U": "strings"}.get(array.dtype.kind,
+                                                        "null, objects, ragged lists or integers past 64 bits")
         raise RequestError(400, f"{what}; got {found}")
+    flat = value
+    for _ in range(array.ndim - 1):  # true among numbers becomes 1 in a numeric array: look at the JSON values
+        flat = itertools.chain.from_iterable(flat)
+    if array.ndim and bool in map(type, flat):
+        raise RequestError(400, f"{what}; got true/false")
     return array.astype(np.float32)
 
 

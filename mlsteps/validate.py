@@ -123,11 +123,14 @@ def run(config: ValidateConfig) -> dict[str, Any]:
     client = mlflow.MlflowClient()
     client.log_dict(run_id, report, "validation/report.json")
     client.set_tag(run_id, "data.validation", "passed" if report["passed"] else "failed")
-    # Cleared after the data was fixed, validate sees another digest: kept in tag data.dataset_changed.
-    tracking.log_params_once(mlflow, run_id, {"dataset": manifest["dataset"], "dataset_digest": manifest["digest"]},
-                             "data.dataset_changed")
     log.info("%s", summary(report))
-    if not report["passed"]:
+    if report["passed"]:
+        # Params name the data this run trains on, so only data that passed: after a failure the user fixes
+        # the data and clears the task, and MLflow params never change. The report names the failed data.
+        # (Data changed after it passed, under the same run key: the new digest goes to data.dataset_changed.)
+        tracking.log_params_once(mlflow, run_id, {"dataset": manifest["dataset"],
+                                                  "dataset_digest": manifest["digest"]}, "data.dataset_changed")
+    else:
         raise DataValidationError(f"data validation failed ({', '.join(report['failed'])}); "
                                   f"full report: {report_path}\n{summary(report)}")
     return {"passed": True, "report": str(report_path), "mlflow_run_id": run_id,

@@ -59,7 +59,7 @@ class LocalTarget:
     """The supervised local model server (scripts/serving.sh), switched in place over its admin endpoint."""
 
     def __init__(self, url: str, model_name: str, token_file: str, timeout: float = 600.0,
-                 settle_timeout: float = 300.0, poll_seconds: float = 2.0) -> None:
+                 settle_timeout: float = 180.0, poll_seconds: float = 2.0) -> None:
         import httpx
 
         self.url, self.model_name, self.token_file = url.rstrip("/"), model_name, token_file
@@ -72,7 +72,9 @@ class LocalTarget:
 
     def current(self) -> Serving:
         """What serves now. A server still LOADING (just restarted, or waiting for MLflow) is waited for: taken
-        for "nothing served", a rollback would unload the version it is loading and drop the alias."""
+        for "nothing served", a rollback would unload the version it is loading and drop the alias.
+        ``settle_timeout`` (180 s) stays within plan's 5-minute task timeout, so its message is what the log shows.
+        """
         import httpx
 
         deadline = time.monotonic() + self.settle_timeout

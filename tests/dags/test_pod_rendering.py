@@ -242,6 +242,15 @@ def test_training_pod_requests_the_gpus_and_node_pool_from_the_trigger_form(dag)
     assert task.on_finish_action.value == "delete_succeeded_pod"
 
 
+def test_a_node_selector_that_is_not_strings_fails_the_task_for_good_not_retried(dag):
+    """The form refuses it; a run whose conf bypassed the form (older Airflow, edited XCom) still gets a
+    clear failure, not retries of a pod that cannot be built."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="node_selector must be a JSON object of strings"):
+        render(dag, "train", node_selector={"pool": 1})
+
+
 def test_cpu_only_training_and_other_steps_request_no_gpu(dag, rendered):
     pod, _ = render(dag, "train", gpus=0)
     assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]

@@ -197,6 +197,10 @@ BAD = [
     ("pixel-strings", f"/v1/models/{MODEL}:predict", {"instances": [["7"] * 784]}, None, 400, "got strings"),
     ("pixel-booleans", f"/v1/models/{MODEL}:predict", {"instances": [[True] * 784]}, None, 400, "got true/false"),
     ("pixel-nulls", f"/v1/models/{MODEL}:predict", {"instances": [[None] * 784]}, None, 400, "got null"),
+    ("pixel-boolean-among-numbers", f"/v1/models/{MODEL}:predict", {"instances": [[[0] * 27 + [True]] * 28]}, None,
+     400, "got true/false"),
+    ("named-instance-boolean", f"/v1/models/{MODEL}:predict", {"instances": [{"image": [1.5] * 783 + [False]}]},
+     None, 400, "got true/false"),
     ("v2-empty-batch", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "image", "shape": [0, 784], "datatype": "FP32", "data": []}]}, None, 422, "batch is empty"),
     ("v2-string-data", f"/v2/models/{MODEL}/infer",
@@ -281,6 +285,7 @@ class Forwarder:
         from urllib.parse import urlsplit
 
         self.port, self.target = port, urlsplit(target)
+        self._open: list = []  # every forwarded connection's two sockets, closed with the forwarder
         self._socket = socket.create_server(("127.0.0.1", port))
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -294,6 +299,7 @@ class Forwarder:
             except OSError:
                 return  # closed
             upstream = socket.create_connection((self.target.hostname, self.target.port))
+            self._open += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
@@ -312,7 +318,13 @@ class Forwarder:
                     end.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """The registry goes away: no new connections, and the kept-alive ones are cut."""
+        import socket
+
         self._socket.close()
+        for end in self._open:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
 
 
 def test_a_registry_that_comes_up_after_the_server_is_waited_for_and_its_version_served(tmp_path, versions,
@@ -368,11 +380,13 @@ def broken_version(tmp_path_factory, mlflow_server) -> int:
     return int(mlflow.register_model(info.model_uri, MODEL).version)
 
 
-def _admin_server(tmp_path: Path, mlflow_server: str, version: int) -> tuple[Server, dict[str, str], Path]:
+def _admin_server(tmp_path: Path, mlflow_server: str, version: int,
+                  **env: str) -> tuple[Server, dict[str, str], Path]:
     token_file, record = tmp_path / "admin-token", tmp_path / "deployed.json"
     token_file.write_text("s3cret-token-of-the-test\n")
     record.write_text(json.dumps({"model_name": MODEL, "version": str(version)}))
-    server = _start(tmp_path, mlflow_server, "--admin-token-file", str(token_file), "--deployment-file", str(record))
+    server = _start(tmp_path, mlflow_server, "--admin-token-file", str(token_file), "--deployment-file", str(record),
+                    **env)
     return server, {"Authorization": "Bearer s3cret-token-of-the-test"}, record
 
 
@@ -437,6 +451,24 @@ def test_a_version_that_fails_to_load_is_refused_and_the_served_one_keeps_answer
         assert server.call("POST", "/admin/deploy", {"version": str(first)},
                            headers={"Authorization": "Bearer wrong"})[0] == 401
         assert server.call("POST", "/admin/deploy", {"version": "latest"}, headers=auth)[0] == 400
+    finally:
+        _stop(server)
+
+
+def test_a_deployment_during_a_registry_outage_is_refused_without_waiting_it_out(tmp_path, versions, mlflow_server):
+    """The initial load waits for the registry (tested above); a deployment answers the promotion instead,
+    which rolls back, rather than holding the switch past the promotion's request timeout."""
+    first, second = versions
+    registry = Forwarder(free_port(), mlflow_server)
+    server, auth, _ = _admin_server(tmp_path, f"http://127.0.0.1:{registry.port}", first,
+                                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    try:
+        registry.close()
+        status, _, reply = server.call("POST", "/admin/deploy", {"version": str(second)}, headers=auth)
+        assert status == 422 and f"still serving version {first}" in reply["error"], reply
+        assert "the registry did not answer" not in server.log.read_text()
+        status, headers, _ = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": _images(1).tolist()})
+        assert (status, headers["x-model-version"]) == (200, str(first))
     finally:
         _stop(server)
 

@@ -144,18 +144,18 @@ def test_run_on_leaky_data_records_failure_in_report_and_mlflow(tmp_path, data_r
     run_id = tracking.run_for(mlflow, "validate/leaky", experiment="validate_tests")
     run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
     assert run.data.tags["data.validation"] == "failed"
-    assert run.data.params["dataset"] == "custom"
+    assert "dataset_digest" not in run.data.params  # the params name data the run trains on: none yet
 
-    # The documented remedy: fix the input, clear the task (prep writes the fixed data, same run key).
+    # The documented remedy: fix the input, clear prep and validate (same run key).
     fixed_path = prepare(idxdata.write_dataset(tmp_path / "fixed"))["manifest"]
     fixed = data.load_manifest(fixed_path)
-    assert fixed["digest"] != run.data.params["dataset_digest"]
     result = validate.run(_config(data_root, manifest=fixed_path, run_key="validate/leaky",
                                   tracking_uri=mlflow_server, experiment="validate_tests"))
     assert result["passed"] is True and result["mlflow_run_id"] == run_id
     run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
     assert run.data.tags["data.validation"] == "passed"
-    assert json.loads(run.data.tags["data.dataset_changed"]) == {"dataset_digest": fixed["digest"]}
+    assert (run.data.params["dataset"], run.data.params["dataset_digest"]) == ("custom", fixed["digest"])
+    assert "data.dataset_changed" not in run.data.tags
 
 
 @pytest.mark.integration
