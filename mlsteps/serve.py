@@ -308,7 +308,8 @@ class ModelHolder:
         return previous
 
 
-def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
+def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where: str,
+                booleans: bool = True) -> np.ndarray:
     """A float32 batch (N, H, W) from nested lists of pixels, N rows of H*W pixels, or [{"image": ...}]."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         try:
@@ -316,14 +317,15 @@ def images_from(value: Any, image_shape: tuple[int, ...], max_batch: int, where:
         except (KeyError, TypeError):
             raise RequestError(400, f"{where}: named instances must each have an \"image\" field") from None
     return checked(numbers(value, f"{where} must be a list of images of numbers (shape N x "
-                                  f"{' x '.join(map(str, image_shape))})"), image_shape, max_batch, where)
+                                  f"{' x '.join(map(str, image_shape))})", booleans), image_shape, max_batch, where)
 
 
-def numbers(value: Any, what: str) -> np.ndarray:
+def numbers(value: Any, what: str, booleans: bool = True) -> np.ndarray:
     """``value`` (nested JSON lists) as float32, refused (400) unless every element is a JSON number.
 
     A plain float32 cast would take "7" and true as pixels; null, strings, booleans and ragged lists are
-    named instead.
+    named instead. ``booleans``: whether the request body holds a true or false anywhere (False skips looking
+    for them among numbers: a pass over every value, as long as parsing them).
     """
     try:
         array = np.asarray(value)
@@ -336,7 +338,7 @@ def numbers(value: Any, what: str) -> np.ndarray:
     flat = value
     for _ in range(array.ndim - 1):  # true among numbers becomes 1 in a numeric array: look at the JSON values
         flat = itertools.chain.from_iterable(flat)
-    if array.ndim and bool in map(type, flat):
+    if booleans and array.ndim and bool in map(type, flat):
         raise RequestError(400, f"{what}; got true/false")
     return array.astype(np.float32)
 
@@ -405,7 +407,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                                     f"{': ' + holder.error if holder.error else ''})")
         return served
 
-    async def body(request: Request) -> Any:
+    async def body(request: Request) -> tuple[Any, bool]:
+        """The parsed JSON body, and whether its text holds a true or false (see ``numbers``)."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > config.max_body_bytes:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}")
@@ -415,7 +418,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             if len(raw) > config.max_body_bytes:
                 raise RequestError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes")
         try:
-            return orjson.loads(raw)
+            return orjson.loads(raw), b"true" in raw or b"false" in raw
         except orjson.JSONDecodeError as exc:
             raise RequestError(400, f"request body is not valid JSON: {exc}") from None
 
@@ -424,7 +427,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             started = time.perf_counter()
             try:
                 served = known(request)
-                response = reply(handler(await body(request), served), version=served.version)
+                response = reply(handler(*await body(request), served), version=served.version)
             except RequestError as exc:
                 response = error(exc.status, str(exc))
             except Exception as exc:  # noqa: BLE001 - never a stack trace to the caller; the log has it
@@ -436,16 +439,16 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
 
         return endpoint
 
-    def v1_predict(payload: Any, served: Served) -> dict[str, Any]:
+    def v1_predict(payload: Any, booleans: bool, served: Served) -> dict[str, Any]:
         if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
             raise RequestError(400, 'body must be a JSON object with either "instances" or "inputs"')
         key = "instances" if "instances" in payload else "inputs"
-        images = images_from(payload[key], served.runner.image_shape, config.max_batch, f'"{key}"')
+        images = images_from(payload[key], served.runner.image_shape, config.max_batch, f'"{key}"', booleans)
         probabilities = served.runner.predict(images)
         field_name = "predictions" if key == "instances" else "outputs"
         return {field_name: probabilities, "model_name": holder.name, "model_version": served.version}
 
-    def v2_infer(payload: Any, served: Served) -> dict[str, Any]:
+    def v2_infer(payload: Any, booleans: bool, served: Served) -> dict[str, Any]:
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
             raise RequestError(400, 'body must be a JSON object with "inputs": a list of exactly one tensor')
         tensor = payload["inputs"][0]
@@ -458,7 +461,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         # type(d) is int: JSON true would pass isinstance(d, int); counted with Python ints (np.prod overflows)
         if not (isinstance(shape, list) and shape and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
             raise RequestError(400, f'"shape" must be a list of non-negative integers, got {shape!r}')
-        flat = numbers(tensor["data"], '"data" must be numbers (flat or nested)').reshape(-1)
+        flat = numbers(tensor["data"], '"data" must be numbers (flat or nested)', booleans).reshape(-1)
         if flat.size != math.prod(shape):
             raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {math.prod(shape)}')
         images = checked(flat.reshape(shape), served.runner.image_shape, config.max_batch, "input")
@@ -516,7 +519,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         if not hmac.compare_digest(given.encode(), token.encode()):
             return error(401, "missing or wrong bearer token for /admin/deploy")
         try:
-            payload = await body(request)
+            payload, _ = await body(request)
         except RequestError as exc:
             return error(exc.status, str(exc))
         if isinstance(payload, dict) and "version" in payload and payload["version"] is None:
