@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 VERSION_LABEL = "mlops/model-version"
 MODEL_URI_ENV = "MODEL_URI"
+MODEL_NAME_ENV = "MODEL_NAME"  # the registered model the Deployment's server serves (k8s/serving)
 CONTAINER = "server"
 REPLICAS_ANNOTATION = "mlops/replicas-before-rollback"  # kept while a failed first promotion is scaled to 0
 
@@ -149,7 +150,13 @@ class KubernetesTarget:
         if container is None:
             raise TargetUnavailable(f"Deployment {self.namespace}/{self.deployment} has no container "
                                     f"{CONTAINER!r}; apply k8s/serving")
-        uri = next((e.value for e in container.env or [] if e.name == MODEL_URI_ENV), "") or ""
+        env = {e.name: e.value for e in container.env or []}
+        served_name = env.get(MODEL_NAME_ENV)
+        if served_name and served_name != self.model_name:  # promotion patches MODEL_URI, never the name
+            raise TargetUnavailable(f"Deployment {self.namespace}/{self.deployment} serves {served_name}, not "
+                                    f"{self.model_name}; set MLOPS_SERVING_DEPLOYMENT to {self.model_name}'s "
+                                    "model server, or promote the model it serves")
+        uri = env.get(MODEL_URI_ENV) or ""
         label = (template.metadata.labels or {}).get(VERSION_LABEL, "none")
         return Serving(None if label == "none" else label, uri)
 

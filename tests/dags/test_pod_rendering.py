@@ -256,7 +256,12 @@ def test_cpu_only_training_and_other_steps_request_no_gpu(dag, rendered):
     assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
     assert not pod["spec"].get("tolerations")
     assert all(e["name"] != "MLSTEPS_EXPECTED_GPUS" for e in pod["spec"]["containers"][0]["env"])
-    assert "nvidia.com/gpu" not in rendered["prep"]["spec"]["containers"][0]["resources"]["limits"]
+    for task_id, other in rendered.items():  # the form's gpus (default 1) is for train and the trial workers
+        if task_id not in ("train", "tune"):
+            container = other["spec"]["containers"][0]
+            assert "nvidia.com/gpu" not in container["resources"]["limits"], task_id
+            assert "nvidia.com/gpu" not in container["resources"].get("requests", {}), task_id
+            assert not other["spec"].get("tolerations"), task_id
 
 
 def _finished_pod(code: int):

@@ -56,7 +56,8 @@ def _post(client, payload: str, *, secret: str = SECRET, delivery: str = "d-1", 
     return client.post("/webhooks/mlflow", content=payload, headers=headers)
 
 
-def test_a_signed_champion_alias_event_emits_one_asset_event_and_a_redelivery_none(receiver):
+def test_a_signed_champion_alias_event_is_emitted_and_one_emit_finds_seen_is_answered_as_a_duplicate(receiver):
+    """The receiver's side; that the real emit finds a redelivery seen: the database test below."""
     client, emitted = receiver
     first = _post(client, _event())
     assert first.status_code == 200 and first.json()["asset"] == "mlflow_champion_alias"

@@ -38,3 +38,25 @@ def test_each_image_installs_pinned_requirements_against_a_lock_that_holds_them(
     assert not unpinned, f"{dockerfile}: unpinned requirements {unpinned}"
     differ = {name: (version, lock.get(name)) for name, version in requirements.items() if lock.get(name) != version}
     assert not differ, f"{dockerfile}: requirement pins that the lock does not hold (pin, lock): {differ}"
+
+
+def test_images_run_as_the_user_the_pods_and_the_serving_manifest_declare_and_own_what_they_write():
+    """The images are built only in the slow podman tests: these lines are what a pod's securityContext and
+    the data volume rely on (runAsUser must be the image's user; the steps write /data and /airflow/xcom)."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "plugins"))
+    from mlops_airflow.pods import RUN_AS_USER
+
+    deployment = next(d for d in yaml.safe_load_all((ROOT / "k8s/serving/deployment.yaml").read_text())
+                      if d and d.get("kind") == "Deployment")
+    manifest_user = deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    for image, declared in (("steps", RUN_AS_USER), ("serving", manifest_user)):
+        text = (ROOT / "images" / image / "Dockerfile").read_text()
+        users = re.findall(r"^USER (\S+)", text, flags=re.M)
+        assert users and users[-1] == str(declared), f"images/{image}: runs as {users}, pods declare {declared}"
+    steps = (ROOT / "images/steps/Dockerfile").read_text().replace("\\\n", " ")
+    owned = re.search(rf"chown {RUN_AS_USER}:{RUN_AS_USER} ([^&\n]+)", steps)
+    assert owned and {"/data", "/airflow/xcom"} <= set(owned.group(1).split()), "the step user must own its outputs"

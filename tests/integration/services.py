@@ -161,4 +161,10 @@ def migrated_airflow_home(home: Path, mlflow_server: MlflowServer) -> dict[str, 
     out = subprocess.run([str(ROOT / "scripts" / "airflow-pools.sh")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+    # The cap holds only if deferred pod tasks keep their slot (a trial worker defers while its pod runs).
+    out = subprocess.run([str(AIRFLOW), "pools", "get", "hyperparameter_search", "-o", "json"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (pool,) = json.loads(out.stdout[out.stdout.index("["):])
+    assert (str(pool["slots"]), str(pool["include_deferred"]).lower()) == ("4", "true"), pool
     return env

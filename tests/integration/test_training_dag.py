@@ -119,6 +119,8 @@ def test_gate_judges_the_first_version_against_the_floor_only(finished_run, mlfl
     tags = {t["key"]: t["value"] for t in version["tags"]}
     accuracy = float(tags["gate.accuracy"])
     assert tags["gate.verdict"] == ("passed" if accuracy >= 0.85 else "failed")
+    # The trigger form's floor reached the gate, and the floor was the rule applied.
+    assert tags["gate.min_accuracy"] == "0.85" and "floor 85.00 %" in tags["gate.reasons"]
     assert "no champion yet" in tags["gate.reasons"] and tags["gate.champion_version"] == ""
     # The gate scored the registered (compressed) model on the same test set compress measured it on.
     assert accuracy == pytest.approx(float(tags["compression.accuracy"]), abs=1e-6)

@@ -42,7 +42,12 @@ def _asset_runs(base: str, token: str) -> list[dict]:
     return [run for run in runs if run["run_type"] == "asset_triggered"]
 
 
-def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api, mlflow_server, request_finalizer):
+def _our_events(base: str, token: str) -> list[dict]:
+    events = request("GET", f"{base}/api/v2/assets/events?limit=50", token=token)[1]["asset_events"]
+    return [e for e in events if (e.get("extra") or {}).get("model_name") == MODEL]
+
+
+def test_a_champion_move_in_mlflow_triggers_a_promotion_run_and_a_challenger_move_nothing(airflow_api, mlflow_server, request_finalizer):
     base, token = airflow_api
     status, runs = request("GET", f"{base}/api/v2/dags/mnist_training/dagRuns", token=token)
     # 404: not parsed yet, so not run either
@@ -70,8 +75,7 @@ def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api,
     while not _asset_runs(base, token):
         assert time.monotonic() < deadline, "no asset-triggered model_promotion run"
         time.sleep(2)
-    events = request("GET", f"{base}/api/v2/assets/events?limit=50", token=token)[1]["asset_events"]
-    ours = [e for e in events if (e.get("extra") or {}).get("model_name") == MODEL]
+    ours = _our_events(base, token)
     assert len(ours) == 1 and ours[0]["extra"]["version"] == str(version)
     assert ours[0]["extra"]["kind"] == "model_version_alias.created"
 
@@ -83,8 +87,16 @@ def test_an_alias_move_in_mlflow_triggers_exactly_one_promotion_run(airflow_api,
                                       "X-MLflow-Timestamp": str(int(time.time()))})
     assert status == 401, answer
     mlflow_server.post("registered-models/alias", {"name": MODEL, "alias": "challenger", "version": str(version)})
-    time.sleep(15)  # several scheduler loops: time for a second run to appear, if anything would make one
-    assert len(_asset_runs(base, token)) == 1
+    # Then champion set again, as a sentinel: MLflow delivers in order, so once the sentinel's event is in,
+    # the challenger's delivery has been answered too, and it must have added no event.
+    mlflow_server.post("registered-models/alias", {"name": MODEL, "alias": "champion", "version": str(version)})
+    deadline = time.monotonic() + 120
+    while len(ours := _our_events(base, token)) < 2:
+        assert time.monotonic() < deadline, "the sentinel's event never came"
+        time.sleep(2)
+    time.sleep(3)  # a challenger event delivered out of order would land now
+    assert len(_our_events(base, token)) == 2, ours
+    assert len({e["extra"]["delivery_id"] for e in _our_events(base, token)}) == 2
 
 
 @pytest.mark.parametrize("tracking_uri", [None, "sqlite:///mlflow.db"], ids=["unset", "not-a-server"])

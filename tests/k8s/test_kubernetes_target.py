@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from mlops_airflow.deploy import DeployFailed, KubernetesTarget, Serving  # noqa: E402
+from mlops_airflow.deploy import DeployFailed, KubernetesTarget, Serving, TargetUnavailable  # noqa: E402
 
 MANIFEST = yaml.safe_load((ROOT / "k8s" / "serving" / "deployment.yaml").read_text())
 MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -130,6 +130,17 @@ def _env(apps: FakeApps) -> dict[str, str]:
 
 def test_the_manifest_as_applied_serves_the_champion_alias_and_no_known_version():
     assert _target(FakeApps()).current() == Serving(None, "models:/mnist_classifier@champion")
+
+
+def test_a_deployment_serving_another_model_is_refused_before_anything_is_patched():
+    """The server answers under its MODEL_NAME: another model's versions rolled out there would 404 the smoke
+    test, or its version label be taken for this model's."""
+    apps = FakeApps()
+    target = KubernetesTarget(apps, namespace="mlops", deployment="model-server", model_name="fashion_classifier",
+                              poll_seconds=0, sleep=lambda s: None)
+    with pytest.raises(TargetUnavailable, match="serves mnist_classifier, not fashion_classifier"):
+        target.current()
+    assert apps.patches == []
 
 
 def test_promotion_sends_exactly_one_patch_of_model_uri_and_version_label_and_waits_for_the_rollout():

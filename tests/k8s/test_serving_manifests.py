@@ -72,6 +72,7 @@ def test_promotion_may_read_and_patch_only_the_model_server():
     (rule,) = role["rules"]
     assert rule["resourceNames"] == [OBJECTS["Deployment"]["metadata"]["name"]] == [load().serving_deployment]
     assert set(rule["verbs"]) == {"get", "patch"} and set(rule["resources"]) == {"deployments", "deployments/status"}
+    assert rule["apiGroups"] == ["apps"]  # deployments are in apps: "" (core) would grant nothing
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
