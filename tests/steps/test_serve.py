@@ -31,13 +31,18 @@ LITERT_MODEL = Path(__file__).resolve().parents[2] / "mlsteps" / "litert_model.p
 @pytest.fixture(scope="module")
 def tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An int8 .tflite of the pipeline's CNN, built in a subprocess (tf-keras switches tf.keras for good)."""
-    path = tmp_path_factory.mktemp("tflite") / "model.tflite"
-    script = (
-        "import sys, numpy as np, tf_keras\n"
-        "from mlsteps import compress, model\n"
-        "net = model.build(image_shape=(28, 28), num_classes=10, width=8, keras_module=tf_keras)\n"
+    return _convert(tmp_path_factory.mktemp("tflite") / "model.tflite", width=8, converted=(
         "rep = np.random.default_rng(0).uniform(0, 255, (50, 28, 28)).astype(np.float32)\n"
-        "open(sys.argv[1], 'wb').write(compress.convert(net, 'int8', rep))\n")
+        "content = compress.convert(net, 'int8', rep)\n"))
+
+
+def _convert(path: Path, *, width: int, converted: str) -> Path:
+    """Build the pipeline's CNN (fresh weights) and write the .tflite that ``converted`` makes of ``net``, in a
+    subprocess (tf-keras switches tf.keras for good)."""
+    script = ("import sys, numpy as np, tf_keras\n"
+              "from mlsteps import compress, model\n"
+              f"net = model.build(image_shape=(28, 28), num_classes=10, width={width}, keras_module=tf_keras)\n"
+              f"{converted}open(sys.argv[1], 'wb').write(content)\n")
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=step_env(),
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -536,17 +541,10 @@ def nan_version(tmp_path_factory, mlflow_server) -> int:
     """A registered version whose .tflite loads and answers, but NaN: its classifier's weights are NaN."""
     import mlflow
 
-    path = tmp_path_factory.mktemp("nan") / "model.tflite"
-    script = (
-        "import sys, numpy as np, tf_keras\n"
-        "from mlsteps import compress, model\n"
-        "net = model.build(image_shape=(28, 28), num_classes=10, width=4, keras_module=tf_keras)\n"
+    path = _convert(tmp_path_factory.mktemp("nan") / "model.tflite", width=4, converted=(
         "kernel, bias = net.layers[-1].get_weights()\n"
         "net.layers[-1].set_weights([np.full_like(kernel, np.nan), bias])\n"
-        "open(sys.argv[1], 'wb').write(compress.convert(net, 'float'))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=step_env(),
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+        "content = compress.convert(net, 'float')\n"))
     mlflow.set_tracking_uri(mlflow_server)
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
