@@ -12,7 +12,7 @@ trial or time budget is spent, then `select` hands the best hyperparameters to t
 Compress prunes (to `compress_sparsity`, fine-tuned) and quantizes the model, converts every variant
 (float32, float16, dynamic range, int8, pruned int8) to TFLite, measures accuracy, size and latency
 with LiteRT, and keeps the smallest variant within `compress_max_accuracy_drop` points of the float
-model that is no slower than it (else float). That variant is what gets registered and served.
+model on the validation split (the test split only reports) that is no slower than it (else float). That variant is what gets registered and served.
 
 The gate scores the new version (the challenger) and the version with alias `champion` on the same
 test set, as serving would run them: it passes with at least `gate_min_accuracy` and at most
@@ -113,8 +113,8 @@ with DAG(
         "search_gpus": Param(1, type="integer", minimum=0, maximum=1,
                              description="GPU per trial-worker pod (a trial trains on one device); 0: CPU."),
         "compress_sparsity": Param(0.82, type="number", minimum=0, maximum=0.95,
-                                   description="Share of conv/dense weights pruned to zero before int8 "
-                                               "quantization (0: no pruned variant)."),
+                                   description="Share of conv/dense weights (kernels of 1,024 or more) pruned "
+                                               "to zero before int8 quantization (0: no pruned variant)."),
         "compress_method": Param("post_training", enum=["post_training", "quantization_aware"],
                                  description="int8 of the pruned model: post-training quantization, or "
                                              "pruning-preserving quantization-aware training."),

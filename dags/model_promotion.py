@@ -11,7 +11,8 @@ Triggered three ways, one run at a time:
 - by hand, with `version` set to deploy a given version (the alias then follows it, unless a reviewer moved
   it during the run: the approval wins and is deployed next).
 
-**plan** does nothing when serving already runs that version. **infra_validate** loads the candidate in
+**plan** does nothing when serving already runs that version (a version given by hand that already serves
+only gets the alias). **infra_validate** loads the candidate in
 the real model server (the serving image, in its own pod) and sends it real requests on both protocols.
 **deploy** rolls it out: the Kubernetes Deployment (`MLOPS_DEPLOY_TARGET=kubernetes`: patched, rollout
 awaited, readiness = model loaded) or the supervised local server (`local`: switched in place, no request

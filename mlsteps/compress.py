@@ -52,7 +52,8 @@ LITERT_REQUIREMENT = "ai-edge-litert==2.3.0"
 @dataclass(frozen=True, kw_only=True)
 class CompressConfig(tracking.RunStepConfig):
     model_path: str = field(help="the trained Keras model (model.keras) written by train")
-    sparsity: float = field(0.82, help="fraction of conv/dense weights pruned to zero (0: no pruned variant)")
+    sparsity: float = field(0.82, help="fraction of conv/dense weights pruned to zero (kernels under "
+                                       f"{MIN_PRUNED_KERNEL} weights stay dense; 0: no pruned variant)")
     method: str = field("post_training", help="int8 for the pruned model: post_training or quantization_aware")
     max_accuracy_drop: float = field(0.3, help="largest accepted validation-accuracy drop, in percentage points, "
                                                "against the float Keras model (negative: demand a gain)")

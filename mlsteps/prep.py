@@ -51,7 +51,7 @@ class PrepConfig:
     verify_checksums: bool = field(True, help="check files against the known SHA-256 digests (not possible for 'custom')")
     val_fraction: float = field(0.1, help="share of the training set held out for per-epoch validation")
     records_per_shard: int = field(10000, help="TFRecord examples per shard file")
-    num_classes: int = field(0, help="classes of a 'custom' dataset (0: one more than the largest label)")
+    num_classes: int = field(0, help="classes of a 'custom' dataset (0: largest label + 1, at least 2)")
     download_timeout: float = field(30.0, help="seconds before one download attempt gives up")
     seed: int = field(1234, help="seed of the train/validation split")
 
