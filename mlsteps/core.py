@@ -134,7 +134,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 COMPLETE_MARKER = "_COMPLETE"
-ABANDONED_AFTER_S = 24 * 3600  # a scratch folder this old was left by a killed writer (steps time out within 6 h)
+ABANDONED_AFTER_S = 24 * 3600  # a scratch folder this old was left by a killed writer (no step runs over 12 h)
 
 
 @contextmanager
