@@ -79,7 +79,9 @@ lock:
 	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
 	rm -rf $(LOCK_VENV)
 
+# Stops the servers and removes ./var (run data, MLflow store, Airflow home). A var elsewhere (MLOPS_VAR) is
+# not removed: delete it yourself. Stop `make airflow-ui` first.
 clean:
-	-scripts/serving.sh stop
-	-mlflow/server.sh stop
+	-MLOPS_VAR=$(CURDIR)/var scripts/serving.sh stop
+	-MLOPS_VAR=$(CURDIR)/var mlflow/server.sh stop
 	rm -rf var

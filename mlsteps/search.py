@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .core import StepError, safe_name
+from .core import StepError
 
 log = logging.getLogger("mlsteps.search")
 
@@ -372,8 +372,10 @@ def open_storage(url: str, heartbeat_seconds: int, *, retry_stale: bool = True) 
 
 
 def study_name(run_key: str) -> str:
-    """One study per pipeline run: re-running the search for the same DAG run continues it."""
-    return safe_name(run_key)
+    """One study per pipeline run: re-running the search for the same DAG run continues it. The run key as it
+    is (Optuna takes any string): a file-safe rendering would give run ids like retrain:v2 and retrain+v2, both
+    valid in Airflow, one study between them."""
+    return run_key
 
 
 def make_sampler(name: str, seed: int) -> Any:
@@ -400,8 +402,9 @@ def make_pruner(name: str, max_epochs: int, given_reduction_factor: int = 0) -> 
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=factor)
     if name == "median":
-        # Epochs are steps 1, 2, ...: judge a trial from its second epoch on, against 3 finished trials.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        # Epochs are steps 1, 2, ...: judge a trial from its second epoch on, against 3 finished trials. Trials
+        # are never judged at their last epoch (nothing left to save): with 2 epochs, judge the first.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=min(2, max(1, max_epochs - 1)))
     return optuna.pruners.NopPruner()
 
 

@@ -55,7 +55,9 @@ def _settle(study: Any, heartbeat_seconds: int) -> None:
 
 
 def _close_abandoned_runs(client: Any, study: Any) -> None:
-    """MLflow runs of trials whose worker died are still 'running': mark them failed, with the cause."""
+    """MLflow runs of failed trials that do not say so, marked failed with the cause: still 'running' (the
+    worker died mid-trial), or closed as COMPLETE/PRUNED by a worker killed before the study saved the result
+    (the trial went stale, failed and was retried)."""
     from mlflow.exceptions import MlflowException
     from optuna.trial import TrialState
 
@@ -68,9 +70,11 @@ def _close_abandoned_runs(client: Any, study: Any) -> None:
         except MlflowException as exc:  # deleted by hand: nothing to close
             log.info("trial %d: MLflow run %s not found (%s)", trial.number, run_id, exc.error_code)
             continue
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" or run.data.tags.get("optuna.state", "FAIL") != "FAIL":
+            cause = ("worker stopped mid-trial" if run.info.status == "RUNNING" else
+                     "worker stopped before the study saved this result; the trial was failed and retried")
             client.set_tag(run_id, "optuna.state", "FAIL")
-            client.set_tag(run_id, "error", trial.user_attrs.get("error") or "worker stopped mid-trial")
+            client.set_tag(run_id, "error", trial.user_attrs.get("error") or cause)
             client.set_terminated(run_id, "FAILED")
 
 

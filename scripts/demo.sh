@@ -105,12 +105,18 @@ echo
 echo "airflow dags test model_promotion   (full log: var/promotion.log)"
 MLOPS_SERVING_URL=$serving_url airflow dags test model_promotion -c '{"model_name": "mnist_classifier"}' \
   >var/promotion.log 2>&1 || true
+promotion_failed=""
 if grep -q "Marking run .* successful" var/promotion.log; then
   grep -oE "(promoting|serving already runs|has no version with alias) [^[]*" var/promotion.log | head -n 1 | sed "s/ *$//" || true
 else
-  echo "model_promotion failed (it rolled serving back); see var/promotion.log" >&2
+  promotion_failed=1
+  # The run's reason: plan's error (nothing changed), or rollback's summary (serving and alias put back).
+  reason=$(grep -oE "AirflowFailException: .*" var/promotion.log | tail -n 1 | sed "s/^AirflowFailException: //" || true)
+  echo "model_promotion failed: ${reason:-no reason in the log}; full log: var/promotion.log" >&2
 fi
 echo
 # (TensorFlow, imported to read the test image, prints C++ start-up lines on stderr: hidden here)
 .venvs/steps/bin/python scripts/predict_champion.py --model-name mnist_classifier --url "$serving_url" \
   --data-root "${MLOPS_DATA_ROOT:-$root/var/data}" 2> >(grep -vE '^[IWE][0-9]{4} |^WARNING: All log' >&2)
+# The demo failed if its promotion did (what is served, if anything, is the previous champion).
+[[ -z $promotion_failed ]] || exit 1

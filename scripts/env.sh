@@ -1,4 +1,5 @@
 # Environment for running this project's Airflow on one machine (sourced by the scripts beside it).
+# bash only (it finds the checkout through BASH_SOURCE): `source scripts/env.sh` from bash.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$root/var/airflow}
 export AIRFLOW__CORE__DAGS_FOLDER=$root/dags

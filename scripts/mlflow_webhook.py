@@ -33,16 +33,23 @@ def main() -> int:
         print(f"error: set MLFLOW_TRACKING_URI to the MLflow server's http(s) URL (got {tracking_uri or 'nothing'}): "
               "the webhook lives in the server that sends it", file=sys.stderr)
         return 2
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server that is down: said in seconds
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     url = args.airflow_url.rstrip("/") + "/mlops/webhooks/mlflow"
-    existing = next((w for w in client.list_webhooks() if w.name == NAME), None)
-    if existing is None:
-        hook = client.create_webhook(name=NAME, url=url, events=EVENTS, secret=secret,
-                                     description="alias changes -> Airflow model_promotion")
-    else:
-        hook = client.update_webhook(existing.webhook_id, url=url, events=EVENTS, secret=secret, status="ACTIVE")
+    try:
+        existing = next((w for w in client.list_webhooks() if w.name == NAME), None)
+        if existing is None:
+            hook = client.create_webhook(name=NAME, url=url, events=EVENTS, secret=secret,
+                                         description="alias changes -> Airflow model_promotion")
+        else:
+            hook = client.update_webhook(existing.webhook_id, url=url, events=EVENTS, secret=secret,
+                                         status="ACTIVE")
+    except mlflow.exceptions.MlflowException as exc:
+        print(f"error: MLflow at {tracking_uri} could not register the webhook: {str(exc).splitlines()[0][:300]} "
+              "(is the server running, version 3.3+ with a SQL backend?)", file=sys.stderr)
+        return 2
     print(f"MLflow webhook {hook.name} ({hook.webhook_id}) on {tracking_uri} -> {url}")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
+from registry_lookup import tracking_uri, version_by_alias
 
 
 def main() -> None:
@@ -12,14 +12,15 @@ def main() -> None:
     parser.add_argument("--model-name", default="mnist_classifier")
     parser.add_argument("--alias", default="challenger")
     args = parser.parse_args()
-    client = mlflow.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(args.model_name, args.alias)
-    except mlflow.exceptions.MlflowException:
-        raise SystemExit(f"{args.model_name} has no version with alias {args.alias} at {mlflow.get_tracking_uri()}; "
-                         "run mnist_training first (make demo)") from None
+    uri = tracking_uri().rstrip("/")
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    version = version_by_alias(client, uri, args.model_name, args.alias)
+    if version is None:
+        raise SystemExit(f"{args.model_name} has no version with alias {args.alias} at {uri}; "
+                         "run mnist_training first (make demo)")
     run = client.get_run(version.run_id)
-    uri = mlflow.get_tracking_uri().rstrip("/")
     print(f"MLflow run:     {uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
     print(f"model version:  {args.model_name} version {version.version} (alias {args.alias})")
     print(f"  registry:     {uri}/#/models/{args.model_name}/versions/{version.version}")

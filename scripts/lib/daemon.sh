@@ -10,15 +10,19 @@ daemon_running() {
 }
 
 # daemon_await <pidfile> <log> <what> <check command...>: wait up to $DAEMON_START_SECONDS (60) s for the
-# check to pass while the process lives; otherwise say so with the end of its log and return 1.
+# check to pass while the process lives; otherwise say so with the end of its log and return 1. Interrupted
+# meanwhile (Ctrl-C, TERM), it stops the process group: it runs in its own session (setsid), so nothing else
+# would, and a server that cannot come up would be restarted by its supervisor forever.
 daemon_await() {
   local pidfile=$1 log=$2 what=$3
   shift 3
+  trap "echo ' interrupted: stopping $what' >&2; daemon_stop $(printf %q "$pidfile"); exit 130" INT TERM
   for _ in $(seq 1 $((2 * ${DAEMON_START_SECONDS:-60}))); do
-    "$@" && return 0
+    "$@" && { trap - INT TERM; return 0; }
     daemon_running "$pidfile" || break
     sleep 0.5
   done
+  trap - INT TERM
   echo "error: $what did not come up; log: $log" >&2
   tail -n 20 "$log" >&2 || true
   return 1

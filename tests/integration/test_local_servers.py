@@ -110,6 +110,29 @@ def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
     assert _script("scripts/serving.sh", "status", env).returncode == 3
 
 
+def test_a_start_interrupted_while_waiting_stops_the_supervisor_it_started(tmp_path):
+    """Ctrl-C during `serving.sh start`: the supervisor runs in its own session and would not see it."""
+    import signal
+
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\n[[ $1 == -c ]] && exec {sys.executable} "$@"\necho "cannot start" >&2; exit 1\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port()),
+           "STEPS_PYTHON": str(fake), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "DAEMON_START_SECONDS": "60"}
+    script = subprocess.Popen([str(ROOT / "scripts/serving.sh"), "start"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pidfile, log = tmp_path / "var" / "serving" / "supervisor.pid", tmp_path / "var" / "serving" / "server.log"
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and log.exists() and "restarting" in log.read_text()):
+        assert time.monotonic() < deadline and script.poll() is None, script.stderr.read() if script.poll() else ""
+        time.sleep(0.2)
+    os.killpg(script.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the script's process group
+    _, err = script.communicate(timeout=30)
+    assert script.returncode == 130 and "interrupted: stopping the model server" in err, err
+    time.sleep(3)  # a supervisor left behind would have restarted the server by now
+    assert _processes(str(tmp_path)) == [] and not pidfile.exists()
+
+
 def test_the_mlflow_server_runs_without_the_genai_job_runner(mlflow_server):
     """Its seven idle job workers cost ~25 CPU-seconds at every start; nothing here uses them."""
     pid = int((Path(mlflow_server.env["MLOPS_VAR"]) / "mlflow" / "server.pid").read_text())

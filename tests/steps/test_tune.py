@@ -206,6 +206,38 @@ def test_successive_halving_keeps_the_best_third_of_a_rung_unless_given_another_
     assert search.make_pruner("hyperband", 9, 2)._reduction_factor == 2
 
 
+def test_the_median_pruner_judges_two_epoch_trials_at_their_first_epoch() -> None:
+    """Trials are never judged at their last epoch: with a warm-up of 2 epochs a 2-epoch search pruned nothing."""
+    values = [0.8, 0.8, 0.8, 0.1]  # three finished trials, then a hopeless one
+    assert _epoch_one_verdicts(search.make_pruner("median", 2), values)[-1]
+    assert not _epoch_one_verdicts(search.make_pruner("median", 9), values)[-1]  # longer trials: from epoch 2
+
+
+def test_select_marks_failed_a_trial_run_closed_as_complete_whose_result_never_reached_the_study(
+        tmp_path, mlflow_server) -> None:
+    """Killed between closing its MLflow run and the study saving the result: the trial went stale, was
+    failed and retried; its run must not keep saying COMPLETE (with a score better than the winner's, say)."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from mlsteps import select
+
+    client = MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment("select_mislabelled"))
+    client.set_tag(run.info.run_id, "optuna.state", "COMPLETE")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    trial = study.ask()
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    select._close_abandoned_runs(client, study)
+
+    closed = client.get_run(run.info.run_id)
+    assert (closed.info.status, closed.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+    assert "before the study saved this result" in closed.data.tags["error"]
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--reduction-factor", "1"], "--reduction-factor 1 is not 0 (the pruner's default) or >= 2"),
     (["--reduction-factor", "-2"], "--reduction-factor -2 is not 0 (the pruner's default) or >= 2"),
@@ -574,6 +606,23 @@ def test_rerunning_a_worker_after_the_budget_is_spent_runs_no_trial(shared_searc
 
 
 @integration
+def test_dag_runs_whose_run_ids_differ_only_in_punctuation_get_studies_of_their_own(tmp_path,
+                                                                                   mlflow_server) -> None:
+    """Airflow accepts both run ids; a file-safe study name made them one study, the second run's search
+    finding the first's trials (and its budget spent)."""
+    import dataclasses
+
+    import optuna
+
+    first = _new_search(tmp_path, mlflow_server, "tune_tests/retrain:v2", trials=2, max_epochs=1, pruner="none",
+                        space=FIXED)
+    first.setup()
+    dataclasses.replace(first, run_key="tune_tests/retrain+v2").setup()  # same storage
+    names = set(optuna.get_all_study_names(first.storage))
+    assert {"tune_tests/retrain:v2", "tune_tests/retrain+v2"} <= names
+
+
+@integration
 def test_setup_again_with_another_search_space_is_refused(shared_search) -> None:
     found = shared_search.search
     before = len(found.trials_now())
@@ -779,6 +828,25 @@ def test_a_trial_of_a_killed_worker_is_failed_and_retried_by_the_other(tmp_path,
 
 
 @integration
+def test_a_worker_with_no_trial_left_to_start_stays_to_retry_a_dead_workers_trial(tmp_path, mlflow_server) -> None:
+    """Budget 2, two workers, one killed as its trial starts: the other finishes its own trial with nothing
+    left to start, and must wait for the lost trial to go stale (15 s here) and retry it, not leave."""
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/take_over", trials=2, max_epochs=1, pruner="none",
+                        space=FIXED, heartbeat_seconds=5)
+    found.setup()
+
+    survivor, killed = found.workers(2, kill={1: START_LINE})
+
+    assert killed.killed_on is not None, killed.describe()
+    assert survivor.process.returncode == 0, survivor.describe()
+    lost = int(killed.killed_on.group(2))
+    assert _states(found.trials_now()) == {"COMPLETE": 2, "FAIL": 1}
+    [retry] = [t for t in found.trials_now() if t.system_attrs.get("failed_trial") == lost]
+    assert retry.state.name == "COMPLETE" and any(n == retry.number for _, _, n in survivor.starts())
+    assert found.result("worker0.json")["stopped"] == "trial budget spent"
+
+
+@integration
 def test_select_started_right_after_a_worker_died_fails_its_trial_and_closes_the_trials_run(tmp_path,
                                                                                           mlflow_server) -> None:
     """In the DAG select starts seconds after the last worker stopped: a trial whose worker was just killed
@@ -851,6 +919,39 @@ def test_a_search_whose_every_trial_fails_stops_early_and_names_the_cause(tmp_pa
     assert client.get_run(parent).info.status == "FAILED"
     assert CAUSE in client.get_run(parent).data.tags["error"]
     assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials} == {"FAILED"}
+
+
+@integration
+def test_three_failures_do_not_stop_a_worker_while_another_workers_trial_may_still_finish(tmp_path,
+                                                                                         mlflow_server) -> None:
+    """The early stop is for a search in which nothing can train: a trial still running elsewhere may finish
+    (it did here), and stopping would leave the rest of the budget to that one worker."""
+    import optuna
+
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/fail_then_finish", trials=5, max_epochs=1,
+                        pruner="none", space=FIXED, heartbeat_seconds=5)
+    found.setup()
+    study = optuna.load_study(study_name=search.study_name(found.run_key), storage=search.open_storage(
+        found.storage, 5))
+    space = search.parse_space(FIXED)
+    for _ in range(3):  # e.g. a learning rate that diverged on the first trials
+        trial = study.ask()
+        search.suggest(trial, space)
+        trial.set_user_attr("error", "FloatingPointError: val_accuracy is nan after epoch 1: training diverged")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    other = threading.Thread(target=study.optimize, kwargs={  # another worker's trial, finishing in 20 s
+        "func": lambda t: (search.suggest(t, space), time.sleep(20), 0.7)[-1], "n_trials": 1})
+    other.start()
+    while search.counts(study).running == 0:
+        time.sleep(0.2)
+
+    [worker] = found.workers(1)
+    other.join()
+
+    assert worker.process.returncode == 0, worker.describe()
+    assert "all failed" not in worker.output
+    assert json.loads((found.results / "worker0.json").read_text())["stopped"] == "trial budget spent"
+    assert _states(found.trials_now()) == {"FAIL": 3, "COMPLETE": 5}
 
 
 @integration
