@@ -93,13 +93,19 @@ def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path)
         bystander.wait()
 
 
-def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
+def _never_up_env(tmp_path: Path, start_seconds: int) -> dict[str, str]:
+    """serving.sh's environment with a model server that fails at once (the real interpreter for -c: the
+    admin token), waited for up to ``start_seconds``."""
     fake = tmp_path / "python"
-    # Runs the real interpreter for the admin token (-c), and fails at once as the model server.
     fake.write_text(f'#!/usr/bin/env bash\n[[ $1 == -c ]] && exec {sys.executable} "$@"\necho "cannot start" >&2; exit 1\n')
     fake.chmod(0o755)
-    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port()),
-           "STEPS_PYTHON": str(fake), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "DAEMON_START_SECONDS": "5"}
+    return {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port()),
+            "STEPS_PYTHON": str(fake), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+            "DAEMON_START_SECONDS": str(start_seconds)}
+
+
+def test_a_model_server_that_never_comes_up_is_not_left_restarting(tmp_path):
+    env = _never_up_env(tmp_path, 5)
 
     started = _script("scripts/serving.sh", "start", env)
     assert started.returncode == 1
@@ -114,11 +120,7 @@ def test_a_start_interrupted_while_waiting_stops_the_supervisor_it_started(tmp_p
     """Ctrl-C during `serving.sh start`: the supervisor runs in its own session and would not see it."""
     import signal
 
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\n[[ $1 == -c ]] && exec {sys.executable} "$@"\necho "cannot start" >&2; exit 1\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port()),
-           "STEPS_PYTHON": str(fake), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "DAEMON_START_SECONDS": "60"}
+    env = _never_up_env(tmp_path, 60)
     script = subprocess.Popen([str(ROOT / "scripts/serving.sh"), "start"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     pidfile, log = tmp_path / "var" / "serving" / "supervisor.pid", tmp_path / "var" / "serving" / "server.log"
