@@ -254,9 +254,14 @@ def _interpreter(content: bytes, threads: int, batch: int, image_shape: tuple[in
 
 def accuracy_of(content: bytes, images: np.ndarray, labels: np.ndarray, config: CompressConfig) -> float:
     """The .tflite's accuracy on (images, labels), in batches of ``throughput_batch``."""
-    image_shape = images.shape[1:]
     batch = min(config.throughput_batch, max(1, len(images)))
-    interpreter, inp, out = _interpreter(content, config.threads, batch, image_shape)
+    return _accuracy(_interpreter(content, config.threads, batch, images.shape[1:]), batch, images, labels)
+
+
+def _accuracy(built: tuple[Any, int, int], batch: int, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of an interpreter built for ``batch`` images (the last batch padded)."""
+    interpreter, inp, out = built
+    image_shape = images.shape[1:]
     predicted = []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
@@ -272,8 +277,8 @@ def measure(content: bytes, images: np.ndarray, labels: np.ndarray, config: Comp
     """Accuracy on (images, labels), size raw and gzipped, batch-1 latency (p50/p99) and batched throughput."""
     image_shape = images.shape[1:]
     batch = min(config.throughput_batch, max(1, len(images)))
-    interpreter, inp, out = _interpreter(content, config.threads, batch, image_shape)
-    accuracy = accuracy_of(content, images, labels, config)
+    interpreter, inp, out = built = _interpreter(content, config.threads, batch, image_shape)
+    accuracy = _accuracy(built, batch, images, labels)
     # Throughput: repeat full batches for at least half a second.
     full = np.resize(images, (batch, *image_shape)).astype(np.float32)
     interpreter.set_tensor(inp, full)

@@ -12,7 +12,7 @@ class ModelLoadError(StepError):
     """The trained model is missing, damaged, or not the pipeline's network."""
 
 
-def load_trained(path: str, *, compile: bool = False) -> Any:  # noqa: A002 - keras.models.load_model's name
+def load_trained(path: str) -> Any:
     """The trained Keras 3 model at ``path``; a ModelLoadError (an input error: no retry) if it is missing or
     unreadable (Keras says "File not found" of a file that exists but is not a model)."""
     model_path = Path(path)
@@ -21,7 +21,7 @@ def load_trained(path: str, *, compile: bool = False) -> Any:  # noqa: A002 - ke
     import keras
 
     try:
-        return keras.models.load_model(model_path, compile=compile)
+        return keras.models.load_model(model_path, compile=False)  # for predicting and rebuilding, not training
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a damaged file; all mean the same
         raise ModelLoadError(f"{model_path}: cannot load the trained model ({type(exc).__name__}: {exc}); "
                              "the file is damaged or not a Keras model: run the train step again") from None

@@ -363,12 +363,12 @@ def run(config: TuneConfig) -> dict[str, Any]:
             stopped = "trial budget spent"
             log.info("worker %d: trial budget spent (%d of %d)", config.worker, now.finished, config.trials)
             break
-        if now.finished == 0 and now.failed_for_good >= min(3, config.trials) and now.running:
-            # Another worker's trial may still finish: its verdict decides (stopping here would leave the
-            # rest of the budget to that one worker).
-            time.sleep(min(config.heartbeat_seconds, 5))
-            continue
         if now.finished == 0 and now.failed_for_good >= min(3, config.trials):
+            if now.running:
+                # Another worker's trial may still finish: its verdict decides (stopping here would leave the
+                # rest of the budget to that worker alone).
+                time.sleep(min(config.heartbeat_seconds, 5))
+                continue
             # Systematic (trials raising errors, or killing their worker: out of memory): stop here; select
             # reports it once, with the most common cause, for the whole search. A trial lost with its worker
             # counts once its retry has run too: workers evicted together must not end the search.
