@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import idxdata
 import pytest
@@ -20,9 +21,14 @@ MODEL = "api_classifier"
 
 
 @pytest.fixture(scope="module")
-def airflow_api(airflow_home, tmp_path_factory):
+def standalone_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("standalone") / "standalone.log"
+
+
+@pytest.fixture(scope="module")
+def airflow_api(airflow_home, standalone_log):
     # only runs triggered here: no nightly run (default params, real MNIST) queued in front of them
-    with standalone(airflow_home, tmp_path_factory.mktemp("standalone"), wait_for_dag="mnist_training",
+    with standalone(airflow_home, standalone_log.parent, wait_for_dag="mnist_training",
                     AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False") as api:
         yield api
 
@@ -43,20 +49,26 @@ def _trigger(base: str, token: str, conf: dict) -> tuple[str, str]:
     return run["dag_run_id"], f"{base}/api/v2/dags/mnist_training/dagRuns/{run['dag_run_id']}"
 
 
-def _answer_approval(url: str, token: str, option: str, comment: str) -> None:
-    """Wait for the review card, then answer it as a reviewer does from Required Actions."""
+def _answer_approval(url: str, token: str, log: Path, option: str, comment: str) -> None:
+    """Wait for the review card, then answer it as a reviewer does from Required Actions.
+
+    The answer waits until the scheduler has seen the pausing worker exit (its "TaskInstance Finished ...
+    state=awaiting_input" line). Airflow 3.3.2 takes an exit it sees only after the answer has queued the
+    resume for a task killed from outside, and retries the task, which asks again (docs/operations.md). A
+    person answers seconds later; a loaded machine can take that long to see the exit.
+    """
+    run_id = url.rsplit("/", 1)[1]
+    paused = f"task_id=approve, run_id={run_id}, "
     deadline = time.monotonic() + 600
     while True:
         ti = _request("GET", f"{url}/taskInstances/approve", token=token)[1]
-        if ti.get("state") in ("awaiting_input", "deferred"):  # Airflow 3.1+: awaiting_input
-            # Answer as a person would, not within the second the task paused: an answer that lands while
-            # the pausing worker is still finishing makes Airflow 3.3 start the resume twice (one start
-            # fails with 409, the task is retried and asks again).
-            time.sleep(5)
+        if ti.get("state") == "awaiting_input" and any(
+                "TaskInstance Finished:" in line and paused in line and "state=awaiting_input" in line
+                for line in log.read_text(errors="replace").splitlines()):
             break
         assert ti.get("state") not in ("success", "failed", "skipped", "upstream_failed"), ti
         assert time.monotonic() < deadline, f"approval never asked: {ti.get('state')}"
-        time.sleep(3)
+        time.sleep(2)
     status, body = _request("PATCH", f"{url}/taskInstances/approve/-1/hitlDetails",
                             {"chosen_options": [option], "params_input": {"comment": comment}}, token)
     assert status == 200, body
@@ -72,8 +84,8 @@ def _finish(url: str, token: str) -> list[dict]:
     return tasks
 
 
-def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(airflow_api, mlflow_server,
-                                                                            tmp_path):
+def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(airflow_api, standalone_log,
+                                                                            mlflow_server, tmp_path):
     base, token = airflow_api
     source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100)
     # Floor 0: this test is about the approval, not about the model (the gate's rules have their own tests).
@@ -81,7 +93,7 @@ def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(ai
             "search_trials": 2, "search_workers": 2, "search_epochs": 1, "search_space": {"width": 8},
             "compress_finetune_epochs": 1, "gate_min_accuracy": 0.0, "review": "approval"}
     run_id, url = _trigger(base, token, conf)
-    _answer_approval(url, token, "Approve", "looks right")
+    _answer_approval(url, token, standalone_log, "Approve", "looks right")
     tasks = _finish(url, token)
     assert {(t["task_id"], t["map_index"]): t["state"] for t in tasks} == {
         **dict.fromkeys([(task, -1) for task in ("prep", "validate", "plan_search", "create_study", "select",
@@ -107,7 +119,7 @@ def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(ai
     assert tags["review.time"].startswith("20")
 
 
-def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, mlflow_server, tmp_path):
+def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, standalone_log, mlflow_server, tmp_path):
     base, token = airflow_api
     champion_before = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
     source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100, seed=1)
@@ -115,7 +127,7 @@ def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, mlflow_ser
             "search": False, "width": 8, "compress_finetune_epochs": 1, "gate_min_accuracy": 0.0,
             "gate_max_regression": 100, "review": "approval"}
     _, url = _trigger(base, token, conf)
-    _answer_approval(url, token, "Reject", "worse on shirts")
+    _answer_approval(url, token, standalone_log, "Reject", "worse on shirts")
     tasks = {t["task_id"]: t["state"] for t in _finish(url, token)}
     assert (tasks["approve"], tasks["promote"], tasks["record_rejection"]) == ("success", "skipped", "success")
     # search off: the search tasks are skipped, select too (it runs after failed workers, never skipped ones)
