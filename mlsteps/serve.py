@@ -36,6 +36,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -584,6 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --threads, --max-batch and --max-body-bytes must be >= 1")
     if not (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", flush=True)
+        return 2
+    name = re.escape(config.model_name)
+    if config.model_uri and not re.fullmatch(rf"models:/{name}(/[0-9]+|@[\w-]+)", config.model_uri):
+        # e.g. "$(MODEL_URI)" from a runtime that does not expand Kubernetes' $(VAR) in args
+        print(f"error: --model-uri {config.model_uri!r} is not models:/{config.model_name}/<version> or "
+              f"models:/{config.model_name}@<alias> (the server serves --model-name {config.model_name!r})",
+              flush=True)
         return 2
     import uvicorn
 

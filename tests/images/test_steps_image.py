@@ -13,8 +13,6 @@ import base64
 import copy
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,39 +24,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "dags"))
 
 import idxdata  # noqa: E402
+from podmanlib import PYTHON_BASE, build, podman  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-BASE = os.environ.get("MLOPS_TEST_BASE_IMAGE", "localhost/debian-python:3.11")
 IMAGE = "localhost/mlops-steps:test"
-SIDECAR = "localhost/mlops-test-base:test"  # base of the steps image, and stand-in for the sidecar's alpine
 VOLUME = "mlops-data-test"
 
 
-def podman(*args: str, timeout: int = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
 @pytest.fixture(scope="module")
-def steps_image(tmp_path_factory: pytest.TempPathFactory):
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed")
-    if podman("image", "exists", BASE, check=False).returncode != 0:
-        pytest.skip(f"base image {BASE} not present (see docs/operations.md, 'Containers without Docker')")
-    # An image imported from a root filesystem has no PATH; give it the usual one (python:3.11-slim has it).
-    base = tmp_path_factory.mktemp("base") / "Containerfile"
-    base.write_text(f"FROM {BASE}\nENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
-    podman("build", "-t", SIDECAR, "-f", str(base), str(base.parent))
-    build = ["build", "--build-arg", f"BASE_IMAGE={SIDECAR}", "--build-arg", "PIP_BREAK_SYSTEM_PACKAGES=1",
-             "-t", IMAGE, "-f", "images/steps/Dockerfile"]
-    if Path("/etc/ssl/certs").is_dir():
-        build[1:1] = ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
-    out = subprocess.run(["podman", *build, str(ROOT)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    return IMAGE
+def steps_image(python_base: str) -> str:
+    return build("images/steps/Dockerfile", IMAGE)
 
 
 def test_image_runs_steps_as_non_root_user(steps_image):
@@ -84,7 +60,7 @@ def _render_prep_pod(source_dir: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     params = {**dag.params.validate(), "dataset": "custom", "source_dir": source_dir}
     context = {"params": params, "dag": dag, "run_id": "manual__test", "ti": FakeTaskInstance("prep"), "task": task}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
-    monkeypatch.setattr(KubernetesHook, "get_xcom_sidecar_container_image", lambda self: SIDECAR)
+    monkeypatch.setattr(KubernetesHook, "get_xcom_sidecar_container_image", lambda self: PYTHON_BASE)
     pod = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(context, dry_run=True))
     pod["metadata"]["name"] = "mlops-prep-test"
     return pod

@@ -371,6 +371,16 @@ def test_a_version_that_fails_to_load_is_reported_not_served(tmp_path, versions,
         _stop(server)
 
 
+@pytest.mark.parametrize("uri", ["$(MODEL_URI)", "models:/other_model@champion", f"models:/{MODEL}/latest", "champion"])
+def test_a_model_uri_that_is_not_a_version_or_alias_of_the_served_model_is_refused_at_start(uri):
+    # "$(MODEL_URI)": what a runtime that does not expand Kubernetes' $(VAR) in args passes on
+    out = subprocess.run([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, "--model-uri", uri],
+                         env=step_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"--model-uri {uri!r} is not models:/{MODEL}/<version> or models:/{MODEL}@<alias>" in out.stdout
+
+
 @pytest.fixture(scope="module")
 def broken_version(tmp_path_factory, mlflow_server) -> int:
     """A registered version whose .tflite is not a model: it downloads fine and fails to load."""

@@ -1,0 +1,30 @@
+"""Podman for the image tests: builds on the local Python base image (docs/operations.md, "Containers without
+Docker")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = os.environ.get("MLOPS_TEST_BASE_IMAGE", "localhost/debian-python:3.11")
+PYTHON_BASE = "localhost/mlops-test-base:test"  # BASE with a PATH: base of the images, stand-in for alpine
+
+
+def podman(*args: str, timeout: int = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def build(dockerfile: str, tag: str) -> str:
+    """Build ``dockerfile`` from the repository root on the local base, as docs/operations.md shows."""
+    command = ["podman", "build", "--build-arg", f"BASE_IMAGE={PYTHON_BASE}",
+               "--build-arg", "PIP_BREAK_SYSTEM_PACKAGES=1", "-t", tag, "-f", dockerfile]
+    if Path("/etc/ssl/certs").is_dir():
+        command[2:2] = ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
+    out = subprocess.run([*command, str(ROOT)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return tag

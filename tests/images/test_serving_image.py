@@ -1,0 +1,141 @@
+"""The serving image, built from images/serving/Dockerfile, runs the model-server Deployment of k8s/serving.
+
+`podman kube play` runs the Deployment as written (non-root user, read-only root filesystem with an emptyDir
+/tmp, MLFLOW_* from the mlflow-credentials Secret, MODEL_URI substituted into the arguments), against a real
+MLflow server holding a registered int8 .tflite, as compress registers it. Then real HTTP: readiness, a
+prediction, the metrics. Marked slow (the build installs LiteRT and MLflow); needs podman and a local base
+image (docs/operations.md, "Containers without Docker"); skipped where either is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from podmanlib import build, podman  # noqa: E402
+from services import STEPS_PYTHON, MlflowServer, free_port  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+IMAGE = "localhost/mlops-serving:test"
+MODEL = "image_test_classifier"
+PORT = 8501  # the image's entrypoint; with the host's network the server binds it on the host
+
+
+@pytest.fixture(scope="module")
+def serving_image(python_base: str) -> str:
+    return build("images/serving/Dockerfile", IMAGE)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_var"), free_port())
+    assert server.script("start") == server.url
+    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "tests" / "integration" / "register_versions.py"), MODEL,
+                          "good"], env={**server.env, "MLFLOW_TRACKING_URI": server.url}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [version] = json.loads(out.stdout.strip().splitlines()[-1])
+    server.post("registered-models/alias", {"name": MODEL, "alias": "champion", "version": str(version)})
+    yield server, version
+    server.script("stop")
+
+
+def _get(path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _deployment() -> dict:
+    """k8s/serving's Deployment for this image and model: one replica, the image built here, never pulled."""
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / "serving" / "deployment.yaml").read_text()))
+    deployment = next(d for d in docs if d and d["kind"] == "Deployment")
+    deployment["metadata"].pop("namespace", None)
+    deployment["spec"]["replicas"] = 1
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container.update(image=IMAGE, imagePullPolicy="Never")
+    # MLflow listens on the host's loopback here (a Service in the cluster): share the host's network, where
+    # podman 4.3 refuses port mappings (Kubernetes ignores them there).
+    deployment["spec"]["template"]["spec"]["hostNetwork"] = True
+    assert [p["containerPort"] for p in container.pop("ports")] == [PORT]
+    env = {e["name"]: e for e in container["env"]}
+    env["MODEL_NAME"]["value"] = MODEL
+    env["MODEL_URI"]["value"] = f"models:/{MODEL}@champion"
+    # The kubelet expands $(VAR) in args from the container's env; podman 4.3 passes it on as is.
+    container["args"] = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]]["value"] if m[1] in env else m[0], arg)
+                         for arg in container["args"]]
+    return deployment
+
+
+def test_the_serving_deployment_runs_the_image_and_serves_the_champion(serving_image, registry, tmp_path):
+    server, version = registry
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", PORT)) == 0:
+            pytest.fail(f"port {PORT} is taken (a model server from `make serving-start`?): stop it and rerun")
+    deployment = _deployment()
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    secret_name = container["envFrom"][0]["secretRef"]["name"]
+    # podman's form of a Kubernetes Secret: a JSON map of base64 values.
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"MLFLOW_TRACKING_URI": base64.b64encode(server.url.encode()).decode()}))
+    podman("secret", "rm", secret_name, check=False)
+    podman("secret", "create", secret_name, str(secret))
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(deployment))
+    try:
+        podman("kube", "play", str(manifest), timeout=300)
+        # podman names a Deployment's container <deployment>-pod-<replica>-<container> (4.3) or without the replica
+        names = podman("ps", "--format", "{{.Names}}").stdout.split()
+        [main] = [n for n in names if n.startswith(deployment["metadata"]["name"] + "-pod")
+                  and n.endswith("-" + container["name"])]
+        deadline = time.monotonic() + 300
+        while (status := _get_or_none("/v2/health/ready")) != 200:
+            state = podman("inspect", main, "--format", "{{.State.Status}}", check=False).stdout.strip()
+            logs = podman("logs", main, check=False)
+            assert state == "running", f"server container {state}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+            assert time.monotonic() < deadline, f"never ready ({status}):\n{logs.stderr[-3000:]}"
+            time.sleep(2)
+        # The Deployment's user and read-only root filesystem, as the cluster would run them.
+        assert podman("exec", main, "id", "-u").stdout.strip() == str(
+            deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
+        assert podman("exec", main, "sh", "-c", "touch /opt/x", check=False).returncode != 0
+        status, body = _get(f"/v2/models/{MODEL}")
+        assert status == 200, body
+        assert json.loads(body)["versions"] == [str(version)]
+        image = [[float((r * 28 + c) % 256) for c in range(28)] for r in range(28)]
+        request = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/models/{MODEL}:predict",
+                                         data=json.dumps({"instances": [image, image]}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 2 and len(predictions[0]) == 10
+        assert abs(sum(predictions[0]) - 1) < 1e-3
+        status, metrics = _get("/metrics")
+        assert status == 200 and b"# TYPE" in metrics
+    finally:
+        podman("kube", "down", str(manifest), check=False)
+        podman("secret", "rm", secret_name, check=False)
+
+
+def _get_or_none(path: str) -> int | None:
+    try:
+        return _get(path)[0]
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
