@@ -23,6 +23,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import idxdata  # noqa: E402  (needs the sys.path entry above)
+import pgserver  # noqa: E402
 
 from mlsteps import prep  # noqa: E402
 from stepsupport import free_port, step_env  # noqa: E402
@@ -123,3 +124,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 continue
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[str]:
+    """The Optuna database of a real PostgreSQL server set up by mlflow/init-db.sql (pgserver.py), as a user puts
+    it in OPTUNA_STORAGE. Skipped where PostgreSQL is not installed (.ci/run installs it)."""
+    with pgserver.running() as port:
+        yield f"postgresql://optuna:optuna@127.0.0.1:{port}/optuna"

@@ -72,10 +72,12 @@ def _take_waiting_trials(url: str, count: int, start: Any, out: Any) -> None:
     out.put([_ask(study).number for _ in range(count)])
 
 
-def test_two_workers_on_sqlite_never_take_the_same_waiting_trial(tmp_path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_workers_never_take_the_same_waiting_trial(database, tmp_path, request) -> None:
     """Waiting trials are the retries of lost trials. SQLite ignores SELECT ... FOR UPDATE, so without a lock
-    two workers both moved one waiting trial to running (about 1 in 13 here) and trained it twice."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    two workers both moved one waiting trial to running (about 1 in 13 here) and trained it twice; PostgreSQL
+    locks the trial's row itself (no lock file)."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if database == "sqlite" else request.getfixturevalue("postgresql")
     study = _study(url)
     for k in range(120):
         study.enqueue_trial({"x": k}, skip_if_exists=False)

@@ -378,6 +378,7 @@ class Search:
     objective: str = "val_accuracy"
     timeout_minutes: float = 120.0
     heartbeat_seconds: int = 15
+    storage_url: str = ""  # default: a SQLite file of its own
     results: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -386,7 +387,7 @@ class Search:
 
     @property
     def storage(self) -> str:
-        return f"sqlite:///{self.root / 'optuna.db'}"
+        return self.storage_url or f"sqlite:///{self.root / 'optuna.db'}"
 
     def _common(self, result: str) -> list[str]:
         return ["--data-root", str(self.data_root), "--run-key", self.run_key, "--tracking-uri", self.tracking_uri,
@@ -427,7 +428,8 @@ class Search:
     def study(self) -> Any:
         import optuna
 
-        return optuna.load_study(study_name=search.study_name(self.run_key), storage=self.storage)
+        return optuna.load_study(study_name=search.study_name(self.run_key),
+                                 storage=search.open_storage(self.storage, self.heartbeat_seconds))
 
     def trials_now(self) -> list[Any]:
         return self.study().get_trials(deepcopy=False)
@@ -465,9 +467,10 @@ class SharedSearch:
     workers: list[Step]
 
 
-@pytest.fixture(scope="module")
-def shared_search(tmp_path_factory, mlflow_server) -> SharedSearch:
-    """Eight trials by two workers started together, successive halving over up to 3 epochs.
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def shared_search(request, tmp_path_factory, mlflow_server) -> SharedSearch:
+    """Eight trials by two workers started together, successive halving over up to 3 epochs; the study in a
+    SQLite file (one machine) or in PostgreSQL (production's shared storage).
 
     Successive halving judges at epoch 1 (rungs at epochs 1, 3, 9, ... with its default reduction factor 3);
     a trial that trained every epoch is complete, never pruned after its last epoch, which would save nothing
@@ -475,8 +478,9 @@ def shared_search(tmp_path_factory, mlflow_server) -> SharedSearch:
     earlier one always goes on), so the first four are set: two that learn, then two whose learning rate is
     too small to move in one epoch, each certain to be stopped there. The sampler proposes the other four.
     """
-    found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, "tune_tests/shared", trials=8,
-                        max_epochs=3, pruner="successive_halving",
+    storage = request.getfixturevalue("postgresql") if request.param == "postgresql" else ""
+    found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, f"tune_tests/shared-{request.param}",
+                        trials=8, max_epochs=3, pruner="successive_halving", storage_url=storage,
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     setup = found.setup()
     study = found.study()
