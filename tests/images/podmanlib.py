@@ -3,6 +3,8 @@ Docker")."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -28,3 +30,11 @@ def build(dockerfile: str, tag: str) -> str:
     out = subprocess.run([*command, str(ROOT)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return tag
+
+
+def create_secret(name: str, values: dict[str, str], folder: Path) -> None:
+    """A Kubernetes Secret for ``envFrom``, in podman's form: a JSON map of base64 values."""
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in values.items()}))
+    podman("secret", "rm", name, check=False)
+    podman("secret", "create", name, str(path))

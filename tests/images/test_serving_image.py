@@ -9,7 +9,6 @@ image (docs/operations.md, "Containers without Docker"); skipped where either is
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import socket
@@ -26,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from podmanlib import build, podman  # noqa: E402
+from podmanlib import build, create_secret, podman  # noqa: E402
 from services import STEPS_PYTHON, MlflowServer, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -92,11 +91,7 @@ def test_the_serving_deployment_runs_the_image_and_serves_the_champion(serving_i
     deployment = _deployment()
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     secret_name = container["envFrom"][0]["secretRef"]["name"]
-    # podman's form of a Kubernetes Secret: a JSON map of base64 values.
-    secret = tmp_path / "secret.json"
-    secret.write_text(json.dumps({"MLFLOW_TRACKING_URI": base64.b64encode(server.url.encode()).decode()}))
-    podman("secret", "rm", secret_name, check=False)
-    podman("secret", "create", secret_name, str(secret))
+    create_secret(secret_name, {"MLFLOW_TRACKING_URI": server.url}, tmp_path)
     manifest = tmp_path / "deployment.yaml"
     manifest.write_text(yaml.safe_dump(deployment))
     try:

@@ -9,7 +9,6 @@ base image (docs/operations.md, "Containers without Docker"); skipped where eith
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import os
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "dags"))
 
 import idxdata  # noqa: E402
-from podmanlib import PYTHON_BASE, build, podman  # noqa: E402
+from podmanlib import PYTHON_BASE, build, create_secret, podman  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -74,11 +73,7 @@ def test_rendered_prep_pod_runs_in_podman_and_returns_xcom(steps_image, tmp_path
     os.chown(mountpoint, 10001, 10001)  # the PVC is writable by the pod's fsGroup in a cluster
     pod = _render_prep_pod("/data/source", monkeypatch)
     secret_name = pod["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"]
-    # podman's form of a Kubernetes Secret: a JSON map of base64 values. prep itself needs no MLflow.
-    secret = tmp_path / "secret.json"
-    secret.write_text(json.dumps({"MLFLOW_TRACKING_URI": base64.b64encode(b"http://127.0.0.1:9").decode()}))
-    podman("secret", "rm", secret_name, check=False)
-    podman("secret", "create", secret_name, str(secret))
+    create_secret(secret_name, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, tmp_path)  # prep needs no MLflow
     manifest = tmp_path / "pod.json"
     manifest.write_text(json.dumps(pod))
     try:
