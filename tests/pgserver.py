@@ -36,8 +36,10 @@ def running() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    def run(*command: str | Path) -> None:
-        out = subprocess.run([*as_owner, *map(str, command)], capture_output=True, text=True, timeout=120)
+    def run(*command: str | Path, stdin: str | None = None) -> None:
+        # in a folder of its own: the checkout may be private to root (a root CI's /root/...)
+        out = subprocess.run([*as_owner, *map(str, command)], input=stdin, capture_output=True, text=True,
+                             timeout=120, cwd=home)
         assert out.returncode == 0, f"{command[0]} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}"
 
     try:
@@ -46,9 +48,9 @@ def running() -> Iterator[int]:
         run(bin_dir / "pg_ctl", "-D", home / "data", "-l", home / "server.log", "-w", "-o",
             f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start")
         run(bin_dir / "psql", "-h", home, "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q",
-            "-f", ROOT / "mlflow" / "init-db.sql")
+            "-f", "-", stdin=(ROOT / "mlflow" / "init-db.sql").read_text())
         yield port
     finally:
         subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(home / "data"), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120, cwd=home)
         shutil.rmtree(home, ignore_errors=True)

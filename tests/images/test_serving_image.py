@@ -44,14 +44,16 @@ def serving_image(python_base: str) -> str:
 def registry(tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_var"), free_port())
     assert server.script("start") == server.url
-    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "tests" / "integration" / "register_versions.py"), MODEL,
-                          "good"], env={**server.env, "MLFLOW_TRACKING_URI": server.url}, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    [version] = json.loads(out.stdout.strip().splitlines()[-1])
-    server.post("registered-models/alias", {"name": MODEL, "alias": "champion", "version": str(version)})
-    yield server, version
-    server.script("stop")
+    try:
+        out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "tests" / "integration" / "register_versions.py"),
+                              MODEL, "good"], env={**server.env, "MLFLOW_TRACKING_URI": server.url},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        [version] = json.loads(out.stdout.strip().splitlines()[-1])
+        server.post("registered-models/alias", {"name": MODEL, "alias": "champion", "version": str(version)})
+        yield server, version
+    finally:
+        server.script("stop")
 
 
 def _get(path: str) -> tuple[int, bytes]:
@@ -71,9 +73,12 @@ def _deployment() -> dict:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container.update(image=IMAGE, imagePullPolicy="Never")
     # MLflow listens on the host's loopback here (a Service in the cluster): share the host's network, where
-    # podman 4.3 refuses port mappings (Kubernetes ignores them there).
+    # podman 4.3 refuses port mappings (Kubernetes ignores them there); the probes then name the port by number.
     deployment["spec"]["template"]["spec"]["hostNetwork"] = True
-    assert [p["containerPort"] for p in container.pop("ports")] == [PORT]
+    ports = {p["name"]: p["containerPort"] for p in container.pop("ports")}
+    assert ports == {"http": PORT}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        container[probe]["httpGet"]["port"] = ports[container[probe]["httpGet"]["port"]]
     env = {e["name"]: e for e in container["env"]}
     env["MODEL_NAME"]["value"] = MODEL
     env["MODEL_URI"]["value"] = f"models:/{MODEL}@champion"
@@ -107,10 +112,12 @@ def test_the_serving_deployment_runs_the_image_and_serves_the_champion(serving_i
             assert state == "running", f"server container {state}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
             assert time.monotonic() < deadline, f"never ready ({status}):\n{logs.stderr[-3000:]}"
             time.sleep(2)
-        # The Deployment's user and read-only root filesystem, as the cluster would run them.
+        # The Deployment's user, and its read-only root filesystem: not even the user's own home is writable
+        # (only the emptyDir /tmp, where MLflow downloaded the version).
         assert podman("exec", main, "id", "-u").stdout.strip() == str(
             deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
-        assert podman("exec", main, "sh", "-c", "touch /opt/x", check=False).returncode != 0
+        assert podman("exec", main, "sh", "-c", "touch /home/serving/x", check=False).returncode != 0
+        assert podman("exec", main, "sh", "-c", "touch /tmp/x", check=False).returncode == 0
         status, body = _get(f"/v2/models/{MODEL}")
         assert status == 200, body
         assert json.loads(body)["versions"] == [str(version)]

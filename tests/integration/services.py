@@ -86,7 +86,9 @@ def standalone(airflow_home: dict[str, str], log_dir: Path, wait_for_dag: str, *
            # workers report to the API server's execution API, which now listens on this port
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True", **env}
+           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+           # the log is read while it runs (test_scheduler_api waits for the scheduler's lines)
+           "PYTHONUNBUFFERED": "1", **env}
     log = (log_dir / "standalone.log").open("w")
     process = subprocess.Popen([str(AIRFLOW), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
