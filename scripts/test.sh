@@ -2,7 +2,7 @@
 # make test: the steps suite in the steps environment, the Airflow suites in the Airflow environment.
 # Arguments are passed to both pytest runs (make test PYTEST_ARGS="-k resume").
 # The two suites run at the same time: each spends much of its time waiting on servers and subprocesses,
-# so the whole run takes about 14 to 15 minutes on 2 cores. The steps suite streams here; the Airflow
+# so the whole run takes about 15 minutes on 2 cores. The steps suite streams here; the Airflow
 # suites write var/test-logs/airflow.log, printed when they end. TEST_SERIAL=1 runs one after the other.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
