@@ -156,6 +156,16 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 
 
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> (name, version, alias), one of the last two
+    empty; a ValueError for any other form (a ``latest`` or stage, a logged model's id, an unexpanded $(VAR))."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/([0-9]+)|@([\w-]+))", uri)
+    if not match:
+        raise ValueError(f"{uri!r} is not models:/<name>/<version> or models:/<name>@<alias>")
+    name, version, alias = match.groups()
+    return name, version or "", alias or ""
+
+
 def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True) -> Served:
     """Resolve ``uri`` in the registry, download the version, build its runner and warm it up.
 
@@ -179,12 +189,9 @@ def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True) ->
                "loading %s: the registry did not answer (%s); try %d of 8 in %.0f s", uri,
                state.outcome.exception(), state.attempt_number + 1, state.next_action.sleep))
     def resolve() -> tuple[str, Path]:
-        target = uri.removeprefix("models:/")
-        if "@" in target:
-            name, alias = target.split("@", 1)
+        name, version, alias = parse_model_uri(uri)
+        if alias:
             version = client.get_model_version_by_alias(name, alias).version
-        else:
-            name, version = target.rsplit("/", 1)
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
         return str(version), Path(local)
 
@@ -586,13 +593,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", flush=True)
         return 2
-    name = re.escape(config.model_name)
-    if config.model_uri and not re.fullmatch(rf"models:/{name}(/[0-9]+|@[\w-]+)", config.model_uri):
-        # e.g. "$(MODEL_URI)" from a runtime that does not expand Kubernetes' $(VAR) in args
-        print(f"error: --model-uri {config.model_uri!r} is not models:/{config.model_name}/<version> or "
-              f"models:/{config.model_name}@<alias> (the server serves --model-name {config.model_name!r})",
-              flush=True)
-        return 2
+    if config.model_uri:  # e.g. "$(MODEL_URI)" from a runtime that does not expand Kubernetes' $(VAR) in args
+        try:
+            named = parse_model_uri(config.model_uri)[0]
+        except ValueError:
+            named = ""
+        if named != config.model_name:
+            print(f"error: --model-uri {config.model_uri!r} is not models:/{config.model_name}/<version> or "
+                  f"models:/{config.model_name}@<alias> (the server serves --model-name {config.model_name!r})",
+                  flush=True)
+            return 2
     import uvicorn
 
     try:

@@ -935,8 +935,7 @@ def test_three_failures_do_not_stop_a_worker_while_another_workers_trial_may_sti
     found = _new_search(tmp_path, mlflow_server, "tune_tests/fail_then_finish", trials=5, max_epochs=1,
                         pruner="none", space=FIXED, heartbeat_seconds=5)
     found.setup()
-    study = optuna.load_study(study_name=search.study_name(found.run_key), storage=search.open_storage(
-        found.storage, 5))
+    study = found.study()
     space = search.parse_space(FIXED)
     for _ in range(3):  # e.g. a learning rate that diverged on the first trials
         trial = study.ask()
