@@ -199,7 +199,7 @@ with DAG(
                     args={"model_uri": xcom("compress", "model_uri"), "float_model_uri": xcom("train", "model_uri"),
                           "tags": "{{ ti.xcom_pull(task_ids='compress')['tags'] | tojson }}", "run_key": RUN_KEY,
                           "dataset": xcom("prep", "dataset"), "dataset_digest": xcom("prep", "digest"),
-                          "metrics": "{{ ti.xcom_pull(task_ids='evaluate')['metrics'] | tojson }}",
+                          "float_metrics": "{{ ti.xcom_pull(task_ids='evaluate')['metrics'] | tojson }}",
                           "model_name": "{{ params.model_name }}", "dag_id": "{{ dag.dag_id }}",
                           "dag_run_id": "{{ run_id }}"})
 

@@ -1,7 +1,8 @@
 """register: make the trained model a new version of the registered model, with lineage tags and alias.
 
 In the pipeline the model is compress's pyfunc (the chosen .tflite run by LiteRT) and its tags say which
-variant it is; the float Keras model stays in the training run (tag ``float_model_uri``).
+variant it is; the float Keras model stays in the training run (tag ``float_model_uri``) and its evaluation
+becomes tags ``float_model.<metric>`` (``metric.<metric>`` would read as the registered model's own).
 
 Idempotent per pipeline run: re-running it for a run key that already has a version returns that
 version instead of creating a second one. The new version gets the alias ``challenger``.
@@ -30,7 +31,9 @@ class RegisterConfig:
     run_key: str = field(help="identifies the pipeline run (DAG id / run id); one model version per key")
     dataset: str = field(help="dataset name, recorded as a tag")
     dataset_digest: str = field(help="content digest of the prepared dataset, recorded as a tag")
-    metrics: str = field("{}", help="JSON object of metrics to record as version tags (e.g. evaluate's result)")
+    metrics: str = field("{}", help="JSON object of this model's metrics, recorded as version tags metric.<name>")
+    float_metrics: str = field("{}", help="JSON object of the float model's metrics when --model-uri is a compressed "
+                                          "one (evaluate's result), recorded as version tags float_model.<name>")
     tags: str = field("{}", help="JSON object of extra version tags (e.g. compress's result: variant, size)")
     float_model_uri: str = field("", help="the float model when --model-uri is a compressed one, recorded as a tag")
     model_name: str = field("mnist_classifier", help="registered model name")
@@ -59,11 +62,17 @@ def _json_object(flag: str, text: str) -> dict[str, Any]:
     return value
 
 
+def _metric_tags(prefix: str, metrics: dict[str, Any]) -> dict[str, str]:
+    return {f"{prefix}{k}": f"{float(v):.6f}" for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def run(config: RegisterConfig) -> dict[str, Any]:
     if not MODEL_NAME.fullmatch(config.model_name):
         raise StepError(f"--model-name {config.model_name!r}: use letters, digits, '_', '.' and '-', starting with a "
                         "letter or digit (MLflow refuses '/' and ':'; the model server puts the name in its URLs)")
     metrics = _json_object("--metrics", config.metrics)
+    float_metrics = _json_object("--float-metrics", config.float_metrics)
     extra_tags = {str(k): str(v) for k, v in _json_object("--tags", config.tags).items()}
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
@@ -83,7 +92,7 @@ def run(config: RegisterConfig) -> dict[str, Any]:
         tags = {tracking.RUN_KEY_TAG: config.run_key, "dataset": config.dataset,
                 "dataset_digest": config.dataset_digest, "code_version": code_version(),
                 "dag_id": config.dag_id, "dag_run_id": config.dag_run_id}
-        tags |= {f"metric.{k}": f"{float(v):.6f}" for k, v in metrics.items() if isinstance(v, (int, float))}
+        tags |= _metric_tags("metric.", metrics) | _metric_tags("float_model.", float_metrics)
         tags |= extra_tags
         if config.float_model_uri:
             tags["float_model_uri"] = config.float_model_uri

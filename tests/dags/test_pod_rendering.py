@@ -127,7 +127,8 @@ def test_step_arguments_carry_params_and_earlier_results(rendered):
     assert flags["--model-uri"] == "models:/m-tflite"
     assert flags["--float-model-uri"] == "models:/m-abc"
     assert json.loads(flags["--tags"]) == RESULTS["compress"]["tags"]
-    assert flags["--metrics"] == '{"test_accuracy": 0.99}'
+    assert flags["--float-metrics"] == '{"test_accuracy": 0.99}'
+    assert "--metrics" not in flags, "evaluate scores the float model, not the compressed one registered"
     assert flags["--dataset-digest"] == RESULTS["prep"]["digest"]
 
 

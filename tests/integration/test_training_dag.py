@@ -42,7 +42,8 @@ def test_run_registers_challenger_version_with_lineage_tags(finished_run, mlflow
     assert tags["dag_run_id"] == finished_run
     assert tags["pipeline.run_key"] == f"mnist_training/{finished_run}"
     assert tags["code_version"].startswith("0.")
-    assert 0.0 <= float(tags["metric.test_accuracy"]) <= 1.0
+    assert 0.0 <= float(tags["float_model.test_accuracy"]) <= 1.0
+    assert not any(key.startswith("metric.") for key in tags), "evaluate scored the float model, not this version"
 
 
 def test_run_logs_params_metrics_curves_and_evaluation_to_one_mlflow_run(finished_run, mlflow_server):

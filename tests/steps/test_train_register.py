@@ -240,6 +240,7 @@ def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root,
                                           experiment="register_tests", epochs=1, batch_size=64, width=4))
     config = register.RegisterConfig(model_uri=trained["model_uri"], run_key="register/k2", dataset="custom",
                                      dataset_digest=prepared["digest"], metrics=json.dumps({"test_accuracy": 0.5}),
+                                     float_metrics=json.dumps({"test_accuracy": 0.75, "passed": True}),
                                      model_name="register_tests_model", dag_id="mnist_training",
                                      dag_run_id="manual__1", tracking_uri=mlflow_server)
 
@@ -261,12 +262,16 @@ def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root,
     assert tags["code_version"] == register.code_version()
     assert tags[tracking.RUN_KEY_TAG] == "register/k2"
     assert tags["metric.test_accuracy"] == "0.500000"
+    assert tags["float_model.test_accuracy"] == "0.750000"
+    assert "float_model.passed" not in tags, "only numbers are metrics"
 
 
-def test_register_rejects_metrics_that_are_not_json(mlflow_server) -> None:
+@pytest.mark.parametrize("flag", ["metrics", "float_metrics"])
+def test_register_rejects_metrics_that_are_not_json(flag, mlflow_server) -> None:
     config = register.RegisterConfig(model_uri="models:/unused", run_key="register/bad", dataset="custom",
-                                     dataset_digest="0" * 64, metrics="accuracy=0.9", tracking_uri=mlflow_server)
-    with pytest.raises(register.StepError, match="--metrics must be a JSON object"):
+                                     dataset_digest="0" * 64, tracking_uri=mlflow_server, **{flag: "accuracy=0.9"})
+    option = "--" + flag.replace("_", "-")
+    with pytest.raises(register.StepError, match=f"{option} must be a JSON object"):
         register.run(config)
 
 
