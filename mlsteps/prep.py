@@ -231,13 +231,23 @@ def _write_split(tf: Any, folder: Path, split: str, images: np.ndarray, labels: 
     return names
 
 
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``fraction`` of every class (at least one example each), shuffled reproducibly."""
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                      class_names: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of every class (at least one example each, and at least one left to train on),
+    shuffled reproducibly. A class with a single training example cannot be in both splits: refused."""
+    if not len(labels):
+        raise StepError("the training set has no examples: nothing to train or validate on")
+    classes, counts = np.unique(labels, return_counts=True)
+    alone = [(int(c), int(n)) for c, n in zip(classes, counts) if n < 2]
+    if alone:
+        named = ", ".join(f"{c} ({class_names[c]!r})" if c < len(class_names) else str(c) for c, _ in alone)
+        raise StepError(f"class {named} has a single training example: each class needs at least 2 (one to "
+                        "train on, one to validate on); add examples of it, or leave it out of the labels")
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
-    for label in np.unique(labels):
+    for label in classes:
         members = rng.permutation(np.flatnonzero(labels == label))
-        held.append(members[:max(1, round(len(members) * fraction))])
+        held.append(members[:min(len(members) - 1, max(1, round(len(members) * fraction)))])
     val = rng.permutation(np.concatenate(held))
     train = rng.permutation(np.setdiff1d(np.arange(len(labels)), val))
     return val, train
@@ -270,7 +280,8 @@ def run(config: PrepConfig) -> dict[str, Any]:
         return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True,
                 "counts": {k: v["count"] for k, v in splits.items()}, "config": asdict(config)}
 
-    val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed)
+    val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed,
+                                              spec.class_names)
     splits = {
         "train": (arrays["train_images"][train_index], arrays["train_labels"][train_index]),
         "val": (arrays["train_images"][val_index], arrays["train_labels"][val_index]),

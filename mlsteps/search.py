@@ -91,24 +91,32 @@ def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, A
     return space
 
 
+def domain_error(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a possible value of hyperparameter ``name`` (see DOMAINS), or None if it is."""
+    lowest, highest, low_ok, high_ok, whole = DOMAINS[name]
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    try:
+        bad = (number is None or not math.isfinite(number) or (number < lowest if low_ok else number <= lowest)
+               or (number > highest if high_ok else number >= highest)
+               or (whole and not float(number).is_integer()))
+    except OverflowError:  # an integer too large for a float
+        bad = True
+    if not bad:
+        return None
+    allowed = (f"{'>=' if low_ok else '>'} {lowest:g} and {'<=' if high_ok else '<'} {highest:g}"
+               + (", a whole number" if whole else ""))
+    return f"{value!r} is not a possible value; {name} must be {allowed}"
+
+
 def _check_domain(name: str, spec: dict[str, Any]) -> None:
     """Refuse values the model cannot train with (a batch of 0, dropout 1.5, text) before any worker starts."""
-    lowest, highest, low_ok, high_ok, whole = DOMAINS[name]
     kind = spec["type"]
     values = (spec["choices"] if kind == "categorical" else [spec["value"]] if kind == "fixed"
               else [spec["low"], spec["high"]])
-    allowed = (f"{'>=' if low_ok else '>'} {lowest:g} and {'<=' if high_ok else '<'} {highest:g}"
-               + (", a whole number" if whole else ""))
     for value in values:
-        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        try:
-            bad = (number is None or not math.isfinite(number) or (number < lowest if low_ok else number <= lowest)
-                   or (number > highest if high_ok else number >= highest)
-                   or (whole and not float(number).is_integer()))
-        except OverflowError:  # an integer too large for a float
-            bad = True
-        if bad:
-            raise StepError(f"search space: {name}: {value!r} is not a possible value; {name} must be {allowed}")
+        error = domain_error(name, value)
+        if error:
+            raise StepError(f"search space: {name}: {error}")
 
 
 def _normalise(name: str, value: Any) -> dict[str, Any]:

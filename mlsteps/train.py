@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +49,8 @@ def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
     return tf.distribute.MirroredStrategy(), gpus
 
 
-def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int, examples: int) -> Any:
+def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int, examples: int,
+                       learning_rate: float) -> Any:
     class Progress(keras.callbacks.Callback):
         """One MLflow metrics batch per finished epoch, sent before the backup is written, and one log line
         after it (``announce``): a line "epoch N/M" means epoch N is saved."""
@@ -72,6 +74,11 @@ def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int,
             now = int(time.time() * 1000)
             mlflow_client.log_batch(run_id, metrics=[Metric(k, v, now, epoch + 1) for k, v in metrics.items()])
             self._logged = metrics
+            diverged = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            if diverged:
+                # Before the backup callback: the diverged epoch is not saved, and no model is.
+                raise StepError(f"training diverged: {', '.join(diverged)} not finite after epoch {epoch + 1} "
+                                f"(--learning-rate {learning_rate:g}); lower the learning rate")
 
         def announce(self, epoch: int, logs: dict | None = None) -> None:
             metrics = self._logged
@@ -109,8 +116,14 @@ def _learning_curves(mlflow_client: Any, run_id: str, path: Path) -> None:
 
 def run(config: TrainConfig) -> dict[str, Any]:
     manifest = data.load_manifest(config.manifest)
-    if config.epochs < 1 or config.batch_size < 1 or config.learning_rate <= 0:
-        raise StepError("--epochs and --batch-size must be >= 1 and --learning-rate > 0")
+    if config.epochs < 1:
+        raise StepError(f"--epochs must be >= 1, got {config.epochs}")
+    from .search import domain_error  # the search's domains: a value the search may pick, train accepts
+
+    for name in ("learning_rate", "batch_size", "width", "dropout"):
+        error = domain_error(name, getattr(config, name))
+        if error:
+            raise StepError(f"--{name.replace('_', '-')}: {error}")
     workdir = tracking.run_dir(config.data_root, config.run_key)
     model_dir = workdir / "model"
     settings = {**asdict(config), "dataset_digest": manifest["digest"]}
@@ -199,7 +212,7 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
 
     train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
     val_ds = data.dataset(manifest, "val", batch_size=max(config.batch_size, 512))
-    progress = _progress_callback(keras, client, run_id, config.epochs, n_train)
+    progress = _progress_callback(keras, client, run_id, config.epochs, n_train, config.learning_rate)
     # The backup outlives fit(): if logging to MLflow fails afterwards, the retry restores the last epoch
     # instead of training again. It is removed once the finished model is in place. Two copies: a pod
     # killed while writing one resumes from the other.

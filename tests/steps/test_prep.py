@@ -54,6 +54,21 @@ def test_raw_and_gzipped_files_with_same_content_share_a_digest(tmp_path, prepar
     assert raw["cached"] is True
 
 
+def test_every_class_keeps_training_examples_however_large_the_validation_fraction(tmp_path, prepare) -> None:
+    # Two examples per class: a 0.9 fraction would hold out both; one stays to train on.
+    manifest = data.load_manifest(prepare(idxdata.write_dataset(tmp_path / "source", train=20, test=10),
+                                          val_fraction=0.9)["manifest"])
+    assert manifest["splits"]["train"]["class_histogram"] == [1] * 10
+    assert manifest["splits"]["val"]["class_histogram"] == [1] * 10
+
+
+def test_a_class_with_a_single_training_example_is_refused_by_name(tmp_path, data_root, prepare) -> None:
+    # 11 examples of 10 classes: class 0 has two, classes 1..9 one each (they would train on nothing).
+    with pytest.raises(StepError, match=r"class 1 \('1'\), 2 \('2'\).* single training example.* at least 2"):
+        prepare(idxdata.write_dataset(tmp_path / "source", train=11, test=10))
+    assert not (data_root / "datasets").exists() or partial_leftovers(data_root) == []
+
+
 def test_validation_split_holds_every_class(source_dir, prepare) -> None:
     manifest = data.load_manifest(prepare(source_dir)["manifest"])
     val_histogram = manifest["splits"]["val"]["class_histogram"]

@@ -184,6 +184,46 @@ def test_an_epoch_whose_metrics_mlflow_did_not_take_is_trained_again_on_the_retr
     assert set(result["metrics"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
 
 
+def test_a_diverged_training_fails_naming_the_learning_rate_and_saves_no_model(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from mlsteps import model as model_lib
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    config = _train_config(manifest, data_root, mlflow_server, "train/diverged", epochs=2, learning_rate=0.5)
+    real = model_lib.compiled
+    # Adam recovers from any learning rate train accepts on this easy data: step it far past those.
+    monkeypatch.setattr(model_lib, "compiled", lambda **kw: real(**(kw | {"learning_rate": 1e30})))
+    with pytest.raises(train.StepError, match=r"training diverged: .*loss.* after epoch 1 .*--learning-rate 0.5\)"):
+        train.run(config)
+    workdir = tracking.run_dir(str(data_root), "train/diverged")
+    assert not (workdir / "model").exists(), "no model is saved (a retry would have returned it)"
+    client = MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("train_tests").experiment_id],
+                             f"tags.`{tracking.RUN_KEY_TAG}` = 'train/diverged'")[0]
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]  # stopped after epoch 1
+
+
+@pytest.mark.parametrize(("override", "flag"), [({"dropout": 1.5}, "--dropout"), ({"learning_rate": 0.0}, "--learning-rate"),
+                                                ({"batch_size": 0}, "--batch-size"), ({"width": 0}, "--width"),
+                                                ({"epochs": 0}, "--epochs")],
+                         ids=["dropout", "learning-rate", "batch-size", "width", "epochs"])
+def test_impossible_hyperparameters_are_refused_before_mlflow_hears_of_the_run(override, flag, tmp_path, data_root,
+                                                                             prepare, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=20, test=10))["manifest"]
+    with pytest.raises(train.StepError, match=f"^{flag}"):
+        train.run(_train_config(manifest, data_root, mlflow_server, "train/impossible", **override))
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("train_tests")
+    runs = MlflowClient(mlflow_server).search_runs([experiment.experiment_id],
+                                                   f"tags.`{tracking.RUN_KEY_TAG}` = 'train/impossible'") \
+        if experiment else []
+    assert not runs
+
+
 def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
         tmp_path, data_root, prepare, mlflow_server, monkeypatch, caplog) -> None:
     manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
