@@ -13,6 +13,7 @@ exits 2 with the reason (the server's own load error when it never became ready)
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -154,7 +155,18 @@ def validate(config: InfraValidateConfig) -> dict[str, Any]:
             load_seconds = time.monotonic() - started
             log.info("version %s loaded in the model server in %.1f s; sending %d requests", version,
                      load_seconds, config.requests)
-            latencies = _probe(base, config.model_name, version, config.requests)
+            try:
+                latencies = _probe(base, config.model_name, version, config.requests)
+            except (OSError, http.client.HTTPException) as exc:  # the server crashed or hung up mid-request
+                try:
+                    server.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+                ended = ("still running" if server.poll() is None else f"exited with code {server.returncode}")
+                raise Failed(f"the model server stopped answering ({type(exc).__name__}: {exc}); it {ended}: "
+                             f"{log_path.read_text(errors='replace')[-1500:]}") from None
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise Failed(f"an answer was not in the protocol's form ({type(exc).__name__}: {exc})") from None
         finally:
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGTERM)

@@ -570,6 +570,53 @@ def test_a_version_answering_non_finite_probabilities_fails_infra_validation_and
     assert seen["tags"]["promotion.infra_validation"].startswith("failed: the model server could not load it")
 
 
+CRASHING_MODEL = """
+import os
+
+import mlflow.pyfunc
+import numpy as np
+from mlflow.models import set_model
+
+
+class CrashesOnBatches(mlflow.pyfunc.PythonModel):
+    \"\"\"Answers one image at a time (warm-up passes); a batch kills the whole server process.\"\"\"
+
+    def predict(self, context, model_input, params=None):
+        images = np.asarray(model_input)
+        if len(images) > 1:
+            os._exit(3)
+        return np.full((len(images), 10), 0.1, dtype=np.float32)
+
+
+set_model(CrashesOnBatches())
+"""
+
+
+@pytest.fixture(scope="module")
+def crashing_version(tmp_path_factory, mlflow_server) -> int:
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    code = tmp_path_factory.mktemp("crashing") / "crashing_model.py"
+    code.write_text(CRASHING_MODEL)
+    mlflow.set_tracking_uri(mlflow_server)
+    signature = infer_signature(np.zeros((1, 28, 28), np.float32), np.full((1, 10), 0.1, np.float32))
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=signature)
+    return int(mlflow.register_model(info.model_uri, MODEL).version)
+
+
+def test_a_version_that_kills_the_server_mid_probe_fails_infra_validation_with_the_servers_end(
+        tmp_path, crashing_version, mlflow_server):
+    out, seen = _infra_validate(tmp_path, mlflow_server, crashing_version)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    verdict = seen["tags"]["promotion.infra_validation"]
+    assert verdict.startswith("failed: the model server stopped answering"), verdict
+    assert "exited with code 3" in verdict
+
+
 def test_server_and_infra_validation_import_nothing_the_serving_image_lacks():
     """images/serving has no TensorFlow, Keras, pandas or Optuna: neither module may need them."""
     probe = ("import sys, mlsteps.serve, mlsteps.infra_validate\n"
