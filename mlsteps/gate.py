@@ -78,7 +78,7 @@ def run(config: GateConfig) -> dict[str, Any]:
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     name, version = config.model_name, str(config.version)
-    challenger = client.get_model_version(name, version)
+    challenger = tracking.registered_version(client, name, version)
     if challenger.tags.get("gate.verdict"):
         log.info("%s version %s already judged: %s", name, version, challenger.tags["gate.verdict"])
         return _result(challenger.tags, name, version)

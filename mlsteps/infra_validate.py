@@ -183,10 +183,7 @@ def run(config: InfraValidateConfig) -> dict[str, Any]:
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     name, version = config.model_name, str(config.version)
-    try:
-        client.get_model_version(name, version)
-    except mlflow.exceptions.MlflowException:
-        raise StepError(f"{name} version {version} is not registered; check the version number") from None
+    tracking.registered_version(client, name, version)
     try:
         measured = validate(config)
     except Failed as exc:

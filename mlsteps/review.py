@@ -46,7 +46,7 @@ def run(config: ReviewConfig) -> dict[str, Any]:
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     name, version = config.model_name, str(config.version)
-    tags = client.get_model_version(name, version).tags
+    tags = tracking.registered_version(client, name, version).tags
     if config.decision in ("approved", "auto") and tags.get("gate.verdict") != "passed":
         raise StepError(f"{name} version {version} did not pass the quality gate "
                         f"({tags.get('gate.verdict', 'not judged')}: {tags.get('gate.reasons', '')}); not promoted")

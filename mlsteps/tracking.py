@@ -92,6 +92,20 @@ def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None 
     return run.info.run_id
 
 
+def registered_version(client: Any, name: str, version: str | int) -> Any:
+    """The model version, or a StepError (exit 2, no retry) if MLflow says it does not exist; an outage or
+    any other MLflow error is raised as it is (exit 1: the runner retries)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise StepError(f"{name} version {version} is not registered in MLflow; check the model name and the "
+                            "version number") from None
+        raise
+
+
 def run_url(mlflow: Any, run_id: str) -> str:
     run = mlflow.MlflowClient().get_run(run_id)
     return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -130,7 +130,10 @@ def run(config: ValidateConfig) -> dict[str, Any]:
         # (Data changed after it passed, under the same run key: the new digest goes to data.dataset_changed.)
         tracking.log_params_once(mlflow, run_id, {"dataset": manifest["dataset"],
                                                   "dataset_digest": manifest["digest"]}, "data.dataset_changed")
+        client.update_run(run_id, status="RUNNING")  # a retry after the data was fixed: the pipeline goes on
     else:
+        # Not left RUNNING for good: the pipeline run stops here (a retry after fixing the data reopens it).
+        client.set_terminated(run_id, "FAILED")
         raise DataValidationError(f"data validation failed ({', '.join(report['failed'])}); "
                                   f"full report: {report_path}\n{summary(report)}")
     return {"passed": True, "report": str(report_path), "mlflow_run_id": run_id,

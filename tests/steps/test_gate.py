@@ -105,6 +105,13 @@ def test_decide(challenger, champion, verdict):
     assert gate.decide(challenger=challenger, champion=champion, min_accuracy=0.85, max_regression=0.5)[0] == verdict
 
 
+def test_a_version_that_is_not_registered_is_an_input_error_not_a_retry(manifest, registry, mlflow_server):
+    name, add = registry
+    add()
+    with pytest.raises(gate.StepError, match=f"{name} version 99 is not registered in MLflow"):
+        _gate(manifest, name, 99, mlflow_server)
+
+
 def test_bad_thresholds_are_refused_before_any_work(manifest):
     with pytest.raises(gate.StepError, match="--min-accuracy is a fraction"):
         gate.run(gate.GateConfig(manifest=manifest, model_name="m", version=1, min_accuracy=85))

@@ -67,6 +67,13 @@ def test_a_version_that_failed_the_gate_is_never_promoted(versions, mlflow_serve
     assert client.get_model_version_by_alias(name, "champion").version == str(old)
 
 
+@pytest.mark.parametrize("decision", ["approved", "rejected"])
+def test_a_version_that_is_not_registered_is_an_input_error_not_a_retry(decision, versions, mlflow_server):
+    name, _, _ = versions
+    with pytest.raises(review.StepError, match=f"{name} version 99 is not registered in MLflow"):
+        _review(name, 99, mlflow_server, decision)
+
+
 def test_nothing_to_record_touches_nothing(versions, mlflow_server):
     name, (old, new), client = versions
     assert _review(name, new, mlflow_server, "none")["promoted"] is False

@@ -144,6 +144,7 @@ def test_run_on_leaky_data_records_failure_in_report_and_mlflow(tmp_path, data_r
     run_id = tracking.run_for(mlflow, "validate/leaky", experiment="validate_tests")
     run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
     assert run.data.tags["data.validation"] == "failed"
+    assert run.info.status == "FAILED", "the pipeline run stopped here: not left RUNNING for good"
     assert "dataset_digest" not in run.data.params  # the params name data the run trains on: none yet
 
     # The documented remedy: fix the input, clear prep and validate (same run key).
@@ -154,6 +155,7 @@ def test_run_on_leaky_data_records_failure_in_report_and_mlflow(tmp_path, data_r
     assert result["passed"] is True and result["mlflow_run_id"] == run_id
     run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
     assert run.data.tags["data.validation"] == "passed"
+    assert run.info.status == "RUNNING", "the pipeline goes on to train in this run"
     assert (run.data.params["dataset"], run.data.params["dataset_digest"]) == ("custom", fixed["digest"])
     assert "data.dataset_changed" not in run.data.tags
 
