@@ -9,10 +9,12 @@
 ``mlops/model-version`` pod label) and waits for the rollout like ``kubectl rollout status``: every
 replica updated and available (readiness = model loaded and warmed; ``maxUnavailable: 0`` keeps the old
 pods serving meanwhile). Restoring patches the previous values back, which is what ``kubectl rollout
-undo`` does, but to a known version rather than to "the revision before". Restoring a first promotion
-(nothing served before) scales the Deployment to 0, keeping its replica count in an annotation for the
-next promotion: pods of the manifest's ``@champion`` URI would load whatever the alias names at that
-moment, the failed version included.
+undo`` does, but to a known version rather than to "the revision before". The Deployment as applied
+(``@champion`` URI, label "none") serves what the alias named when each pod started: its pods are asked
+which version (through the Service, ``MLOPS_SERVING_URL``); if they all answer one, restoring pins that
+version. Restoring a first promotion (nothing served before, or not known) scales the Deployment to 0,
+keeping its replica count in an annotation for the next promotion: pods of the manifest's ``@champion``
+URI would load whatever the alias names at that moment, the failed version included.
 
 ``LocalTarget`` drives the model server that ``scripts/serving.sh`` starts and supervises: ``POST
 /admin/deploy`` loads the version beside the served one and switches when it is warm; no request fails
@@ -22,10 +24,13 @@ or waits, and a version that does not load leaves the served one in place. Resto
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 VERSION_LABEL = "mlops/model-version"
 MODEL_URI_ENV = "MODEL_URI"
@@ -46,6 +51,9 @@ class TargetUnavailable(Exception):
 class Serving:
     version: str | None  # registered version being served (None: nothing, or not known)
     model_uri: str  # what the server was told to load
+    # False: the server was told an alias (k8s/serving as applied: @champion) and ``version`` is what its pods
+    # answered they serve; promotion pins it (a rollout to models:/<name>/<version>) even if it is the one wanted.
+    pinned: bool = True
 
 
 class Target(Protocol):
@@ -125,10 +133,11 @@ class LocalTarget:
 class KubernetesTarget:
     """The model server's Deployment, patched through the cncf.kubernetes provider's client."""
 
-    def __init__(self, apps: Any, *, namespace: str, deployment: str, model_name: str,
+    def __init__(self, apps: Any, *, namespace: str, deployment: str, model_name: str, serving_url: str = "",
                  rollout_timeout: float = 900.0, poll_seconds: float = 5.0, sleep: Any = time.sleep,
                  clock: Any = time.monotonic) -> None:
         self.apps, self.namespace, self.deployment, self.model_name = apps, namespace, deployment, model_name
+        self.serving_url = serving_url.rstrip("/")
         self.rollout_timeout, self.poll_seconds, self._sleep, self._clock = rollout_timeout, poll_seconds, sleep, clock
 
     @classmethod
@@ -142,7 +151,44 @@ class KubernetesTarget:
         return self.apps.read_namespaced_deployment(self.deployment, self.namespace)
 
     def current(self) -> Serving:
-        return self._serving(self._read())
+        """What serves now. A Deployment still at an alias URI (k8s/serving as applied: label "none") whose pods
+        are available serves whatever the alias named when each pod started: they are asked which version
+        (``serving_url``, the Service). One version answered: that one, unpinned; none, or several: not known.
+        """
+        deployment = self._read()
+        serving = self._serving(deployment)
+        available = (deployment.status.available_replicas or 0) if deployment.status else 0
+        if serving.version is not None or "@" not in serving.model_uri or not available or not self.serving_url:
+            return serving
+        seen, problems = self._ask_pods(tries=min(10, max(3, 2 * available)))
+        if len(seen) == 1:
+            version = seen.pop()
+            log.info("%s/%s serves %s through %s (its pods say so): version %s", self.namespace, self.deployment,
+                     self.model_name, serving.model_uri, version)
+            return Serving(version, f"models:/{self.model_name}/{version}", pinned=False)
+        log.warning("%s/%s serves %s through %s, and its pods answered %s%s: the version served is not known, so "
+                    "a failed promotion scales it to 0", self.namespace, self.deployment, self.model_name,
+                    serving.model_uri, f"versions {', '.join(sorted(seen))}" if seen else "no version",
+                    f" ({'; '.join(problems[:3])})" if problems else "")
+        return serving
+
+    def _ask_pods(self, tries: int) -> tuple[set[str], list[str]]:
+        """Versions the Deployment's pods report AVAILABLE; a new connection per try, so the Service spreads
+        the tries over its pods."""
+        import httpx
+
+        seen: set[str] = set()
+        problems: list[str] = []
+        for _ in range(tries):
+            try:
+                status = httpx.get(f"{self.serving_url}/v1/models/{self.model_name}",
+                                   timeout=10).json()["model_version_status"][0]
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+                problems.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if status.get("state") == "AVAILABLE" and status.get("version"):
+                seen.add(str(status["version"]))
+        return seen, problems
 
     def _serving(self, deployment: Any) -> Serving:
         template = deployment.spec.template
@@ -236,5 +282,6 @@ def for_settings(settings: Any, model_name: str) -> Target:
     """The target ``MLOPS_DEPLOY_TARGET`` names, for ``model_name``."""
     if settings.deploy_target == "kubernetes":
         return KubernetesTarget.from_connection(settings.kubernetes_conn_id, namespace=settings.namespace,
-                                                deployment=settings.serving_deployment, model_name=model_name)
+                                                deployment=settings.serving_deployment, model_name=model_name,
+                                                serving_url=settings.serving_url)
     return LocalTarget(settings.serving_url, model_name, settings.serving_admin_token_file)

@@ -68,7 +68,7 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
         before = _target(settings, name).current()
     except TargetUnavailable as exc:
         raise AirflowFailException(str(exc)) from None
-    if before.version == wanted:
+    if before.version == wanted and before.pinned:
         if manual and champion != wanted:  # the alias follows a version given by hand, served or not
             registry.set_alias(name, CHAMPION, wanted)
             log.info("serving already runs %s version %s: alias %s moved to it (was %s)", name, wanted, CHAMPION,
@@ -80,8 +80,8 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
     run_type = str(getattr(run_type, "value", run_type))  # the SDK's DagRunType: str() is "DagRunType.SCHEDULED"
     trigger = "manual" if manual else ("mlflow webhook" if events else
                                        "schedule" if run_type.endswith("scheduled") else "by hand")
-    log.info("promoting %s version %s (serving now: %s; trigger: %s)", name, wanted, before.version or "nothing",
-             trigger)
+    log.info("promoting %s version %s (serving now: %s%s; trigger: %s)", name, wanted, before.version or "nothing",
+             "" if before.pinned else ", through an alias: pinned by this promotion", trigger)
     return {"model_name": name, "version": wanted, "previous_version": before.version,
             "previous_model_uri": before.model_uri, "trigger": trigger, "run_id": run_id,
             "champion_at_plan": champion}

@@ -77,12 +77,13 @@ def plan_with(monkeypatch):
     from mlops_airflow.deploy import Serving
 
     def run(champion: str | None, served: str | None, version: int = 0, events: dict | None = None,
-            model_name: str = "mnist_classifier"):
+            model_name: str = "mnist_classifier", pinned: bool = True):
         seen = {}
 
         def target(settings, name):
             seen["model"] = name
-            return SimpleNamespace(current=lambda: Serving(served, f"models:/{name}/{served}" if served else ""))
+            return SimpleNamespace(current=lambda: Serving(served, f"models:/{name}/{served}" if served else "",
+                                                           pinned=pinned))
 
         registry = run.registry = RecordingRegistry(champion)
         monkeypatch.setattr(promotion, "_context", lambda: (None, registry))
@@ -107,6 +108,13 @@ def test_plan_promotes_the_champion_and_remembers_what_served_before(plan_with):
     assert planned == {"model_name": "mnist_classifier", "version": "3", "previous_version": "2",
                        "previous_model_uri": "models:/mnist_classifier/2", "trigger": "schedule", "run_id": "r1",
                        "champion_at_plan": "3"}
+
+
+def test_plan_pins_the_champion_that_pods_serve_only_through_the_alias(plan_with):
+    # k8s/serving as applied: its pods loaded @champion (version 2); promotion validates it and pins it.
+    planned, _ = plan_with(champion="2", served="2", pinned=False)
+    assert (planned["version"], planned["previous_version"]) == ("2", "2")
+    assert planned["previous_model_uri"] == "models:/mnist_classifier/2"
 
 
 def test_plan_deploys_a_version_given_by_hand_even_if_the_alias_names_another(plan_with):

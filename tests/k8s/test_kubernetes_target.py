@@ -234,6 +234,82 @@ def test_restoring_a_failed_first_promotion_serves_nothing_and_the_next_promotio
     _validate(apps.deployment)
 
 
+class Pods:
+    """The Service in front of the Deployment's pods: an HTTP server answering /v1/models/<name> with the
+    versions in ``answers``, one per connection, in turn (as kube-proxy spreads connections over pods)."""
+
+    def __init__(self, answers: list[str]) -> None:
+        import http.server
+        import itertools
+        import threading
+
+        versions = itertools.cycle(answers)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the base class's name
+                body = json.dumps({"model_version_status": [{"version": next(versions), "state": "AVAILABLE"}]})
+                self.send_response(200 if self.path == "/v1/models/mnist_classifier" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def pods(request):
+    started = Pods(request.param)
+    yield started
+    started.close()
+
+
+@pytest.mark.parametrize("pods", [["1"]], indirect=True)
+@pytest.mark.parametrize(("never_ready", "deployed"), [(set(), False), ({"3"}, True), (set(), True)],
+                         ids=["infra-validation-failed", "rollout-failed", "smoke-test-failed"])
+def test_pods_of_the_applied_manifest_serving_a_version_through_the_alias_are_pinned_to_it_on_restore(
+        pods, never_ready, deployed):
+    apps = FakeApps(never_ready=never_ready)
+    target = _target(apps, serving_url=pods.url)
+    before = target.current()
+    assert before == Serving("1", "models:/mnist_classifier/1", pinned=False)
+    if deployed:
+        try:
+            target.deploy("3")
+        except DeployFailed:
+            assert never_ready
+    # What rollback restores: plan's XCom holds the version and URI (pinned, the dataclass's default).
+    target.restore(Serving(before.version, before.model_uri))
+    assert apps.deployment["spec"]["replicas"] == 2, "the version that served keeps serving"
+    assert "mlops/replicas-before-rollback" not in (apps.deployment["metadata"].get("annotations") or {})
+    assert _env(apps)["MODEL_URI"] == "models:/mnist_classifier/1"
+    assert target.current() == Serving("1", "models:/mnist_classifier/1")
+    _validate(apps.deployment)
+
+
+@pytest.mark.parametrize("pods", [["1", "2"]], indirect=True)
+def test_pods_answering_different_versions_leave_what_serves_unknown(pods):
+    apps = FakeApps()
+    assert _target(apps, serving_url=pods.url).current() == Serving(None, "models:/mnist_classifier@champion")
+
+
+def test_pods_that_do_not_answer_leave_what_serves_unknown():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket closes
+    assert _target(FakeApps(), serving_url=closed).current() == Serving(None, "models:/mnist_classifier@champion")
+
+
 def test_restore_sends_nothing_when_the_deployment_already_serves_the_previous_version():
     apps = FakeApps()
     target = _target(apps)
