@@ -8,6 +8,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -54,12 +55,41 @@ def _cli_type(annotation: Any) -> tuple[Callable[[str], Any], bool]:
         return _cli_type(inner)[0], True
     if annotation is bool:
         return _parse_bool, False
-    if annotation in (int, float, str):
-        return annotation, False
+    if annotation is int:
+        return _parse_int, False
+    if annotation is float:
+        return _parse_float, False
+    if annotation is str:
+        return str, False
     if origin is tuple:
-        item = args[0]
+        item = _cli_type(args[0])[0]
         return (lambda s: tuple(item(x.strip()) for x in s.split(",") if x.strip())), False
     raise TypeError(f"unsupported config field type {annotation!r}")
+
+
+def _parse_int(text: str) -> int:
+    """A whole number; "5.0" or "1e4" too (a JSON client's 5.0 reaches the steps through a rendered template)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(number)
+
+
+def _parse_float(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if math.isnan(number):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return number
 
 
 def _parse_bool(text: str) -> bool:

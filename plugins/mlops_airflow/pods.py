@@ -86,9 +86,14 @@ class StepPodOperator(KubernetesPodOperator):
         container = pod.spec.containers[0]
         if self.extra_arguments:
             container.args = [*(container.args or []), *self.extra_arguments]
-        gpus = int(self.gpus or 0)
-        if gpus < 0:
-            raise ValueError(f"{self.task_id}: gpus must be >= 0, got {gpus}")
+        text = str(self.gpus or 0).strip()
+        try:
+            number = float(text)  # "1.0" too: a JSON client's 1.0 passes the form's integer schema
+        except ValueError:
+            number = -1.0
+        if not (number >= 0 and number.is_integer()):
+            raise AirflowFailException(f"{self.task_id}: gpus must be a whole number >= 0, got {text!r}")
+        gpus = int(number)
         if gpus:
             resources = container.resources or k8s.V1ResourceRequirements()
             resources.limits = {**(resources.limits or {}), GPU_RESOURCE: str(gpus)}

@@ -58,7 +58,7 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
         return {}
     manual = int(params.get("version") or 0) > 0
     champion = registry.alias(name, CHAMPION)
-    wanted = str(params["version"]) if manual else champion
+    wanted = str(int(params["version"])) if manual else champion  # 3.0 (a JSON client's) is version 3
     if wanted is None:
         log.info("%s has no version with alias %s: nothing to serve", name, CHAMPION)
         return {}

@@ -243,6 +243,20 @@ def test_training_pod_requests_the_gpus_and_node_pool_from_the_trigger_form(dag)
     assert task.on_finish_action.value == "delete_succeeded_pod"
 
 
+def test_whole_numbers_sent_as_json_floats_request_whole_gpus_and_fractions_fail_for_good(dag):
+    """The form's integer schema passes 2.0 (JSON Schema counts it as an integer): an API client's conf."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert dag.params.get_param("gpus").resolve(2.0) == 2.0  # accepted by the form, as a float
+    pod, _ = render(dag, "train", gpus=2.0, epochs=5.0)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert {"name": "MLSTEPS_EXPECTED_GPUS", "value": "2"} in container["env"]
+    assert "5.0" in container["args"]  # the step's CLI reads a whole-number float as that number (test_core)
+    with pytest.raises(AirflowFailException, match="gpus must be a whole number >= 0, got '1.5'"):
+        render(dag, "train", gpus=1.5)
+
+
 def test_a_node_selector_that_is_not_strings_fails_the_task_for_good_not_retried(dag):
     """The form refuses it; a run whose conf bypassed the form (older Airflow, edited XCom) still gets a
     clear failure, not retries of a pod that cannot be built."""

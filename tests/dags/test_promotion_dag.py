@@ -122,6 +122,11 @@ def test_plan_deploys_a_version_given_by_hand_even_if_the_alias_names_another(pl
     assert (planned["version"], planned["trigger"]) == ("1", "manual")
 
 
+def test_a_version_sent_as_a_json_float_is_that_version(plan_with):
+    planned, _ = plan_with(champion="2", served="2", version=3.0)
+    assert (planned["version"], planned["trigger"]) == ("3", "manual")
+
+
 def test_a_version_given_by_hand_that_already_serves_gets_the_alias_without_a_deployment(plan_with):
     planned, _ = plan_with(champion="3", served="1", version=1)  # champion 3 is bad; 1 pinned by hand
     assert planned == {} and plan_with.registry.champion == "1"

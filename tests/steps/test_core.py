@@ -37,6 +37,8 @@ def test_defaults_apply_when_only_required_flags_are_given(tmp_path) -> None:
     ("argv", "expected"),
     [
         (["--count", "7"], {"count": 7}),
+        (["--count", "5.0"], {"count": 5}),
+        (["--count", "1e4"], {"count": 10000}),
         (["--rate", "1e-3"], {"rate": 0.001}),
         (["--limit", "10"], {"limit": 10}),
         (["--limit", "none"], {"limit": None}),
@@ -46,7 +48,7 @@ def test_defaults_apply_when_only_required_flags_are_given(tmp_path) -> None:
         (["--sizes", "1, 2,3"], {"sizes": (1, 2, 3)}),
         (["--sizes", "None"], {"sizes": None}),
     ],
-    ids=["int", "float-exponent", "optional-int", "optional-none", "optional-empty", "tuple", "tuple-skips-empty",
+    ids=["int", "int-as-whole-float", "int-as-exponent", "float-exponent", "optional-int", "optional-none", "optional-empty", "tuple", "tuple-skips-empty",
          "optional-tuple-of-int", "optional-tuple-none"],
 )
 def test_typed_fields_parse_from_cli_strings(argv, expected) -> None:
@@ -72,11 +74,13 @@ def test_bool_flags_accept_common_spellings(text, value) -> None:
     [
         ([], "the following arguments are required: --name"),
         (["--name", "x", "--enabled", "maybe"], "expected true/false"),
-        (["--name", "x", "--count", "many"], "--count"),
-        (["--name", "x", "--sizes", "1,two"], "--sizes"),
+        (["--name", "x", "--count", "many"], "--count: expected a whole number, got 'many'"),
+        (["--name", "x", "--count", "2.5"], "--count: expected a whole number, got '2.5'"),
+        (["--name", "x", "--rate", "nan"], "--rate: expected a number, got 'nan'"),
+        (["--name", "x", "--sizes", "1,two"], "--sizes: expected a whole number, got 'two'"),
         (["--name", "x", "--colour", "red"], "unrecognized arguments"),
     ],
-    ids=["missing-required", "bad-bool", "bad-int", "bad-tuple-item", "unknown-flag"],
+    ids=["missing-required", "bad-bool", "bad-int", "fractional-int", "nan-float", "bad-tuple-item", "unknown-flag"],
 )
 def test_bad_command_lines_exit_with_argparse_error(capsys, argv, message) -> None:
     with pytest.raises(SystemExit) as caught:
