@@ -44,6 +44,7 @@ class RegisterConfig:
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # as the DAGs' MODEL_NAME_PATTERN
+ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")  # MLflow's alias rule; "latest" and v<number> are its own
 
 
 def code_version() -> str:
@@ -71,6 +72,10 @@ def run(config: RegisterConfig) -> dict[str, Any]:
     if not MODEL_NAME.fullmatch(config.model_name):
         raise StepError(f"--model-name {config.model_name!r}: use letters, digits, '_', '.' and '-', starting with a "
                         "letter or digit (MLflow refuses '/' and ':'; the model server puts the name in its URLs)")
+    if not ALIAS.fullmatch(config.alias) or config.alias.lower() == "latest" \
+            or re.fullmatch(r"[vV]\d+", config.alias):
+        raise StepError(f"--alias {config.alias!r}: use letters, digits, '_' and '-' (MLflow keeps 'latest' and "
+                        "v<number> for itself), e.g. challenger")
     metrics = _json_object("--metrics", config.metrics)
     float_metrics = _json_object("--float-metrics", config.float_metrics)
     extra_tags = {str(k): str(v) for k, v in _json_object("--tags", config.tags).items()}

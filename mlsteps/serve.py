@@ -511,7 +511,12 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             return error(404, f"model {request.path_params['name']!r} not found")
         return reply({"name": holder.name, "ready": holder.ready}, 200 if holder.ready else 503)
 
-    token = Path(config.admin_token_file).read_text().strip() if config.admin_token_file else ""
+    try:
+        token = Path(config.admin_token_file).read_text().strip() if config.admin_token_file else ""
+    except OSError as exc:
+        raise StepError(f"--admin-token-file {config.admin_token_file}: cannot read it ({exc.strerror}); "
+                        "write a token of at least 16 characters there, or leave the flag out (no admin "
+                        "endpoint)") from None
     if config.admin_token_file and len(token) < 16:
         raise StepError(f"{config.admin_token_file}: the admin token must have at least 16 characters")
 

@@ -381,6 +381,20 @@ def test_a_model_uri_that_is_not_a_version_or_alias_of_the_served_model_is_refus
     assert f"--model-uri {uri!r} is not models:/{MODEL}/<version> or models:/{MODEL}@<alias>" in out.stdout
 
 
+@pytest.mark.parametrize("token", [None, "short"], ids=["missing-file", "too-short"])
+def test_an_admin_token_file_that_cannot_serve_is_refused_at_start_naming_the_flag(tmp_path, token):
+    path = tmp_path / "admin-token"
+    if token is not None:
+        path.write_text(token)
+    out = subprocess.run([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, "--model-uri",
+                          f"models:/{MODEL}@champion", "--admin-token-file", str(path)],
+                         env=step_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert str(path) in out.stdout and "at least 16 characters" in out.stdout
+
+
 @pytest.fixture(scope="module")
 def broken_version(tmp_path_factory, mlflow_server) -> int:
     """A registered version whose .tflite is not a model: it downloads fine and fails to load."""

@@ -315,6 +315,18 @@ def test_register_rejects_metrics_that_are_not_json(flag, mlflow_server) -> None
         register.run(config)
 
 
+@pytest.mark.parametrize("alias", ["latest", "v3", "my alias", ""], ids=["latest", "version-like", "space", "empty"])
+def test_register_refuses_an_alias_mlflow_would_refuse_before_registering_anything(alias, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    config = register.RegisterConfig(model_uri="models:/unused", run_key="register/alias", dataset="custom",
+                                     dataset_digest="0" * 64, model_name="register_alias_model", alias=alias,
+                                     tracking_uri=mlflow_server)
+    with pytest.raises(register.StepError, match="--alias"):
+        register.run(config)
+    assert MlflowClient(mlflow_server).search_model_versions("name = 'register_alias_model'") == []
+
+
 @pytest.mark.parametrize("name", ["team/model", "team:model", " "], ids=["slash", "colon", "blank"])
 def test_register_refuses_a_model_name_mlflow_would_refuse_before_calling_it(name) -> None:
     config = register.RegisterConfig(model_uri="models:/unused", run_key="register/name", dataset="custom",
