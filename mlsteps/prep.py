@@ -167,10 +167,22 @@ def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
             f"{path}: uncompressed, and only the official {data_file.name} archive's SHA-256 is known for "
             f"{spec.name}, so it cannot be verified. Use the original .gz file, or trust this copy: "
             "--verify-checksums false, or dataset 'custom' in the trigger form.")
+    content = hashlib.sha256(payload).hexdigest()
+    other = next((known.name for known in datasets.KNOWN.values() if known.name != spec.name
+                  for f in known.files if f.role == data_file.role
+                  and (digest in f.sha256 or content == f.content_sha256)), None)
+    if other:
+        raise DatasetChecksumError(
+            f"{path}: this is the {other} {data_file.name}, not {spec.name}'s: prepare dataset {other} "
+            f"(make demo DATASET={other}; the trigger form's dataset; --dataset {other})")
+    cached = Path(config.data_root).resolve() / "cache" in path.resolve().parents
+    remedy = ("Delete it and run prep again (it is downloaded again)" if cached else
+              "If these are your own IDX files, prepare them as dataset custom (make demo DATASET=custom "
+              "SOURCE_DIR=...; the trigger form's dataset; --dataset custom), or trust this copy with "
+              "--verify-checksums false")
     raise DatasetChecksumError(
         f"{path}: SHA-256 {digest} does not match the known {spec.name} checksum(s) "
-        f"{', '.join(data_file.sha256)}; the file is corrupt or not the official {data_file.name}. "
-        "Delete it and run prep again, or use --dataset custom for your own IDX files.")
+        f"{', '.join(data_file.sha256)}; the file is corrupt or not the official {data_file.name}. {remedy}.")
 
 
 def _load(spec: datasets.DatasetSpec,

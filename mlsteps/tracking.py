@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -20,15 +21,23 @@ class RunStepConfig:
     """Fields shared by the steps that work inside one pipeline run (validate, train, evaluate)."""
 
     manifest: str = field(help="manifest.json written by prep")
-    data_root: str = field(help="root folder; this run's files go to <data_root>/runs/<run key>/")
+    data_root: str = field(help="root folder; this run's files go to <data_root>/runs/<run key, made safe>/")
     run_key: str = field(help="identifies the pipeline run (DAG id / run id); one MLflow run per key")
     tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     experiment: str = field("mnist_training", help="MLflow experiment name")
 
 
 def run_dir(data_root: str, run_key: str) -> Path:
-    """The folder where one pipeline run keeps checkpoints, models and reports."""
-    return Path(data_root).resolve() / "runs" / safe_name(run_key)
+    """The folder where one pipeline run keeps checkpoints, models and reports.
+
+    The run key made filesystem-safe, plus the first 8 hex digits of its SHA-256 when that changed it: two
+    keys that differ only in characters the safe name replaces (``retrain:v2``, ``retrain+v2``) would
+    otherwise share a folder, and one run's train would delete the other's model.
+    """
+    name = safe_name(run_key)
+    if name != run_key:
+        name += "-" + hashlib.sha256(run_key.encode()).hexdigest()[:8]
+    return Path(data_root).resolve() / "runs" / name
 
 
 def quote(value: str) -> str:

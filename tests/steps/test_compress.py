@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import idxdata
-from mlsteps import compress, data, prep, register
+from mlsteps import compress, data, prep, register, tracking
 from stepsupport import free_port, partial_leftovers, step_env
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -313,7 +313,7 @@ def test_missing_or_corrupt_model_fails_clearly_and_writes_nothing(trained, mlfl
     assert ("not found" if damage == "missing" else "cannot load the trained model") in error
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "result.json").exists()
-    run_dir = trained["data_root"] / "runs" / f"compress_broken-{damage}"
+    run_dir = tracking.run_dir(str(trained["data_root"]), run_key)
     assert not (run_dir / "compression").exists()
     assert partial_leftovers(trained["data_root"]) == []
     assert not mlflow.MlflowClient(mlflow_server).search_runs(

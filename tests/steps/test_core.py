@@ -212,10 +212,20 @@ def test_cli_turns_step_error_into_exit_2_without_traceback(tmp_path, capsys, qu
     ids=["airflow-run-id", "path-traversal", "already-safe"],
 )
 def test_run_keys_become_single_safe_folder_names(tmp_path, run_key, safe) -> None:
+    import hashlib
+
     assert core.safe_name(run_key) == safe
     folder = tracking.run_dir(str(tmp_path), run_key)
     assert folder.parent == tmp_path.resolve() / "runs"
-    assert folder.name == safe
+    # A key the safe name changed carries its hash: the readable part alone could be another key's.
+    assert folder.name == (safe if safe == run_key else f"{safe}-{hashlib.sha256(run_key.encode()).hexdigest()[:8]}")
+
+
+def test_run_keys_that_differ_only_in_replaced_characters_get_their_own_folders(tmp_path) -> None:
+    keys = ["mnist_training/retrain:v2", "mnist_training/retrain+v2", "mnist_training/retrain_v2",
+            "mnist_training_retrain_v2"]
+    assert len({core.safe_name(k) for k in keys}) == 1
+    assert len({tracking.run_dir(str(tmp_path), k) for k in keys}) == len(keys)
 
 
 @pytest.mark.parametrize(("expected", "visible", "fails"), [("", 0, False), ("0", 0, False), ("2", 2, False),

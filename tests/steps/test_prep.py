@@ -205,8 +205,28 @@ def test_checksum_mismatch_names_file_and_leaves_no_output(source_dir, data_root
     assert "train-images-idx3-ubyte.gz" in message
     assert "SHA-256" in message
     assert datasets.FASHION_MNIST.file("train_images").sha256[0] in message
+    # The user's own folder: never "delete it"; their files are prepared as dataset custom.
+    assert "Delete it" not in message and "DATASET=custom" in message and "--verify-checksums false" in message
     assert datasets_entries(data_root) == []
     assert partial_leftovers(data_root) == []
+
+
+def test_a_corrupt_file_in_the_download_cache_is_named_for_deletion(tmp_path, data_root, prepare) -> None:
+    cache = data_root / "cache" / "mnist"
+    cache.mkdir(parents=True)
+    for path in idxdata.write_dataset(tmp_path / "source").iterdir():
+        (cache / path.name).write_bytes(path.read_bytes())  # "downloaded" once, not MNIST's content
+    with pytest.raises(prep.DatasetChecksumError, match="Delete it and run prep again") as caught:
+        prepare(None, dataset="mnist")
+    assert str(cache / "train-images-idx3-ubyte.gz") in str(caught.value)
+
+
+@pytest.mark.skipif(not Path(datasets.FASHION_MNIST.system_dirs[0]).is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_files_given_as_mnist_are_recognised_and_the_right_dataset_named(prepare) -> None:
+    with pytest.raises(prep.DatasetChecksumError,
+                       match="this is the fashion_mnist train-images-idx3-ubyte.gz, not mnist's: .*DATASET=fashion_mnist"):
+        prepare(Path(datasets.FASHION_MNIST.system_dirs[0]), dataset="mnist")
 
 
 def _known_as_fashion(monkeypatch, folder: Path, *, content: bool) -> None:
