@@ -76,7 +76,9 @@ with DAG(
     planned = plan()
     validate = render_step(
         "infra_validate", settings=settings, image=settings.serving_image, timeout=timedelta(minutes=15),
-        resources=Resources(cpu="1", memory="1Gi"), data_volume=False,  # reads the model from MLflow only
+        # As k8s/serving's Deployment runs the server: its CPU and memory limits, read-only root, HOME=/tmp.
+        resources=Resources(cpu="1", cpu_limit="2", memory="1Gi"), read_only_root=True,
+        data_volume=False,  # reads the model from MLflow only
         args={"model_name": xcom("plan", "model_name"), "version": xcom("plan", "version"),
               "requests": "{{ params.validation_requests }}"})
     deployed, smoked, recorded = deploy(), smoke_test(), record()

@@ -5,6 +5,8 @@ Imported only when the runtime is ``kubernetes``: the provider import costs abou
 
 from __future__ import annotations
 
+import copy
+
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -124,14 +126,26 @@ class StepPodOperator(KubernetesPodOperator):
 def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resources: Resources, gpus: str | int,
                     node_selector_json: str, deadline_seconds: int, settings: Settings,
                     optional_secrets: tuple[str, ...] = (), image: str | None = None, data_volume: bool = True,
-                    **kwargs: Any) -> dict[str, Any]:
+                    read_only_root: bool = False, **kwargs: Any) -> dict[str, Any]:
     """One step as a pod: image, command, resources, shared volume, MLflow secret, hardening.
 
     Returns StepPodOperator's keyword arguments, for a plain task or for ``StepPodOperator.partial(...)``.
     ``optional_secrets`` are mounted as environment variables when they exist (e.g. the Optuna storage URL).
+    ``read_only_root``: the step container's root filesystem read-only, with HOME and /tmp an emptyDir, as
+    the model server's Deployment runs (k8s/serving): infra-validation runs the candidate like that.
     """
     hardened = k8s.V1SecurityContext(allow_privilege_escalation=False, privileged=False, run_as_non_root=True,
                                      capabilities=k8s.V1Capabilities(drop=["ALL"]))
+    step_context = copy.deepcopy(hardened)
+    volumes = [k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+        claim_name=settings.data_pvc))] if data_volume else []
+    mounts = [k8s.V1VolumeMount(name="data", mount_path=settings.data_root)] if data_volume else []
+    env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
+    if read_only_root:
+        step_context.read_only_root_filesystem = True
+        volumes.append(k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi")))
+        mounts.append(k8s.V1VolumeMount(name="tmp", mount_path="/tmp"))
+        env.append(k8s.V1EnvVar(name="HOME", value="/tmp"))
     env_from = [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.mlflow_secret))]
     env_from += [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name, optional=True))
                  for name in optional_secrets]
@@ -148,16 +162,15 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
             limits={"cpu": resources.cpu_limit or resources.cpu, "memory": resources.memory}),
         gpus=gpus,
         node_selector_json=node_selector_json,
-        volumes=[k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=settings.data_pvc))] if data_volume else [],
-        volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=settings.data_root)] if data_volume else [],
-        env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
+        volumes=volumes,
+        volume_mounts=mounts,
+        env_vars=env,
         env_from=env_from,
         service_account_name=settings.service_account,
         security_context=k8s.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, fs_group=RUN_AS_USER,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
-        container_security_context=hardened,
+        container_security_context=step_context,
         # The "restricted" Pod Security level checks every container, the XCom sidecar too.
         xcom_sidecar_container_security_context=hardened,
         active_deadline_seconds=deadline_seconds,

@@ -45,7 +45,7 @@ def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Reso
          gpus: str | int = 0, node_selector_json: str = "", task_id: str | None = None,
          settings: settings_mod.Settings | None = None, expand_over: Any = None,
          optional_secrets: tuple[str, ...] = (), image: str | None = None, data_volume: bool = True,
-         **operator_kwargs: Any) -> Any:
+         read_only_root: bool = False, **operator_kwargs: Any) -> Any:
     """Render step ``name`` (module ``mlsteps.<name>``) as an operator of the configured runtime.
 
     ``expand_over``: an upstream task's output, a list of argument lists; the step becomes a mapped task
@@ -53,7 +53,8 @@ def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Reso
     ``optional_secrets``: Kubernetes Secrets passed to the pod as environment variables if they exist.
     ``image``: the pod's image, if not the steps image (e.g. the model server's, for infra-validation).
     ``data_volume``: mount the shared data volume (False for a step that reads only MLflow: a ReadWriteOnce
-    volume would tie its pod to one node).
+    volume would tie its pod to one node). ``read_only_root``: the pod's root filesystem read-only, HOME and
+    /tmp an emptyDir (as the model server's Deployment; Kubernetes runtime only).
     """
     settings = settings or settings_mod.load()
     module = f"{STEPS_PACKAGE}.{name}"
@@ -66,7 +67,7 @@ def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Reso
         kwargs = pods.operator_kwargs(
             task_id=task_id, module=module, arguments=arguments, resources=resources, gpus=gpus,
             node_selector_json=node_selector_json, settings=settings, execution_timeout=timeout,
-            optional_secrets=optional_secrets, image=image, data_volume=data_volume,
+            optional_secrets=optional_secrets, image=image, data_volume=data_volume, read_only_root=read_only_root,
             # The pod's own limit as well (from its start): the operator deletes a pod still running when the
             # task times out, and this ends it even where that deletion could not happen.
             deadline_seconds=int(timeout.total_seconds()), **operator_kwargs)

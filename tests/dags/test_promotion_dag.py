@@ -57,6 +57,18 @@ def test_infra_validation_pod_runs_the_candidate_in_the_serving_image(dag):
     assert (flags["--model-name"], flags["--version"], flags["--requests"]) == ("mnist_classifier", "7", "80")
     # It reads the model from MLflow only: no claim on the data volume (which, ReadWriteOnce, would pin the node).
     assert all("persistentVolumeClaim" not in v for v in pod["spec"]["volumes"])
+    # The candidate runs as the Deployment will run it (k8s/serving): a version that writes outside /tmp, or
+    # needs more than its limits, fails here and not in the rollout.
+    import yaml
+    from dagsupport import ROOT
+
+    served = yaml.safe_load((ROOT / "k8s" / "serving" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    server = served["containers"][0]
+    assert container["resources"]["limits"] == server["resources"]["limits"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is server["securityContext"]["readOnlyRootFilesystem"]
+    assert {"name": "HOME", "value": "/tmp"} in container["env"] and {"name": "HOME", "value": "/tmp"} in server["env"]
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert next(v for v in pod["spec"]["volumes"] if v["name"] == tmp["name"])["emptyDir"]
 
 
 class FakeRegistry:

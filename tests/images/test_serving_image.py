@@ -9,6 +9,7 @@ image (docs/operations.md, "Containers without Docker"); skipped where either is
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import socket
@@ -141,3 +142,60 @@ def _get_or_none(path: str) -> int | None:
         return _get(path)[0]
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
+
+
+def _render_infra_validate_pod(version: int, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """model_promotion's infra_validate task's pod exactly as the operator would build it, for this image."""
+    for name, value in {"MLOPS_SERVING_IMAGE": IMAGE, "MLOPS_IMAGE_PULL_POLICY": "Never",
+                        "MLOPS_RUNTIME": "kubernetes"}.items():
+        monkeypatch.setenv(name, value)
+    sys.path.insert(0, str(ROOT / "tests" / "dags"))
+    import dagsupport  # noqa: F401  (isolated AIRFLOW_HOME, plugins on sys.path)
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from dagsupport import FakeTaskInstance
+    from kubernetes.client import ApiClient
+    from podmanlib import PYTHON_BASE
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["model_promotion"]
+    task = copy.deepcopy(dag.get_task("infra_validate"))
+    results = {"plan": {"model_name": MODEL, "version": str(version)}}
+    context = {"params": {**dag.params.validate(), "model_name": MODEL, "validation_requests": 12}, "dag": dag,
+               "run_id": "manual__test", "ti": FakeTaskInstance("infra_validate", results), "task": task}
+    task.render_template_fields(context, jinja_env=dag.get_template_env())
+    monkeypatch.setattr(KubernetesHook, "get_xcom_sidecar_container_image", lambda self: PYTHON_BASE)
+    pod = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(context, dry_run=True))
+    pod["metadata"]["name"] = "mlops-infra-validate-test"
+    pod["spec"]["hostNetwork"] = True  # MLflow listens on the host's loopback here (a Service in the cluster)
+    return pod
+
+
+def test_the_rendered_infra_validation_pod_passes_the_champion_under_the_deployments_restrictions(
+        serving_image, registry, tmp_path, monkeypatch):
+    server, version = registry
+    pod = _render_infra_validate_pod(version, monkeypatch)
+    main = pod["spec"]["containers"][0]
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True  # as k8s/serving runs the server
+    secret_name = main["envFrom"][0]["secretRef"]["name"]
+    create_secret(secret_name, {"MLFLOW_TRACKING_URI": server.url}, tmp_path)
+    manifest = tmp_path / "pod.json"
+    manifest.write_text(json.dumps(pod))
+    name = f"{pod['metadata']['name']}-{main['name']}"
+    try:
+        podman("kube", "play", str(manifest), timeout=300)
+        deadline = time.monotonic() + 300
+        while podman("inspect", name, "--format", "{{.State.Status}}").stdout.strip() != "exited":
+            assert time.monotonic() < deadline, podman("logs", name, check=False).stdout[-3000:]
+            time.sleep(2)
+        logs = podman("logs", name, check=False)
+        code = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
+        assert code == "0", logs.stdout[-3000:] + logs.stderr[-3000:]
+        result = json.loads(podman("exec", f"{pod['metadata']['name']}-airflow-xcom-sidecar", "cat",
+                                   "/airflow/xcom/return.json").stdout)
+        assert result["passed"] is True and result["version"] == version and result["requests"] == 12
+        tags = server.get("model-versions/get", name=MODEL, version=str(version))["model_version"]["tags"]
+        verdict = {t["key"]: t["value"] for t in tags}["promotion.infra_validation"]
+        assert verdict.startswith("passed: 12 requests")
+    finally:
+        podman("kube", "down", str(manifest), check=False)
+        podman("secret", "rm", secret_name, check=False)
