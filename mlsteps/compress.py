@@ -413,7 +413,7 @@ def _settings(config: CompressConfig, manifest: dict[str, Any]) -> dict[str, Any
 
 def compute(config: CompressConfig, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     """Build and measure every variant into ``out``; return the report (no MLflow)."""
-    net = model_lib.load_trained(config.model_path)
+    net = model_lib.load_trained(config.model_path, manifest)
     # After Keras 3 has loaded the model: tensorflow-model-optimization switches tf.keras to tf-keras.
     import tf_keras
 

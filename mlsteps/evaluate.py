@@ -100,7 +100,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         raise StepError(f"--batch-size must be at least 1 (got {config.batch_size}) and --max-mistakes at least 0 "
                         f"(got {config.max_mistakes})")
     manifest = data.load_manifest(config.manifest)
-    model = model_lib.load_trained(config.model_path)
+    model = model_lib.load_trained(config.model_path, manifest)
     images, labels = data.arrays(manifest, "test")
     probabilities = model.predict(images.astype(np.float32), batch_size=config.batch_size, verbose=0)
     predicted = probabilities.argmax(axis=1)

@@ -12,19 +12,29 @@ class ModelLoadError(StepError):
     """The trained model is missing, damaged, or not the pipeline's network."""
 
 
-def load_trained(path: str) -> Any:
+def load_trained(path: str, manifest: dict[str, Any] | None = None) -> Any:
     """The trained Keras 3 model at ``path``; a ModelLoadError (an input error: no retry) if it is missing or
-    unreadable (Keras says "File not found" of a file that exists but is not a model)."""
+    unreadable (Keras says "File not found" of a file that exists but is not a model), or, given the dataset's
+    ``manifest``, if it does not take that dataset's images or answer its classes."""
     model_path = Path(path)
     if not model_path.is_file():
         raise ModelLoadError(f"{model_path}: trained model not found; run the train step first (or check --model-path)")
     import keras
 
     try:
-        return keras.models.load_model(model_path, compile=False)  # for predicting and rebuilding, not training
+        net = keras.models.load_model(model_path, compile=False)  # for predicting and rebuilding, not training
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a damaged file; all mean the same
         raise ModelLoadError(f"{model_path}: cannot load the trained model ({type(exc).__name__}: {exc}); "
                              "the file is damaged or not a Keras model: run the train step again") from None
+    if manifest is not None:
+        takes, answers = tuple(net.input_shape[1:]), net.output_shape[-1]
+        shape, classes = tuple(manifest["image_shape"]), manifest["num_classes"]
+        if takes != shape or answers != classes:
+            raise ModelLoadError(
+                f"{model_path}: the model takes images of {takes} and answers {answers} classes, but dataset "
+                f"{manifest['dataset']} ({manifest['digest'][:16]}) has images of {shape} in {classes} classes: "
+                "it was trained on other data; give the model this run's train step wrote, or its dataset")
+    return net
 
 
 def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dropout: float = 0.2,

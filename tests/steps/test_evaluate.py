@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import idxdata
 import numpy as np
 import pytest
 
@@ -163,3 +164,15 @@ def test_a_damaged_model_file_is_an_input_error_naming_the_file(tmp_path, source
     with pytest.raises(core.StepError, match="cannot load the trained model.*damaged or not a Keras model") as caught:
         evaluate.run(config)
     assert str(damaged) in str(caught.value)
+
+
+def test_a_model_of_other_data_is_an_input_error_naming_both_shapes(tmp_path, data_root, prepare) -> None:
+    from mlsteps import core
+
+    three_classes = prepare(idxdata.write_dataset(tmp_path / "source", train=60, test=30, classes=3))["manifest"]
+    model_path = tmp_path / "model.keras"
+    _swapping_classifier(model_path, (1, 2))  # ten classes
+    config = evaluate.EvaluateConfig(manifest=three_classes, data_root=str(data_root), run_key="eval-other",
+                                     model_path=str(model_path))
+    with pytest.raises(core.StepError, match=r"answers 10 classes, but dataset custom .* in 3 classes"):
+        evaluate.run(config)
