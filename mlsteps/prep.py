@@ -282,6 +282,14 @@ def run(config: PrepConfig) -> dict[str, Any]:
     settings = {"format_version": FORMAT_VERSION, "class_names": list(spec.class_names),
                 "val_fraction": config.val_fraction,
                 "records_per_shard": config.records_per_shard, "seed": config.seed}
+    # Before the cache: a class of one example is refused however it was prepared before.
+    val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed,
+                                              spec.class_names)
+    counts = np.unique(arrays["train_labels"], return_counts=True)[1]
+    if any(max(1, round(n * config.val_fraction)) >= n for n in counts):
+        # Split rule 2 keeps a training example of every class where rule 1 held them all out: another split,
+        # so another digest (datasets where both rules agree, MNIST's and Fashion-MNIST's, keep theirs).
+        settings["split_rule"] = 2
     digest = hashlib.sha256(json.dumps({"content": sources["content_sha256"], **settings},
                                        sort_keys=True).encode()).hexdigest()
     out = Path(config.data_root) / "datasets" / spec.name / digest[:16]
@@ -292,8 +300,6 @@ def run(config: PrepConfig) -> dict[str, Any]:
         return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True,
                 "counts": {k: v["count"] for k, v in splits.items()}, "config": asdict(config)}
 
-    val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed,
-                                              spec.class_names)
     splits = {
         "train": (arrays["train_images"][train_index], arrays["train_labels"][train_index]),
         "val": (arrays["train_images"][val_index], arrays["train_labels"][val_index]),

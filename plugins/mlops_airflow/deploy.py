@@ -160,7 +160,7 @@ class KubernetesTarget:
         available = (deployment.status.available_replicas or 0) if deployment.status else 0
         if serving.version is not None or "@" not in serving.model_uri or not available or not self.serving_url:
             return serving
-        seen, problems = self._ask_pods(tries=min(10, max(3, 2 * available)))
+        seen, problems = self._ask_pods(tries=min(12, max(6, 3 * available)))
         if len(seen) == 1:
             version = seen.pop()
             log.info("%s/%s serves %s through %s (its pods say so): version %s", self.namespace, self.deployment,
@@ -172,21 +172,26 @@ class KubernetesTarget:
                     f" ({'; '.join(problems[:3])})" if problems else "")
         return serving
 
-    def _ask_pods(self, tries: int) -> tuple[set[str], list[str]]:
+    def _ask_pods(self, tries: int, budget: float = 60.0) -> tuple[set[str], list[str]]:
         """Versions the Deployment's pods report AVAILABLE; a new connection per try, so the Service spreads
-        the tries over its pods."""
+        the tries over its pods (with 2 pods serving different versions, 6 tries all reach one of them 1 time
+        in 32). At most ``budget`` seconds in all: plan has 5 minutes."""
         import httpx
 
         seen: set[str] = set()
         problems: list[str] = []
+        deadline = self._clock() + budget
         for _ in range(tries):
+            if self._clock() > deadline:
+                problems.append(f"stopped asking after {budget:g} s")
+                break
             try:
                 status = httpx.get(f"{self.serving_url}/v1/models/{self.model_name}",
                                    timeout=10).json()["model_version_status"][0]
-            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever the answer (or its absence), the version is unknown
                 problems.append(f"{type(exc).__name__}: {exc}")
                 continue
-            if status.get("state") == "AVAILABLE" and status.get("version"):
+            if isinstance(status, dict) and status.get("state") == "AVAILABLE" and status.get("version"):
                 seen.add(str(status["version"]))
         return seen, problems
 

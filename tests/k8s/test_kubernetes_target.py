@@ -307,7 +307,8 @@ def test_pods_that_do_not_answer_leave_what_serves_unknown():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket closes
-    assert _target(FakeApps(), serving_url=closed).current() == Serving(None, "models:/mnist_classifier@champion")
+    for url in (closed, "http://127.0.0.1:85o1"):  # refused; a URL httpx cannot even parse
+        assert _target(FakeApps(), serving_url=url).current() == Serving(None, "models:/mnist_classifier@champion")
 
 
 def test_restore_sends_nothing_when_the_deployment_already_serves_the_previous_version():
@@ -334,4 +335,6 @@ def test_the_target_uses_the_client_of_the_providers_hook(monkeypatch):
     monkeypatch.setenv("MLOPS_KUBERNETES_CONN_ID", "serving_cluster")
     target = deploy.for_settings(settings.load(), "mnist_classifier")
     assert isinstance(target, KubernetesTarget) and isinstance(target.apps, client.AppsV1Api)
+    # The pods of a Deployment still at @champion are asked through the Service (MLOPS_SERVING_URL).
+    assert target.serving_url == "http://model-server.mlops.svc:8501"
     assert (made["conn_id"], target.namespace, target.deployment) == ("serving_cluster", "mlops", "model-server")

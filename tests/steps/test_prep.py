@@ -56,10 +56,14 @@ def test_raw_and_gzipped_files_with_same_content_share_a_digest(tmp_path, prepar
 
 def test_every_class_keeps_training_examples_however_large_the_validation_fraction(tmp_path, prepare) -> None:
     # Two examples per class: a 0.9 fraction would hold out both; one stays to train on.
-    manifest = data.load_manifest(prepare(idxdata.write_dataset(tmp_path / "source", train=20, test=10),
-                                          val_fraction=0.9)["manifest"])
+    source = idxdata.write_dataset(tmp_path / "source", train=20, test=10)
+    result = prepare(source, val_fraction=0.9)
+    manifest = data.load_manifest(result["manifest"])
     assert manifest["splits"]["train"]["class_histogram"] == [1] * 10
     assert manifest["splits"]["val"]["class_histogram"] == [1] * 10
+    # Another split than the one rule 1 made (every example held out): not the digest a cache of it has.
+    assert manifest["settings"]["split_rule"] == 2
+    assert "split_rule" not in data.load_manifest(prepare(source, val_fraction=0.1)["manifest"])["settings"]
 
 
 def test_a_class_with_a_single_training_example_is_refused_by_name(tmp_path, data_root, prepare) -> None:
