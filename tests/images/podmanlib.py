@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,3 +39,21 @@ def create_secret(name: str, values: dict[str, str], folder: Path) -> None:
     path.write_text(json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in values.items()}))
     podman("secret", "rm", name, check=False)
     podman("secret", "create", name, str(path))
+
+
+def play_step_pod(pod: dict, manifest: Path, timeout: float = 300) -> dict:
+    """`podman kube play` a step's rendered Pod (written to ``manifest``), wait for its step container to exit 0
+    and return what the XCom sidecar holds, as KubernetesPodOperator reads it. The caller runs `podman kube
+    down` on ``manifest``."""
+    manifest.write_text(json.dumps(pod))
+    podman("kube", "play", str(manifest), timeout=int(timeout))
+    main = f"{pod['metadata']['name']}-{pod['spec']['containers'][0]['name']}"
+    deadline = time.monotonic() + timeout
+    while podman("inspect", main, "--format", "{{.State.Status}}").stdout.strip() != "exited":
+        assert time.monotonic() < deadline, podman("logs", main, check=False).stdout[-3000:]
+        time.sleep(2)
+    logs = podman("logs", main, check=False)
+    code = podman("inspect", main, "--format", "{{.State.ExitCode}}").stdout.strip()
+    assert code == "0", logs.stdout[-3000:] + logs.stderr[-3000:]
+    return json.loads(podman("exec", f"{pod['metadata']['name']}-airflow-xcom-sidecar", "cat",
+                             "/airflow/xcom/return.json").stdout)

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from podmanlib import build, create_secret, podman  # noqa: E402
+from podmanlib import build, create_secret, play_step_pod, podman  # noqa: E402
 from services import STEPS_PYTHON, MlflowServer, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -179,19 +179,8 @@ def test_the_rendered_infra_validation_pod_passes_the_champion_under_the_deploym
     secret_name = main["envFrom"][0]["secretRef"]["name"]
     create_secret(secret_name, {"MLFLOW_TRACKING_URI": server.url}, tmp_path)
     manifest = tmp_path / "pod.json"
-    manifest.write_text(json.dumps(pod))
-    name = f"{pod['metadata']['name']}-{main['name']}"
     try:
-        podman("kube", "play", str(manifest), timeout=300)
-        deadline = time.monotonic() + 300
-        while podman("inspect", name, "--format", "{{.State.Status}}").stdout.strip() != "exited":
-            assert time.monotonic() < deadline, podman("logs", name, check=False).stdout[-3000:]
-            time.sleep(2)
-        logs = podman("logs", name, check=False)
-        code = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
-        assert code == "0", logs.stdout[-3000:] + logs.stderr[-3000:]
-        result = json.loads(podman("exec", f"{pod['metadata']['name']}-airflow-xcom-sidecar", "cat",
-                                   "/airflow/xcom/return.json").stdout)
+        result = play_step_pod(pod, manifest)
         assert result["passed"] is True and result["version"] == version and result["requests"] == 12
         tags = server.get("model-versions/get", name=MODEL, version=str(version))["model_version"]["tags"]
         verdict = {t["key"]: t["value"] for t in tags}["promotion.infra_validation"]

@@ -10,10 +10,8 @@ base image (docs/operations.md, "Containers without Docker"); skipped where eith
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "dags"))
 
 import idxdata  # noqa: E402
-from podmanlib import PYTHON_BASE, build, create_secret, podman  # noqa: E402
+from podmanlib import PYTHON_BASE, build, create_secret, play_step_pod, podman  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -75,19 +73,8 @@ def test_rendered_prep_pod_runs_in_podman_and_returns_xcom(steps_image, tmp_path
     secret_name = pod["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"]
     create_secret(secret_name, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, tmp_path)  # prep needs no MLflow
     manifest = tmp_path / "pod.json"
-    manifest.write_text(json.dumps(pod))
     try:
-        podman("kube", "play", str(manifest), timeout=300)
-        main = "mlops-prep-test-base"
-        deadline = time.monotonic() + 300
-        while podman("inspect", main, "--format", "{{.State.Status}}").stdout.strip() != "exited":
-            assert time.monotonic() < deadline, podman("logs", main, check=False).stdout[-3000:]
-            time.sleep(2)
-        logs = podman("logs", main, check=False)
-        state = podman("inspect", main, "--format", "{{.State.ExitCode}}").stdout.strip()
-        assert state == "0", logs.stdout[-3000:] + logs.stderr[-3000:]
-        result = json.loads(podman("exec", "mlops-prep-test-airflow-xcom-sidecar", "cat",
-                                   "/airflow/xcom/return.json").stdout)
+        result = play_step_pod(pod, manifest)
         assert result["dataset"] == "custom"
         assert result["counts"] == {"train": 180, "val": 20, "test": 50}
         prepared = mountpoint / Path(result["manifest"]).relative_to("/data")
