@@ -82,6 +82,6 @@ lock:
 # Stops the servers and removes ./var (run data, MLflow store, Airflow home). A var elsewhere (MLOPS_VAR) is
 # not removed: delete it yourself. Stop `make airflow-ui` first.
 clean:
-	-MLOPS_VAR=$(CURDIR)/var scripts/serving.sh stop
-	-MLOPS_VAR=$(CURDIR)/var mlflow/server.sh stop
+	MLOPS_VAR="$(CURDIR)/var" scripts/serving.sh stop
+	MLOPS_VAR="$(CURDIR)/var" mlflow/server.sh stop
 	rm -rf var

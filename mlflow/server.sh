@@ -20,10 +20,15 @@ source "$root/scripts/lib/daemon.sh"
 daemon_marker=$state  # in the server's command line (its SQLite path)
 healthy() { curl -fsS -m 2 "$url/health" >/dev/null 2>&1; }
 running() { daemon_running "$pidfile"; }
+requested=$url
+# A running server answers where it was started (recorded in its state folder), whatever the environment says now.
+if running && [[ -s $state/url ]]; then url=$(cat "$state/url"); fi
 
 case "${1:-}" in
   start)
+    daemon_require_curl
     if running; then
+      daemon_other_url "$state" "$requested" || exit 1
       # Ours, alive: still starting (or hung). Wait for it rather than start a second one over its pid file.
       daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
         || { daemon_stop "$pidfile"; exit 1; }
@@ -53,12 +58,14 @@ case "${1:-}" in
         --host "$host" --port "$port" --workers 1 \
         >"$state/server.log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
+    echo "$url" >"$state/url"
     daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
       || { daemon_stop "$pidfile"; exit 1; }
     echo "$url"
     ;;
   stop) daemon_stop "$pidfile" "the MLflow server on $url" ;;
   status)
+    daemon_require_curl
     if running && healthy; then echo "running: $url (pid $(cat "$pidfile"))"
     elif running; then echo "running (pid $(cat "$pidfile")) but not answering on $url; log: $state/server.log"; exit 1
     else echo "stopped"; exit 3; fi

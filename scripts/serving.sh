@@ -21,10 +21,15 @@ source "$root/scripts/lib/daemon.sh"
 daemon_marker=$state  # in the supervisor's command line (its state folder argument)
 live() { curl -fsS -m 2 "$url/v2/health/live" >/dev/null 2>&1; }
 running() { daemon_running "$pidfile"; }
+requested=$url
+# A running server answers where it was started (recorded in its state folder), whatever the environment says now.
+if running && [[ -s $state/url ]]; then url=$(cat "$state/url"); fi
 
 case "${1:-}" in
   start)
+    daemon_require_curl
     if running; then
+      daemon_other_url "$state" "$requested" || exit 1
       # Ours, alive: still starting (or failing). Wait for it rather than start a second supervisor.
       daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \
         || { daemon_stop "$pidfile"; exit 1; }
@@ -47,6 +52,7 @@ case "${1:-}" in
         sleep 2
       done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
+    echo "$url" >"$state/url"
     # A server that never comes up is not left restarting in the background.
     daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \
       || { daemon_stop "$pidfile"; exit 1; }
@@ -54,6 +60,7 @@ case "${1:-}" in
     ;;
   stop) daemon_stop "$pidfile" "the model server on $url" ;;
   status)
+    daemon_require_curl
     if running && live; then
       echo "running: $url (supervisor pid $(cat "$pidfile"))"
       curl -fsS -m 2 "$url/v1/models/$model" || true; echo

@@ -21,14 +21,25 @@ fi
 
 logs=var/test-logs
 mkdir -p "$logs"
-# A background job of a script starts with SIGINT ignored: give it back, so that Ctrl-C reaches it.
+# Both suites run as background jobs, and this script waits on them: bash runs a trap only once the
+# foreground command ends, but interrupts `wait` for it. A background job of a script starts with SIGINT
+# ignored: give it back, so that Ctrl-C reaches it.
 ( trap - INT; exec "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
 airflow_pid=$!
-# Ctrl-C or a TERM (a CI timeout) must not leave the background suite running.
-trap 'kill -INT $airflow_pid 2>/dev/null; wait $airflow_pid 2>/dev/null; exit 130' INT TERM
+# Ctrl-C or a TERM (a CI timeout) must not leave either suite running.
+steps_pid=""
+stop_suites() {
+  kill -INT $airflow_pid $steps_pid 2>/dev/null
+  wait $airflow_pid $steps_pid 2>/dev/null
+  exit "$1"
+}
+trap 'stop_suites 130' INT
+trap 'stop_suites 143' TERM
 echo "$airflow_title: running alongside, output in $logs/airflow.log (printed when it ends)"
 echo "$steps_title"
-"${steps[@]}"
+( trap - INT; exec "${steps[@]}" ) &
+steps_pid=$!
+wait $steps_pid
 steps_status=$?
 wait $airflow_pid
 airflow_status=$?

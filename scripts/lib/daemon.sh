@@ -1,12 +1,28 @@
 # What mlflow/server.sh and scripts/serving.sh share (sourced): a background process group with a pid file,
-# awaited and stopped the same way.
+# awaited and stopped the same way. The recorded pid leads its own process group (started with setsid).
 
-# daemon_running <pidfile>: the recorded process is alive and is ours: its command line holds $daemon_marker
-# (set by the sourcing script), so a pid file left by a reboot never names someone else's process.
+# daemon_running <pidfile>: a process of the recorded group is alive and is ours: its full command line holds
+# $daemon_marker (set by the sourcing script), so a pid file left by a reboot never names someone else's
+# process. The whole group counts: a server whose supervisor (the group's leader) was killed is still ours.
 daemon_running() {
   local pid
-  [[ -f $1 ]] && pid=$(cat "$1") && kill -0 "$pid" 2>/dev/null \
-    && ps -o args= -p "$pid" 2>/dev/null | grep -qF -- "${daemon_marker:?daemon_marker not set}"
+  [[ -f $1 ]] && pid=$(cat "$1") && [[ $pid =~ ^[0-9]+$ ]] \
+    && pgrep -a -g "$pid" 2>/dev/null | grep -qF -- "${daemon_marker:?daemon_marker not set}"
+}
+
+# daemon_require_curl: the health checks use curl; without it a start would wait its whole timeout.
+daemon_require_curl() {
+  command -v curl >/dev/null || { echo "error: curl not found (the health checks use it): apt-get install curl" >&2; exit 1; }
+}
+
+# daemon_other_url <state> <url>: fails (1) when the running server was started on another URL than <url>,
+# saying so; a start must neither wait for nor stop it.
+daemon_other_url() {
+  local recorded
+  recorded=$(cat "$1/url" 2>/dev/null || true)
+  [[ -z $recorded || $recorded == "$2" ]] && return 0
+  echo "error: already running on $recorded (this state folder: $1); stop it first, or give another MLOPS_VAR" >&2
+  return 1
 }
 
 # daemon_await <pidfile> <log> <what> <check command...>: wait up to $DAEMON_START_SECONDS (60) s for the
@@ -34,14 +50,14 @@ daemon_stop() {
   local pidfile=$1 what=${2:-} pid
   if daemon_running "$pidfile"; then
     pid=$(cat "$pidfile")
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do pgrep -g "$pid" >/dev/null || break; sleep 0.25; done
     local outcome=stopped
-    kill -0 "$pid" 2>/dev/null && outcome="did not stop within 15 s; killed"
+    pgrep -g "$pid" >/dev/null && outcome="did not stop within 15 s; killed"
     kill -KILL -- "-$pid" 2>/dev/null || true
     [[ -z $what ]] || echo "$what (pid $pid) $outcome"
   else
     [[ -z $what ]] || echo "$what was not running"
   fi
-  rm -f "$pidfile"
+  rm -f "$pidfile" "$(dirname "$pidfile")/url"
 }

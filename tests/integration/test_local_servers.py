@@ -144,3 +144,67 @@ def test_the_mlflow_server_runs_without_the_genai_job_runner(mlflow_server):
     group = subprocess.run(["pgrep", "-a", "-g", str(pid)], capture_output=True, text=True).stdout
     assert "uvicorn" in group  # the server's own processes are there
     assert "huey" not in group, group
+
+
+def _slow_mlflow_env(tmp_path: Path, port: int) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "python").exists():
+        (bin_dir / "python").symlink_to(sys.executable)  # server.sh makes its webhook key with the bin's python
+    fake = bin_dir / "mlflow"
+    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
+    fake.chmod(0o755)
+    return {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(port), "MLFLOW_BIN": str(fake)}
+
+
+def test_a_start_on_another_port_is_refused_and_leaves_the_running_server_alone(tmp_path):
+    first_port, other_port = free_port(), free_port()
+    env = _slow_mlflow_env(tmp_path, first_port)
+    assert _script("mlflow/server.sh", "start", env).returncode == 0
+    elsewhere = {**env, "MLFLOW_PORT": str(other_port)}
+
+    refused = _script("mlflow/server.sh", "start", elsewhere)
+    assert refused.returncode == 1
+    assert f"already running on http://127.0.0.1:{first_port}" in refused.stderr
+    assert len(_processes(str(tmp_path / "bin" / "mlflow"))) == 1  # not stopped
+    # Status and url follow the running server, not the environment's port.
+    assert _script("mlflow/server.sh", "status", elsewhere).stdout.startswith(f"running: http://127.0.0.1:{first_port}")
+    assert _script("mlflow/server.sh", "url", elsewhere).stdout.strip() == f"http://127.0.0.1:{first_port}"
+    assert "stopped" in _script("mlflow/server.sh", "stop", elsewhere).stdout
+    assert _processes(str(tmp_path / "bin" / "mlflow")) == []
+
+
+def test_stop_ends_a_model_server_whose_supervisor_died_whatever_the_terminal_width(tmp_path):
+    server = tmp_path / "server.py"
+    server.write_text(SLOW_SERVER)
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\n[[ $1 == -c ]] && exec {sys.executable} "$@"\nexec {sys.executable} {server} "$@"\n')
+    fake.chmod(0o755)
+    # A narrow terminal: ps would cut the command lines before the state folder that marks them as ours.
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port()),
+           "STEPS_PYTHON": str(fake), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "COLUMNS": "20"}
+    assert _script("scripts/serving.sh", "start", env).returncode == 0
+    supervisor = int((tmp_path / "var" / "serving" / "supervisor.pid").read_text())
+    os.kill(supervisor, 9)  # the group's leader dies; the server it started goes on answering
+    time.sleep(0.5)
+    assert _script("scripts/serving.sh", "status", env).stdout.startswith("running")
+
+    stopped = _script("scripts/serving.sh", "stop", env)
+    assert "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    time.sleep(0.5)
+    assert _processes(str(tmp_path)) == []
+
+
+def test_without_curl_a_start_fails_at_once_saying_so(tmp_path):
+    bare = tmp_path / "bare-bin"  # the system's tools, less curl
+    bare.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(folder).iterdir():
+            if tool.name != "curl" and not (bare / tool.name).exists():
+                (bare / tool.name).symlink_to(tool)
+    env = {**_slow_mlflow_env(tmp_path, free_port()), "PATH": str(bare)}
+    result = _script("mlflow/server.sh", "start", env)
+    assert result.returncode == 1 and "curl not found" in result.stderr
+    # Refused before starting anything (not after waiting for health checks that could never pass).
+    assert _processes(str(tmp_path / "bin" / "mlflow")) == []
+    assert not (tmp_path / "var" / "mlflow" / "server.pid").exists()

@@ -31,7 +31,8 @@ def test_rollout_never_drops_ready_capacity_and_readiness_means_model_loaded():
     assert deployment["spec"]["replicas"] >= 2
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Neither restarts a server that is up but unready (waiting out MLflow, or holding a failed load).
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"  # never waits for MLflow
     # Leaving pods answer until endpoints forget them, well within the grace period.
     assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
