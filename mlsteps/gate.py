@@ -3,7 +3,9 @@
 Both registered versions are loaded as MLflow pyfunc models (what serving runs: the compressed model
 when compress chose one) and scored on this run's test split. The challenger passes if its accuracy
 is at least ``--min-accuracy`` (the floor) and at most ``--max-regression`` points below the champion's.
-Without a champion (the first model) only the floor applies. The step succeeds either way: the verdict
+Without a champion (the first model) only the floor applies. A champion of other data (its ``dataset`` tag,
+or its signature's image shape or class count, not this run's) is not comparable: the challenger fails,
+saying so and how to deploy it by hand. The step succeeds either way: the verdict
 (``gate.verdict`` = passed | failed, ``gate.reasons``, both accuracies) is recorded on the challenger
 version and returned for the review that follows; a version already judged is not judged again.
 """
@@ -55,15 +57,36 @@ def decide(*, challenger: float, champion: float | None, min_accuracy: float,
     return (PASSED if ok else FAILED), reasons
 
 
-def accuracy(mlflow: Any, model_uri: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
-    """Test accuracy of a registered model, loaded the way serving loads it."""
+def load(mlflow: Any, model_uri: str) -> Any:
+    """A registered model, loaded the way serving loads it."""
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - any failure to load means the same to the gate
         raise StepError(f"{model_uri}: cannot load the model ({type(exc).__name__}: {exc})") from None
+
+
+def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
     predicted = [np.asarray(model.predict(images[i:i + batch_size])).argmax(axis=1)
                  for i in range(0, len(images), batch_size)]
     return float(np.mean(np.concatenate(predicted) == labels))
+
+
+def incomparable(version: Any, model: Any, manifest: dict[str, Any]) -> str | None:
+    """Why a champion cannot be scored on this run's test split (another dataset, image size or class count),
+    or None. Scored anyway, a Fashion-MNIST champion on MNIST images scores near chance (any MNIST model
+    beats it) or fails on the image size."""
+    trained_on = version.tags.get("dataset")
+    if trained_on and trained_on != manifest["dataset"]:
+        return f"trained on {trained_on}"
+    signature = model.metadata.signature if model.metadata else None
+    try:
+        takes = tuple(int(d) for d in signature.inputs.inputs[0].shape[1:])
+        answers = int(signature.outputs.inputs[0].shape[-1])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None  # no tensor signature to compare: the dataset tag is all there is
+    if takes != tuple(manifest["image_shape"]) or answers != manifest["num_classes"]:
+        return f"takes images of {takes} and answers {answers} classes"
+    return None
 
 
 def run(config: GateConfig) -> dict[str, Any]:
@@ -90,13 +113,23 @@ def run(config: GateConfig) -> dict[str, Any]:
         champion = None  # re-judging the champion itself: compare with nothing
     images, labels = data.arrays(manifest, "test")
     images = images.astype(np.float32)
-    challenger_accuracy = accuracy(mlflow, f"models:/{name}/{version}", images, labels, config.batch_size)
-    champion_accuracy = None
+    challenger_accuracy = accuracy(load(mlflow, f"models:/{name}/{version}"), images, labels, config.batch_size)
+    champion_accuracy, apart = None, None
     if champion is not None:
-        champion_accuracy = accuracy(mlflow, f"models:/{name}/{champion.version}", images, labels,
-                                     config.batch_size)
+        champion_model = load(mlflow, f"models:/{name}/{champion.version}")
+        apart = incomparable(champion, champion_model, manifest)
+        if apart is None:
+            champion_accuracy = accuracy(champion_model, images, labels, config.batch_size)
     verdict, reasons = decide(challenger=challenger_accuracy, champion=champion_accuracy,
                               min_accuracy=config.min_accuracy, max_regression=config.max_regression)
+    if apart is not None:
+        # Not a better or worse model of the same task: another task. Never promoted by the pipeline's review;
+        # a person who means to replace the champion with it deploys it by hand.
+        verdict = FAILED
+        reasons[-1] = (f"not comparable with champion version {champion.version} ({apart}; this run's test "
+                       f"data: {manifest['dataset']}, images of {tuple(manifest['image_shape'])} in "
+                       f"{manifest['num_classes']} classes): to replace the champion with this model, trigger "
+                       f"model_promotion with version {version}")
     tags = {"gate.verdict": verdict, "gate.reasons": "; ".join(reasons),
             "gate.accuracy": f"{challenger_accuracy:.6f}", "gate.test_examples": str(len(labels)),
             "gate.dataset_digest": manifest["digest"], "gate.min_accuracy": f"{config.min_accuracy:g}",

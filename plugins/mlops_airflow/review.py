@@ -7,7 +7,7 @@ A version that failed the gate is never offered for approval or promoted.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
@@ -50,6 +50,11 @@ Approve moves the alias `champion` to this version (promotion then deploys it); 
 
 
 ANSWER_KEY = "answer"
+MAX_RESPONSE_TIME = timedelta(hours=18)
+# A card shown just before the next scheduled run still gets two hours (that run then starts up to two hours
+# late); otherwise it closes a quarter of an hour before that run is due.
+MIN_RESPONSE_TIME = timedelta(hours=2)
+NIGHTLY_MARGIN = timedelta(minutes=15)
 
 
 class ReviewApproval(ApprovalOperator):
@@ -59,6 +64,26 @@ class ReviewApproval(ApprovalOperator):
     before its answer is returned, so the return value is never pushed: who rejected, when and why would
     be lost to ``record_rejection``.
     """
+
+    def __init__(self, *, schedule: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.schedule = schedule  # the DAG's cron: a card still open when the next run is due times out first
+
+    def timeout_for(self, now: datetime) -> timedelta:
+        """How long a card shown at ``now`` waits: 18 h, ending ``NIGHTLY_MARGIN`` before the next scheduled
+        run (one run at a time: an open card would hold it back), but never under ``MIN_RESPONSE_TIME``."""
+        if not self.schedule:
+            return MAX_RESPONSE_TIME
+        from croniter import croniter
+
+        next_run = croniter(self.schedule, now).get_next(datetime)
+        return max(MIN_RESPONSE_TIME, min(MAX_RESPONSE_TIME, next_run - now - NIGHTLY_MARGIN))
+
+    def execute(self, context: Any) -> Any:
+        # From when the card is shown (a retry shows it again: the clock restarts, still before the next run).
+        self.response_timeout = self.timeout_for(datetime.now(UTC))
+        self.log.info("the review card waits up to %s for an answer (no answer: Reject)", self.response_timeout)
+        return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         if "error" not in event:
@@ -71,17 +96,19 @@ class ReviewApproval(ApprovalOperator):
         return super().execute_complete(context=context, event=event)
 
 
-def approval(*, mlflow_ui: str) -> ApprovalOperator:
-    """The review card in Required Actions; on timeout the version is rejected."""
+def approval(*, mlflow_ui: str, schedule: str | None = None) -> ApprovalOperator:
+    """The review card in Required Actions; on timeout the version is rejected. ``schedule``: the DAG's cron,
+    whose next run the card must not hold back."""
     return ReviewApproval(
         task_id=APPROVE_TASK,
+        schedule=schedule,
         subject="Promote {{ params.model_name }} version {{ ti.xcom_pull(task_ids='register')['version'] }} "
                 "to champion?",
         body=CARD.replace("{{ mlflow_ui }}", mlflow_ui.rstrip("/")),
         defaults="Reject",
-        # The card comes hours after the 02:00 start; 18 h ends one shown by 08:00 before the next nightly run,
-        # which max_active_runs=1 would otherwise hold back until the answer.
-        response_timeout=timedelta(hours=18),
+        # Set when the card is shown (ReviewApproval.timeout_for): at most 18 h, and over before the next
+        # scheduled run, which max_active_runs=1 would otherwise hold back until the answer.
+        response_timeout=MAX_RESPONSE_TIME,
         params={"comment": Param("", type="string", description="Why (recorded on the model version)")},
     )
 

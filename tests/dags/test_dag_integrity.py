@@ -196,6 +196,34 @@ def test_review_path_follows_the_form_and_never_promotes_a_failed_gate(mode, pas
     assert plan_review.function(params={"review": mode}, ti=_GateTI({"passed": passed})) == expected
 
 
+@pytest.mark.parametrize(("shown", "waits"), [
+    ("03:00", timedelta(hours=18)),  # the nightly's own card: 18 h, over by 21:00
+    ("14:00", timedelta(hours=11, minutes=45)),  # a manual run's card: over at 01:45, before the 02:00 run
+    ("01:00", timedelta(hours=2)),  # shown just before the next run: still two hours (that run starts late)
+], ids=["nightly-card", "afternoon-card", "card-just-before-the-next-run"])
+def test_an_unanswered_card_never_holds_back_the_next_nightly_run_for_long(dagbag, shown, waits):
+    from datetime import UTC, datetime
+
+    approve = dagbag.dags["mnist_training"].get_task("approve")
+    assert approve.schedule == "0 2 * * *"  # the DAG's own schedule
+    hour, minute = map(int, shown.split(":"))
+    assert approve.timeout_for(datetime(2026, 12, 7, hour, minute, tzinfo=UTC)) == waits
+
+
+def test_the_card_is_given_its_timeout_when_it_is_shown(dagbag, monkeypatch):
+    import copy
+
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    approve = copy.deepcopy(dagbag.dags["mnist_training"].get_task("approve"))
+    seen = {}
+    monkeypatch.setattr(ApprovalOperator, "execute", lambda self, context: seen.setdefault("timeout",
+                                                                                           self.response_timeout))
+    monkeypatch.setattr(type(approve), "timeout_for", lambda self, now: timedelta(hours=5))
+    approve.execute({})
+    assert seen["timeout"] == timedelta(hours=5)
+
+
 def test_rejection_skips_promotion_only_and_is_recorded_whatever_happened(dagbag):
     dag = dagbag.dags["mnist_training"]
     approve, promote, record = (dag.get_task(t) for t in ("approve", "promote", "record_rejection"))

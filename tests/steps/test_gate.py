@@ -88,6 +88,41 @@ def test_challenger_is_compared_with_the_champion_on_the_same_test_set(manifest,
     assert words in result["reasons"]
 
 
+class Constant(mlflow.pyfunc.PythonModel):
+    """Answers class 0 for every image, whatever its size."""
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        return np.eye(10, dtype=np.float32)[np.zeros(len(model_input), dtype=int)]
+
+
+def _champion_of_other_data(name: str, mlflow_server: str, dataset: str | None, image_shape: tuple[int, int]) -> int:
+    client = mlflow.MlflowClient(mlflow_server)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(),
+                                       input_example=np.zeros((1, *image_shape), np.float32))
+    version = int(mlflow.register_model(info.model_uri, name, tags={"dataset": dataset} if dataset else None).version)
+    client.set_registered_model_alias(name, "champion", str(version))
+    return version
+
+
+@pytest.mark.parametrize(("dataset", "image_shape", "words"), [
+    ("fashion_mnist", (28, 28), "trained on fashion_mnist"),
+    (None, (14, 14), "takes images of (14, 14) and answers 10 classes"),
+], ids=["another-dataset", "another-image-size"])
+def test_a_champion_of_other_data_is_not_comparable_and_the_challenger_is_not_promoted(
+        manifest, registry, mlflow_server, dataset, image_shape, words):
+    """Scored on this run's test images, a champion of another dataset scores near chance (any model of this
+    data would beat it and replace it) or cannot run at all."""
+    name, add = registry
+    champion = _champion_of_other_data(name, mlflow_server, dataset, image_shape)
+    challenger = add()  # 100 % on this run's data
+    result = _gate(manifest, name, challenger, mlflow_server, min_accuracy=0.5)
+    assert result["verdict"] == "failed" and result["accuracy"] == 1.0
+    assert (result["champion_version"], result["champion_accuracy"]) == (champion, None)
+    assert f"not comparable with champion version {champion} ({words}; this run's test data: custom" in result["reasons"]
+    assert f"trigger model_promotion with version {challenger}" in result["reasons"]
+
+
 def test_a_judged_version_keeps_its_verdict(manifest, registry, mlflow_server):
     name, add = registry
     version = add(wrong=(9,))
