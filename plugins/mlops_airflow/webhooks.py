@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,15 +83,24 @@ def check(secret: str, headers: dict[str, str], body: bytes, now: float) -> dict
             "version": str(data["version"]), "delivery_id": delivery}
 
 
+_EMIT_LOCK = threading.Lock()
+
+
 def emit_asset_event(extra: dict[str, Any]) -> int | None:
-    """Record one event of the champion asset (queues model_promotion); None for a delivery seen before."""
+    """Record one event of the champion asset (queues model_promotion); None for a delivery seen before.
+
+    The check for an earlier delivery and the insert happen under one lock: MLflow redelivers after its read
+    timeout, possibly while the first delivery is still being recorded. In this process a lock serializes
+    them; across API server processes (PostgreSQL) the asset's row is locked (SELECT ... FOR UPDATE).
+    """
     from airflow.assets.manager import asset_manager
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    with create_session() as session:
-        asset = session.scalar(select(AssetModel).where(AssetModel.name == ASSET_NAME, AssetModel.uri == ASSET_URI))
+    with _EMIT_LOCK, create_session() as session:
+        asset = session.scalar(select(AssetModel).where(AssetModel.name == ASSET_NAME, AssetModel.uri == ASSET_URI)
+                               .with_for_update())
         if asset is None:
             raise LookupError(f"asset {ASSET_NAME} is unknown to Airflow: is the model_promotion DAG deployed?")
         recent = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset.id)

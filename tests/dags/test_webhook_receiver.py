@@ -90,6 +90,43 @@ def test_a_redelivery_adds_no_second_event_to_the_airflow_database(dags_in_db):
     assert deliveries == ["d-next", "d-redelivered"]
 
 
+def test_a_redelivery_arriving_while_the_first_is_being_recorded_adds_no_second_event(dags_in_db, monkeypatch):
+    """MLflow redelivers after its read timeout: the first delivery may still be in the database."""
+    import threading
+    import time
+
+    from airflow.assets.manager import asset_manager
+    from mlops_airflow import webhooks
+
+    real = asset_manager.register_asset_change
+    recording = threading.Event()
+
+    def slow_register(*args, **kwargs):  # the first delivery is still being recorded when the second comes
+        recording.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(asset_manager, "register_asset_change", slow_register)
+    extra = {"kind": "model_version_alias.created", "model_name": "mnist_classifier", "version": "7",
+             "delivery_id": "d-concurrent"}
+    results = []
+    first = threading.Thread(target=lambda: results.append(webhooks.emit_asset_event(extra)))
+    first.start()
+    assert recording.wait(timeout=30)
+    results.append(webhooks.emit_asset_event(extra))  # the redelivery, meanwhile
+    first.join(timeout=60)
+    assert results.count(None) == 1 and len(results) == 2, results
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        stored = [e for e in session.scalars(select(AssetEvent)).all()
+                  if (e.extra or {}).get("delivery_id") == "d-concurrent"]
+    assert len(stored) == 1
+
+
 @pytest.mark.parametrize(("change", "words"), [
     ({"secret": "another-secret-entirely"}, "signature does not match"),
     ({"signature": "v1,AAAA"}, "signature does not match"),
