@@ -42,13 +42,15 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
 }
 INTEGER_PARAMETERS = ("batch_size", "width")
 # What each parameter can be at all: (lowest, highest, whether each of those is allowed itself, whole number).
-# The upper ends are the trigger form's (dags/mnist_training.py): a search may not train what train refuses.
+# The trigger form's limits (dags/mnist_training.py; a test holds them equal): a search trains nothing the form
+# would refuse with the search off, and train refuses what lies outside.
 DOMAINS: dict[str, tuple[float, float, bool, bool, bool]] = {
     "learning_rate": (0.0, 1.0, False, True, False),  # 0 < learning rate <= 1
-    "batch_size": (1, 8192, True, True, True),  # 1 <= batch <= 8192
-    "width": (1, 512, True, True, True),  # 1 <= filters in the first convolution <= 512
-    "dropout": (0.0, 1.0, True, False, False),  # 0 <= dropout < 1
+    "batch_size": (8, 8192, True, True, True),  # 8 <= batch <= 8192
+    "width": (4, 512, True, True, True),  # 4 <= filters in the first convolution <= 512
+    "dropout": (0.0, 0.9, True, True, False),  # 0 <= dropout <= 0.9
 }
+MAX_STEPS = 10**6  # values a stepped range may hold
 PRUNERS = ("successive_halving", "hyperband", "median", "none")
 # Successive halving and Hyperband: a trial trains on past a rung (epochs 1, N, N^2, ...) only if it is in the
 # best 1/N of the trials that reached that rung. 2 (more rungs, each keeping half) was measured against 3 and
@@ -166,7 +168,10 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
                       for v in (low, high, step or 1))
         if step is not None and numbers and high > low and (expected == "float" or all(
                 float(v).is_integer() for v in (low, high, step))):  # else _distribution names the fraction
-            steps = (high - low) / step
+            steps = (high - low) / step if step > 0 else 0.0
+            if steps > MAX_STEPS:  # Optuna's decimal arithmetic fails on such a step (DivisionImpossible)
+                raise StepError(f"{where}: a step of {step:g} makes {steps:.3g} values between {low:g} and "
+                                f"{high:g}; give a step of at least {(high - low) / MAX_STEPS:.3g}, or none")
             if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
                 # Optuna would quietly lower high to the last whole step ({"low": 8, "high": 12} -> only 8)
                 source = f"the default step {step:g} of {name}" if "step" in inherited else f"step {step:g}"
@@ -197,7 +202,7 @@ def _distribution(name: str, spec: dict[str, Any]) -> Any:
             return d.CategoricalDistribution(spec["choices"])
         if kind == "fixed":
             return None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:
         raise StepError(f"{where}: {exc}") from exc
     raise StepError(f"{where}: unknown type {kind!r}; use float, int, a list of choices or a fixed value")
 

@@ -55,13 +55,15 @@ def _settle(study: Any, heartbeat_seconds: int) -> None:
 
 
 def _close_abandoned_runs(client: Any, study: Any) -> None:
-    """MLflow runs of failed trials that do not say so, marked failed with the cause: still 'running' (the
-    worker died mid-trial), or closed as COMPLETE/PRUNED by a worker killed before the study saved the result
-    (the trial went stale, failed and was retried)."""
+    """MLflow runs whose state is not their trial's: a failed trial's run still 'running' (the worker died
+    mid-trial), or closed as COMPLETE/PRUNED by a worker killed before the study saved the result (the trial
+    went stale, failed and was retried), is marked failed with the cause; a complete or pruned trial's run
+    still 'running' (MLflow did not answer when its worker closed it) is closed as the study has it."""
     from mlflow.exceptions import MlflowException
     from optuna.trial import TrialState
 
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+    finished = (TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED)
+    for trial in study.get_trials(deepcopy=False, states=finished):
         run_id = trial.user_attrs.get("mlflow_run_id")
         if not run_id:
             continue
@@ -69,6 +71,11 @@ def _close_abandoned_runs(client: Any, study: Any) -> None:
             run = client.get_run(run_id)
         except MlflowException as exc:  # deleted by hand: nothing to close
             log.info("trial %d: MLflow run %s not found (%s)", trial.number, run_id, exc.error_code)
+            continue
+        if trial.state != TrialState.FAIL:
+            if run.info.status == "RUNNING":
+                client.set_tag(run_id, "optuna.state", trial.state.name)
+                client.set_terminated(run_id, "FINISHED")
             continue
         if run.info.status == "RUNNING" or run.data.tags.get("optuna.state", "FAIL") != "FAIL":
             cause = ("worker stopped mid-trial" if run.info.status == "RUNNING" else

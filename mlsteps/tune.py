@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -143,6 +144,18 @@ def parent_run(mlflow: Any, config: TuneConfig, study: Any) -> str:
     return run_id
 
 
+_TF_NOISE = re.compile(r"^(Graph execution error:|Detected at node|File \"|\[\[\{\{node)")
+
+
+def error_summary(exc: BaseException) -> str:
+    """``Type: message`` in one line: the message's first line, but for a TensorFlow op error the op's own
+    message (its first line is always "Graph execution error:", then where the op was defined)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    meaningful = [re.sub(r"\s*\[\[\{\{node .*$", "", line) for line in lines if not _TF_NOISE.match(line)]
+    message = next((line for line in meaningful if line), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {message}"
+
+
 def taken_over(config: TuneConfig) -> str:
     """Why a live worker's trial ended: another worker failed it as stale and queued its retry."""
     return (f"failed by another worker: no heartbeat from this one for {3 * config.heartbeat_seconds} s "
@@ -194,7 +207,7 @@ class _Trainer:
             if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
                 cause = taken_over(self.config)
             else:
-                cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                cause = error_summary(exc)
                 try:  # before any MLflow call: it may be what failed
                     trial.set_user_attr("error", cause[:500])
                 except optuna.exceptions.UpdateFinishedTrialError:  # failed meanwhile by another worker

@@ -232,3 +232,17 @@ def test_rejection_skips_promotion_only_and_is_recorded_whatever_happened(dagbag
     # after any review outcome, never after a failure upstream (a failed run must not record a rejection)
     assert record.trigger_rule == "none_failed" and "promote" in record.upstream_task_ids
     assert approve.defaults == ["Reject"] and approve.response_timeout.total_seconds() > 0
+
+
+def test_the_forms_hyperparameter_limits_are_the_searchs_domains(dagbag):
+    """One set of limits: with the search off the form refuses what a search space may not hold either."""
+    sys.path.insert(0, str(DAGS.parent))
+    try:
+        from mlsteps.search import DOMAINS
+    finally:
+        sys.path.remove(str(DAGS.parent))
+    params = dagbag.dags["mnist_training"].params
+    for name, (lowest, highest, low_ok, high_ok, _) in DOMAINS.items():
+        schema = params.get_param(name).schema
+        assert schema.get("minimum" if low_ok else "exclusiveMinimum") == lowest, (name, schema)
+        assert schema.get("maximum" if high_ok else "exclusiveMaximum") == highest, (name, schema)

@@ -304,6 +304,28 @@ def test_a_trained_trial_is_kept_when_mlflow_fails_to_close_its_run(tmp_path) ->
     assert (trial.state.name, trial.value) == ("COMPLETE", 0.8)
 
 
+def test_a_trial_failing_inside_tensorflow_records_the_ops_message_not_graph_execution_error(tmp_path) -> None:
+    """TensorFlow's op errors start "Graph execution error:" and where the op was defined: the cause that
+    select names (and the trial's MLflow run shows) is the op's own message."""
+    import tensorflow as tf
+
+    study = _study(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    @tf.function
+    def gather(indices):
+        return tf.gather(tf.constant([1.0, 2.0]), indices)
+
+    def fit(trial: Any, hp: dict[str, Any], run_id: str) -> tuple[float, int | None, int]:
+        gather(tf.constant([5]))  # as a label beyond the classifier's outputs fails inside fit
+        raise AssertionError("not reached")
+
+    runs = _Runs()
+    tune.optimize_one(study, _trainer(fit, runs), types.SimpleNamespace(worker=0))  # the trial fails, not the worker
+    [trial] = study.get_trials(deepcopy=False)
+    assert trial.user_attrs["error"] == "InvalidArgumentError: indices[0] = 5 is not in [0, 2)"
+    assert ("set_tag", "error", "InvalidArgumentError: indices[0] = 5 is not in [0, 2)") in runs.calls
+
+
 # --- a worker's retry -------------------------------------------------------------------------------------------
 
 

@@ -113,12 +113,13 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"width": {"type": "categorical", "low": 8, "high": 16}}', ["width", "list of choices"]),
         ('{"learning_rate": {"type": "fixed", "low": 1, "high": 2}}', ["learning_rate", "fixed value"]),
         ('{"batch_size": {"value": 64}}', ["batch_size", 'written as the value itself, e.g. "batch_size": 32']),
-        ('{"batch_size": 0}', ["batch_size", "must be >= 1"]),
+        ('{"batch_size": 0}', ["batch_size", "must be >= 8"]),
+        ('{"batch_size": [4, 32]}', ["batch_size", "4 is not a possible value", ">= 8"]),
         ('{"batch_size": [0, 32]}', ["batch_size", "0 is not a possible value"]),
-        ('{"width": {"low": 0, "high": 16}}', ["width", "must be >= 1"]),
+        ('{"width": {"low": 0, "high": 16}}', ["width", "must be >= 4"]),
         ('{"width": 8.5}', ["width", "whole number"]),
-        ('{"dropout": 1.5}', ["dropout", "< 1"]),
-        ('{"dropout": {"low": 0.2, "high": 1.0}}', ["dropout", "< 1"]),
+        ('{"dropout": 1.5}', ["dropout", "<= 0.9"]),
+        ('{"dropout": {"low": 0.2, "high": 0.95}}', ["dropout", "<= 0.9"]),
         ('{"learning_rate": -0.1}', ["learning_rate", "must be > 0"]),
         ('{"learning_rate": NaN}', ["learning_rate", "must be > 0"]),
         ('{"width": "wide"}', ["width", "'wide' is not a possible value"]),
@@ -131,6 +132,7 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"dropout": {"low": 0.0, "high": 0.5, "step": "0.1"}}', ["dropout", "step is a number > 0"]),
         ('{"width": {"low": 8, "high": 12}}', ["width", "not a whole number of steps of the default step 8"]),
         ('{"dropout": {"low": 0.0, "high": 0.5, "step": 0.2}}', ["dropout", "not a whole number of steps"]),
+        ('{"dropout": {"low": 0, "high": 0.5, "step": 1e-30}}', ["dropout", "step of 1e-30 makes", "at least 5e-07"]),
         ('{"learning_rate": {"low": 0.001, "high": 0.01, "step": 0.001}}', ["learning_rate", '"log": false']),
         ('{"width": {"low": 8, "high": 64, "log": true}}', ["width", "default step 8", '"step": 1']),
         ('{"width": {"low": 64, "high": 1024}}', ["width", "1024 is not a possible value", "<= 512"]),
@@ -139,12 +141,13 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
          "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
-         "categorical-without-choices", "fixed-as-range", "fixed-as-object", "batch-of-zero", "a-choice-of-zero",
-         "width-from-zero",
-         "fractional-fixed-width", "dropout-above-one", "dropout-range-up-to-one", "negative-learning-rate",
+         "categorical-without-choices", "fixed-as-range", "fixed-as-object", "batch-of-zero", "a-choice-below-the-forms",
+         "a-choice-of-zero", "width-from-zero",
+         "fractional-fixed-width", "dropout-above-one", "dropout-range-beyond-the-forms", "negative-learning-rate",
          "nan-learning-rate", "text-width", "numeric-text-batch", "infinite-width", "huge-integer-width",
          "float-range-of-an-integer", "int-range-of-a-float", "log-as-text", "step-as-text",
-         "range-not-a-multiple-of-the-default-step", "range-not-a-multiple-of-its-step", "step-on-a-log-scale",
+         "range-not-a-multiple-of-the-default-step", "range-not-a-multiple-of-its-step", "a-step-of-a-billionth-of-a-billionth",
+         "step-on-a-log-scale",
          "log-scale-on-the-default-step", "width-beyond-the-forms", "batch-beyond-the-forms",
          "learning-rate-beyond-the-forms"],
 )
@@ -236,6 +239,32 @@ def test_select_marks_failed_a_trial_run_closed_as_complete_whose_result_never_r
     closed = client.get_run(run.info.run_id)
     assert (closed.info.status, closed.data.tags["optuna.state"]) == ("FAILED", "FAIL")
     assert "before the study saved this result" in closed.data.tags["error"]
+
+
+@pytest.mark.parametrize("state", ["COMPLETE", "PRUNED"])
+def test_select_closes_the_run_of_a_finished_trial_that_mlflow_left_running(state, tmp_path, mlflow_server) -> None:
+    """MLflow did not answer when the worker closed the trial's run (the trial was saved anyway): after
+    select, no trial run of the search is left RUNNING."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from mlsteps import select
+
+    client = MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment(f"select_left_running_{state.lower()}"))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    trial = study.ask()
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    if state == "COMPLETE":
+        study.tell(trial, 0.8)
+    else:
+        trial.report(0.5, 1)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+    select._close_abandoned_runs(client, study)
+
+    closed = client.get_run(run.info.run_id)
+    assert (closed.info.status, closed.data.tags["optuna.state"]) == ("FINISHED", state)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
