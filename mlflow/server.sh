@@ -28,7 +28,7 @@ case "${1:-}" in
   start)
     daemon_require_curl
     if running; then
-      daemon_other_url "$state" "$requested" || exit 1
+      daemon_other_url "$state" "$requested" healthy || exit 1
       # Ours, alive: still starting (or hung). Wait for it rather than start a second one over its pid file.
       daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
         || { daemon_stop "$pidfile"; exit 1; }
@@ -51,6 +51,7 @@ case "${1:-}" in
     # saves seven idle worker processes (~25 CPU-seconds at every start, then ~10 % of a core). Webhooks
     # do not use it.
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+    echo "$url" >"$state/url"  # before the pid file: a concurrent start that finds the server finds its URL
     # setsid: the server and its workers form one process group that 'stop' can end together.
     setsid "$mlflow_bin" server \
         --backend-store-uri "sqlite:///$state/mlflow.db" \
@@ -58,7 +59,6 @@ case "${1:-}" in
         --host "$host" --port "$port" --workers 1 \
         >"$state/server.log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
-    echo "$url" >"$state/url"
     daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
       || { daemon_stop "$pidfile"; exit 1; }
     echo "$url"

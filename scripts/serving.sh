@@ -29,7 +29,7 @@ case "${1:-}" in
   start)
     daemon_require_curl
     if running; then
-      daemon_other_url "$state" "$requested" || exit 1
+      daemon_other_url "$state" "$requested" live || exit 1
       # Ours, alive: still starting (or failing). Wait for it rather than start a second supervisor.
       daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \
         || { daemon_stop "$pidfile"; exit 1; }
@@ -42,6 +42,7 @@ case "${1:-}" in
     if [[ ! -s $state/admin-token ]]; then
       (umask 077; "$python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$state/admin-token")
     fi
+    echo "$url" >"$state/url"  # before the pid file: a concurrent start that finds the server finds its URL
     # setsid: supervisor and server form one process group that 'stop' ends together.
     MLFLOW_TRACKING_URI=$tracking setsid bash -c '
       while true; do
@@ -52,7 +53,6 @@ case "${1:-}" in
         sleep 2
       done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
-    echo "$url" >"$state/url"
     # A server that never comes up is not left restarting in the background.
     daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \
       || { daemon_stop "$pidfile"; exit 1; }

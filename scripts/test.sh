@@ -26,10 +26,12 @@ mkdir -p "$logs"
 # ignored: give it back, so that Ctrl-C reaches it.
 ( trap - INT; exec "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
 airflow_pid=$!
-# Ctrl-C or a TERM (a CI timeout) must not leave either suite running.
+# Ctrl-C or a TERM (a CI timeout) must not leave either suite running. Ctrl-C reaches both suites from the
+# terminal already (a second SIGINT would cut short their fixtures' cleanup): wait for them. A TERM reaches
+# only this script: pass it on as the Ctrl-C pytest understands.
 steps_pid=""
 stop_suites() {
-  kill -INT $airflow_pid $steps_pid 2>/dev/null
+  [[ $1 == 130 ]] || kill -INT $airflow_pid $steps_pid 2>/dev/null
   wait $airflow_pid $steps_pid 2>/dev/null
   exit "$1"
 }
@@ -37,8 +39,11 @@ trap 'stop_suites 130' INT
 trap 'stop_suites 143' TERM
 echo "$airflow_title: running alongside, output in $logs/airflow.log (printed when it ends)"
 echo "$steps_title"
-( trap - INT; exec "${steps[@]}" ) &
+# The terminal as its stdin (a background job's would be /dev/null): PYTEST_ARGS=--pdb still works.
+exec 3<&0
+( trap - INT; exec "${steps[@]}" <&3 3<&- ) &
 steps_pid=$!
+exec 3<&-
 wait $steps_pid
 steps_status=$?
 wait $airflow_pid

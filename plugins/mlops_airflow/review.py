@@ -69,15 +69,19 @@ class ReviewApproval(ApprovalOperator):
         super().__init__(**kwargs)
         self.schedule = schedule  # the DAG's cron: a card still open when the next run is due times out first
 
-    def timeout_for(self, now: datetime) -> timedelta:
+    def timeout_for(self, now: datetime, timezone: Any = None) -> timedelta:
         """How long a card shown at ``now`` waits: 18 h, ending ``NIGHTLY_MARGIN`` before the next scheduled
-        run (one run at a time: an open card would hold it back), but never under ``MIN_RESPONSE_TIME``."""
+        run (one run at a time: an open card would hold it back), but never under ``MIN_RESPONSE_TIME``.
+        The schedule's cron is read in ``timezone``, by default the DAG's (Airflow's default_timezone)."""
         if not self.schedule:
             return MAX_RESPONSE_TIME
         from croniter import croniter
 
-        next_run = croniter(self.schedule, now).get_next(datetime)
-        return max(MIN_RESPONSE_TIME, min(MAX_RESPONSE_TIME, next_run - now - NIGHTLY_MARGIN))
+        if timezone is None:
+            timezone = getattr(self.dag, "timezone", None) if self.has_dag() else None
+        local = now.astimezone(timezone) if timezone is not None else now
+        next_run = croniter(self.schedule, local).get_next(datetime)
+        return max(MIN_RESPONSE_TIME, min(MAX_RESPONSE_TIME, next_run - local - NIGHTLY_MARGIN))
 
     def execute(self, context: Any) -> Any:
         # From when the card is shown (a retry shows it again: the clock restarts, still before the next run).

@@ -5,9 +5,11 @@
 # $daemon_marker (set by the sourcing script), so a pid file left by a reboot never names someone else's
 # process. The whole group counts: a server whose supervisor (the group's leader) was killed is still ours.
 daemon_running() {
-  local pid
-  [[ -f $1 ]] && pid=$(cat "$1") && [[ $pid =~ ^[0-9]+$ ]] \
-    && pgrep -a -g "$pid" 2>/dev/null | grep -qF -- "${daemon_marker:?daemon_marker not set}"
+  local pid group
+  [[ -f $1 ]] && pid=$(cat "$1") && [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
+  # Never this script's own group (a pid reused after a reboot): stopping it would signal the caller.
+  [[ $pid -ne $(ps -o pgid= -p $$ | tr -d ' ') ]] || return 1
+  group=$(pgrep -a -g "$pid" 2>/dev/null) && [[ $group == *"${daemon_marker:?daemon_marker not set}"* ]]
 }
 
 # daemon_require_curl: the health checks use curl; without it a start would wait its whole timeout.
@@ -15,13 +17,17 @@ daemon_require_curl() {
   command -v curl >/dev/null || { echo "error: curl not found (the health checks use it): apt-get install curl" >&2; exit 1; }
 }
 
-# daemon_other_url <state> <url>: fails (1) when the running server was started on another URL than <url>,
-# saying so; a start must neither wait for nor stop it.
+# daemon_other_url <state> <url> <check command...>: fails (1) when the running server was started on another
+# URL than <url>, saying so; a start must neither wait for nor stop it. A server started before URLs were
+# recorded (no <state>/url) counts as on <url> only if the check passes there.
 daemon_other_url() {
-  local recorded
-  recorded=$(cat "$1/url" 2>/dev/null || true)
-  [[ -z $recorded || $recorded == "$2" ]] && return 0
-  echo "error: already running on $recorded (this state folder: $1); stop it first, or give another MLOPS_VAR" >&2
+  local state=$1 url=$2 recorded
+  shift 2
+  recorded=$(cat "$state/url" 2>/dev/null || true)
+  [[ $recorded == "$url" ]] && return 0
+  [[ -z $recorded ]] && "$@" && return 0
+  echo "error: already running on ${recorded:-another address (started before this script recorded it)}" \
+    "(state folder $state); stop it first, or give another MLOPS_VAR" >&2
   return 1
 }
 

@@ -210,6 +210,17 @@ def test_an_unanswered_card_never_holds_back_the_next_nightly_run_for_long(dagba
     assert approve.timeout_for(datetime(2026, 12, 7, hour, minute, tzinfo=UTC)) == waits
 
 
+def test_the_cards_deadline_follows_the_schedules_time_zone(dagbag):
+    """With Airflow's default_timezone Europe/Berlin the nightly run is due at 01:00 UTC in winter."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    approve = dagbag.dags["mnist_training"].get_task("approve")
+    assert str(approve.dag.timezone) in ("UTC", "Timezone('UTC')")  # this project's default
+    shown = datetime(2026, 12, 7, 14, 0, tzinfo=UTC)
+    assert approve.timeout_for(shown, ZoneInfo("Europe/Berlin")) == timedelta(hours=10, minutes=45)
+
+
 def test_the_card_is_given_its_timeout_when_it_is_shown(dagbag, monkeypatch):
     import copy
 

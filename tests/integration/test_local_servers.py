@@ -208,3 +208,29 @@ def test_without_curl_a_start_fails_at_once_saying_so(tmp_path):
     # Refused before starting anything (not after waiting for health checks that could never pass).
     assert _processes(str(tmp_path / "bin" / "mlflow")) == []
     assert not (tmp_path / "var" / "mlflow" / "server.pid").exists()
+
+
+@pytest.mark.parametrize("recorded", ["0", "garbage", ""])
+def test_a_pid_file_that_names_no_process_of_ours_stops_nothing(tmp_path, recorded):
+    """pgrep -g 0 means the caller's own group: taken for the server, stop would signal its caller."""
+    state = tmp_path / "var" / "serving"
+    state.mkdir(parents=True)
+    (state / "supervisor.pid").write_text(recorded + "\n")
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "SERVING_PORT": str(free_port())}
+    stopped = subprocess.run([str(ROOT / "scripts/serving.sh"), "stop"], env=env, capture_output=True, text=True,
+                             timeout=60, start_new_session=True)  # a regression kills this session, not pytest
+    assert stopped.returncode == 0 and "was not running" in stopped.stdout, (stopped.returncode, stopped.stderr)
+
+
+def test_a_server_started_before_urls_were_recorded_is_not_stopped_by_a_start_elsewhere(tmp_path):
+    first_port = free_port()
+    env = _slow_mlflow_env(tmp_path, first_port)
+    assert _script("mlflow/server.sh", "start", env).returncode == 0
+    (tmp_path / "var" / "mlflow" / "url").unlink()  # as a server started by the previous version of the script
+    elsewhere = {**env, "MLFLOW_PORT": str(free_port())}
+    refused = _script("mlflow/server.sh", "start", elsewhere)
+    assert refused.returncode == 1 and "started before this script recorded it" in refused.stderr
+    assert len(_processes(str(tmp_path / "bin" / "mlflow"))) == 1
+    again = _script("mlflow/server.sh", "start", env)  # the same port: that server, found answering
+    assert again.returncode == 0 and again.stdout.strip() == f"http://127.0.0.1:{first_port}"
+    assert "stopped" in _script("mlflow/server.sh", "stop", env).stdout
