@@ -45,7 +45,7 @@ from airflow.sdk import DAG, Param
 from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_AT, REJECTED_BY,
                                   REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_review)
 from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
-from mlops_airflow.settings import MODEL_NAME_PATTERN, load
+from mlops_airflow.settings import DATASETS, MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
 
@@ -70,9 +70,10 @@ with DAG(
         "max_retry_delay": timedelta(minutes=15),
     },
     params={
-        "dataset": Param("mnist", enum=["mnist", "fashion_mnist", "custom"],
-                         description="Dataset to train on; 'custom' reads the IDX files in source_dir."),
-        "source_dir": Param("", type="string",
+        "dataset": Param(settings.default_dataset, enum=list(DATASETS),
+                         description="Dataset to train on; 'custom' reads the IDX files in source_dir. Scheduled "
+                                     "runs take the default (MLOPS_DEFAULT_DATASET)."),
+        "source_dir": Param(settings.default_source_dir, type="string",
                             description="Folder with the four IDX files (.gz or raw). Empty: search the cache, "
                                         "/usr/share/datasets/, then download from the mirrors."),
         "epochs": Param(5, type="integer", minimum=1, maximum=500, description="Training epochs."),

@@ -15,6 +15,7 @@ from pathlib import Path
 # jsonschema uses, lets $ match before a final newline ("name\n"); the form's JavaScript does not.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(?!\n)$"
 RUNTIMES = ("kubernetes", "local")
+DATASETS = ("mnist", "fashion_mnist", "custom")  # mlsteps.datasets.DATASET_NAMES (a test holds them equal)
 DEPLOY_TARGETS = ("kubernetes", "local")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,8 @@ class Settings:
     serving_admin_token_file: str  # bearer token of the local server's /admin/deploy (local target)
     kubernetes_conn_id: str  # Airflow connection the kubernetes target patches the Deployment through
     pod_start_timeout: int  # seconds a step pod may wait to be scheduled, then as long again to start
+    default_dataset: str  # the trigger form's default dataset: what scheduled (nightly) runs train on
+    default_source_dir: str  # the form's default source_dir (a custom dataset's IDX folder) for those runs
 
 
 def load() -> Settings:
@@ -57,7 +60,16 @@ def load() -> Settings:
     start_timeout = os.environ.get("MLOPS_POD_START_TIMEOUT", "1800")
     if not start_timeout.strip().isdigit() or int(start_timeout) < 1:
         raise ValueError(f"MLOPS_POD_START_TIMEOUT={start_timeout!r}: give a whole number of seconds (at least 1)")
+    dataset = os.environ.get("MLOPS_DEFAULT_DATASET", "mnist").strip()
+    if dataset not in DATASETS:
+        raise ValueError(f"MLOPS_DEFAULT_DATASET={dataset!r} is not one of {', '.join(DATASETS)}")
+    source_dir = os.environ.get("MLOPS_DEFAULT_SOURCE_DIR", "").strip()
+    if dataset == "custom" and not source_dir:
+        raise ValueError("MLOPS_DEFAULT_DATASET=custom needs MLOPS_DEFAULT_SOURCE_DIR, the folder of its four IDX "
+                         "files (as the step pods or local steps see it)")
     return Settings(
+        default_dataset=dataset,
+        default_source_dir=source_dir,
         runtime=runtime,
         namespace=namespace,
         steps_image=os.environ.get("MLOPS_STEPS_IMAGE", "ghcr.io/mlops-mnist/steps:0.1.0"),

@@ -257,3 +257,42 @@ def test_the_forms_hyperparameter_limits_are_the_searchs_domains(dagbag):
         schema = params.get_param(name).schema
         assert schema.get("minimum" if low_ok else "exclusiveMinimum") == lowest, (name, schema)
         assert schema.get("maximum" if high_ok else "exclusiveMaximum") == highest, (name, schema)
+
+
+def test_scheduled_runs_train_on_the_dataset_the_deployment_names(monkeypatch):
+    """Nightly runs take the form's defaults: MLOPS_DEFAULT_DATASET (and _SOURCE_DIR) set them."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("MLOPS_DEFAULT_DATASET", "fashion_mnist")
+    monkeypatch.setenv("MLOPS_DEFAULT_SOURCE_DIR", "/data/incoming/fashion")
+    bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {}
+    defaults = bag.dags["mnist_training"].params.validate()
+    assert (defaults["dataset"], defaults["source_dir"]) == ("fashion_mnist", "/data/incoming/fashion")
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"MLOPS_DEFAULT_DATASET": "fashion-mnist"}, "MLOPS_DEFAULT_DATASET='fashion-mnist' is not one of mnist, "
+                                                 "fashion_mnist, custom"),
+    ({"MLOPS_DEFAULT_DATASET": "custom"}, "MLOPS_DEFAULT_DATASET=custom needs MLOPS_DEFAULT_SOURCE_DIR"),
+], ids=["unknown-dataset", "custom-without-its-folder"])
+def test_a_default_dataset_scheduled_runs_could_not_train_is_an_import_error_naming_the_variable(
+        monkeypatch, env, words):
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bag = DagBag(dag_folder=str(DAGS))
+    errors = "\n".join(bag.import_errors.values())
+    assert words in errors
+
+
+def test_the_settings_know_the_datasets_prep_knows():
+    from mlops_airflow.settings import DATASETS
+
+    sys.path.insert(0, str(DAGS.parent))
+    try:
+        from mlsteps.datasets import DATASET_NAMES
+    finally:
+        sys.path.remove(str(DAGS.parent))
+    assert tuple(DATASETS) == tuple(DATASET_NAMES)
