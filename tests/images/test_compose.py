@@ -139,9 +139,10 @@ def test_init_creates_the_pool_the_search_workers_run_in(services, monkeypatch):
     env = services["airflow-init"]["environment"]
     for key in [k for k in os.environ if k.startswith("MLOPS_")]:
         monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, str(value))
+    for key, value in env.items():  # as compose interpolates them with nothing set on the host: the defaults
+        monkeypatch.setenv(key, re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)))
     configured = settings.load()
+    assert configured.default_dataset == "mnist" and configured.default_source_dir == ""
     command = " ".join(services["airflow-init"]["command"])
     assert f"airflow pools set {configured.search_pool} " in command
     assert configured.runtime == "kubernetes"
