@@ -212,7 +212,7 @@ with DAG(
     review = {"model_name": "{{ params.model_name }}", "version": xcom("register", "version"),
               "reviewer": REVIEWER, "comment": COMMENT, "decided_at": DECIDED_AT}
     plan = plan_review()
-    approve = approval(mlflow_ui=settings.mlflow_ui_url, schedule=dag.schedule)
+    approve = approval(mlflow_ui=settings.mlflow_ui_url)
     promote = step("review", task_id="promote", timeout=timedelta(minutes=10),
                    resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed_min_one_success",
                    args={**review, "decision": DECISION})

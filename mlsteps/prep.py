@@ -244,9 +244,10 @@ def _write_split(tf: Any, folder: Path, split: str, images: np.ndarray, labels: 
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int,
-                      class_names: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+                      class_names: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, np.ndarray, bool]:
     """Hold out ``fraction`` of every class (at least one example each, and at least one left to train on),
-    shuffled reproducibly. A class with a single training example cannot be in both splits: refused."""
+    shuffled reproducibly; return (val, train, whether a class kept a training example only by that rule).
+    A class with a single training example cannot be in both splits: refused."""
     if not len(labels):
         raise StepError("the training set has no examples: nothing to train or validate on")
     classes, counts = np.unique(labels, return_counts=True)
@@ -257,12 +258,15 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int,
                         "train on, one to validate on); add examples of it, or leave it out of the labels")
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
+    capped = False
     for label in classes:
         members = rng.permutation(np.flatnonzero(labels == label))
-        held.append(members[:min(len(members) - 1, max(1, round(len(members) * fraction)))])
+        wanted = max(1, round(len(members) * fraction))
+        capped |= wanted >= len(members)
+        held.append(members[:min(len(members) - 1, wanted)])
     val = rng.permutation(np.concatenate(held))
     train = rng.permutation(np.setdiff1d(np.arange(len(labels)), val))
-    return val, train
+    return val, train, capped
 
 
 def run(config: PrepConfig) -> dict[str, Any]:
@@ -283,10 +287,9 @@ def run(config: PrepConfig) -> dict[str, Any]:
                 "val_fraction": config.val_fraction,
                 "records_per_shard": config.records_per_shard, "seed": config.seed}
     # Before the cache: a class of one example is refused however it was prepared before.
-    val_index, train_index = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed,
-                                              spec.class_names)
-    counts = np.unique(arrays["train_labels"], return_counts=True)[1]
-    if any(max(1, round(n * config.val_fraction)) >= n for n in counts):
+    val_index, train_index, capped = _stratified_split(arrays["train_labels"], config.val_fraction, config.seed,
+                                                      spec.class_names)
+    if capped:
         # Split rule 2 keeps a training example of every class where rule 1 held them all out: another split,
         # so another digest (datasets where both rules agree, MNIST's and Fashion-MNIST's, keep theirs).
         settings["split_rule"] = 2

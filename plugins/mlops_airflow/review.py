@@ -65,22 +65,20 @@ class ReviewApproval(ApprovalOperator):
     be lost to ``record_rejection``.
     """
 
-    def __init__(self, *, schedule: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.schedule = schedule  # the DAG's cron: a card still open when the next run is due times out first
-
     def timeout_for(self, now: datetime, timezone: Any = None) -> timedelta:
-        """How long a card shown at ``now`` waits: 18 h, ending ``NIGHTLY_MARGIN`` before the next scheduled
-        run (one run at a time: an open card would hold it back), but never under ``MIN_RESPONSE_TIME``.
-        The schedule's cron is read in ``timezone``, by default the DAG's (Airflow's default_timezone)."""
-        if not self.schedule:
+        """How long a card shown at ``now`` waits: 18 h, ending ``NIGHTLY_MARGIN`` before the DAG's next
+        scheduled run (one run at a time: an open card would hold it back), but never under
+        ``MIN_RESPONSE_TIME``. The DAG's cron is read in ``timezone``, by default the DAG's (Airflow's
+        default_timezone); a DAG without a cron schedule gives 18 h."""
+        schedule = getattr(self.dag, "schedule", None) if self.has_dag() else None
+        if not isinstance(schedule, str):
             return MAX_RESPONSE_TIME
         from croniter import croniter
 
         if timezone is None:
-            timezone = getattr(self.dag, "timezone", None) if self.has_dag() else None
+            timezone = getattr(self.dag, "timezone", None)
         local = now.astimezone(timezone) if timezone is not None else now
-        next_run = croniter(self.schedule, local).get_next(datetime)
+        next_run = croniter(schedule, local).get_next(datetime)
         return max(MIN_RESPONSE_TIME, min(MAX_RESPONSE_TIME, next_run - local - NIGHTLY_MARGIN))
 
     def execute(self, context: Any) -> Any:
@@ -100,12 +98,10 @@ class ReviewApproval(ApprovalOperator):
         return super().execute_complete(context=context, event=event)
 
 
-def approval(*, mlflow_ui: str, schedule: str | None = None) -> ApprovalOperator:
-    """The review card in Required Actions; on timeout the version is rejected. ``schedule``: the DAG's cron,
-    whose next run the card must not hold back."""
+def approval(*, mlflow_ui: str) -> ApprovalOperator:
+    """The review card in Required Actions; on timeout the version is rejected."""
     return ReviewApproval(
         task_id=APPROVE_TASK,
-        schedule=schedule,
         subject="Promote {{ params.model_name }} version {{ ti.xcom_pull(task_ids='register')['version'] }} "
                 "to champion?",
         body=CARD.replace("{{ mlflow_ui }}", mlflow_ui.rstrip("/")),

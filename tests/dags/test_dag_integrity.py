@@ -205,7 +205,7 @@ def test_an_unanswered_card_never_holds_back_the_next_nightly_run_for_long(dagba
     from datetime import UTC, datetime
 
     approve = dagbag.dags["mnist_training"].get_task("approve")
-    assert approve.schedule == "0 2 * * *"  # the DAG's own schedule
+    assert approve.dag.schedule == "0 2 * * *"  # the card reads its DAG's schedule
     hour, minute = map(int, shown.split(":"))
     assert approve.timeout_for(datetime(2026, 12, 7, hour, minute, tzinfo=UTC)) == waits
 
