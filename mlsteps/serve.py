@@ -21,11 +21,13 @@ Endpoints (every response names the model and version, in the body and in ``X-Mo
   GET  /v2/health/live | /v2/health/ready         liveness (always, no MLflow needed) | readiness (model loaded)
   GET  /v2/models/<name>[/ready]                  model metadata | readiness
   POST /v2/models/<name>[/versions/<v>]/infer     {"inputs": [{"name", "shape", "datatype", "data"}]}
-  GET  /metrics                                   Prometheus: requests and latency by protocol and status code
+  GET  /metrics                                   Prometheus: inference requests and latency by protocol and status code
   POST /admin/deploy                              switch to another version, or unload (only with --admin-token-file)
-Bad requests get 400 (not JSON; not numbers: strings, true/false and null are refused), 413 (body or batch
-too large) or 422 (wrong shape, values out of 0..255) with {"error": "<what is wrong and what is expected>"};
-the server stays up.
+Bad requests get 400 (not JSON; not numbers: strings, true/false and null are refused), 404 (no such model,
+version or path), 405 (wrong method), 413 (body or batch too large) or 422 (wrong shape, values out of 0..255)
+with {"error": "<what is wrong and what is expected>"}; the server stays up. Large requests (over 64 KiB of
+JSON: about 16 images of whole-number pixels) are parsed and run on a worker thread, two at a time, so the
+health probes never wait behind a big batch.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
 """
 
@@ -50,6 +52,8 @@ from .core import StepError, field, parse_config, setup_logging
 log = logging.getLogger("mlsteps.serve")
 
 CHAMPION = "champion"
+OUTAGE_PAUSE_MAX_SECONDS = 60  # the longest pause between tries while the registry is down (initial load)
+INLINE_BODY_BYTES = 64 * 1024  # larger request bodies are parsed and run on a worker thread
 V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "INT8", "INT16", "INT32", "INT64"}
 
 
@@ -80,32 +84,49 @@ class RequestError(Exception):
 
 
 class LiteRTRunner:
-    """One interpreter per batch size seen (resizing costs more than a small model's inference)."""
+    """One interpreter per batch size seen (resizing costs more than a small model's inference).
 
-    def __init__(self, path: Path, threads: int) -> None:
+    Bounded, least recently used dropped first: at most 16 interpreters, for at most ``capacity`` images in all.
+    An interpreter's memory grows with its batch (a float model of width 64 needs ~65 MiB at batch 256): a
+    client sweeping batch sizes must not push the server past its memory limit.
+    """
+
+    MAX_INTERPRETERS = 16
+
+    def __init__(self, path: Path, threads: int, capacity: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         self._content = path.read_bytes()
         self._threads = threads
-        self._by_batch: dict[int, tuple[Any, int, int]] = {}
+        self._capacity = capacity
+        self._by_batch: dict[int, tuple[Any, int, int]] = {}  # in order of use, least recent first
         probe = Interpreter(model_content=self._content)
         detail = probe.get_input_details()[0]
         self.image_shape = tuple(int(d) for d in detail["shape"][1:])
         self.classes = int(probe.get_output_details()[0]["shape"][-1])
         self._lock = threading.Lock()
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes that have an interpreter now, least recently used first."""
+        return list(self._by_batch)
+
     def _for(self, batch: int) -> tuple[Any, int, int]:
-        if batch not in self._by_batch:
+        entry = self._by_batch.pop(batch, None)
+        if entry is None:
             from ai_edge_litert.interpreter import Interpreter
 
+            # Make room first: the dropped interpreters' memory is freed before the new one allocates its own.
+            while self._by_batch and (len(self._by_batch) >= self.MAX_INTERPRETERS
+                                      or sum(self._by_batch) + batch > self._capacity):
+                self._by_batch.pop(next(iter(self._by_batch)))
             interpreter = Interpreter(model_content=self._content, num_threads=self._threads)
             index = interpreter.get_input_details()[0]["index"]
             interpreter.resize_tensor_input(index, [batch, *self.image_shape])
             interpreter.allocate_tensors()
-            if len(self._by_batch) >= 16:  # bounded: a client sweeping batch sizes must not grow memory
-                self._by_batch.pop(next(iter(self._by_batch)))
-            self._by_batch[batch] = (interpreter, index, interpreter.get_output_details()[0]["index"])
-        return self._by_batch[batch]
+            entry = (interpreter, index, interpreter.get_output_details()[0]["index"])
+        self._by_batch[batch] = entry  # the most recently used last
+        return entry
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         with self._lock:
@@ -166,43 +187,60 @@ def parse_model_uri(uri: str) -> tuple[str, str, str]:
     return name, version or "", alias or ""
 
 
-def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True) -> Served:
+def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True,
+                 waiting: Any = None) -> Served:
     """Resolve ``uri`` in the registry, download the version, build its runner and warm it up.
 
-    ``retry_outage``: wait out a registry outage (up to 8 tries, each after MLflow's own HTTP retries: half an
-    hour while the server is down). The server's initial load does (nothing else can make it ready); an
-    in-place deployment does not: after MLflow's own retries it answers that the version could not be loaded
-    (the caller, a promotion, rolls back), instead of holding the switch past the caller's timeout.
+    ``retry_outage``: wait out a registry outage, however long (each try after MLflow's own HTTP retries, then
+    a pause growing to a minute; ``waiting(message)`` hears of each): the server's initial load does, since
+    nothing else can make it ready, and a pod rescheduled during an outage must come up once MLflow is back.
+    An in-place deployment does not: after MLflow's own retries it answers that the version could not be
+    loaded (the caller, a promotion, rolls back), instead of holding the switch past the caller's timeout.
+    The download goes to a temporary folder, deleted once the model is in memory: a long-running server
+    deploying version after version keeps no copies on disk.
     """
+    import shutil
+    import tempfile
+
     import mlflow
     import yaml
-    from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+    from tenacity import retry, retry_if_exception, stop_after_attempt, stop_never, wait_exponential
 
     from . import tracking
 
     tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
 
-    @retry(stop=stop_after_attempt(8 if retry_outage else 1), wait=wait_exponential(multiplier=0.5, max=15),
-           reraise=True,
-           retry=retry_if_exception(transient), before_sleep=lambda state: log.warning(
-               "loading %s: the registry did not answer (%s); try %d of 8 in %.0f s", uri,
-               state.outcome.exception(), state.attempt_number + 1, state.next_action.sleep))
-    def resolve() -> tuple[str, Path]:
+    def before_sleep(state: Any) -> None:
+        message = (f"the registry did not answer ({state.outcome.exception()}); try {state.attempt_number + 1} "
+                   f"in {state.next_action.sleep:.0f} s")
+        log.warning("loading %s: %s", uri, message)
+        if waiting:
+            waiting(message)
+
+    @retry(stop=stop_never if retry_outage else stop_after_attempt(1), reraise=True,
+           wait=wait_exponential(multiplier=0.5, max=OUTAGE_PAUSE_MAX_SECONDS),
+           retry=retry_if_exception(transient), before_sleep=before_sleep)
+    def resolve(folder: str) -> tuple[str, Path]:
         name, version, alias = parse_model_uri(uri)
         if alias:
             version = client.get_model_version_by_alias(name, alias).version
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
         return str(version), Path(local)
 
     started = time.monotonic()
-    version, local = resolve()
-    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
-    tflite = flavor.get("artifacts", {}).get("tflite", {}).get("path")
-    runner: Any = LiteRTRunner(local / tflite, config.threads) if tflite else PyfuncRunner(local)
-    sample = np.zeros((1, *runner.image_shape), np.float32)
-    for _ in range(config.warmup_requests):
-        probabilities = runner.predict(sample)
+    folder = tempfile.mkdtemp(prefix="mlsteps-serve-")
+    try:
+        version, local = resolve(folder)
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
+        tflite = flavor.get("artifacts", {}).get("tflite", {}).get("path")
+        runner: Any = (LiteRTRunner(local / tflite, config.threads, capacity=2 * config.max_batch) if tflite
+                       else PyfuncRunner(local))
+        sample = np.zeros((1, *runner.image_shape), np.float32)
+        for _ in range(config.warmup_requests):
+            probabilities = runner.predict(sample)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     if config.warmup_requests and not np.all(np.isfinite(probabilities)):
         raise ValueError(f"version {version} answers non-finite probabilities")
     log.info("loaded %s version %s (%s, input %s) in %.1f s", config.model_name, version,
@@ -263,11 +301,17 @@ class ModelHolder:
         deployed = read_deployment(self.config.deployment_file, self.name)
         return f"models:/{self.name}/{deployed}" if deployed else f"models:/{self.name}@{CHAMPION}"
 
+    def _waiting(self, message: str) -> None:
+        """The initial load waits for the registry: the status says so (state LOADING, with the reason)."""
+        with self._swap:
+            if not self._administered:
+                self.error = f"waiting for the registry: {message}"
+
     def load(self) -> None:
         uri = ""
         try:
             uri = self.initial_uri()
-            served = load_version(self.config, uri)
+            served = load_version(self.config, uri, waiting=self._waiting)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, report it and stay alive (not ready)
             with self._swap:
                 if not self._administered:  # a version deployed (or an unload) meanwhile wins
@@ -280,9 +324,14 @@ class ModelHolder:
             self.served, self.state, self.error = served, "AVAILABLE", ""
             if self.config.deployment_file and not read_deployment(self.config.deployment_file, self.name):
                 write_deployment(self.config.deployment_file, self.name, served, "")  # a restart keeps it
+            self._changed()
+        log.info("serving %s version %s", self.name, served.version)
+
+    def _changed(self) -> None:
+        """Tell the app (its metrics) what is served now; called holding the lock, so that the metrics
+        cannot name a version a concurrent switch has just replaced."""
         if self.on_loaded:
             self.on_loaded()
-        log.info("serving %s version %s", self.name, self.version)
 
     def deploy(self, version: str) -> tuple[Served, str]:
         """Load ``version`` beside the served one, then switch to it; the old one answers until then.
@@ -296,8 +345,7 @@ class ModelHolder:
                 write_deployment(self.config.deployment_file, self.name, served, previous)
             self.served, self.state, self.error = served, "AVAILABLE", ""
             self._administered = True
-        if self.on_loaded:
-            self.on_loaded()
+            self._changed()
         log.info("switched %s from version %s to %s", self.name, previous or "(none)", served.version)
         return served, previous
 
@@ -310,8 +358,7 @@ class ModelHolder:
             self.served, self.state = None, "END"
             self.error = "no model deployed (unloaded through /admin/deploy; deploy a version to serve again)"
             self._administered = True
-        if self.on_loaded:
-            self.on_loaded()
+            self._changed()
         log.info("unloaded %s version %s: serving nothing", self.name, previous or "(none)")
         return previous
 
@@ -371,19 +418,21 @@ def checked(images: np.ndarray, image_shape: tuple[int, ...], max_batch: int, wh
 
 def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     """The ASGI app (Starlette: routing without per-request validation layers; see docs/architecture.md)."""
+    import anyio
     import orjson
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
     holder = holder or ModelHolder(config)
     registry = CollectorRegistry()
-    requests = Counter("model_server_requests", "Inference and status requests", ["protocol", "code"],
-                       registry=registry)
-    latency = Histogram("model_server_request_seconds", "Time to answer an inference request", ["protocol"],
-                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
+    requests = Counter("model_server_requests", "Inference requests, by protocol and HTTP status code",
+                       ["protocol", "code"], registry=registry)
+    latency = Histogram("model_server_request_seconds", "Time to answer an inference request, by protocol and HTTP "
+                        "status code", ["protocol", "code"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
     info = Gauge("model_server_model_info", "1 for the model version being served", ["model", "version"],
                  registry=registry)
     ready_gauge = Gauge("model_server_ready", "1 once the model is loaded and warmed up", registry=registry)
@@ -415,34 +464,51 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                                     f"{': ' + holder.error if holder.error else ''})")
         return served
 
-    async def body(request: Request) -> tuple[Any, bool]:
-        """The parsed JSON body, and whether its text holds a true or false (see ``numbers``)."""
+    async def read(request: Request) -> bytes:
+        """The request body, refused (413) past ``--max-body-bytes`` from its Content-Length or while it streams."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > config.max_body_bytes:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}")
-        raw = b""
+        raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > config.max_body_bytes:
                 raise RequestError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes")
+        return bytes(raw)
+
+    def parse(raw: bytes) -> tuple[Any, bool]:
+        """The parsed JSON body, and whether its text holds a true or false (see ``numbers``)."""
         try:
             return orjson.loads(raw), b"true" in raw or b"false" in raw
         except orjson.JSONDecodeError as exc:
             raise RequestError(400, f"request body is not valid JSON: {exc}") from None
 
+    # Big requests leave the event loop (a float model answers 256 images in ~0.1 s: probes queued behind a few
+    # of those would time out, and Kubernetes would take the pod out of service, then restart it). Two at a
+    # time: parsing holds Python objects for every pixel, and the interpreter runs one call at a time anyway.
+    heavy = anyio.CapacityLimiter(2)
+
     def inference(protocol: str, handler: Any) -> Any:
+        def work(raw: bytes, served: Served) -> dict[str, Any]:
+            return handler(*parse(raw), served)
+
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
                 served = known(request)
-                response = reply(handler(*await body(request), served), version=served.version)
+                raw = await read(request)
+                if len(raw) <= INLINE_BODY_BYTES:  # one image is ~4 KiB: a thread hand-off would cost more
+                    answer = work(raw, served)
+                else:
+                    answer = await anyio.to_thread.run_sync(work, raw, served, limiter=heavy)
+                response = reply(answer, version=served.version)
             except RequestError as exc:
                 response = error(exc.status, str(exc))
             except Exception as exc:  # noqa: BLE001 - never a stack trace to the caller; the log has it
                 log.exception("inference failed")
                 response = error(500, f"inference failed: {type(exc).__name__}")
             requests.labels(protocol, str(response.status_code)).inc()
-            latency.labels(protocol).observe(time.perf_counter() - started)
+            latency.labels(protocol, str(response.status_code)).observe(time.perf_counter() - started)
             return response
 
         return endpoint
@@ -482,6 +548,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         return out
 
     async def v1_status(request: Request) -> Response:
+        if request.path_params["name"].endswith(":predict"):  # the status route matches GET .../<name>:predict
+            return error(405, "use POST for :predict")
         if request.path_params["name"] != holder.name:
             return error(404, f"model {request.path_params['name']!r} not found; this server serves {holder.name!r}")
         return reply({"model_version_status": [{
@@ -528,11 +596,11 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
 
         if not token:
             return error(404, "no admin endpoint: start the server with --admin-token-file")
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             return error(401, "missing or wrong bearer token for /admin/deploy")
         try:
-            payload, _ = await body(request)
+            payload, _ = parse(await read(request))
         except RequestError as exc:
             return error(exc.status, str(exc))
         if isinstance(payload, dict) and "version" in payload and payload["version"] is None:
@@ -584,7 +652,18 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/deploy", admin_deploy, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (no such path, wrong method) in the same JSON as every other error."""
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = (f"use {exc.headers['Allow']} for {request.url.path}" if status == 405 and exc.headers
+                   else f"no endpoint {request.method} {request.url.path}; see GET /v2/models/{holder.name}"
+                   if status == 404 else str(getattr(exc, "detail", exc)))
+        response = error(status, message)
+        if status == 405 and exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: no_route})
     app.state.holder = holder
     return app
 

@@ -1,7 +1,8 @@
 """The few MLflow registry calls promotion makes from Airflow, over MLflow's REST API.
 
-Airflow's environment has no MLflow client (it lives in the steps image); these are four documented
-endpoints (``/api/2.0/mlflow/registered-models/alias``, ``model-versions/set-tag``). Credentials come
+Airflow's environment has no MLflow client (it lives in the steps image); these are five calls to documented
+endpoints (``/api/2.0/mlflow/registered-models/alias``: get, set, delete; ``model-versions/get``,
+``model-versions/set-tag``). Credentials come
 from the same variables MLflow's client reads: ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` or
 ``MLFLOW_TRACKING_TOKEN``. Connection errors and 5xx are retried (tenacity); 4xx are not.
 """

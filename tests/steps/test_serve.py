@@ -264,7 +264,134 @@ def test_metrics_count_requests_by_protocol_and_status_and_name_the_version(serv
     assert lines['model_server_requests_total{code="400",protocol="v2"}'] >= 1
     assert lines[f'model_server_model_info{{model="{MODEL}",version="{versions[-1]}"}}'] == 1
     assert lines["model_server_ready"] == 1
-    assert lines['model_server_request_seconds_count{protocol="v1"}'] >= 1
+    assert lines['model_server_request_seconds_count{code="200",protocol="v1"}'] >= 1
+    assert lines['model_server_request_seconds_count{code="400",protocol="v2"}'] >= 1
+
+
+def test_wrong_methods_and_unknown_paths_get_json_errors_naming_the_fix(server):
+    status, _, body = server.call("GET", f"/v1/models/{MODEL}:predict")  # the status route matches the path
+    assert status == 405 and "use POST" in body["error"], body
+    status, headers, body = server.call("GET", f"/v2/models/{MODEL}/infer")
+    assert (status, headers["allow"]) == (405, "POST") and "use POST" in body["error"], body
+    status, headers, body = server.call("GET", f"/v1/models/{MODEL}/metadata")
+    assert status == 404 and f"no endpoint GET /v1/models/{MODEL}/metadata" in body["error"], body
+    assert headers["x-model-name"] == MODEL
+
+
+def test_interpreters_for_the_batch_sizes_seen_stay_within_their_image_capacity(tflite):
+    """A client sweeping batch sizes must not grow the server's memory (an interpreter's grows with its batch):
+    the least recently used are dropped, and every answer is still LiteRT's."""
+    from mlsteps.serve import LiteRTRunner
+
+    runner = LiteRTRunner(tflite, threads=1, capacity=64)
+    for batch in [*range(1, 41), 7, 33]:
+        images = _images(batch, seed=batch)
+        np.testing.assert_allclose(runner.predict(images), _litert(tflite, images), atol=1e-6)
+        assert sum(runner.batch_sizes) <= 64 and len(runner.batch_sizes) <= LiteRTRunner.MAX_INTERPRETERS
+    assert runner.batch_sizes[-2:] == [7, 33]  # the most recently used are the ones kept
+
+
+class _BlockingRunner:
+    """Holds every inference until released (a big batch of a slow model)."""
+
+    image_shape, classes = (28, 28), 10
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.release.wait(60)
+        return np.full((len(images), self.classes), 0.1, np.float32)
+
+
+def test_health_probes_answer_while_a_large_batch_is_being_inferred():
+    """Kubernetes' probes time out after seconds: they must not queue behind big batches (which run on a worker
+    thread), or a loaded pod is taken out of service and restarted."""
+    import threading
+
+    import uvicorn
+
+    from mlsteps import serve
+
+    config = serve.ServeConfig(model_name=MODEL, max_batch=64, warmup_requests=0)
+    holder = serve.ModelHolder(config)
+    runner = _BlockingRunner()
+    holder.served, holder.state = serve.Served(runner, "1", "tflite"), "AVAILABLE"
+    port = free_port()
+    uvicorn_server = uvicorn.Server(uvicorn.Config(serve.create_app(config, holder), host="127.0.0.1", port=port,
+                                                   log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    client = Server(f"http://127.0.0.1:{port}", None, None)
+    try:
+        deadline = time.monotonic() + 30
+        while not uvicorn_server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        big = {"instances": _images(32).tolist()}
+        assert len(json.dumps(big)) > serve.INLINE_BODY_BYTES
+        answers: list = []
+        request = threading.Thread(target=lambda: answers.append(
+            client.call("POST", f"/v1/models/{MODEL}:predict", big)))
+        request.start()
+        assert runner.entered.wait(30)
+        try:
+            with urllib.request.urlopen(f"{client.url}/v2/health/live", timeout=10) as response:
+                live = response.status
+        finally:
+            runner.release.set()
+        request.join(30)
+        assert live == 200
+        assert answers and answers[0][0] == 200 and len(answers[0][2]["predictions"]) == 32
+    finally:
+        runner.release.set()
+        uvicorn_server.should_exit = True
+        thread.join(30)
+
+
+def test_the_initial_load_waits_out_an_outage_of_any_length_and_says_why_it_is_not_ready(
+        monkeypatch, versions, mlflow_server):
+    """A pod rescheduled during a long MLflow outage must come up once MLflow is back (nothing restarts a live,
+    unready server); meanwhile its status says what it waits for."""
+    import mlflow.artifacts
+
+    from mlsteps import serve
+
+    real, calls, seen = mlflow.artifacts.download_artifacts, [], []
+
+    def down_then_up(**kwargs: Any) -> str:
+        calls.append(kwargs)
+        if len(calls) <= 20:
+            raise ConnectionError("connection refused")
+        return real(**kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", down_then_up)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # tenacity's pauses (up to a minute each)
+    holder = serve.ModelHolder(serve.ServeConfig(model_name=MODEL, tracking_uri=mlflow_server, warmup_requests=1))
+    waiting = holder._waiting
+    monkeypatch.setattr(holder, "_waiting", lambda message: (waiting(message), seen.append((holder.state,
+                                                                                          holder.error))))
+    holder.load()
+    assert (holder.state, holder.version, holder.error) == ("AVAILABLE", str(versions[-1]), "")
+    assert len(seen) == 20 and {state for state, _ in seen} == {"LOADING"}
+    assert "waiting for the registry" in seen[-1][1] and "connection refused" in seen[-1][1]
+
+
+def test_loading_a_version_leaves_no_copy_of_it_on_disk(monkeypatch, tmp_path, versions, mlflow_server):
+    """A long-running local server deploys version after version: each download is deleted once in memory."""
+    import tempfile
+
+    from mlsteps import serve
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = serve.ServeConfig(model_name=MODEL, tracking_uri=mlflow_server, warmup_requests=1)
+    for version in versions:
+        served = serve.load_version(config, f"models:/{MODEL}/{version}")
+        assert served.runner.predict(_images(2)).shape == (2, 10)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_liveness_does_not_need_mlflow_and_readiness_waits_for_the_model(tmp_path):
@@ -479,6 +606,11 @@ def test_a_version_that_fails_to_load_is_refused_and_the_served_one_keeps_answer
         assert json.loads(record.read_text())["version"] == str(first)
         assert server.call("POST", "/admin/deploy", {"version": str(first)},
                            headers={"Authorization": "Bearer wrong"})[0] == 401
+        token = auth["Authorization"].split()[1]
+        assert server.call("POST", "/admin/deploy", {"version": str(first)},  # a token without its scheme
+                           headers={"Authorization": token})[0] == 401
+        assert server.call("POST", "/admin/deploy", {"version": str(first)},  # the scheme in any case
+                           headers={"Authorization": f"bearer {token}"})[0] == 200
         assert server.call("POST", "/admin/deploy", {"version": "latest"}, headers=auth)[0] == 400
     finally:
         _stop(server)
