@@ -366,3 +366,25 @@ def test_negative_threshold_demands_a_gain():
     assert chosen == "dynamic"  # +1.0 pt passes; int8's +0.2 pt does not
     chosen, reason = compress.choose(variants, reference_accuracy=0.90, max_drop_points=-2, latency_tolerance=0.1)
     assert chosen == "float" and "dynamic loses -1.00 pt (max -2)" in reason
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ({"method": "qat"}, "--method must be one of post_training, quantization_aware, got 'qat'"),
+    ({"sparsity": 1.0}, r"--sparsity must be in \[0, 1\), got 1.0"),
+    ({"sparsity": -0.1}, r"--sparsity must be in \[0, 1\), got -0.1"),
+    ({"finetune_epochs": 0}, "--finetune-epochs must be >= 1 with --sparsity > 0"),
+    ({"sparsity": 0.0, "method": "quantization_aware", "finetune_epochs": 0}, "--finetune-epochs must be >= 1"),
+    ({"max_accuracy_drop": 300}, r"--max-accuracy-drop is in percentage points \(-100..100\), got 300"),
+    ({"threads": 0}, "--threads must be >= 1, got 0"),
+    ({"latency_runs": 0}, "--latency-runs must be >= 1, got 0"),
+    ({"representative_examples": 0}, "--representative-examples must be >= 1, got 0"),
+], ids=["unknown-method", "sparsity-one", "sparsity-negative", "no-finetuning-to-prune", "no-finetuning-for-qat",
+        "drop-past-100", "no-threads", "no-latency-runs", "no-calibration-images"])
+def test_impossible_settings_are_refused_by_flag_before_any_work(tmp_path, settings, words):
+    """The manifest does not exist: a check that let the settings through would fail on it instead."""
+    config = compress.CompressConfig(manifest=str(tmp_path / "missing" / "manifest.json"), data_root=str(tmp_path),
+                                     run_key="compress/bad-settings", model_path=str(tmp_path / "model.keras"),
+                                     tracking_uri="http://127.0.0.1:9", **settings)
+    with pytest.raises(compress.StepError, match=words):
+        compress.run(config)
+    assert list(tmp_path.iterdir()) == []

@@ -166,13 +166,21 @@ def test_a_damaged_model_file_is_an_input_error_naming_the_file(tmp_path, source
     assert str(damaged) in str(caught.value)
 
 
-def test_a_model_of_other_data_is_an_input_error_naming_both_shapes(tmp_path, data_root, prepare) -> None:
+@pytest.mark.parametrize(("size", "classes", "words"), [
+    (28, 3, r"takes images of \(28, 28\) and answers 10 classes, but dataset custom .* has images of \(28, 28\) "
+            r"in 3 classes"),
+    (32, 10, r"takes images of \(28, 28\) and answers 10 classes, but dataset custom .* has images of \(32, 32\) "
+             r"in 10 classes"),
+], ids=["other-class-count", "other-image-size"])
+def test_a_model_of_other_data_is_an_input_error_naming_both_shapes(tmp_path, data_root, prepare, size, classes,
+                                                                    words) -> None:
     from mlsteps import core
 
-    three_classes = prepare(idxdata.write_dataset(tmp_path / "source", train=60, test=30, classes=3))["manifest"]
+    other = prepare(idxdata.write_dataset(tmp_path / "source", train=60, test=30, classes=classes,
+                                          size=size))["manifest"]
     model_path = tmp_path / "model.keras"
-    _swapping_classifier(model_path, (1, 2))  # ten classes
-    config = evaluate.EvaluateConfig(manifest=three_classes, data_root=str(data_root), run_key="eval-other",
+    _swapping_classifier(model_path, (1, 2))  # 28x28 images, ten classes
+    config = evaluate.EvaluateConfig(manifest=other, data_root=str(data_root), run_key="eval-other",
                                      model_path=str(model_path))
-    with pytest.raises(core.StepError, match=r"answers 10 classes, but dataset custom .* in 3 classes"):
+    with pytest.raises(core.StepError, match=words):
         evaluate.run(config)

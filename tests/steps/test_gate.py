@@ -89,32 +89,37 @@ def test_challenger_is_compared_with_the_champion_on_the_same_test_set(manifest,
 
 
 class Constant(mlflow.pyfunc.PythonModel):
-    """Answers class 0 for every image, whatever its size."""
+    """Answers class 0 (of ``classes``) for every image, whatever its size."""
+
+    def __init__(self, classes: int = 10) -> None:
+        self.classes = classes
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        return np.eye(10, dtype=np.float32)[np.zeros(len(model_input), dtype=int)]
+        return np.eye(self.classes, dtype=np.float32)[np.zeros(len(model_input), dtype=int)]
 
 
-def _champion_of_other_data(name: str, mlflow_server: str, dataset: str | None, image_shape: tuple[int, int]) -> int:
+def _champion_of_other_data(name: str, mlflow_server: str, dataset: str | None, image_shape: tuple[int, int],
+                            classes: int) -> int:
     client = mlflow.MlflowClient(mlflow_server)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(),
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(classes),
                                        input_example=np.zeros((1, *image_shape), np.float32))
     version = int(mlflow.register_model(info.model_uri, name, tags={"dataset": dataset} if dataset else None).version)
     client.set_registered_model_alias(name, "champion", str(version))
     return version
 
 
-@pytest.mark.parametrize(("dataset", "image_shape", "words"), [
-    ("fashion_mnist", (28, 28), "trained on fashion_mnist"),
-    (None, (14, 14), "takes images of (14, 14) and answers 10 classes"),
-], ids=["another-dataset", "another-image-size"])
+@pytest.mark.parametrize(("dataset", "image_shape", "classes", "words"), [
+    ("fashion_mnist", (28, 28), 10, "trained on fashion_mnist"),
+    (None, (14, 14), 10, "takes images of (14, 14) and answers 10 classes"),
+    (None, (28, 28), 3, "takes images of (28, 28) and answers 3 classes"),
+], ids=["another-dataset", "another-image-size", "another-class-count"])
 def test_a_champion_of_other_data_is_not_comparable_and_the_challenger_is_not_promoted(
-        manifest, registry, mlflow_server, dataset, image_shape, words):
+        manifest, registry, mlflow_server, dataset, image_shape, classes, words):
     """Scored on this run's test images, a champion of another dataset scores near chance (any model of this
     data would beat it and replace it) or cannot run at all."""
     name, add = registry
-    champion = _champion_of_other_data(name, mlflow_server, dataset, image_shape)
+    champion = _champion_of_other_data(name, mlflow_server, dataset, image_shape, classes)
     challenger = add()  # 100 % on this run's data
     result = _gate(manifest, name, challenger, mlflow_server, min_accuracy=0.5)
     assert result["verdict"] == "failed" and result["accuracy"] == 1.0
@@ -147,6 +152,21 @@ def test_a_version_that_is_not_registered_is_an_input_error_not_a_retry(manifest
         _gate(manifest, name, 99, mlflow_server)
 
 
-def test_bad_thresholds_are_refused_before_any_work(manifest):
-    with pytest.raises(gate.StepError, match="--min-accuracy is a fraction"):
-        gate.run(gate.GateConfig(manifest=manifest, model_name="m", version=1, min_accuracy=85))
+@pytest.mark.parametrize(("threshold", "words"), [
+    ({"min_accuracy": 85}, "--min-accuracy is a fraction"),  # a percentage given for a fraction
+    ({"max_regression": -1}, "--max-regression is in points and cannot be negative, got -1"),
+], ids=["percent-floor", "negative-regression"])
+def test_bad_thresholds_are_refused_before_any_work(manifest, threshold, words):
+    """No MLflow server here (the default tracking URI): the refusal comes before any connection."""
+    with pytest.raises(gate.StepError, match=words):
+        gate.run(gate.GateConfig(manifest=manifest, model_name="m", version=1, **threshold))
+
+
+def test_re_judging_the_champion_itself_compares_it_with_no_champion(manifest, registry, mlflow_server):
+    """A version that is already champion when gated (deployed by hand first) is not compared with itself."""
+    name, add = registry
+    version = add()
+    mlflow.MlflowClient(mlflow_server).set_registered_model_alias(name, "champion", str(version))
+    result = _gate(manifest, name, version, mlflow_server, min_accuracy=0.85)
+    assert result["verdict"] == "passed" and result["champion_version"] is None
+    assert "no champion yet" in result["reasons"]

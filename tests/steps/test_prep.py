@@ -299,9 +299,13 @@ def test_a_source_dir_that_does_not_exist_is_named_as_such(tmp_path, data_root, 
         ({"val_fraction": 1.0}, "--val-fraction"),
         ({"records_per_shard": 0}, "--records-per-shard must be at least 1, got 0"),
         ({"records_per_shard": -5}, "--records-per-shard must be at least 1, got -5"),
+        # One class would make a classifier that always answers it; -1 is no count at all.
+        ({"num_classes": 1}, r"--num-classes must be 0 \(count them from the labels\) or at least 2, got 1"),
+        ({"num_classes": -1}, r"--num-classes must be 0 .* or at least 2, got -1"),
+        ({"mirrors": ["ftp://example.org/mnist/"]}, "--mirrors: 'ftp://example.org/mnist/' is not an http"),
     ],
     ids=["custom-without-source", "unknown-dataset", "val-fraction-zero", "val-fraction-one",
-         "records-per-shard-zero", "records-per-shard-negative"],
+         "records-per-shard-zero", "records-per-shard-negative", "one-class", "negative-classes", "ftp-mirror"],
 )
 def test_bad_settings_fail_before_any_work(source_dir, data_root, prepare, overrides, message) -> None:
     with pytest.raises(StepError, match=message):

@@ -215,11 +215,12 @@ def test_impossible_hyperparameters_are_refused_before_mlflow_hears_of_the_run(o
     from mlflow import MlflowClient
 
     manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=20, test=10))["manifest"]
+    run_key = f"train/impossible-{flag.lstrip('-')}"  # one per case: a run one case leaves cannot fail another
     with pytest.raises(train.StepError, match=f"^{flag}"):
-        train.run(_train_config(manifest, data_root, mlflow_server, "train/impossible", **override))
+        train.run(_train_config(manifest, data_root, mlflow_server, run_key, **override))
     experiment = MlflowClient(mlflow_server).get_experiment_by_name("train_tests")
     runs = MlflowClient(mlflow_server).search_runs([experiment.experiment_id],
-                                                   f"tags.`{tracking.RUN_KEY_TAG}` = 'train/impossible'") \
+                                                   f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'") \
         if experiment else []
     assert not runs
 
@@ -315,7 +316,8 @@ def test_register_rejects_metrics_that_are_not_json(flag, mlflow_server) -> None
         register.run(config)
 
 
-@pytest.mark.parametrize("alias", ["latest", "v3", "my alias", ""], ids=["latest", "version-like", "space", "empty"])
+@pytest.mark.parametrize("alias", ["latest", "Latest", "v3", "my alias", ""],
+                         ids=["latest", "latest-capitalised", "version-like", "space", "empty"])
 def test_register_refuses_an_alias_mlflow_would_refuse_before_registering_anything(alias, mlflow_server) -> None:
     from mlflow import MlflowClient
 
