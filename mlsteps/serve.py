@@ -75,6 +75,10 @@ class ServeConfig:
                                            "another version in place); empty: no admin endpoint")
 
 
+class Superseded(Exception):
+    """The initial load stops waiting for the registry: a version was deployed (or unloaded) meanwhile."""
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP status and a message for the caller."""
 
@@ -302,16 +306,21 @@ class ModelHolder:
         return f"models:/{self.name}/{deployed}" if deployed else f"models:/{self.name}@{CHAMPION}"
 
     def _waiting(self, message: str) -> None:
-        """The initial load waits for the registry: the status says so (state LOADING, with the reason)."""
+        """The initial load waits for the registry: the status says so (state LOADING, with the reason).
+        Once a version has been deployed (or unloaded) in place, there is nothing left to wait for."""
         with self._swap:
-            if not self._administered:
-                self.error = f"waiting for the registry: {message}"
+            if self._administered:
+                raise Superseded
+            self.error = f"waiting for the registry: {message}"
 
     def load(self) -> None:
         uri = ""
         try:
             uri = self.initial_uri()
             served = load_version(self.config, uri, waiting=self._waiting)
+        except Superseded:
+            log.info("stopped waiting for %s: a deployment in place decided what is served", uri)
+            return
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, report it and stay alive (not ready)
             with self._swap:
                 if not self._administered:  # a version deployed (or an unload) meanwhile wins
@@ -431,8 +440,9 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     registry = CollectorRegistry()
     requests = Counter("model_server_requests", "Inference requests, by protocol and HTTP status code",
                        ["protocol", "code"], registry=registry)
-    latency = Histogram("model_server_request_seconds", "Time to answer an inference request, by protocol and HTTP "
-                        "status code", ["protocol", "code"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
+    latency = Histogram("model_server_request_seconds",
+                        "Time to answer an inference request, by protocol and HTTP status code", ["protocol", "code"],
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
     info = Gauge("model_server_model_info", "1 for the model version being served", ["model", "version"],
                  registry=registry)
     ready_gauge = Gauge("model_server_ready", "1 once the model is loaded and warmed up", registry=registry)
@@ -652,6 +662,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/deploy", admin_deploy, methods=["POST"]),
     ]
+
     async def no_route(request: Request, exc: Exception) -> Response:
         """Starlette's own refusals (no such path, wrong method) in the same JSON as every other error."""
         status = exc.status_code if isinstance(exc, HTTPException) else 500

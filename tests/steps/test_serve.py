@@ -380,6 +380,38 @@ def test_the_initial_load_waits_out_an_outage_of_any_length_and_says_why_it_is_n
     assert "waiting for the registry" in seen[-1][1] and "connection refused" in seen[-1][1]
 
 
+def test_a_version_deployed_while_the_initial_load_waits_ends_the_wait(monkeypatch, versions, mlflow_server):
+    """The deployment decided what is served: the initial load stops retrying instead of waiting forever for a
+    version it would not serve anyway."""
+    import threading
+
+    import mlflow.artifacts
+
+    from mlsteps import serve
+
+    first, champion = versions
+    real, real_sleep = mlflow.artifacts.download_artifacts, time.sleep
+
+    def champion_unreachable(**kwargs: Any) -> str:
+        if kwargs["artifact_uri"].endswith(f"/{champion}"):
+            raise ConnectionError("connection refused")
+        return real(**kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", champion_unreachable)
+    monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(0.01))
+    holder = serve.ModelHolder(serve.ServeConfig(model_name=MODEL, tracking_uri=mlflow_server, warmup_requests=1))
+    loader = threading.Thread(target=holder.load, daemon=True)
+    loader.start()
+    deadline = time.monotonic() + 30
+    while "waiting for the registry" not in holder.error:
+        assert time.monotonic() < deadline and loader.is_alive()
+        real_sleep(0.05)
+    holder.deploy(str(first))
+    loader.join(30)
+    assert not loader.is_alive()
+    assert (holder.state, holder.version, holder.error) == ("AVAILABLE", str(first), "")
+
+
 def test_loading_a_version_leaves_no_copy_of_it_on_disk(monkeypatch, tmp_path, versions, mlflow_server):
     """A long-running local server deploys version after version: each download is deleted once in memory."""
     import tempfile
