@@ -795,14 +795,23 @@ def test_a_version_that_kills_the_server_mid_probe_fails_infra_validation_with_t
     assert "exited with code 3" in verdict
 
 
-def test_server_and_infra_validation_import_nothing_the_serving_image_lacks():
-    """images/serving has no TensorFlow, Keras, pandas or Optuna: neither module may need them."""
-    probe = ("import sys, mlsteps.serve, mlsteps.infra_validate\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & "
-             "{'tensorflow', 'keras', 'tf_keras', 'pandas', 'optuna', 'matplotlib', 'sklearn'}))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=step_env(), timeout=120)
+def test_server_and_infra_validation_import_nothing_the_serving_image_lacks(versions, mlflow_server):
+    """images/serving has no TensorFlow, Keras, pandas or Optuna: neither module may need them, nor may loading
+    a version from the registry and answering a request (the imports happen inside functions). Full MLflow (this
+    environment) imports pandas while loading when it is installed; mlflow-skinny (the image) does not: that
+    part runs for real in tests/images/test_serving_image.py."""
+    lacking = "{'tensorflow', 'keras', 'tf_keras', 'pandas', 'optuna', 'matplotlib', 'sklearn'}"
+    probe = ("import sys, numpy as np, mlsteps.serve as serve, mlsteps.infra_validate\n"
+             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {lacking}))\n"
+             f"config = serve.ServeConfig(model_name={MODEL!r}, warmup_requests=1)\n"
+             "serve.create_app(config)\n"
+             f"served = serve.load_version(config, 'models:/{MODEL}/{versions[0]}')\n"
+             "served.runner.predict(np.zeros((2, 28, 28), np.float32))\n"
+             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & ({lacking} - {{'pandas'}})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env=step_env(MLFLOW_TRACKING_URI=mlflow_server))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["[]", "[]"], out.stdout
 
 
 def test_a_server_with_nothing_loaded_becomes_ready_when_a_version_is_deployed(tmp_path, versions, mlflow_server):
