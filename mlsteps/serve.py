@@ -26,8 +26,8 @@ Endpoints (every response names the model and version, in the body and in ``X-Mo
 Bad requests get 400 (not JSON; not numbers: strings, true/false and null are refused), 404 (no such model,
 version or path), 405 (wrong method), 413 (body or batch too large) or 422 (wrong shape, values out of 0..255)
 with {"error": "<what is wrong and what is expected>"}; the server stays up. Large requests (over 64 KiB of
-JSON: about 16 images of whole-number pixels) are parsed and run on a worker thread, two at a time, so the
-health probes never wait behind a big batch.
+JSON: some 20 images) are parsed and run on a worker thread, two at a time, and a small one that finds the
+model busy with them waits there too, so the health probes never wait behind a big batch.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
 """
 
@@ -53,6 +53,7 @@ log = logging.getLogger("mlsteps.serve")
 
 CHAMPION = "champion"
 OUTAGE_PAUSE_MAX_SECONDS = 60  # the longest pause between tries while the registry is down (initial load)
+BOUNDED_TRIES = 8  # tries of the initial load for a failure other than no answer at all (5xx, artifact download)
 INLINE_BODY_BYTES = 64 * 1024  # larger request bodies are parsed and run on a worker thread
 V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "INT8", "INT16", "INT32", "INT64"}
 
@@ -87,7 +88,32 @@ class RequestError(Exception):
         self.status = status
 
 
-class LiteRTRunner:
+class RunnerBusy(Exception):
+    """The model is answering another request and the caller asked not to wait (the event loop must not)."""
+
+
+class Serialised:
+    """One inference at a time (an interpreter, a Keras model's predict: neither is thread-safe), from the event
+    loop and the worker threads alike. ``wait=False`` raises RunnerBusy instead of blocking: the event loop then
+    hands the request to a worker thread rather than stall every other request, probes included, behind a
+    big batch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def predict(self, images: np.ndarray, wait: bool = True) -> np.ndarray:
+        if not self._lock.acquire(blocking=wait):
+            raise RunnerBusy
+        try:
+            return self._predict(images)
+        finally:
+            self._lock.release()
+
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LiteRTRunner(Serialised):
     """One interpreter per batch size seen (resizing costs more than a small model's inference).
 
     Bounded, least recently used dropped first: at most 16 interpreters, for at most ``capacity`` images in all.
@@ -100,6 +126,7 @@ class LiteRTRunner:
     def __init__(self, path: Path, threads: int, capacity: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        super().__init__()
         self._content = path.read_bytes()
         self._threads = threads
         self._capacity = capacity
@@ -108,7 +135,6 @@ class LiteRTRunner:
         detail = probe.get_input_details()[0]
         self.image_shape = tuple(int(d) for d in detail["shape"][1:])
         self.classes = int(probe.get_output_details()[0]["shape"][-1])
-        self._lock = threading.Lock()
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -132,29 +158,29 @@ class LiteRTRunner:
         self._by_batch[batch] = entry  # the most recently used last
         return entry
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        with self._lock:
-            interpreter, inp, out = self._for(len(images))
-            interpreter.set_tensor(inp, images)
-            interpreter.invoke()
-            probabilities = interpreter.get_tensor(out).astype(np.float32)
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        interpreter, inp, out = self._for(len(images))
+        interpreter.set_tensor(inp, images)
+        interpreter.invoke()
+        probabilities = interpreter.get_tensor(out).astype(np.float32)
         # An int8 model's softmax comes out in steps of 1/256: rows summed to 0.99, not 1. Rescaled, they do.
         sums = probabilities.sum(axis=1, keepdims=True)
         return np.divide(probabilities, sums, out=probabilities, where=sums > 0)
 
 
-class PyfuncRunner:
+class PyfuncRunner(Serialised):
     """A version without a .tflite (a Keras model registered before compression): through mlflow.pyfunc."""
 
     def __init__(self, local_dir: Path) -> None:
         import mlflow
 
+        super().__init__()
         self._model = mlflow.pyfunc.load_model(str(local_dir))
         shape = self._model.metadata.get_input_schema().inputs[0].shape
         self.image_shape = tuple(int(d) for d in shape[1:])
         self.classes = int(self._model.metadata.get_output_schema().inputs[0].shape[-1])
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def _predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self._model.predict(images), dtype=np.float32)
 
 
@@ -167,16 +193,36 @@ class Served:
     variant: str
 
 
-def transient(exc: BaseException) -> bool:
-    """A registry outage worth waiting for: no connection, or MLflow's own retries ended in one or a 5xx.
+def unreachable(exc: BaseException) -> bool:
+    """No answer at all (refused, reset, timed out): the registry is down, or not up yet.
 
-    MLflow reports an unreachable server as an ``MlflowException`` (INTERNAL_ERROR, after its own HTTP retries),
-    a 503 as TEMPORARILY_UNAVAILABLE; a version or alias that does not exist (RESOURCE_DOES_NOT_EXIST) is not
-    retried.
+    MLflow reports it as an ``MlflowException`` (INTERNAL_ERROR, after its own HTTP retries) raised while
+    handling the ``requests`` error: the chain of causes says which.
     """
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def transient(exc: BaseException) -> bool:
+    """A registry failure worth trying again: no answer, a 5xx or 429, or MLflow's own retries ending in one.
+
+    MLflow reports a 503 as TEMPORARILY_UNAVAILABLE and other server errors (and a failed artifact download) as
+    INTERNAL_ERROR; a version or alias that does not exist (RESOURCE_DOES_NOT_EXIST) is not retried, nor is an
+    artifact store answering 403 or 404 (``requests.HTTPError``, an OSError).
+    """
+    import requests
     from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, (ConnectionError, OSError)):
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else 0
+        return status >= 500 or status == 429
+    if unreachable(exc) or isinstance(exc, OSError):
         return True
     return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 
@@ -195,9 +241,11 @@ def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True,
                  waiting: Any = None) -> Served:
     """Resolve ``uri`` in the registry, download the version, build its runner and warm it up.
 
-    ``retry_outage``: wait out a registry outage, however long (each try after MLflow's own HTTP retries, then
-    a pause growing to a minute; ``waiting(message)`` hears of each): the server's initial load does, since
-    nothing else can make it ready, and a pod rescheduled during an outage must come up once MLflow is back.
+    ``retry_outage``: wait out a registry that does not answer at all, however long (each try after MLflow's
+    own HTTP retries, then a pause growing to a minute; ``waiting(message)`` hears of each), and other
+    transient failures (5xx, a failed artifact download) for ``BOUNDED_TRIES`` tries: the server's initial load
+    does, since nothing else can make it ready, and a pod rescheduled during an outage must come up once MLflow
+    is back.
     An in-place deployment does not: after MLflow's own retries it answers that the version could not be
     loaded (the caller, a promotion, rolls back), instead of holding the switch past the caller's timeout.
     The download goes to a temporary folder, deleted once the model is in memory: a long-running server
@@ -208,7 +256,7 @@ def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True,
 
     import mlflow
     import yaml
-    from tenacity import retry, retry_if_exception, stop_after_attempt, stop_never, wait_exponential
+    from tenacity import retry, retry_if_exception, wait_exponential
 
     from . import tracking
 
@@ -216,14 +264,18 @@ def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True,
     client = mlflow.MlflowClient()
 
     def before_sleep(state: Any) -> None:
-        message = (f"the registry did not answer ({state.outcome.exception()}); try {state.attempt_number + 1} "
-                   f"in {state.next_action.sleep:.0f} s")
+        exc = state.outcome.exception()
+        message = (f"{'the registry did not answer' if unreachable(exc) else 'the registry failed'} ({exc}); "
+                   f"try {state.attempt_number + 1} in {state.next_action.sleep:.0f} s")
         log.warning("loading %s: %s", uri, message)
         if waiting:
             waiting(message)
 
-    @retry(stop=stop_never if retry_outage else stop_after_attempt(1), reraise=True,
-           wait=wait_exponential(multiplier=0.5, max=OUTAGE_PAUSE_MAX_SECONDS),
+    def stop(state: Any) -> bool:
+        return not retry_outage or (state.attempt_number >= BOUNDED_TRIES
+                                    and not unreachable(state.outcome.exception()))
+
+    @retry(stop=stop, reraise=True, wait=wait_exponential(multiplier=0.5, max=OUTAGE_PAUSE_MAX_SECONDS),
            retry=retry_if_exception(transient), before_sleep=before_sleep)
     def resolve(folder: str) -> tuple[str, Path]:
         name, version, alias = parse_model_uri(uri)
@@ -496,19 +548,23 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     # Big requests leave the event loop (a float model answers 256 images in ~0.1 s: probes queued behind a few
     # of those would time out, and Kubernetes would take the pod out of service, then restart it). Two at a
     # time: parsing holds Python objects for every pixel, and the interpreter runs one call at a time anyway.
+    # A small request finding the model busy with one of them waits on a worker thread too (RunnerBusy).
     heavy = anyio.CapacityLimiter(2)
 
     def inference(protocol: str, handler: Any) -> Any:
-        def work(raw: bytes, served: Served) -> dict[str, Any]:
-            return handler(*parse(raw), served)
+        def work(raw: bytes, served: Served, wait: bool = True) -> dict[str, Any]:
+            return handler(*parse(raw), served, wait)
 
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
                 served = known(request)
                 raw = await read(request)
-                if len(raw) <= INLINE_BODY_BYTES:  # one image is ~4 KiB: a thread hand-off would cost more
-                    answer = work(raw, served)
+                if len(raw) <= INLINE_BODY_BYTES:  # one image is 2-4 KiB: a thread hand-off would cost more
+                    try:
+                        answer = work(raw, served, False)
+                    except RunnerBusy:
+                        answer = await anyio.to_thread.run_sync(work, raw, served)
                 else:
                     answer = await anyio.to_thread.run_sync(work, raw, served, limiter=heavy)
                 response = reply(answer, version=served.version)
@@ -523,16 +579,16 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
 
         return endpoint
 
-    def v1_predict(payload: Any, booleans: bool, served: Served) -> dict[str, Any]:
+    def v1_predict(payload: Any, booleans: bool, served: Served, wait: bool) -> dict[str, Any]:
         if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
             raise RequestError(400, 'body must be a JSON object with either "instances" or "inputs"')
         key = "instances" if "instances" in payload else "inputs"
         images = images_from(payload[key], served.runner.image_shape, config.max_batch, f'"{key}"', booleans)
-        probabilities = served.runner.predict(images)
+        probabilities = served.runner.predict(images, wait)
         field_name = "predictions" if key == "instances" else "outputs"
         return {field_name: probabilities, "model_name": holder.name, "model_version": served.version}
 
-    def v2_infer(payload: Any, booleans: bool, served: Served) -> dict[str, Any]:
+    def v2_infer(payload: Any, booleans: bool, served: Served, wait: bool) -> dict[str, Any]:
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
             raise RequestError(400, 'body must be a JSON object with "inputs": a list of exactly one tensor')
         tensor = payload["inputs"][0]
@@ -549,7 +605,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         if flat.size != math.prod(shape):
             raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {math.prod(shape)}')
         images = checked(flat.reshape(shape), served.runner.image_shape, config.max_batch, "input")
-        probabilities = served.runner.predict(images)
+        probabilities = served.runner.predict(images, wait)
         out = {"model_name": holder.name, "model_version": served.version,
                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
                             "data": probabilities.reshape(-1)}]}
@@ -559,7 +615,9 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
 
     async def v1_status(request: Request) -> Response:
         if request.path_params["name"].endswith(":predict"):  # the status route matches GET .../<name>:predict
-            return error(405, "use POST for :predict")
+            response = error(405, "use POST for :predict")
+            response.headers["Allow"] = "POST"
+            return response
         if request.path_params["name"] != holder.name:
             return error(404, f"model {request.path_params['name']!r} not found; this server serves {holder.name!r}")
         return reply({"model_version_status": [{
@@ -685,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     config, _ = parse_config(ServeConfig, argv, __doc__.splitlines()[0])
     if config.threads < 1 or config.max_batch < 1 or config.max_body_bytes < 1:
         raise SystemExit("error: --threads, --max-batch and --max-body-bytes must be >= 1")
+    if config.warmup_requests < 0:
+        raise SystemExit(f"error: --warmup-requests must be >= 0, got {config.warmup_requests}")
     if not (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", flush=True)
         return 2

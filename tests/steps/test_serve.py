@@ -269,8 +269,8 @@ def test_metrics_count_requests_by_protocol_and_status_and_name_the_version(serv
 
 
 def test_wrong_methods_and_unknown_paths_get_json_errors_naming_the_fix(server):
-    status, _, body = server.call("GET", f"/v1/models/{MODEL}:predict")  # the status route matches the path
-    assert status == 405 and "use POST" in body["error"], body
+    status, headers, body = server.call("GET", f"/v1/models/{MODEL}:predict")  # the status route matches the path
+    assert (status, headers["allow"]) == (405, "POST") and "use POST" in body["error"], body
     status, headers, body = server.call("GET", f"/v2/models/{MODEL}/infer")
     assert (status, headers["allow"]) == (405, "POST") and "use POST" in body["error"], body
     status, headers, body = server.call("GET", f"/v1/models/{MODEL}/metadata")
@@ -291,34 +291,34 @@ def test_interpreters_for_the_batch_sizes_seen_stay_within_their_image_capacity(
     assert runner.batch_sizes[-2:] == [7, 33]  # the most recently used are the ones kept
 
 
-class _BlockingRunner:
-    """Holds every inference until released (a big batch of a slow model)."""
-
-    image_shape, classes = (28, 28), 10
-
-    def __init__(self) -> None:
-        import threading
-
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        self.entered.set()
-        self.release.wait(60)
-        return np.full((len(images), self.classes), 0.1, np.float32)
-
-
 def test_health_probes_answer_while_a_large_batch_is_being_inferred():
     """Kubernetes' probes time out after seconds: they must not queue behind big batches (which run on a worker
-    thread), or a loaded pod is taken out of service and restarted."""
+    thread), nor behind a small request waiting for the model a big batch holds (it waits on a thread too), or a
+    loaded pod is taken out of service and restarted."""
     import threading
 
     import uvicorn
 
     from mlsteps import serve
 
+    class Blocking(serve.Serialised):
+        """The real one-call-at-a-time runner, whose calls hold the model until released."""
+
+        image_shape, classes = (28, 28), 10
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered, self.release, self.calls = threading.Event(), threading.Event(), []
+
+        def _predict(self, images: np.ndarray) -> np.ndarray:
+            self.calls.append(len(images))
+            self.entered.set()
+            self.release.wait(60)
+            return np.full((len(images), self.classes), 0.1, np.float32)
+
     config = serve.ServeConfig(model_name=MODEL, max_batch=64, warmup_requests=0)
     holder = serve.ModelHolder(config)
-    runner = _BlockingRunner()
+    runner = Blocking()
     holder.served, holder.state = serve.Served(runner, "1", "tflite"), "AVAILABLE"
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(serve.create_app(config, holder), host="127.0.0.1", port=port,
@@ -326,30 +326,94 @@ def test_health_probes_answer_while_a_large_batch_is_being_inferred():
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
     client = Server(f"http://127.0.0.1:{port}", None, None)
+    answers: dict[str, Any] = {}
+
+    def send(label: str, images: int) -> threading.Thread:
+        sender = threading.Thread(target=lambda: answers.__setitem__(label, client.call(
+            "POST", f"/v1/models/{MODEL}:predict", {"instances": _images(images).tolist()})))
+        sender.start()
+        return sender
+
     try:
         deadline = time.monotonic() + 30
         while not uvicorn_server.started:
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.05)
-        big = {"instances": _images(32).tolist()}
-        assert len(json.dumps(big)) > serve.INLINE_BODY_BYTES
-        answers: list = []
-        request = threading.Thread(target=lambda: answers.append(
-            client.call("POST", f"/v1/models/{MODEL}:predict", big)))
-        request.start()
+        assert len(json.dumps({"instances": _images(32).tolist()})) > serve.INLINE_BODY_BYTES
+        senders = [send("big", 32)]
         assert runner.entered.wait(30)
+        senders.append(send("small", 1))  # the model is busy: this one must not wait on the event loop
+        time.sleep(0.5)
         try:
             with urllib.request.urlopen(f"{client.url}/v2/health/live", timeout=10) as response:
                 live = response.status
         finally:
             runner.release.set()
-        request.join(30)
+        for sender in senders:
+            sender.join(30)
         assert live == 200
-        assert answers and answers[0][0] == 200 and len(answers[0][2]["predictions"]) == 32
+        assert answers["big"][0] == 200 and len(answers["big"][2]["predictions"]) == 32
+        assert answers["small"][0] == 200 and len(answers["small"][2]["predictions"]) == 1
+        assert sorted(runner.calls) == [1, 32]
     finally:
         runner.release.set()
         uvicorn_server.should_exit = True
         thread.join(30)
+
+
+def test_only_a_registry_that_does_not_answer_is_waited_for_without_end(monkeypatch):
+    """No answer at all (refused, timed out) is an outage to wait out; a 5xx or a failed download is worth a
+    few tries; an artifact store refusing the download (403/404) is not an outage at all."""
+    import mlflow
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from mlsteps import serve
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException) as refused:  # what MLflow raises for a registry that is down
+        mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}").get_model_version_by_alias(MODEL, "champion")
+    assert serve.unreachable(refused.value) and serve.transient(refused.value)
+
+    def http_error(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(f"{status}", response=response)
+
+    assert serve.transient(http_error(503)) and not serve.unreachable(http_error(503))
+    assert not serve.transient(http_error(403)) and not serve.transient(http_error(404))
+    download_failed = MlflowException("The following failures occurred while downloading one or more artifacts",
+                                      error_code=INTERNAL_ERROR)
+    assert serve.transient(download_failed) and not serve.unreachable(download_failed)
+    assert not serve.transient(MlflowException("no such version", error_code=RESOURCE_DOES_NOT_EXIST))
+
+
+def test_a_download_that_keeps_failing_ends_the_initial_load_after_a_few_tries(monkeypatch, versions,
+                                                                              mlflow_server):
+    """The registry answers but the version's files cannot be had: not an outage to wait out forever; the
+    status says why (state END)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from mlsteps import serve
+
+    calls = []
+
+    def failing(**kwargs: Any) -> str:
+        calls.append(kwargs)
+        if len(calls) > 50:  # a load that would retry forever ends here instead of hanging the test
+            raise MlflowException("tried too often", error_code=RESOURCE_DOES_NOT_EXIST)
+        raise MlflowException("The following failures occurred while downloading one or more artifacts: "
+                              "model/model.tflite: disk full", error_code=INTERNAL_ERROR)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", failing)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    holder = serve.ModelHolder(serve.ServeConfig(model_name=MODEL, tracking_uri=mlflow_server, warmup_requests=1))
+    holder.load()
+    assert len(calls) == serve.BOUNDED_TRIES
+    assert holder.state == "END" and "disk full" in holder.error and not holder.ready
 
 
 def test_the_initial_load_waits_out_an_outage_of_any_length_and_says_why_it_is_not_ready(
