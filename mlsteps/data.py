@@ -26,9 +26,10 @@ def split_files(manifest: dict[str, Any], split: str) -> list[str]:
 
 
 def dataset(manifest: dict[str, Any], split: str, *, batch_size: int, shuffle: bool = False,
-            seed: int = 0, cache: bool = True) -> Any:
+            seed: int = 0, cache: bool = True, drop_remainder: bool = False) -> Any:
     """Batches of (float32 images HxW in 0..255, int32 labels); parse in parallel, cache, shuffle, prefetch."""
-    return batches(examples(manifest, split, cache=cache), batch_size=batch_size, shuffle=shuffle, seed=seed)
+    return batches(examples(manifest, split, cache=cache), batch_size=batch_size, shuffle=shuffle, seed=seed,
+                   drop_remainder=drop_remainder)
 
 
 def examples(manifest: dict[str, Any], split: str, *, cache: bool = True, limit: int = 0,
@@ -62,14 +63,16 @@ def examples(manifest: dict[str, Any], split: str, *, cache: bool = True, limit:
     return ds.cache() if cache else ds
 
 
-def batches(examples: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> Any:
-    """Shuffled (optionally) float32 batches of :func:`examples`, prefetched."""
+def batches(examples: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0,
+            drop_remainder: bool = False) -> Any:
+    """Shuffled (optionally) float32 batches of :func:`examples`, prefetched (``drop_remainder``: full batches
+    only)."""
     import tensorflow as tf
 
     ds = examples
     if shuffle:
         ds = ds.shuffle(min(int(ds.cardinality()), 20000), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

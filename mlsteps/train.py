@@ -49,6 +49,35 @@ def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
     return tf.distribute.MirroredStrategy(), gpus
 
 
+def replica_batches(n_train: int, n_val: int, batch_size: int, replicas: int) -> tuple[int, int]:
+    """Training steps per epoch and the validation batch size, for batches split over ``replicas`` devices.
+
+    One device: every example, validation in batches of at least 512. Several (MirroredStrategy): Keras splits
+    each batch over the replicas and builds its step from the first one, which must split evenly, and a replica
+    left without an example fails in BatchNormalization. So the batch must be a multiple of the replicas (else
+    an input error naming the fix), training drops its last partial batch (another random remainder each
+    epoch), and validation takes a batch size whose first batch splits evenly and whose last one reaches every
+    replica (every validation example is still scored). A partial batch of k goes out in slices of
+    ceil(k / replicas): 4 images over 3 replicas are 2, 2 and none.
+    """
+    if replicas == 1:
+        return -(-n_train // batch_size), max(batch_size, 512)
+    if batch_size % replicas:
+        lower, upper = batch_size // replicas * replicas, -(-batch_size // replicas) * replicas
+        raise StepError(f"--batch-size {batch_size} does not split evenly over {replicas} GPUs: use a multiple of "
+                        f"{replicas} ({f'{lower} or ' if lower else ''}{upper}), or another number of GPUs")
+    if n_train < batch_size:
+        raise StepError(f"--batch-size {batch_size} is more than the {n_train} training examples: with {replicas} "
+                        "GPUs every batch is a full one; use a smaller batch")
+    for size in range(-(-max(batch_size, 512) // replicas) * replicas, 0, -replicas):
+        first, last = min(size, n_val), n_val % size
+        if first % replicas == 0 and (last == 0 or (replicas - 1) * -(-last // replicas) < last):
+            return n_train // batch_size, size
+    raise StepError(f"the validation split's {n_val} examples cannot be batched so that each of {replicas} GPUs "
+                    "gets part of every batch; prepare the data with a larger --val-fraction, or train on fewer "
+                    "GPUs")
+
+
 def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int, examples: int,
                        learning_rate: float) -> Any:
     class Progress(keras.callbacks.Callback):
@@ -197,8 +226,10 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
         client.set_tag(run_id, key, value)
     keras.utils.set_random_seed(config.seed)
     strategy, gpus = _strategy(tf, config)
+    replicas = strategy.num_replicas_in_sync
     n_train = manifest["splits"]["train"]["count"]
-    steps_per_epoch = -(-n_train // config.batch_size)
+    steps_per_epoch, val_batch = replica_batches(n_train, manifest["splits"]["val"]["count"], config.batch_size,
+                                                 replicas)
     with strategy.scope():
         net = model_lib.compiled(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],
                                  width=config.width, dropout=config.dropout, learning_rate=config.learning_rate,
@@ -210,8 +241,9 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
              net.name, net.count_params(), n_train, config.batch_size, config.epochs)
 
-    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
-    val_ds = data.dataset(manifest, "val", batch_size=max(config.batch_size, 512))
+    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                            drop_remainder=replicas > 1)
+    val_ds = data.dataset(manifest, "val", batch_size=val_batch)
     progress = _progress_callback(keras, client, run_id, config.epochs, n_train, config.learning_rate)
     # The backup outlives fit(): if logging to MLflow fails afterwards, the retry restores the last epoch
     # instead of training again. It is removed once the finished model is in place. Two copies: a pod
@@ -224,10 +256,11 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
                  keras.callbacks.LambdaCallback(on_epoch_end=progress.announce)]
     history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
                       shuffle=False)  # the dataset shuffles itself
-    if keras.mixed_precision.global_policy().name != "float32":
+    if keras.mixed_precision.global_policy().name != "float32" or replicas > 1:
         # The variables are float32 already; what is saved, evaluated, compressed and served computes in
         # float32 too (a mixed_float16 model would run in float16 on CPU pods and differ from compress's
-        # float32 rebuild).
+        # float32 rebuild), outside the strategy (a distributed model splits even a 2-image predict over
+        # its replicas, and fails with more replicas than images).
         keras.mixed_precision.set_global_policy("float32")
         trained = net
         net = model_lib.build(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],

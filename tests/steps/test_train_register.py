@@ -335,3 +335,63 @@ def test_register_refuses_a_model_name_mlflow_would_refuse_before_calling_it(nam
                                      dataset_digest="0" * 64, model_name=name, tracking_uri="http://127.0.0.1:9")
     with pytest.raises(register.StepError, match="--model-name .*use letters, digits"):
         register.run(config)
+
+
+@pytest.mark.parametrize(("n_train", "n_val", "batch", "replicas", "expected"), [
+    (54000, 6000, 128, 1, (422, 512)),  # one device: every example, partial last batches included
+    (54000, 6000, 128, 2, (421, 512)),  # 6000 % 512 = 368: the last validation batch reaches both replicas
+    (54000, 6000, 129, 3, (418, 513)),  # 512 is no multiple of 3
+    (99, 11, 12, 3, (8, 6)),  # 11 validation images: batches of 6 and 5 (9 + 2 would leave a replica none)
+    (80, 9, 8, 2, (10, 6)),  # 9: an odd first batch cannot split evenly; 8 + 1 would leave a replica none
+], ids=["one-device", "two-gpus", "three-gpus", "small-validation-split", "odd-validation-split"])
+def test_batches_split_evenly_over_the_gpus_and_every_validation_image_is_scored(n_train, n_val, batch, replicas,
+                                                                                expected):
+    steps, val_batch = train.replica_batches(n_train, n_val, batch, replicas)
+    assert (steps, val_batch) == expected
+    if replicas > 1:  # every replica gets part of every batch (a partial one goes out in slices of ceil(k / n))
+        first, last = min(val_batch, n_val), n_val % val_batch
+        assert first % replicas == 0 and (last == 0 or (replicas - 1) * -(-last // replicas) < last)
+
+
+@pytest.mark.parametrize(("n_train", "n_val", "batch", "replicas", "words"), [
+    (54000, 6000, 128, 3, r"--batch-size 128 does not split evenly over 3 GPUs: use a multiple of 3 \(126 or 129\)"),
+    (50, 10, 64, 2, "--batch-size 64 is more than the 50 training examples"),
+    (100, 1, 8, 2, "the validation split's 1 examples cannot be batched so that each of 2 GPUs"),
+    (90, 10, 12, 3, "the validation split's 10 examples cannot be batched so that each of 3 GPUs"),
+], ids=["uneven-batch", "batch-above-the-data", "validation-smaller-than-the-gpus", "validation-of-10-on-3"])
+def test_batches_that_cannot_split_over_the_gpus_are_refused_naming_the_fix(n_train, n_val, batch, replicas, words):
+    with pytest.raises(train.StepError, match=words):
+        train.replica_batches(n_train, n_val, batch, replicas)
+
+
+def test_training_on_three_replicas_with_uneven_splits_saves_a_model_that_predicts_any_batch(
+        tmp_path, data_root, prepare, mlflow_server) -> None:
+    """MirroredStrategy over 3 logical CPU devices stands in for 3 GPUs (Keras splits batches the same way): 180
+    training images in batches of 21 leave 12, and 20 validation images do not divide by 3; before, training
+    failed on both, and the saved model's 2-image predict failed on 3 replicas."""
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=20))["manifest"]
+    counts = json.loads(Path(manifest).read_text())["splits"]
+    assert (counts["train"]["count"], counts["val"]["count"]) == (180, 20)
+    assert train.replica_batches(180, 20, 21, 3) == (8, 15)  # validation in batches of 15 and 5
+    config = {"manifest": manifest, "data_root": str(data_root), "run_key": "train/three-replicas",
+              "tracking_uri": mlflow_server, "experiment": "train_tests", "epochs": 1, "batch_size": 21,
+              "width": 4, "mixed_precision": False}
+    script = ("import json, sys\n"
+              "import tensorflow as tf\n"
+              "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+              "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)\n"
+              "from mlsteps import train\n"
+              "train._strategy = lambda tf_, config: (tf.distribute.MirroredStrategy(\n"
+              "    [f'/cpu:{i}' for i in range(3)]), 3)\n"
+              "result = train.run(train.TrainConfig(**json.loads(sys.argv[1])))\n"
+              "print('RESULT', json.dumps(result['metrics']))\n")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(config)], capture_output=True, text=True,
+                         env=step_env(), timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    metrics = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert 0 <= metrics["val_accuracy"] <= 1
+    import keras
+    import numpy as np
+
+    model = keras.models.load_model(tracking.run_dir(str(data_root), "train/three-replicas") / "model" / "model.keras")
+    assert model.predict(np.zeros((2, 28, 28), np.float32), verbose=0).shape == (2, 10)
