@@ -37,6 +37,18 @@ def load_trained(path: str, manifest: dict[str, Any] | None = None) -> Any:
     return net
 
 
+MIN_IMAGE_SIDE = 4  # the CNN's two 2x2 poolings: a side under 4 pixels pools to nothing
+
+
+def size_error(image_shape: tuple[int, ...]) -> str:
+    """Why images of this shape cannot go through the CNN ("" if they can)."""
+    if min(image_shape) >= MIN_IMAGE_SIDE:
+        return ""
+    return (f"images of {'x'.join(map(str, image_shape))} pixels are too small for the CNN: its two 2x2 poolings "
+            f"need at least {MIN_IMAGE_SIDE} pixels on each side; pad or upscale the images (MNIST's are 28x28) "
+            "and prepare them again")
+
+
 def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dropout: float = 0.2,
           keras_module: Any = None) -> Any:
     """A Keras CNN taking float32 pixels in 0..255 of shape (H, W); scaling is part of the model.
@@ -46,6 +58,8 @@ def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dr
     ``keras_module`` builds the same network with another Keras (compress passes ``tf_keras``, which
     tensorflow-model-optimization needs); its weights come in the same order.
     """
+    if error := size_error(image_shape):
+        raise StepError(error)
     if keras_module is None:
         import keras as keras_module
     keras = keras_module

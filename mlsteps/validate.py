@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import data, tracking
+from . import data, model, tracking
 from .core import StepError, cli, field, write_json_atomic
 
 log = logging.getLogger("mlsteps.validate")
@@ -47,6 +47,10 @@ def inspect(manifest: dict[str, Any], config: ValidateConfig) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     num_classes = manifest["num_classes"]
     height, width = manifest["image_shape"]
+    too_small = model.size_error((height, width))
+    _check(checks, "image size fits the model", not too_small,
+           too_small or f"{height}x{width}: at least {model.MIN_IMAGE_SIDE} pixels on each side",
+           value=min(height, width), threshold=model.MIN_IMAGE_SIDE)
     loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, info in manifest["splits"].items():
         # Each record's image is raw bytes: it decodes as HxW uint8 exactly when it holds H*W bytes (the

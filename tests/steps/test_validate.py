@@ -181,3 +181,23 @@ def test_a_deleted_experiment_is_an_input_error_saying_how_to_restore_it(source_
                      tracking_uri=mlflow_server, experiment="validate_deleted")
     with pytest.raises(StepError, match=f"mlflow experiments restore --experiment-id {experiment_id}"):
         validate.run(config)
+
+
+def test_images_too_small_for_the_model_fail_validation_naming_the_fix(tmp_path, data_root, prepare) -> None:
+    """3x28 images prepare fine but would crash training (its two 2x2 poolings need 4 pixels a side)."""
+    from mlsteps import model
+
+    source = tmp_path / "source"
+    source.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 100), ("test", 20)):
+        _write(source, f"{split}_images", (n, 3, 28), bytes(rng.randrange(256) for _ in range(n * 3 * 28)))
+        _write(source, f"{split}_labels", (n,), bytes(i % 2 for i in range(n)))
+    manifest = data.load_manifest(prepare(source)["manifest"])
+
+    report = validate.inspect(manifest, _config(data_root))
+    check = _by_name(report)["image size fits the model"]
+    assert report["passed"] is False and check["passed"] is False
+    assert "3x28 pixels are too small" in check["detail"] and "pad or upscale" in check["detail"]
+    with pytest.raises(StepError, match="3x28 pixels are too small for the CNN"):
+        model.build(image_shape=(3, 28), num_classes=2)
