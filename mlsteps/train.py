@@ -158,9 +158,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     settings = {**asdict(config), "dataset_digest": manifest["digest"]}
     for key in ("tracking_uri", "manifest", "data_root"):
         settings.pop(key)
-    if is_complete(model_dir) and json.loads((model_dir / "result.json").read_text())["settings"] == settings:
+    previous = _finished(model_dir) if is_complete(model_dir) else None
+    if previous is not None and previous["settings"] == settings:
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
-        return json.loads((model_dir / "result.json").read_text())
+        return previous
     if model_dir.exists():
         # A model for other settings, or a half-written one: train again, from scratch.
         shutil.rmtree(model_dir)
@@ -181,6 +182,25 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise
 
 
+def _finished(model_dir: Path) -> dict[str, Any] | None:
+    """The result of a finished training in ``model_dir``, or None when its files are damaged (a node that
+    crashed after the folder was renamed into place, a disk error): evaluate would refuse the model, and
+    training again is the only fix, so it must not be skipped as "already trained"."""
+    import zipfile
+
+    try:
+        result = json.loads((model_dir / "result.json").read_text())
+        with zipfile.ZipFile(model_dir / "model.keras") as archive:
+            damaged = archive.testzip()
+        if damaged is None and isinstance(result, dict) and "settings" in result:
+            return result
+        reason = f"{damaged} fails its checksum" if damaged else "result.json has no settings"
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    log.warning("the finished model in %s is damaged (%s): training again", model_dir, reason)
+    return None
+
+
 def _backup_for(backup_dir: Path, settings: dict[str, Any]) -> None:
     """Keep an epoch backup only if it was made with these settings; mark the backup folder with them.
 
@@ -188,10 +208,18 @@ def _backup_for(backup_dir: Path, settings: dict[str, Any]) -> None:
     network, or would silently continue the other settings' training.
     """
     marker = backup_dir / "settings.json"
-    if backup_dir.exists() and (not marker.is_file() or json.loads(marker.read_text()) != settings):
-        log.warning("discarding the epoch backup in %s: it was not made with these settings; training from scratch",
-                    backup_dir)
-        shutil.rmtree(backup_dir)
+    if backup_dir.exists():
+        why = ""
+        try:
+            if not marker.is_file() or json.loads(marker.read_text()) != settings:
+                why = "it was not made with these settings"
+            for record in backup_dir.rglob("*.json*"):  # Keras's epoch records, rewritten in place each epoch
+                json.loads(record.read_text())
+        except ValueError as exc:  # a pod killed while writing one: Keras would fail on it at every retry
+            why = f"{exc.__class__.__name__} in one of its records ({exc})"
+        if why:
+            log.warning("discarding the epoch backup in %s: %s; training from scratch", backup_dir, why)
+            shutil.rmtree(backup_dir)
     backup_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, settings)
 

@@ -395,3 +395,34 @@ def test_training_on_three_replicas_with_uneven_splits_saves_a_model_that_predic
 
     model = keras.models.load_model(tracking.run_dir(str(data_root), "train/three-replicas") / "model" / "model.keras")
     assert model.predict(np.zeros((2, 28, 28), np.float32), verbose=0).shape == (2, 10)
+
+
+def test_a_damaged_finished_model_is_trained_again_not_returned_as_already_trained(
+        tmp_path, data_root, prepare, mlflow_server, caplog) -> None:
+    """evaluate refuses a damaged model.keras and says "run the train step again": that must then work."""
+    import keras
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    config = _train_config(manifest, data_root, mlflow_server, "train/damaged-model")
+    first = train.run(config)
+    model_path = Path(first["model_path"])
+    model_path.write_bytes(model_path.read_bytes()[:1000])  # what a crash or a disk error can leave
+
+    again = train.run(config)
+    assert "is damaged" in caplog.text and "training again" in caplog.text
+    assert again["resumed_from_epoch"] == 0 and again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert keras.models.load_model(again["model_path"], compile=False).output_shape == (None, 10)
+
+
+def test_an_epoch_record_left_half_written_discards_the_backup_instead_of_failing_every_retry(tmp_path, caplog):
+    """Keras rewrites training_metadata.json in place each epoch and falls back to its copy only on OSError:
+    a pod killed while writing it left a file every retry failed on with a JSONDecodeError."""
+    backup = tmp_path / "backup"
+    settings = {"epochs": 3, "width": 4}
+    train._backup_for(backup, settings)
+    (backup / "training_metadata.json").write_text("")
+    (backup / "latest.weights.h5").write_bytes(b"weights")
+
+    train._backup_for(backup, settings)
+    assert "discarding the epoch backup" in caplog.text and "JSONDecodeError" in caplog.text
+    assert sorted(p.name for p in backup.iterdir()) == ["settings.json"]
