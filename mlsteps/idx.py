@@ -12,6 +12,8 @@ import numpy as np
 from .core import StepError
 
 _UBYTE = 0x08
+_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "16-bit integer", 0x0C: "32-bit integer",
+          0x0D: "32-bit float", 0x0E: "64-bit float"}  # the IDX format's value types
 
 
 class IdxFormatError(StepError):
@@ -36,7 +38,14 @@ def parse(path: Path, payload: bytes, *, expect_ndim: int) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", payload[:4])
     if zero != 0 or dtype != _UBYTE or ndim != expect_ndim:
         kind = "labels (magic 0x00000801)" if expect_ndim == 1 else "images (magic 0x00000803)"
-        raise IdxFormatError(f"{path}: wrong magic number 0x{payload[:4].hex()}; expected IDX {kind}")
+        message = f"{path}: wrong magic number 0x{payload[:4].hex()}; expected IDX {kind}"
+        if zero == 0 and dtype in _TYPES:  # a valid IDX header, of values or dimensions not supported
+            shape, values = (("N", "class numbers 0..K-1") if expect_ndim == 1 else
+                             ("N x H x W", "grayscale pixels 0..255 (RGB converted to one channel, floats scaled "
+                                           "and rounded)"))
+            message += (f": this file holds {_TYPES[dtype]} values in {ndim} dimension(s); only unsigned bytes "
+                        f"({shape}) are supported: write {values} as uint8")
+        raise IdxFormatError(message)
     header = 4 + 4 * ndim
     if len(payload) < header:
         raise IdxFormatError(f"{path}: header truncated ({len(payload)} bytes, needs {header})")

@@ -39,6 +39,18 @@ def test_decompress_passes_raw_idx_through_and_ungzips_gzip() -> None:
     assert idx.decompress(PATH, gzip.compress(payload)) == payload
 
 
+@pytest.mark.parametrize(("payload", "expect_ndim", "words"), [
+    (idxdata.idx_bytes((2, 2, 2), bytes(32), magic_type=0x0D), 3,
+     r"holds 32-bit float values in 3 dimension\(s\); only unsigned bytes \(N x H x W\) are supported: write "
+     r"grayscale pixels 0..255 \(RGB converted to one channel, floats scaled and rounded\) as uint8"),
+    (idxdata.idx_bytes((2, 2, 2, 3), bytes(24)), 3, r"holds unsigned byte values in 4 dimension\(s\)"),
+    (idxdata.idx_bytes((2,), bytes(8), magic_type=0x0C), 1, r"32-bit integer values .* write class numbers 0..K-1"),
+], ids=["float-images", "rgb-images", "int32-labels"])
+def test_an_idx_file_of_another_type_or_shape_says_what_it_holds_and_how_to_convert_it(payload, expect_ndim, words):
+    with pytest.raises(idx.IdxFormatError, match=words):
+        idx.parse(PATH, payload, expect_ndim=expect_ndim)
+
+
 @pytest.mark.parametrize(
     ("payload", "expect_ndim", "message"),
     [
