@@ -26,7 +26,7 @@ Endpoints (every response names the model and version, in the body and in ``X-Mo
 Bad requests get 400 (not JSON; not numbers: strings, true/false and null are refused), 404 (no such model,
 version or path), 405 (wrong method), 413 (body or batch too large) or 422 (wrong shape, values out of 0..255)
 with {"error": "<what is wrong and what is expected>"}; the server stays up. Large requests (over 64 KiB of
-JSON: some 20 images) are parsed and run on a worker thread, two at a time, and a small one that finds the
+JSON: more than a few images) are parsed and run on a worker thread, two at a time, and a small one that finds the
 model busy with them waits there too, so the health probes never wait behind a big batch.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
 """
@@ -117,8 +117,8 @@ class LiteRTRunner(Serialised):
     """One interpreter per batch size seen (resizing costs more than a small model's inference).
 
     Bounded, least recently used dropped first: at most 16 interpreters, for at most ``capacity`` images in all.
-    An interpreter's memory grows with its batch (a float model of width 64 needs ~65 MiB at batch 256): a
-    client sweeping batch sizes must not push the server past its memory limit.
+    An interpreter's memory grows with its batch (a float model's most): a client sweeping batch sizes must not
+    push the server past its memory limit.
     """
 
     MAX_INTERPRETERS = 16
@@ -222,7 +222,7 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, requests.HTTPError):
         status = exc.response.status_code if exc.response is not None else 0
         return status >= 500 or status == 429
-    if unreachable(exc) or isinstance(exc, OSError):
+    if isinstance(exc, OSError):  # requests' connection errors and timeouts among them
         return True
     return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 
@@ -545,8 +545,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         except orjson.JSONDecodeError as exc:
             raise RequestError(400, f"request body is not valid JSON: {exc}") from None
 
-    # Big requests leave the event loop (a float model answers 256 images in ~0.1 s: probes queued behind a few
-    # of those would time out, and Kubernetes would take the pod out of service, then restart it). Two at a
+    # Big requests leave the event loop (a big batch of a float model holds it long enough that probes queued
+    # behind a few would time out, and Kubernetes would take the pod out of service, then restart it). Two at a
     # time: parsing holds Python objects for every pixel, and the interpreter runs one call at a time anyway.
     # A small request finding the model busy with one of them waits on a worker thread too (RunnerBusy).
     heavy = anyio.CapacityLimiter(2)

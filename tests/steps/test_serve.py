@@ -309,6 +309,14 @@ def test_health_probes_answer_while_a_large_batch_is_being_inferred():
         def __init__(self) -> None:
             super().__init__()
             self.entered, self.release, self.calls = threading.Event(), threading.Event(), []
+            self.found_busy = threading.Event()  # a request on the event loop found the model taken
+
+        def predict(self, images: np.ndarray, wait: bool = True) -> np.ndarray:
+            try:
+                return super().predict(images, wait)
+            except serve.RunnerBusy:
+                self.found_busy.set()
+                raise
 
         def _predict(self, images: np.ndarray) -> np.ndarray:
             self.calls.append(len(images))
@@ -343,7 +351,7 @@ def test_health_probes_answer_while_a_large_batch_is_being_inferred():
         senders = [send("big", 32)]
         assert runner.entered.wait(30)
         senders.append(send("small", 1))  # the model is busy: this one must not wait on the event loop
-        time.sleep(0.5)
+        assert runner.found_busy.wait(30)
         try:
             with urllib.request.urlopen(f"{client.url}/v2/health/live", timeout=10) as response:
                 live = response.status
