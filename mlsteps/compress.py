@@ -31,7 +31,7 @@ import numpy as np
 
 from . import data, tracking
 from . import model as model_lib
-from .core import StepError, atomic_directory, cli, field, is_complete, write_json_atomic
+from .core import StepError, atomic_directory, cli, field, is_complete, seed_error, write_json_atomic
 from .model import ModelLoadError
 
 log = logging.getLogger("mlsteps.compress")
@@ -81,6 +81,8 @@ def _check(config: CompressConfig) -> None:
                         f"(pruning and QAT happen while fine-tuning), got {config.finetune_epochs}")
     if not -100 <= config.max_accuracy_drop <= 100:
         raise StepError(f"--max-accuracy-drop is in percentage points (-100..100), got {config.max_accuracy_drop}")
+    if error := seed_error(config.seed):
+        raise StepError(error)
     for name in ("threads", "latency_runs", "throughput_batch", "representative_examples", "batch_size"):
         if getattr(config, name) < 1:
             raise StepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")

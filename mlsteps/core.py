@@ -149,18 +149,56 @@ def require_gpus(tf: Any) -> int:
     return visible
 
 
+SEED_MAX = 2**32 - 1  # the largest seed Keras (and NumPy's legacy generator) takes
+
+
+def seed_error(seed: int) -> str | None:
+    """Why ``seed`` cannot seed NumPy and Keras, or None."""
+    if 0 <= seed <= SEED_MAX:
+        return None
+    return f"--seed must be a whole number from 0 to {SEED_MAX}, got {seed}"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable (a file's fsync does not cover its name)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that readers see either the old file or the complete new one."""
+    """Write JSON so that readers see either the old file or the complete new one, after a crash too.
+
+    The content reaches the disk before the rename does: otherwise a node that loses power just after can
+    come back with the new name on an empty file (ext4's and XFS's delayed allocation).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (and ``root``) to the disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_directory(Path(folder))
 
 
 COMPLETE_MARKER = "_COMPLETE"
@@ -176,6 +214,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         yield scratch
         (scratch / COMPLETE_MARKER).write_text("ok\n")
+        _fsync_tree(scratch)  # on the disk before the rename publishes it (a crash then finds it whole)
         if final.exists() and not is_complete(final):
             shutil.rmtree(final)  # left by a writer that died before this mechanism existed, or by hand
         try:
@@ -184,6 +223,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             if not is_complete(final):
                 raise
             shutil.rmtree(scratch)  # a concurrent writer finished first with the same content
+        _fsync_directory(final.parent)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

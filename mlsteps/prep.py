@@ -13,6 +13,7 @@ import http.client
 import json
 import logging
 import math
+import os
 import socket
 import time
 import urllib.error
@@ -26,7 +27,7 @@ import numpy as np
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from . import datasets, idx
-from .core import StepError, atomic_directory, cli, field, is_complete
+from .core import StepError, atomic_directory, cli, field, is_complete, seed_error
 
 log = logging.getLogger("mlsteps.prep")
 
@@ -100,6 +101,8 @@ def _download(url: str, dest: Path, timeout: float) -> None:
         if total and done != total:
             # urllib ends a short body quietly when the server closes the connection early.
             raise ConnectionError(f"connection closed after {done} of {total} bytes")
+        out.flush()
+        os.fsync(out.fileno())  # on the disk before the rename into the cache (a crash leaves no empty file)
 
 
 def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile) -> Path:
@@ -277,6 +280,8 @@ def run(config: PrepConfig) -> dict[str, Any]:
         raise StepError(f"--records-per-shard must be at least 1, got {config.records_per_shard}")
     if config.num_classes < 0 or config.num_classes == 1:
         raise StepError(f"--num-classes must be 0 (count them from the labels) or at least 2, got {config.num_classes}")
+    if error := seed_error(config.seed):
+        raise StepError(error)
     for mirror in config.mirrors or ():
         if urllib.parse.urlsplit(mirror).scheme not in ("http", "https", "file"):
             raise StepError(f"--mirrors: {mirror!r} is not an http(s):// or file:// URL, e.g. "

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import StepError, field, parse_config, setup_logging
+from .core import StepError, field, parse_config, setup_logging, write_json_atomic
 
 log = logging.getLogger("mlsteps.serve")
 
@@ -319,15 +319,10 @@ def read_deployment(path: str, model_name: str) -> str:
 
 def write_deployment(path: str, model_name: str, served: Served, previous: str) -> None:
     """Record what is served, atomically: a restarted server comes back with the same version."""
-    import json
     from datetime import datetime, timezone
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"model_name": model_name, "version": served.version, "previous_version": previous,
-                               "deployed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
-    os.replace(tmp, target)
+    write_json_atomic(Path(path), {"model_name": model_name, "version": served.version, "previous_version": previous,
+                                   "deployed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 class ModelHolder:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import data, tracking
-from .core import StepError, atomic_directory, cli, field, is_complete, require_gpus, write_json_atomic
+from .core import (StepError, atomic_directory, cli, field, is_complete, require_gpus, seed_error,
+                   write_json_atomic)
 
 log = logging.getLogger("mlsteps.train")
 
@@ -82,9 +83,14 @@ def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int,
                        learning_rate: float) -> Any:
     class Progress(keras.callbacks.Callback):
         """One MLflow metrics batch per finished epoch, sent before the backup is written, and one log line
-        after it (``announce``): a line "epoch N/M" means epoch N is saved."""
+        after it (``announce``): a line "epoch N/M" means epoch N is saved.
+
+        ``images_per_second`` is the training pass's (``train_seconds``: up to the validation's start);
+        ``epoch_seconds`` includes the validation.
+        """
 
         first_epoch: int | None = None
+        _trained: float | None = None
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             if self.first_epoch is None:
@@ -92,12 +98,19 @@ def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int,
                 if epoch:
                     log.info("resuming from checkpoint: epoch %d/%d", epoch + 1, epochs)
             self._started = time.monotonic()
+            self._trained = None
+
+        def on_test_begin(self, logs: dict | None = None) -> None:  # fit's validation pass
+            if self._trained is None:
+                self._trained = time.monotonic() - self._started
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             seconds = time.monotonic() - self._started
+            trained = seconds if self._trained is None else self._trained
             metrics = {k: float(v) for k, v in (logs or {}).items()}
             metrics["epoch_seconds"] = seconds
-            metrics["images_per_second"] = examples / seconds if seconds else 0.0
+            metrics["train_seconds"] = trained
+            metrics["images_per_second"] = examples / trained if trained else 0.0
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
@@ -112,8 +125,8 @@ def _progress_callback(keras: Any, mlflow_client: Any, run_id: str, epochs: int,
         def announce(self, epoch: int, logs: dict | None = None) -> None:
             metrics = self._logged
             shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "second" not in k)
-            log.info("epoch %d/%d %s (%.1f s, %.0f img/s)", epoch + 1, epochs, shown, metrics["epoch_seconds"],
-                     metrics["images_per_second"])
+            log.info("epoch %d/%d %s (%.1f s; training %.0f img/s)", epoch + 1, epochs, shown,
+                     metrics["epoch_seconds"], metrics["images_per_second"])
 
     return Progress()
 
@@ -147,6 +160,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     manifest = data.load_manifest(config.manifest)
     if config.epochs < 1:
         raise StepError(f"--epochs must be >= 1, got {config.epochs}")
+    if error := seed_error(config.seed):
+        raise StepError(error)
     from .search import domain_error  # the search's domains: a value the search may pick, train accepts
 
     for name in ("learning_rate", "batch_size", "width", "dropout"):
@@ -255,6 +270,10 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     keras.utils.set_random_seed(config.seed)
     strategy, gpus = _strategy(tf, config)
     replicas = strategy.num_replicas_in_sync
+    # A backup resumes only in the precision it was made in: under mixed_float16 the optimizer is wrapped in a
+    # LossScaleOptimizer, whose state a float32 model skips when it loads the backup (a GPU try resumed on a CPU
+    # pod, or with --mixed-precision changed, would restart Adam and its learning-rate schedule mid-training).
+    backup_settings = {**settings, "dtype_policy": keras.mixed_precision.global_policy().name}
     n_train = manifest["splits"]["train"]["count"]
     steps_per_epoch, val_batch = replica_batches(n_train, manifest["splits"]["val"]["count"], config.batch_size,
                                                  replicas)
@@ -272,11 +291,13 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed,
                             drop_remainder=replicas > 1)
     val_ds = data.dataset(manifest, "val", batch_size=val_batch)
-    progress = _progress_callback(keras, client, run_id, config.epochs, n_train, config.learning_rate)
+    # Images one epoch trains on: several GPUs drop the last partial batch.
+    trained_images = n_train if replicas == 1 else steps_per_epoch * config.batch_size
+    progress = _progress_callback(keras, client, run_id, config.epochs, trained_images, config.learning_rate)
     # The backup outlives fit(): if logging to MLflow fails afterwards, the retry restores the last epoch
     # instead of training again. It is removed once the finished model is in place. Two copies: a pod
     # killed while writing one resumes from the other.
-    _backup_for(backup_dir, settings)
+    _backup_for(backup_dir, backup_settings)
     # progress first: an epoch is backed up only once MLflow has its metrics, so an outage while logging them
     # retrains that epoch on the retry instead of skipping it with its metrics lost.
     callbacks = [progress,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import data, search, tracking
-from .core import StepError, cli, field, require_gpus
+from .core import StepError, cli, field, require_gpus, seed_error
 
 log = logging.getLogger("mlsteps.tune")
 
@@ -75,6 +75,8 @@ def _check(config: TuneConfig) -> None:
                         f"{config.pruner}")
     if config.heartbeat_seconds < 1:
         problems.append("--heartbeat-seconds must be >= 1")
+    if error := seed_error(config.seed):
+        problems.append(error)
     if problems:
         raise StepError("; ".join(problems))
 
@@ -251,7 +253,8 @@ class _Trainer:
         from . import model as model_lib
 
         keras, config = self.keras, self.config
-        keras.utils.set_random_seed(config.seed + trial.number)
+        seed = (config.seed + trial.number) % 2**32  # the range Keras takes: a --seed near its top wraps
+        keras.utils.set_random_seed(seed)
         batch_size = int(hp["batch_size"])
         steps = -(-self.n_train // batch_size)
         net = model_lib.compiled(image_shape=tuple(self.manifest["image_shape"]),
@@ -281,7 +284,7 @@ class _Trainer:
                     outcome["pruned_at"] = epoch + 1
                     self.model.stop_training = True
 
-        net.fit(data.batches(self.train, batch_size=batch_size, shuffle=True, seed=config.seed + trial.number),
+        net.fit(data.batches(self.train, batch_size=batch_size, shuffle=True, seed=seed),
                 validation_data=data.batches(self.val, batch_size=512), epochs=config.max_epochs,
                 callbacks=[keras.callbacks.TerminateOnNaN(raise_error=True), Report()], verbose=0)
         return outcome["value"], outcome["pruned_at"], outcome["epochs"]

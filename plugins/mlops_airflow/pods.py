@@ -6,8 +6,8 @@ Imported only when the runtime is ``kubernetes``: the provider import costs abou
 from __future__ import annotations
 
 import copy
-
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,15 @@ EXPECTED_GPUS_ENV = "MLSTEPS_EXPECTED_GPUS"  # mlsteps.core.require_gpus reads i
 RUN_AS_USER = 10001  # the non-root user of images/steps/Dockerfile
 SIDECAR_LIMITS = {"cpu": "50m", "memory": "32Mi"}  # a shell sleeping until the result is read
 USER_ERROR = 2  # exit code of mlsteps.core.cli for a StepError (bad input, failed validation)
+# TensorFlow reads these for its thread pools; unset, it sizes them by the node's cores, not the pod's limit.
+TF_THREAD_ENVS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def cpu_threads(quantity: str) -> int:
+    """Whole CPUs a Kubernetes CPU quantity allows, at least 1: "500m" -> 1, "4" -> 4, "1.5" -> 2."""
+    from kubernetes.utils import parse_quantity
+
+    return max(1, math.ceil(parse_quantity(quantity)))
 
 
 def exit_code(pod: k8s.V1Pod | None, container: str) -> int | None:
@@ -140,7 +149,10 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
     volumes = [k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
         claim_name=settings.data_pvc))] if data_volume else []
     mounts = [k8s.V1VolumeMount(name="data", mount_path=settings.data_root)] if data_volume else []
-    env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
+    cpu_limit = resources.cpu_limit or resources.cpu
+    # A step on a 64-core node with a 4-CPU limit would otherwise run 64 TensorFlow threads in a 4-CPU quota.
+    env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+           *(k8s.V1EnvVar(name=name, value=str(cpu_threads(cpu_limit))) for name in TF_THREAD_ENVS)]
     if read_only_root:
         step_context.read_only_root_filesystem = True
         volumes.append(k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi")))
@@ -159,7 +171,7 @@ def operator_kwargs(*, task_id: str, module: str, arguments: list[str], resource
         arguments=arguments,
         container_resources=k8s.V1ResourceRequirements(
             requests={"cpu": resources.cpu, "memory": resources.memory},
-            limits={"cpu": resources.cpu_limit or resources.cpu, "memory": resources.memory}),
+            limits={"cpu": cpu_limit, "memory": resources.memory}),
         gpus=gpus,
         node_selector_json=node_selector_json,
         volumes=volumes,

@@ -111,6 +111,27 @@ def test_pod_runs_the_step_cli_hardened_with_shared_volume_and_mlflow_secret(ren
     assert sidecar["resources"]["limits"]["cpu"] and sidecar["resources"]["limits"]["memory"]
 
 
+@pytest.mark.parametrize("task_id", list(STEPS))
+def test_tensorflow_in_each_pod_runs_as_many_threads_as_its_cpu_limit_allows(rendered, task_id):
+    """Unset, TensorFlow sizes its thread pools by the node's cores: 64 threads on a 4-CPU limit, throttled."""
+    import math
+
+    from kubernetes.utils import parse_quantity
+
+    container = rendered[task_id]["spec"]["containers"][0]
+    expected = str(max(1, math.ceil(parse_quantity(container["resources"]["limits"]["cpu"]))))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == (expected, expected)
+
+
+def test_a_cpu_limit_in_millicores_rounds_up_to_whole_threads(rendered):
+    env = {e["name"]: e.get("value") for e in rendered["create_study"]["spec"]["containers"][0]["env"]}
+    assert rendered["create_study"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "500m"
+    assert env["TF_NUM_INTRAOP_THREADS"] == "1"
+    env = {e["name"]: e.get("value") for e in rendered["train"]["spec"]["containers"][0]["env"]}
+    assert env["TF_NUM_INTRAOP_THREADS"] == "4"
+
+
 def test_step_arguments_carry_params_and_earlier_results(rendered):
     args = rendered["train"]["spec"]["containers"][0]["args"]
     flags = dict(zip(args[::2], args[1::2]))

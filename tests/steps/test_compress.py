@@ -378,8 +378,9 @@ def test_negative_threshold_demands_a_gain():
     ({"threads": 0}, "--threads must be >= 1, got 0"),
     ({"latency_runs": 0}, "--latency-runs must be >= 1, got 0"),
     ({"representative_examples": 0}, "--representative-examples must be >= 1, got 0"),
+    ({"seed": -1}, "--seed must be a whole number from 0 to 4294967295"),
 ], ids=["unknown-method", "sparsity-one", "sparsity-negative", "no-finetuning-to-prune", "no-finetuning-for-qat",
-        "drop-past-100", "no-threads", "no-latency-runs", "no-calibration-images"])
+        "drop-past-100", "no-threads", "no-latency-runs", "no-calibration-images", "negative-seed"])
 def test_impossible_settings_are_refused_by_flag_before_any_work(tmp_path, settings, words):
     """The manifest does not exist: a check that let the settings through would fail on it instead."""
     config = compress.CompressConfig(manifest=str(tmp_path / "missing" / "manifest.json"), data_root=str(tmp_path),

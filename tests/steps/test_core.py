@@ -176,6 +176,85 @@ def test_write_json_atomic_replaces_whole_file(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
+def _disk_events(monkeypatch) -> list[tuple[str, str]]:
+    """Record, in order, what os.fsync flushed (by path) and what os.replace / os.rename published."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    fsync, replace, rename = os.fsync, os.replace, os.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording(name, real):
+        def move(src, dst, *args, **kwargs):
+            events.append((name, str(dst)))
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording("replace", replace))
+    monkeypatch.setattr(os, "rename", recording("rename", rename))
+    return events
+
+
+def test_write_json_atomic_flushes_the_content_to_disk_before_the_new_name_appears(tmp_path, monkeypatch) -> None:
+    """Without it a node that loses power right after can come back with r.json empty (delayed allocation)."""
+    path = tmp_path / "r.json"
+    events = _disk_events(monkeypatch)
+    core.write_json_atomic(path, {"a": 1})
+
+    publish = events.index(("replace", str(path)))
+    flushed = [target for kind, target in events[:publish] if kind == "fsync"]
+    assert any(Path(target).name.startswith(".r.json.") for target in flushed), events  # the temp file's content
+    assert ("fsync", str(tmp_path)) in events[publish:], events  # and then the rename itself
+
+
+def test_atomic_directory_flushes_every_file_before_the_folder_is_published(tmp_path, monkeypatch) -> None:
+    final = tmp_path / "result"
+    events = _disk_events(monkeypatch)
+    with core.atomic_directory(final) as scratch:
+        (scratch / "shards").mkdir()
+        (scratch / "shards" / "part-0").write_bytes(b"x" * 100)
+        (scratch / "meta.json").write_text("{}")
+
+    publish = events.index(("rename", str(final)))
+    flushed = {Path(target).relative_to(scratch) for kind, target in events[:publish]
+               if kind == "fsync" and Path(target).is_relative_to(scratch)}
+    assert {Path("shards/part-0"), Path("meta.json"), Path(core.COMPLETE_MARKER), Path("shards")} <= flushed, events
+    assert ("fsync", str(tmp_path)) in events[publish:], events
+
+
+def test_tensorflow_sizes_its_thread_pools_by_the_variables_the_pods_set() -> None:
+    """The Kubernetes runtime bounds each step's TensorFlow threads by the pod's CPU limit through
+    TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS (mlops_airflow.pods): TensorFlow must still read them."""
+    import subprocess
+    import sys
+
+    from stepsupport import step_env
+
+    script = ("import os, tensorflow as tf\n"
+              "a = tf.random.normal((1000, 1000))\n"
+              "tf.matmul(a, a).numpy()\n"
+              "print(len(os.listdir('/proc/self/task')))\n")
+
+    def threads(count: int) -> int:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                              env=step_env(TF_NUM_INTRAOP_THREADS=str(count), TF_NUM_INTEROP_THREADS=str(count)))
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    one, sixteen = threads(1), threads(16)
+    assert sixteen - one >= 20, (one, sixteen)  # two pools of 16 instead of 1 (this machine has 2 cores)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_and_keras_cannot_take_is_named_with_its_range(seed) -> None:
+    assert core.seed_error(seed) == f"--seed must be a whole number from 0 to 4294967295, got {seed}"
+    assert core.seed_error(0) is None and core.seed_error(2**32 - 1) is None
+
+
 @pytest.fixture
 def quiet_logging(monkeypatch) -> None:
     """core.cli reconfigures the root logger; keep pytest's log capture intact."""

@@ -141,6 +141,14 @@ def test_a_mirror_that_is_not_a_url_is_refused_before_anything_is_fetched(data_r
         prepare(None, dataset="mnist", mirrors=("ossci-datasets.s3.amazonaws.com/mnist/",))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_split_seed_numpy_cannot_take_is_refused_before_anything_is_read(source_dir, data_root, prepare,
+                                                                          seed) -> None:
+    with pytest.raises(StepError, match=f"--seed must be a whole number from 0 to 4294967295, got {seed}"):
+        prepare(source_dir, seed=seed)
+    assert datasets_entries(data_root) == []
+
+
 def test_num_classes_change_is_not_served_from_cache(source_dir, prepare) -> None:
     prepare(source_dir, num_classes=10)
     again = prepare(source_dir, num_classes=12)

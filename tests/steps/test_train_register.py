@@ -208,8 +208,8 @@ def test_a_diverged_training_fails_naming_the_learning_rate_and_saves_no_model(
 
 @pytest.mark.parametrize(("override", "flag"), [({"dropout": 1.5}, "--dropout"), ({"learning_rate": 0.0}, "--learning-rate"),
                                                 ({"batch_size": 0}, "--batch-size"), ({"width": 0}, "--width"),
-                                                ({"epochs": 0}, "--epochs")],
-                         ids=["dropout", "learning-rate", "batch-size", "width", "epochs"])
+                                                ({"epochs": 0}, "--epochs"), ({"seed": 2**32}, "--seed")],
+                         ids=["dropout", "learning-rate", "batch-size", "width", "epochs", "seed"])
 def test_impossible_hyperparameters_are_refused_before_mlflow_hears_of_the_run(override, flag, tmp_path, data_root,
                                                                              prepare, mlflow_server) -> None:
     from mlflow import MlflowClient
@@ -249,17 +249,21 @@ def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
     assert "train.settings_changed" not in MlflowClient(mlflow_server).get_run(run.info.run_id).data.tags
 
 
+def _mixed_precision_on_cpu(tf, config):
+    """What train._strategy does on a GPU pod, here on the CPU."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    return tf.distribute.get_strategy(), 0
+
+
 def test_a_model_trained_in_mixed_precision_is_saved_in_float32_and_compress_accepts_it(
         tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
     import keras
 
     from mlsteps import compress, data
 
-    def mixed_precision_on_cpu(tf, config):  # what a GPU pod does, here on the CPU
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        return tf.distribute.get_strategy(), 0
-
-    monkeypatch.setattr(train, "_strategy", mixed_precision_on_cpu)
+    monkeypatch.setattr(train, "_strategy", _mixed_precision_on_cpu)
     manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=64))["manifest"]
     try:
         result = train.run(_train_config(manifest, data_root, mlflow_server, "train/mixed"))
@@ -270,6 +274,47 @@ def test_a_model_trained_in_mixed_precision_is_saved_in_float32_and_compress_acc
     assert {layer.dtype_policy.name for layer in net.layers} == {"float32"}
     images, _ = data.arrays(data.load_manifest(manifest), "test")
     compress.legacy_clone(net, images, result["model_path"])  # refuses a model whose rebuild predicts otherwise
+
+
+def test_a_backup_made_in_another_precision_is_discarded_rather_than_resumed_without_its_optimizer(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch, caplog) -> None:
+    """A GPU try (mixed_float16) retried on a CPU pod (float32): the float32 model loads the backup's weights
+    but skips its LossScaleOptimizer's state, so Adam and the learning-rate schedule would restart mid-way."""
+    import keras
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    config = _train_config(manifest, data_root, mlflow_server, "train/precision", epochs=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "_strategy", _mixed_precision_on_cpu)
+        _fail_after_training(patch)
+        try:
+            with pytest.raises(RuntimeError):
+                train.run(config)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    result = train.run(config)
+    assert "discarding the epoch backup" in caplog.text
+    assert result["resumed_from_epoch"] == 0  # trained again in float32, not "every epoch already done"
+
+
+def test_images_per_second_counts_the_training_pass_not_the_validation(tmp_path, data_root, prepare,
+                                                                         mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    prepared = prepare(idxdata.write_dataset(tmp_path / "source", train=300, test=50), val_fraction=0.5)
+    result = train.run(_train_config(prepared["manifest"], data_root, mlflow_server, "train/throughput", epochs=2))
+    client = MlflowClient(mlflow_server)
+
+    def history(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(result["mlflow_run_id"], key)}
+
+    epoch, trained, rate = history("epoch_seconds"), history("train_seconds"), history("images_per_second")
+    examples = json.loads(Path(prepared["manifest"]).read_text())["splits"]["train"]["count"]
+    assert sorted(epoch) == sorted(trained) == sorted(rate) == [1, 2]
+    for step in (1, 2):
+        assert 0 < trained[step] < epoch[step]  # the validation pass comes after the training pass
+        assert rate[step] == pytest.approx(examples / trained[step])
 
 
 def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root, prepare, mlflow_server) -> None:

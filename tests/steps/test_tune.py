@@ -282,6 +282,16 @@ def test_a_reduction_factor_that_cannot_apply_is_refused_naming_the_flag(tmp_pat
     assert message in done.stderr
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_the_samplers_and_keras_cannot_take_is_refused_naming_the_flag(tmp_path, seed) -> None:
+    from mlsteps import tune
+
+    config = tune.TuneConfig(manifest=str(tmp_path / "none.json"), data_root=str(tmp_path), run_key="r", seed=seed)
+    with pytest.raises(StepError, match=f"--seed must be a whole number from 0 to 4294967295, got {seed}"):
+        tune.run(config)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- running steps ----------------------------------------------------------------------------------------------
 
 
