@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import glob
 import json
 import logging
@@ -159,11 +160,20 @@ def seed_error(seed: int) -> str | None:
     return f"--seed must be a whole number from 0 to {SEED_MAX}, got {seed}"
 
 
+# What fsync on a folder raises where the filesystem cannot flush one (CIFS before Linux 4.17, some FUSE and
+# CSI drivers): the rename is then as durable as that filesystem makes it, and the step goes on.
+_NO_DIRECTORY_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make a rename or a new entry in ``directory`` durable (a file's fsync does not cover its name)."""
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            raise
+        log.debug("%s: this filesystem cannot fsync a folder (%s)", directory, exc.strerror)
     finally:
         os.close(fd)
 
@@ -178,6 +188,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # as a plain open() would create it (mkstemp's file is 0600)
             json.dump(payload, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")
             fh.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,15 @@ def batches(examples: Any, *, batch_size: int, shuffle: bool = False, seed: int 
         ds = ds.shuffle(min(int(ds.cardinality()), 20000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    # A step pod's CPU limit (mlops_airflow.pods sets it for TensorFlow's op pools): tf.data's own pool would
+    # otherwise have a thread per core of the node.
+    threads = os.environ.get("TF_NUM_INTRAOP_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = int(threads)
+        ds = ds.with_options(options)
+    return ds
 
 
 def arrays(manifest: dict[str, Any], split: str, *, check_count: bool = True) -> tuple[Any, Any]:

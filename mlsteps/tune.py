@@ -81,6 +81,12 @@ def _check(config: TuneConfig) -> None:
         raise StepError("; ".join(problems))
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """Seed of trial ``number``'s weights and shuffling: ``seed`` + ``number``, wrapped into the range Keras takes
+    (a --seed near 2**32 - 1 would otherwise fail every trial but the first)."""
+    return (seed + number) % 2**32
+
+
 def study_settings(config: TuneConfig, space: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """What defines a search: re-running it with other settings is refused rather than mixed into one study."""
     return {"space": space, "objective": config.objective, "max_epochs": config.max_epochs, "pruner": config.pruner,
@@ -253,7 +259,7 @@ class _Trainer:
         from . import model as model_lib
 
         keras, config = self.keras, self.config
-        seed = (config.seed + trial.number) % 2**32  # the range Keras takes: a --seed near its top wraps
+        seed = trial_seed(config.seed, trial.number)
         keras.utils.set_random_seed(seed)
         batch_size = int(hp["batch_size"])
         steps = -(-self.n_train // batch_size)

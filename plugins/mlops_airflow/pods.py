@@ -32,10 +32,10 @@ TF_THREAD_ENVS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 
 def cpu_threads(quantity: str) -> int:
-    """Whole CPUs a Kubernetes CPU quantity allows, at least 1: "500m" -> 1, "4" -> 4, "1.5" -> 2."""
+    """Whole CPUs a Kubernetes CPU quantity allows, at least 1: "500m" -> 1, "4" -> 4, "1.5" -> 1."""
     from kubernetes.utils import parse_quantity
 
-    return max(1, math.ceil(parse_quantity(quantity)))
+    return max(1, math.floor(parse_quantity(quantity)))
 
 
 def exit_code(pod: k8s.V1Pod | None, container: str) -> int | None:

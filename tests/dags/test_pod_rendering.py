@@ -111,25 +111,23 @@ def test_pod_runs_the_step_cli_hardened_with_shared_volume_and_mlflow_secret(ren
     assert sidecar["resources"]["limits"]["cpu"] and sidecar["resources"]["limits"]["memory"]
 
 
+TF_THREADS = {"prep": 1, "validate": 1, "create_study": 1, "tune": 4, "select": 1, "train": 4, "evaluate": 2,
+              "compress": 2, "register": 1, "gate": 1, "promote": 1, "record_rejection": 1}  # 500m, 250m: 1
+
+
 @pytest.mark.parametrize("task_id", list(STEPS))
 def test_tensorflow_in_each_pod_runs_as_many_threads_as_its_cpu_limit_allows(rendered, task_id):
-    """Unset, TensorFlow sizes its thread pools by the node's cores: 64 threads on a 4-CPU limit, throttled."""
-    import math
-
-    from kubernetes.utils import parse_quantity
-
-    container = rendered[task_id]["spec"]["containers"][0]
-    expected = str(max(1, math.ceil(parse_quantity(container["resources"]["limits"]["cpu"]))))
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    """Unset, TensorFlow sizes its thread pools by the node's cores: 64 threads in a 4-CPU quota."""
+    env = {e["name"]: e.get("value") for e in rendered[task_id]["spec"]["containers"][0]["env"]}
+    expected = str(TF_THREADS[task_id])
     assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == (expected, expected)
 
 
-def test_a_cpu_limit_in_millicores_rounds_up_to_whole_threads(rendered):
-    env = {e["name"]: e.get("value") for e in rendered["create_study"]["spec"]["containers"][0]["env"]}
-    assert rendered["create_study"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "500m"
-    assert env["TF_NUM_INTRAOP_THREADS"] == "1"
-    env = {e["name"]: e.get("value") for e in rendered["train"]["spec"]["containers"][0]["env"]}
-    assert env["TF_NUM_INTRAOP_THREADS"] == "4"
+@pytest.mark.parametrize(("quantity", "threads"), [("500m", 1), ("1", 1), ("1500m", 1), ("2.5", 2), ("16", 16)])
+def test_a_fractional_cpu_limit_gives_the_whole_cpus_in_it_and_at_least_one(quantity, threads):
+    from mlops_airflow.pods import cpu_threads
+
+    assert cpu_threads(quantity) == threads
 
 
 def test_step_arguments_carry_params_and_earlier_results(rendered):

@@ -29,3 +29,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def disk_events(monkeypatch) -> list[tuple[str, str]]:
+    """Record, in order, what os.fsync flushed (by path) and what os.replace / os.rename published."""
+    events: list[tuple[str, str]] = []
+    fsync, replace, rename = os.fsync, os.replace, os.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording(name, real):
+        def move(src, dst, *args, **kwargs):
+            events.append((name, str(dst)))
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording("replace", replace))
+    monkeypatch.setattr(os, "rename", recording("rename", rename))
+    return events

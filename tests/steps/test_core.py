@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from stepsupport import disk_events
 
 from mlsteps import core, prep, tracking
 from mlsteps.core import StepError, field
@@ -176,33 +177,10 @@ def test_write_json_atomic_replaces_whole_file(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
-def _disk_events(monkeypatch) -> list[tuple[str, str]]:
-    """Record, in order, what os.fsync flushed (by path) and what os.replace / os.rename published."""
-    import os
-
-    events: list[tuple[str, str]] = []
-    fsync, replace, rename = os.fsync, os.replace, os.rename
-
-    def recording_fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return fsync(fd)
-
-    def recording(name, real):
-        def move(src, dst, *args, **kwargs):
-            events.append((name, str(dst)))
-            return real(src, dst, *args, **kwargs)
-        return move
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording("replace", replace))
-    monkeypatch.setattr(os, "rename", recording("rename", rename))
-    return events
-
-
 def test_write_json_atomic_flushes_the_content_to_disk_before_the_new_name_appears(tmp_path, monkeypatch) -> None:
     """Without it a node that loses power right after can come back with r.json empty (delayed allocation)."""
     path = tmp_path / "r.json"
-    events = _disk_events(monkeypatch)
+    events = disk_events(monkeypatch)
     core.write_json_atomic(path, {"a": 1})
 
     publish = events.index(("replace", str(path)))
@@ -213,7 +191,7 @@ def test_write_json_atomic_flushes_the_content_to_disk_before_the_new_name_appea
 
 def test_atomic_directory_flushes_every_file_before_the_folder_is_published(tmp_path, monkeypatch) -> None:
     final = tmp_path / "result"
-    events = _disk_events(monkeypatch)
+    events = disk_events(monkeypatch)
     with core.atomic_directory(final) as scratch:
         (scratch / "shards").mkdir()
         (scratch / "shards" / "part-0").write_bytes(b"x" * 100)
@@ -224,6 +202,31 @@ def test_atomic_directory_flushes_every_file_before_the_folder_is_published(tmp_
                if kind == "fsync" and Path(target).is_relative_to(scratch)}
     assert {Path("shards/part-0"), Path("meta.json"), Path(core.COMPLETE_MARKER), Path("shards")} <= flushed, events
     assert ("fsync", str(tmp_path)) in events[publish:], events
+
+
+def test_a_filesystem_that_cannot_fsync_a_folder_still_gets_its_outputs(tmp_path, monkeypatch) -> None:
+    """CIFS before Linux 4.17 and some FUSE / CSI drivers answer EINVAL: the step must not fail on that."""
+    import errno
+    import os
+    import stat
+
+    fsync = os.fsync
+
+    def no_folder_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_fsync)
+    core.write_json_atomic(tmp_path / "r.json", {"a": 1})
+    with core.atomic_directory(tmp_path / "result") as scratch:
+        (scratch / "data").write_text("x")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1} and core.is_complete(tmp_path / "result")
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # a disk error is still one
+        core.write_json_atomic(tmp_path / "r.json", {"a": 2})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
 
 
 def test_tensorflow_sizes_its_thread_pools_by_the_variables_the_pods_set() -> None:

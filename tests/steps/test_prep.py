@@ -332,3 +332,16 @@ def test_installed_fashion_mnist_passes_checksums_and_has_official_sizes(data_ro
     assert manifest["sources"]["train_images"]["path"].startswith(datasets.FASHION_MNIST.system_dirs[0])
     assert not (data_root / "cache" / "fashion_mnist").exists() or not any(
         (data_root / "cache" / "fashion_mnist").iterdir())
+
+
+@pytest.mark.parametrize(("env", "threads"), [("3", 3), ("", None)], ids=["pod-limit", "unset"])
+def test_the_input_pipeline_takes_as_many_threads_as_the_pod_gives_tensorflow(source_dir, prepare, monkeypatch,
+                                                                               env, threads) -> None:
+    """mlops_airflow.pods sets TF_NUM_INTRAOP_THREADS to the pod's CPUs; tf.data's own pool must follow it
+    (unset: tf.data's default, a thread per core)."""
+    manifest = data.load_manifest(prepare(source_dir)["manifest"])
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", env)
+    batches = data.dataset(manifest, "train", batch_size=32, shuffle=True)
+
+    assert batches.options().threading.private_threadpool_size == threads
+    assert sum(int(y.shape[0]) for _, y in batches) == manifest["splits"]["train"]["count"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import idxdata
 import pytest
-from stepsupport import datasets_entries, partial_leftovers, step_env
+from stepsupport import datasets_entries, disk_events, partial_leftovers, step_env
 
 from mlsteps import datasets, prep
 
@@ -96,6 +96,21 @@ def test_download_lands_files_in_cache_and_prepares_manifest(data_root, prepare,
     assert sources["train_images"]["path"] == str(data_root / "cache" / "fashion_mnist" / idxdata.NAMES["train_images"])
     assert sorted(requested) == sorted(f"/{name}" for name in idxdata.NAMES.values())
     assert partial_leftovers(data_root) == []
+
+
+def test_a_download_is_on_the_disk_before_it_takes_its_name_in_the_cache(data_root, prepare, http_mirror,
+                                                                        no_system_copies, monkeypatch) -> None:
+    """A node that loses power right after would otherwise keep an empty file under the cached name, and
+    prep would then fail its checksum (or parse) on every later run instead of downloading it again."""
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+    events = disk_events(monkeypatch)
+    prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
+
+    cache = data_root / "cache" / "fashion_mnist"
+    for name in idxdata.NAMES.values():
+        publish = events.index(("rename", str(cache / name)))
+        assert ("fsync", str(cache / f".{name}.download")) in events[:publish], name
 
 
 def test_cached_download_is_reused_without_network(data_root, prepare, http_mirror, no_system_copies) -> None:

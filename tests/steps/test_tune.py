@@ -292,6 +292,13 @@ def test_a_seed_the_samplers_and_keras_cannot_take_is_refused_naming_the_flag(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_trial_seeds_stay_in_the_range_keras_takes_when_the_base_seed_is_near_its_top() -> None:
+    from mlsteps import tune
+
+    assert [tune.trial_seed(2**32 - 2, n) for n in range(4)] == [2**32 - 2, 2**32 - 1, 0, 1]
+    assert tune.trial_seed(42, 7) == 49
+
+
 # --- running steps ----------------------------------------------------------------------------------------------
 
 
