@@ -116,6 +116,17 @@ def test_model_names_mlflow_or_the_server_urls_would_refuse_are_refused_by_the_f
             param.resolve(bad)
 
 
+@pytest.mark.parametrize(("name", "value"), [("version", -1), ("version", 1.5), ("smoke_requests", 0),
+                                           ("validation_requests", 0)])
+def test_promotion_form_rejects_a_version_or_request_count_it_could_not_act_on(dagbag, name, value):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = dagbag.dags["model_promotion"].params.get_param(name)
+    param.resolve()
+    with pytest.raises(ParamValidationError):
+        param.resolve(value)
+
+
 def test_search_runs_one_worker_per_requested_slot_and_is_skipped_when_off():
     from mlops_airflow.search import plan_search
 
@@ -275,8 +286,12 @@ def test_scheduled_runs_train_on_the_dataset_the_deployment_names(monkeypatch):
     ({"MLOPS_DEFAULT_DATASET": "fashion-mnist"}, "MLOPS_DEFAULT_DATASET='fashion-mnist' is not one of mnist, "
                                                  "fashion_mnist, custom"),
     ({"MLOPS_DEFAULT_DATASET": "custom"}, "MLOPS_DEFAULT_DATASET=custom needs MLOPS_DEFAULT_SOURCE_DIR"),
-], ids=["unknown-dataset", "custom-without-its-folder"])
-def test_a_default_dataset_scheduled_runs_could_not_train_is_an_import_error_naming_the_variable(
+    ({"MLOPS_DEPLOY_TARGET": "k8s"}, "MLOPS_DEPLOY_TARGET='k8s' is not one of kubernetes, local"),
+    ({"MLOPS_RUNTIME": "docker"}, "MLOPS_RUNTIME='docker' is not one of kubernetes, local"),
+    ({"MLOPS_POD_START_TIMEOUT": "0"}, "MLOPS_POD_START_TIMEOUT='0': give a whole number of seconds (at least 1)"),
+], ids=["unknown-dataset", "custom-without-its-folder", "unknown-deploy-target", "unknown-runtime",
+        "no-time-to-start-a-pod"])
+def test_a_setting_the_dags_could_not_run_with_is_an_import_error_naming_the_variable(
         monkeypatch, env, words):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -296,3 +311,43 @@ def test_the_settings_know_the_datasets_prep_knows():
     finally:
         sys.path.remove(str(DAGS.parent))
     assert tuple(DATASETS) == tuple(DATASET_NAMES)
+
+
+def _readme_params(heading: str) -> dict[str, str]:
+    """The param table under ``heading`` in README.md: {name: default as written}."""
+    from dagsupport import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    table = section[section.index("| param | default | meaning |"):]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        name, default = (cell.strip() for cell in line.split("|")[1:3])
+        rows[name.strip("`")] = default
+    return rows
+
+
+def _written(default: object) -> str:
+    """A default as the README writes it: JSON for booleans and objects, numbers as numbers, strings in code."""
+    if isinstance(default, (bool, dict, list)):
+        return f"`{json.dumps(default)}`"
+    return f"`{default}`" if isinstance(default, str) else str(default)
+
+
+@pytest.mark.parametrize(("dag_id", "heading"), [("mnist_training", "## The training DAG"),
+                                                  ("model_promotion", "`model_promotion` keeps serving")])
+def test_the_readme_gives_every_trigger_form_param_with_the_default_the_form_has(dag_id, heading):
+    """What a scheduled run does is what these defaults say (a nightly run waits for a reviewer, trains on a
+    GPU, gates at 0.5 pt): the README is where users read them."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    defaults = bag.dags[dag_id].params.validate()
+    documented = _readme_params(heading)
+    assert sorted(documented) == sorted(defaults)
+    for name, value in defaults.items():
+        if documented[name].startswith("`$MLOPS_DEFAULT_"):  # set by the deployment: checked above
+            continue
+        assert documented[name] == _written(value), name

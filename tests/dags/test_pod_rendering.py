@@ -96,6 +96,9 @@ def test_pod_runs_the_step_cli_hardened_with_shared_volume_and_mlflow_secret(ren
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == 10001
+    # The "restricted" Pod Security level demands a seccomp profile; fsGroup makes the data volume writable.
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["securityContext"]["fsGroup"] == 10001
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert spec["activeDeadlineSeconds"] > 0
@@ -128,6 +131,13 @@ def test_a_fractional_cpu_limit_gives_the_whole_cpus_in_it_and_at_least_one(quan
     from mlops_airflow.pods import cpu_threads
 
     assert cpu_threads(quantity) == threads
+
+
+@pytest.mark.parametrize("task_id", ["train", "tune", "compress"])
+def test_a_steps_progress_lines_reach_the_airflow_task_log(dag, task_id):
+    """Epoch lines, trial verdicts: what users watch in the UI. Without get_logs the task log is silent."""
+    _, task = render(dag, task_id)
+    assert task.get_logs is True and task.logging_interval
 
 
 def test_step_arguments_carry_params_and_earlier_results(rendered):
@@ -219,9 +229,13 @@ def test_a_rejection_is_kept_for_record_rejection_though_skipping_promote_ends_t
     assert pushed["answer"] == {**event, "responded_at": "2026-11-27T10:00:00+00:00"}
 
 
-def test_approval_card_shows_the_version_against_the_champion_with_gate_and_compression(dag, monkeypatch):
-    monkeypatch.setitem(RESULTS, "gate", {"accuracy": 0.9123, "champion_accuracy": 0.905, "champion_version": 2,
-                                          "verdict": "passed", "reasons": "accuracy 91.23 % >= floor 85.00 %"})
+@pytest.mark.parametrize(("champion", "shown"), [((0.905, 2), "90.50 % (version 2)"), ((None, None), "none yet")],
+                         ids=["against-the-champion", "first-version"])
+def test_approval_card_shows_the_version_against_the_champion_with_gate_and_compression(dag, monkeypatch, champion,
+                                                                                        shown):
+    monkeypatch.setitem(RESULTS, "gate", {"accuracy": 0.9123, "champion_accuracy": champion[0],
+                                          "champion_version": champion[1], "verdict": "passed",
+                                          "reasons": "accuracy 91.23 % >= floor 85.00 %"})
     monkeypatch.setitem(RESULTS, "compress", {**RESULTS["compress"], "variant": "pruned_int8", "size_bytes": 97136,
                                               "accuracy_drop_points": 0.2, "reason": "smallest of 4"})
     monkeypatch.setitem(RESULTS, "train", {**RESULTS["train"], "mlflow_run_id": "run123"})
@@ -230,7 +244,7 @@ def test_approval_card_shows_the_version_against_the_champion_with_gate_and_comp
                "ti": FakeTaskInstance("approve", RESULTS)}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     assert task.subject == "Promote mnist_classifier version 3 to champion?"
-    for words in ("91.23 %", "90.50 % (version 2)", "Quality gate: passed", "`pruned_int8`, 97136 bytes",
+    for words in ("91.23 %", shown, "Quality gate: passed", "`pruned_int8`, 97136 bytes",
                   "-0.20 pt", "/#/models/mnist_classifier/versions/3", "run123"):
         assert words in task.body, words
     assert task.options == ["Approve", "Reject"]

@@ -295,7 +295,10 @@ def local_server(tmp_path):
                                                          "state": "AVAILABLE" if served else "END"}]})
 
         def do_POST(self):  # noqa: N802
-            assert self.path == "/admin/deploy" and self.headers["Authorization"] == "Bearer admin-token-0123456789"
+            assert self.path == "/admin/deploy"
+            if self.headers["Authorization"] != "Bearer admin-token-0123456789":
+                self._answer(401, {"error": "missing or wrong admin token"})
+                return
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["posted"].append(request)
             previous, state["version"] = state["version"], request["version"]
@@ -324,6 +327,26 @@ def test_the_local_target_waits_for_a_loading_server_instead_of_taking_it_for_an
         LocalTarget(url, "m", token, settle_timeout=0.2, poll_seconds=0.05).current()
 
 
+def test_a_wrong_admin_token_is_a_target_problem_not_a_failed_version(local_server, tmp_path):
+    """deploy tags a version "failed" and rolls back only for DeployFailed: a token that does not match the
+    server's says nothing about the version."""
+    from mlops_airflow.deploy import LocalTarget, TargetUnavailable
+
+    url, _, state = local_server
+    wrong = tmp_path / "stale-token"
+    wrong.write_text("an-old-token\n")
+    with pytest.raises(TargetUnavailable, match="refused the deployment: missing or wrong admin token"):
+        LocalTarget(url, "m", str(wrong)).deploy("4")
+    assert state["version"] == "3" and state["posted"] == []
+
+
+def test_the_local_target_gives_up_on_a_loading_server_while_plan_can_still_say_why(dag, local_server):
+    from mlops_airflow.deploy import LocalTarget
+
+    url, token, _ = local_server
+    assert LocalTarget(url, "m", token).settle_timeout < dag.get_task("plan").execution_timeout.total_seconds() - 60
+
+
 @pytest.mark.parametrize(("before", "posted", "served"), [
     (None, [{"version": None}], None),
     ("2", [{"version": "2"}], "2"),
@@ -347,13 +370,16 @@ def fake_server():
     import json
     import threading
 
-    answer = {"version": "3", "row": [0.1] * 10}
+    answer = {"version": "3", "row": [0.1] * 10, "posts": 0, "old_after": None}  # old_after: answer "2" after N
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self, payload: dict) -> None:
+            self._answer_as(answer["version"], payload)
+
+        def _answer_as(self, version: str, payload: dict) -> None:
             body = json.dumps(payload).encode()
             self.send_response(200)
-            self.send_header("X-Model-Version", answer["version"])
+            self.send_header("X-Model-Version", version)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -364,6 +390,10 @@ def fake_server():
         def do_POST(self):  # noqa: N802
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert [len(request["instances"][0]), len(request["instances"][0][0])] == [28, 28]
+            answer["posts"] += 1
+            if answer["old_after"] is not None and answer["posts"] > answer["old_after"]:
+                self._answer_as("2", {"predictions": [answer["row"]]})
+                return
             self._answer({"predictions": [answer["row"]]})
 
         def log_message(self, *args):
@@ -373,6 +403,28 @@ def fake_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", answer
     server.shutdown()
+
+
+def test_smoke_test_sends_every_request_it_promises_and_fails_on_the_first_wrong_answer(fake_server):
+    """Pods of a rollout may answer with either version: a wrong answer after a few right ones fails it."""
+    from mlops_airflow.promotion import smoke
+
+    url, answer = fake_server
+    assert smoke(url, "m", "3", requests=5).startswith("passed: 5 requests")
+    assert answer["posts"] == 5
+    answer["posts"], answer["old_after"] = 0, 3  # the 4th request reaches a pod still on version 2
+    with pytest.raises(AssertionError, match="request 4 was answered by version 2, not 3"):
+        smoke(url, "m", "3", requests=5)
+
+
+@pytest.mark.parametrize("row", [[1.0], [0.2] * 6, [0.08] * 10], ids=["one-class", "sums-to-1.2", "sums-to-0.8"])
+def test_smoke_test_refuses_answers_that_are_not_probabilities_over_the_classes(fake_server, row):
+    from mlops_airflow.promotion import smoke
+
+    url, answer = fake_server
+    answer["row"] = row
+    with pytest.raises(AssertionError, match="not a probability row"):
+        smoke(url, "m", "3", requests=2)
 
 
 def test_smoke_test_passes_only_when_every_answer_comes_from_the_new_version(fake_server):
@@ -386,3 +438,60 @@ def test_smoke_test_passes_only_when_every_answer_comes_from_the_new_version(fak
     answer["version"], answer["row"] = "3", [0.5] * 10
     with pytest.raises(AssertionError, match="not a probability row"):
         smoke(url, "m", "3", requests=5)
+
+
+def test_a_failed_smoke_test_or_deploy_is_recorded_on_the_version_and_fails_the_run(monkeypatch, fake_server):
+    """rollback then runs (one_failed); the reason stays on the version in the registry for reviewers."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from mlops_airflow import promotion
+    from mlops_airflow.deploy import DeployFailed
+
+    url, answer = fake_server
+    answer["version"] = "2"  # the new version never answers
+    registry = RecordingRegistry("3")
+
+    class BrokenTarget:
+        def deploy(self, version):
+            raise DeployFailed("rollout of mlops/model-server made no progress")
+
+    monkeypatch.setattr(promotion, "_context", lambda: (SimpleNamespace(serving_url=url, deploy_target="local"),
+                                                        registry))
+    monkeypatch.setattr(promotion, "_target", lambda settings, name: BrokenTarget())
+    planned = {"model_name": "m", "version": "3"}
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: planned)
+    with pytest.raises(AirflowFailException, match="smoke test of m version 3 failed"):
+        promotion.smoke_test.function(params={"smoke_requests": 3}, ti=ti)
+    assert registry.tags["3"]["promotion.smoke_test"] == "failed: request 1 was answered by version 2, not 3"
+    with pytest.raises(AirflowFailException, match="m version 3 did not come up: rollout .* made no progress"):
+        promotion.deploy.function(ti=ti)
+    assert registry.tags["3"]["promotion.deploy"] == "failed: rollout of mlops/model-server made no progress"
+
+
+def test_plan_fails_without_retrying_when_the_deploy_target_is_not_there(plan_with, monkeypatch):
+    """Retrying cannot start the local server or create the Deployment: the message says what to do."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from mlops_airflow import promotion
+    from mlops_airflow.deploy import TargetUnavailable
+
+    def missing():
+        raise TargetUnavailable("the local model server at http://127.0.0.1:8501 does not answer; start it")
+
+    plan_with(champion="3", served="2")  # sets up the registry
+    monkeypatch.setattr(promotion, "_target", lambda settings, name: SimpleNamespace(current=missing))
+    with pytest.raises(AirflowFailException, match="does not answer; start it"):
+        promotion.plan.function(params={"model_name": "m", "version": 0}, triggering_asset_events=None,
+                                run_id="r1", dag_run=None)
+
+
+@pytest.mark.parametrize(("run_type", "trigger"), [("SCHEDULED", "schedule"), ("MANUAL", "by hand")])
+def test_plan_records_whether_the_schedule_or_a_person_started_the_run(monkeypatch, run_type, trigger):
+    from airflow.sdk.api.datamodels._generated import DagRunType
+    from mlops_airflow import promotion
+    from mlops_airflow.deploy import Serving
+
+    monkeypatch.setattr(promotion, "_context", lambda: (None, RecordingRegistry("3")))
+    monkeypatch.setattr(promotion, "_target", lambda settings, name: SimpleNamespace(
+        current=lambda: Serving("2", f"models:/{name}/2")))
+    planned = promotion.plan.function(params={"model_name": "m", "version": 0}, triggering_asset_events=None,
+                                      run_id="r1", dag_run=SimpleNamespace(run_type=getattr(DagRunType, run_type)))
+    assert planned["trigger"] == trigger

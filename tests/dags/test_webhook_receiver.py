@@ -73,8 +73,8 @@ def test_a_redelivery_adds_no_second_event_to_the_airflow_database(dags_in_db):
 
     client = TestClient(create_app(secret=lambda: SECRET, clock=lambda: NOW))  # the real emit_asset_event
     first = _post(client, _event(), delivery="d-redelivered")
-    again = _post(client, _event(), delivery="d-redelivered")
     other = _post(client, _event(), delivery="d-next")  # another delivery of the same change is a new event
+    again = _post(client, _event(), delivery="d-redelivered")  # redelivered after another one was recorded
     assert first.status_code == 200 and "asset_event_id" in first.json(), first.json()
     assert again.status_code == 200 and again.json() == {"duplicate": "d-redelivered"}
     assert other.status_code == 200 and "asset_event_id" in other.json(), other.json()
@@ -131,7 +131,8 @@ def test_a_redelivery_arriving_while_the_first_is_being_recorded_adds_no_second_
     ({"secret": "another-secret-entirely"}, "signature does not match"),
     ({"signature": "v1,AAAA"}, "signature does not match"),
     ({"stamp": NOW - 3600}, "replayed"),
-], ids=["wrong-secret", "forged-signature", "old-timestamp"])
+    ({"stamp": NOW + 3600}, "replayed"),
+], ids=["wrong-secret", "forged-signature", "old-timestamp", "future-timestamp"])
 def test_a_bad_signature_or_a_replayed_delivery_is_refused(receiver, change, words):
     client, emitted = receiver
     response = _post(client, _event(), **change)
@@ -151,6 +152,44 @@ def test_unsigned_requests_are_refused(receiver):
     response = client.post("/webhooks/mlflow", content=_event(), headers={"Content-Type": "application/json"})
     assert response.status_code == 401 and "x-mlflow-signature" in response.json()["error"]
     assert emitted == []
+
+
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 1024 * 1024])
+def test_a_body_over_64_kib_is_refused_even_when_validly_signed(receiver, size):
+    """The endpoint is open to whoever reaches the API server: an MLflow event is a few hundred bytes."""
+    client, emitted = receiver
+    event = _event()
+    padded = event[:-1] + ', "padding": "' + "x" * (size - len(event) - 15) + '"}'
+    assert len(padded.encode()) == size
+    assert _post(client, padded).status_code == 413 and emitted == []
+
+
+def test_an_unsigned_request_is_refused_before_its_body_is_read(receiver):
+    client, emitted = receiver
+    response = client.post("/webhooks/mlflow", content=b"x" * (1024 * 1024), headers={"Content-Type": "text/plain"})
+    assert response.status_code == 401 and "x-mlflow-signature" in response.json()["error"]  # not 413: unread
+    assert emitted == []
+
+
+def test_an_alias_event_without_the_version_is_refused_naming_what_it_lacks(receiver):
+    client, emitted = receiver
+    event = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "2027-01-15T08:00:00+00:00",
+                        "data": {"name": "mnist_classifier", "alias": "champion"}})
+    response = _post(client, event)
+    assert response.status_code == 422 and "without name, alias and version" in response.json()["error"]
+    assert emitted == []
+
+
+def test_an_event_airflow_has_no_asset_for_is_answered_503_naming_the_promotion_dag():
+    """MLflow retries a 5xx: once model_promotion is deployed, the retried delivery is recorded."""
+    from fastapi.testclient import TestClient
+    from mlops_airflow.webhooks import create_app
+
+    def emit(extra):
+        raise LookupError("asset mlflow_champion_alias is unknown to Airflow: is the model_promotion DAG deployed?")
+
+    response = _post(TestClient(create_app(secret=lambda: SECRET, emit=emit, clock=lambda: NOW)), _event())
+    assert response.status_code == 503 and "model_promotion DAG" in response.json()["error"]
 
 
 def test_an_oversized_body_is_refused_before_it_is_read_whole(receiver):

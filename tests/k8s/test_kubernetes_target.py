@@ -165,6 +165,29 @@ def test_promotion_sends_exactly_one_patch_of_model_uri_and_version_label_and_wa
     assert rest["spec"] == MANIFEST["spec"]
 
 
+class SlowToBecomeAvailable(FakeApps):
+    """Every replica runs the new template at once, but the new pods take two more polls to pass readiness
+    (the model still loading): what kubectl rollout status waits for."""
+
+    def read_namespaced_deployment_status(self, name: str, namespace: str) -> object:
+        self.status_reads += 1
+        self._rolling += 1
+        generation, replicas = self.deployment["metadata"]["generation"], self.deployment["spec"]["replicas"]
+        if self._rolling < 3:
+            self.deployment["status"] = {"observedGeneration": generation, "replicas": replicas,
+                                         "updatedReplicas": replicas, "readyReplicas": replicas - 1,
+                                         "availableReplicas": replicas - 1, "unavailableReplicas": 1}
+        else:
+            self.deployment["status"] = self._done(generation)
+        return self._object()
+
+
+def test_a_rollout_whose_new_pods_are_not_yet_available_is_waited_for():
+    apps = SlowToBecomeAvailable()
+    _target(apps).deploy("7")
+    assert apps.status_reads == 3  # not done at "2/2 updated" while one of them is still unavailable
+
+
 def test_a_rollout_that_makes_no_progress_fails_and_restore_patches_the_previous_version_back():
     apps = FakeApps(never_ready={"8"})
     target = _target(apps)
@@ -236,9 +259,10 @@ def test_restoring_a_failed_first_promotion_serves_nothing_and_the_next_promotio
 
 class Pods:
     """The Service in front of the Deployment's pods: an HTTP server answering /v1/models/<name> with the
-    versions in ``answers``, one per connection, in turn (as kube-proxy spreads connections over pods)."""
+    versions in ``answers``, one per connection, in turn (as kube-proxy spreads connections over pods), each
+    in ``state``."""
 
-    def __init__(self, answers: list[str]) -> None:
+    def __init__(self, answers: list[str], state: str = "AVAILABLE") -> None:
         import http.server
         import itertools
         import threading
@@ -247,7 +271,7 @@ class Pods:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the base class's name
-                body = json.dumps({"model_version_status": [{"version": next(versions), "state": "AVAILABLE"}]})
+                body = json.dumps({"model_version_status": [{"version": next(versions), "state": state}]})
                 self.send_response(200 if self.path == "/v1/models/mnist_classifier" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -299,6 +323,17 @@ def test_pods_of_the_applied_manifest_serving_a_version_through_the_alias_are_pi
 def test_pods_answering_different_versions_leave_what_serves_unknown(pods):
     apps = FakeApps()
     assert _target(apps, serving_url=pods.url).current() == Serving(None, "models:/mnist_classifier@champion")
+
+
+@pytest.mark.parametrize("state", ["LOADING", "END"])
+def test_pods_still_loading_or_failed_do_not_count_as_serving_the_version_they_name(state):
+    """A pod LOADING version 2 (or one whose load of it ended in failure) does not serve it: taken for the
+    version served, a failed promotion would be "rolled back" to a version that never answered."""
+    pods = Pods(["2"], state=state)
+    try:
+        assert _target(FakeApps(), serving_url=pods.url).current() == Serving(None, "models:/mnist_classifier@champion")
+    finally:
+        pods.close()
 
 
 def test_pods_that_do_not_answer_leave_what_serves_unknown():
