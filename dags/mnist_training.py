@@ -159,8 +159,11 @@ with DAG(
     create_study = step("tune", task_id="create_study", timeout=timedelta(minutes=10),
                         resources=Resources(cpu="500m", memory="1Gi"), optional_secrets=(settings.optuna_secret,),
                         args={**search, "setup_only": "true"})
-    # TensorFlow sizes its thread pools by the node's cores, not the pod's limit: give each worker its share.
+    # On Kubernetes each worker's pod limit sets TensorFlow's threads (mlops_airflow.pods); local workers share
+    # this machine's cores (--threads).
     cpus = 4 if settings.runtime == "kubernetes" else (os.cpu_count() or 1)
+    threads = {} if settings.runtime == "kubernetes" else {
+        "threads": f"{{{{ [1, {cpus} // ([params.search_workers, params.search_trials] | min)] | max }}}}"}
     tune = step("tune", timeout=timedelta(hours=12), resources=Resources(cpu=str(cpus), memory="8Gi"),
                 gpus="{{ params.search_gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
                 optional_secrets=(settings.optuna_secret,), pool=settings.search_pool, expand_over=workers,
@@ -168,8 +171,7 @@ with DAG(
                 # counts once its retry died too, so a single worker's 5th try is the one that finds 3 such
                 # failures and stops, and select names the cause.
                 retries=4,
-                args={**search, "threads": str(cpus) if settings.runtime == "kubernetes"
-                      else f"{{{{ [1, {cpus} // ([params.search_workers, params.search_trials] | min)] | max }}}}"})
+                args={**search, **threads})
     select = step("select", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="2Gi"),
                   optional_secrets=(settings.optuna_secret,), args=common,
                   # once every worker stopped, even if some or all failed for good (what finished counts; if

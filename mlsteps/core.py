@@ -165,15 +165,16 @@ def seed_error(seed: int) -> str | None:
 _NO_DIRECTORY_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable (a file's fsync does not cover its name)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: str | Path, *, directory: bool = False) -> None:
+    """Flush a file's content, or a folder's entries (a rename, a new file: a file's fsync does not cover its
+    name), to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno not in _NO_DIRECTORY_FSYNC:
+        if not (directory and exc.errno in _NO_DIRECTORY_FSYNC):
             raise
-        log.debug("%s: this filesystem cannot fsync a folder (%s)", directory, exc.strerror)
+        log.debug("%s: this filesystem cannot fsync a folder (%s)", path, exc.strerror)
     finally:
         os.close(fd)
 
@@ -197,19 +198,15 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    _fsync(path.parent, directory=True)
 
 
 def _fsync_tree(root: Path) -> None:
     """Flush every file and folder under ``root`` (and ``root``) to the disk."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_directory(Path(folder))
+            _fsync(os.path.join(folder, name))
+        _fsync(folder, directory=True)
 
 
 COMPLETE_MARKER = "_COMPLETE"
@@ -234,7 +231,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             if not is_complete(final):
                 raise
             shutil.rmtree(scratch)  # a concurrent writer finished first with the same content
-        _fsync_directory(final.parent)
+        _fsync(final.parent, directory=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import data, search, tracking
-from .core import StepError, cli, field, require_gpus, seed_error
+from .core import SEED_MAX, StepError, cli, field, require_gpus, seed_error
 
 log = logging.getLogger("mlsteps.tune")
 
@@ -84,7 +84,7 @@ def _check(config: TuneConfig) -> None:
 def trial_seed(seed: int, number: int) -> int:
     """Seed of trial ``number``'s weights and shuffling: ``seed`` + ``number``, wrapped into the range Keras takes
     (a --seed near 2**32 - 1 would otherwise fail every trial but the first)."""
-    return (seed + number) % 2**32
+    return (seed + number) % (SEED_MAX + 1)
 
 
 def study_settings(config: TuneConfig, space: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
     # the trials its earlier try already ran (a fresh study's worker 0 still starts from --seed itself). Workers
     # are a million apart, so no two share a seed before a study holds a million trials.
     seed = config.seed + 1_000_003 * config.worker + len(study.get_trials(deepcopy=False))
-    study.sampler = search.make_sampler(config.sampler, seed % 2**32)  # NumPy takes seeds below 2**32
+    study.sampler = search.make_sampler(config.sampler, seed % (SEED_MAX + 1))  # the range NumPy takes
     return study, space
 
 

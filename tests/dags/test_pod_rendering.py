@@ -397,7 +397,8 @@ def test_each_trial_worker_pod_gets_its_worker_index_and_the_search_settings(dag
         assert (flags["--trials"], flags["--pruner"], flags["--max-epochs"]) == ("40", "median", "8")
         assert flags["--search-space"] == '{"width": [32, 48]}'
         assert flags["--run-key"] == f"mnist_training/{RUN_ID}"
-        assert flags["--threads"] == pod["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["TF_NUM_INTRAOP_THREADS"] == pod["spec"]["containers"][0]["resources"]["limits"]["cpu"]
     assert pods[0]["metadata"]["name"] != pods[1]["metadata"]["name"]
 
 

@@ -9,7 +9,7 @@ import copy
 from types import SimpleNamespace
 
 import pytest
-from dagsupport import DAGS, FakeTaskInstance
+from dagsupport import DAGS, FakeTaskInstance, JsonHandler, http_server
 
 
 @pytest.fixture(scope="module")
@@ -271,48 +271,34 @@ def test_a_promotion_by_hand_leaves_an_alias_a_reviewer_moved_during_it(after_pl
 @pytest.fixture
 def local_server(tmp_path):
     """A stand-in for the local model server's status and /admin/deploy (the real one: tests/steps/test_serve.py)."""
-    import http.server
     import json
-    import threading
 
     state = {"version": "3", "posted": []}  # version 3 was deployed by the promotion that failed
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(JsonHandler):
         def do_GET(self):  # noqa: N802 - http.server's name; TF Serving model status
             served = state["version"]
             if state.get("loading_reads"):
                 state["loading_reads"] -= 1
-                self._answer(200, {"model_version_status": [{"version": "", "state": "LOADING"}]})
+                self.send_json(200, {"model_version_status": [{"version": "", "state": "LOADING"}]})
                 return
-            self._answer(200, {"model_version_status": [{"version": served or "",
-                                                         "state": "AVAILABLE" if served else "END"}]})
+            self.send_json(200, {"model_version_status": [{"version": served or "",
+                                                           "state": "AVAILABLE" if served else "END"}]})
 
         def do_POST(self):  # noqa: N802
             assert self.path == "/admin/deploy"
             if self.headers["Authorization"] != "Bearer admin-token-0123456789":
-                self._answer(401, {"error": "missing or wrong admin token"})
+                self.send_json(401, {"error": "missing or wrong admin token"})
                 return
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["posted"].append(request)
             previous, state["version"] = state["version"], request["version"]
-            self._answer(200, {"model_version": request["version"], "previous_version": previous or ""})
+            self.send_json(200, {"model_version": request["version"], "previous_version": previous or ""})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     token = tmp_path / "admin-token"
     token.write_text("admin-token-0123456789\n")
-    yield f"http://127.0.0.1:{server.server_address[1]}", str(token), state
-    server.shutdown()
+    with http_server(Handler) as url:
+        yield url, str(token), state
 
 
 def test_the_local_target_waits_for_a_loading_server_instead_of_taking_it_for_an_empty_one(local_server):
@@ -365,24 +351,17 @@ def test_restoring_the_local_server_leaves_it_serving_what_served_before(local_s
 
 @pytest.fixture
 def fake_server():
-    """A model server stand-in on a free port answering predictions as version ``versions[0]``."""
-    import http.server
+    """A model server stand-in on a free port answering predictions as version ``answer["version"]``."""
     import json
-    import threading
 
     answer = {"version": "3", "row": [0.1] * 10, "posts": 0, "old_after": None}  # old_after: answer "2" after N
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def _answer(self, payload: dict) -> None:
             self._answer_as(answer["version"], payload)
 
         def _answer_as(self, version: str, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("X-Model-Version", version)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_json(200, payload, {"X-Model-Version": version})
 
         def do_GET(self):  # noqa: N802 - http.server's name; OIP v2 model metadata
             self._answer({"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]})
@@ -396,13 +375,8 @@ def fake_server():
                 return
             self._answer({"predictions": [answer["row"]]})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", answer
-    server.shutdown()
+    with http_server(Handler) as url:
+        yield url, answer
 
 
 def test_smoke_test_sends_every_request_it_promises_and_fails_on_the_first_wrong_answer(fake_server):

@@ -6,11 +6,9 @@ The calls against a real MLflow server are in tests/integration/test_promotion.p
 from __future__ import annotations
 
 import base64
-import http.server
-import json
-import threading
 
 import pytest
+from dagsupport import JsonHandler, http_server
 
 
 @pytest.fixture
@@ -18,31 +16,19 @@ def mlflow_stub():
     """Answers GET registered-models/alias: ``failures`` 503s first (or ``status`` every time), then version 4."""
     state = {"failures": 0, "status": 200, "requests": []}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             state["requests"].append({"path": self.path, "authorization": self.headers.get("Authorization")})
             if state["failures"]:
                 state["failures"] -= 1
-                status, payload = 503, {"error_code": "TEMPORARILY_UNAVAILABLE"}
+                self.send_json(503, {"error_code": "TEMPORARILY_UNAVAILABLE"})
             elif state["status"] != 200:
-                status, payload = state["status"], {"error_code": "PERMISSION_DENIED", "message": "no access"}
+                self.send_json(state["status"], {"error_code": "PERMISSION_DENIED", "message": "no access"})
             else:
-                status, payload = 200, {"model_version": {"name": "m", "version": "4"}}
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                self.send_json(200, {"model_version": {"name": "m", "version": "4"}})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", state
-    server.shutdown()
-    server.server_close()
+    with http_server(Handler) as url:
+        yield url, state
 
 
 @pytest.fixture(autouse=True)
