@@ -6,8 +6,9 @@ gate → review**.
 
 The search (Optuna: TPE sampling, successive-halving pruning by default) runs `search_workers` trial
 workers at once, as a mapped task in the `hyperparameter_search` pool; they share one study until the
-trial or time budget is spent, then `select` hands the best hyperparameters to train. Trigger with
-`search: false` to skip it and train with the form's hyperparameters.
+trial or time budget is spent, then `select` hands the best hyperparameters to train. Its first trial
+is the champion's hyperparameters (the form's while there is no champion; `search_start_from`). Trigger
+with `search: false` to skip it and train with the form's hyperparameters.
 
 Compress prunes (to `compress_sparsity`, fine-tuned) and quantizes the model, converts every variant
 (float32, float16, dynamic range, int8, pruned int8) to TFLite, measures accuracy, size and latency
@@ -44,7 +45,7 @@ import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
 from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_AT, REJECTED_BY,
                                   REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_review)
-from mlops_airflow.search import HYPERPARAMETERS, hyperparameters, plan_search
+from mlops_airflow.search import HYPERPARAMETERS, START_FROM, START_FROM_ARGS, hyperparameters, plan_search
 from mlops_airflow.settings import DATASETS, MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
@@ -109,6 +110,11 @@ with DAG(
         "search_space": Param({}, type="object",
                               description='Overrides of the search space, e.g. {"learning_rate": {"low": 0.001, '
                                           '"high": 0.01, "log": true}, "width": [32, 48], "dropout": 0.2}.'),
+        "search_start_from": Param("champion", enum=list(START_FROM),
+                                   description="The search's first trial: the champion's hyperparameters (the "
+                                               "form's learning_rate, batch_size, width and dropout while there "
+                                               "is no champion), the form's, or none (the sampler's only). A "
+                                               "value outside search_space is left to the sampler."),
         "search_train_examples": Param(0, type="integer", minimum=0,
                                        description="Train each trial on the first N examples (0: all)."),
         "search_gpus": Param(1, type="integer", minimum=0, maximum=1,
@@ -158,7 +164,7 @@ with DAG(
     workers = plan_search()
     create_study = step("tune", task_id="create_study", timeout=timedelta(minutes=10),
                         resources=Resources(cpu="500m", memory="1Gi"), optional_secrets=(settings.optuna_secret,),
-                        args={**search, "setup_only": "true"})
+                        args={**search, **START_FROM_ARGS, "setup_only": "true"})
     # On Kubernetes each worker's pod limit sets TensorFlow's threads (mlops_airflow.pods); local workers share
     # this machine's cores (--threads).
     cpus = 4 if settings.runtime == "kubernetes" else (os.cpu_count() or 1)

@@ -226,6 +226,67 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return values
 
 
+def parse_start_point(text: str, flag: str = "--start-from") -> dict[str, Any]:
+    """A JSON object of hyperparameters (a start point of the search); every value a possible one (DOMAINS)."""
+    text = text.strip()
+    if not text:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StepError(f"{flag}: not valid JSON ({exc}); expected an object such as "
+                        '{"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2}') from exc
+    if not isinstance(values, dict):
+        raise StepError(f"{flag}: expected a JSON object of parameter -> value, got {values!r}")
+    unknown = sorted(set(values) - set(SEARCH_SPACE))
+    if unknown:
+        raise StepError(f"{flag}: unknown parameter(s) {', '.join(unknown)}; searchable: {', '.join(SEARCH_SPACE)}")
+    for name, value in values.items():
+        if error := domain_error(name, value):
+            raise StepError(f"{flag}: {name}: {error}")
+    return values
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    if spec["type"] == "categorical":
+        return f"one of {', '.join(str(c) for c in spec['choices'])}"
+    text = f"{spec['low']:g} to {spec['high']:g}"
+    return text + (f" in steps of {spec['step']:g}" if spec.get("step") not in (None, 1) else "")
+
+
+def start_point(values: dict[str, Any], space: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """(trial params, notes): the values of ``values`` that ``space`` searches and can hold, typed as the
+    sampler would give them; each value left out (outside the space, or fixed there) named in a note. What is
+    left out the sampler chooses."""
+    params: dict[str, Any] = {}
+    notes: list[str] = []
+    for name, value in values.items():
+        spec = space[name]
+        if spec["type"] == "fixed":
+            notes.append(f"{name}={value:g} left out: fixed at {spec['value']} in this search")
+            continue
+        inside = False
+        if spec["type"] == "categorical":
+            match = [c for c in spec["choices"] if c == value]
+            if match:
+                value, inside = match[0], True
+        else:
+            low, high, step = spec["low"], spec["high"], spec.get("step")
+            if spec["type"] == "int" and float(value).is_integer():
+                value = int(value)
+                step = step or 1
+            elif spec["type"] == "float":
+                value = float(value)
+            if (spec["type"] == "float" or isinstance(value, int)) and low <= value <= high:
+                steps = (value - low) / step if step else 0.0
+                inside = abs(steps - round(steps)) <= 1e-9 * max(1.0, abs(steps))
+        if inside:
+            params[name] = value
+        else:
+            notes.append(f"{name}={value:g} left out: outside the search space ({_describe(spec)})")
+    return params, notes
+
+
 def hyperparameters(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A finished trial's full set of hyperparameters (searched and fixed)."""
     values = dict(trial.params)

@@ -130,13 +130,15 @@ def _trials_table(study: Any, path: Path) -> None:
     names = sorted({k for t in trials for k in t.params})
     with path.open("w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["number", "state", "value", "epochs", *names, "worker", "seconds", "mlflow_run_id", "error"])
+        out.writerow(["number", "state", "value", "epochs", *names, "worker", "seconds", "mlflow_run_id", "error",
+                      "start_point"])
         for t in trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
                 t.datetime_start else ""
             out.writerow([t.number, t.state.name, "" if t.value is None else t.value, search.epochs_run(t),
                           *[t.params.get(n, "") for n in names], t.user_attrs.get("worker", ""), seconds,
-                          t.user_attrs.get("mlflow_run_id", ""), t.user_attrs.get("error", "")])
+                          t.user_attrs.get("mlflow_run_id", ""), t.user_attrs.get("error", ""),
+                          t.user_attrs.get("start_point", "")])
 
 
 def _plots(study: Any, folder: Path) -> list[Path]:
@@ -225,18 +227,22 @@ def run(config: SelectConfig) -> dict[str, Any]:
                    "trials_failed": counts.failed, "epochs_total": epochs}
         now = int(time.time() * 1000)
         tags = {**{f"best.{k}": str(v) for k, v in hp.items()}, "search.best_trial": str(best.number),
-                "search.best_run_id": best.user_attrs.get("mlflow_run_id", "")}
+                "search.best_run_id": best.user_attrs.get("mlflow_run_id", ""),
+                "search.best_is_start_point": str(bool(best.user_attrs.get("start_point"))).lower()}
         client.log_batch(parent, metrics=[Metric(k, float(v), now, counts.finished) for k, v in metrics.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
         client.set_terminated(parent, "FINISHED")
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
-    log.info("best of %d trials (%s): trial %d, %s=%.4f: %s; %d epochs in all", len(study.trials),
-             counts.as_dict(), best.number, objective, value, shown, epochs)
+    start = best.user_attrs.get("start_point")
+    log.info("best of %d trials (%s): trial %d%s, %s=%.4f: %s; %d epochs in all", len(study.trials),
+             counts.as_dict(), best.number, f" (the start point: {start})" if start else "",
+             objective, value, shown, epochs)
     if parent:
         log.info("search run: %s", tracking.run_url(mlflow, parent))
     return {"hyperparameters": hp, "trial": best.number, "trial_state": kind,
             "value": None if not math.isfinite(value) else value, "objective": objective, "study": name,
             "search_run_id": parent, "trial_run_id": best.user_attrs.get("mlflow_run_id"),
+            "start_point": start,
             "counts": counts.as_dict(), "epochs": epochs}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import data, search, tracking
 from .core import SEED_MAX, StepError, cli, field, require_gpus, seed_error
+from .gate import CHAMPION
 
 log = logging.getLogger("mlsteps.tune")
 
@@ -42,6 +43,13 @@ class TuneConfig(tracking.RunStepConfig):
                                        '\'{"learning_rate": {"low": 0.001, "high": 0.01}, "width": [32, 48], '
                                        '"dropout": 0.2}\'')
     train_examples: int = field(0, help="train each trial on the first N training examples (0: all)")
+    start_from: str = field("", help="JSON object of hyperparameters the search trains first (its first trial), "
+                                     'e.g. the trigger form\'s \'{"learning_rate": 0.003, "batch_size": 128, '
+                                     '"width": 32, "dropout": 0.2}\'; a value outside the search space is left '
+                                     "to the sampler")
+    start_from_champion: str = field("", help="registered model name: the search trains its champion's "
+                                              "hyperparameters first (those of the run that trained it); "
+                                              "without a champion, --start-from's")
     storage: str | None = field(None, help="Optuna storage URL (default: $OPTUNA_STORAGE, else SQLite on "
                                            "the data root)")
     worker: int = field(0, help="this worker's index (seeds its sampler, names it in logs and MLflow)")
@@ -77,6 +85,10 @@ def _check(config: TuneConfig) -> None:
         problems.append("--heartbeat-seconds must be >= 1")
     if error := seed_error(config.seed):
         problems.append(error)
+    try:
+        search.parse_start_point(config.start_from)
+    except StepError as exc:
+        problems.append(str(exc))
     if problems:
         raise StepError("; ".join(problems))
 
@@ -130,9 +142,76 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
     # Seeded by worker and by how far the study got: a worker's retry, or a continued search, must not propose
     # the trials its earlier try already ran (a fresh study's worker 0 still starts from --seed itself). Workers
     # are a million apart, so no two share a seed before a study holds a million trials.
-    seed = config.seed + 1_000_003 * config.worker + len(study.get_trials(deepcopy=False))
+    # The start point (a queued trial, not the sampler's) does not count: with it, a fresh study's worker 0
+    # still proposes what it would without.
+    ran = [t for t in study.get_trials(deepcopy=False) if "start_point" not in t.user_attrs]
+    seed = config.seed + 1_000_003 * config.worker + len(ran)
     study.sampler = search.make_sampler(config.sampler, seed % (SEED_MAX + 1))  # the range NumPy takes
     return study, space
+
+
+def champion_start(client: Any, model_name: str) -> tuple[dict[str, Any], str] | None:
+    """(hyperparameters, label) of ``model_name``'s champion, read from the run that trained it; None if it has
+    no champion, or its run recorded none (a model registered by hand)."""
+    import mlflow.exceptions
+
+    def missing(exc: Exception) -> bool:  # an outage is not "no champion": it fails the step, which is retried
+        return str(getattr(exc, "error_code", "")) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except mlflow.exceptions.MlflowException as exc:
+        if not missing(exc):
+            raise
+        log.info("%s has no %r alias yet: no champion to start the search from", model_name, CHAMPION)
+        return None
+    label = f"champion {model_name} v{version.version}"
+    try:
+        params = client.get_run(version.run_id).data.params if version.run_id else {}
+    except mlflow.exceptions.MlflowException as exc:
+        if not missing(exc):
+            raise
+        params = {}  # its run was deleted
+    values: dict[str, Any] = {}
+    for name in search.SEARCH_SPACE:
+        try:
+            number = float(params[name])
+        except (KeyError, ValueError):
+            continue
+        values[name] = int(number) if name in search.INTEGER_PARAMETERS and number.is_integer() else number
+    if not values:
+        log.info("%s: its run %s records no hyperparameters (%s); not a start point", label, version.run_id,
+                 ", ".join(search.SEARCH_SPACE))
+        return None
+    return {k: v for k, v in values.items() if not search.domain_error(k, v)}, label
+
+
+def enqueue_start(config: TuneConfig, study: Any, space: dict[str, Any], client: Any) -> None:
+    """Queue the search's start point as its first trial, once per study (a retried setup does not add it
+    again): the champion's hyperparameters, else --start-from's. Values outside the space go to the sampler."""
+    if "start_point" in study.user_attrs:
+        return
+    start = champion_start(client, config.start_from_champion) if config.start_from_champion else None
+    if start is None and config.start_from.strip():
+        start = search.parse_start_point(config.start_from), "--start-from"
+    if start is None:
+        study.set_user_attr("start_point", None)
+        return
+    values, label = start
+    params, notes = search.start_point(values, space)
+    for note in notes:
+        log.info("start point (%s): %s", label, note)
+    if not params:
+        log.info("start point (%s): no value inside the search space; the sampler chooses", label)
+        study.set_user_attr("start_point", None)
+        return
+    # skip_if_exists: a setup that died between these two lines queues it once all the same
+    study.enqueue_trial(params, user_attrs={"start_point": label}, skip_if_exists=True)
+    study.set_user_attr("start_point", {"label": label, "params": params})
+    client.set_tag(study.user_attrs["mlflow_run_id"], "search.start_point",
+                   f"{label}: {json.dumps(params, sort_keys=True)}")
+    log.info("first trial, the start point (%s): %s", label,
+             " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
 
 
 def parent_run(mlflow: Any, config: TuneConfig, study: Any) -> str:
@@ -201,14 +280,17 @@ class _Trainer:
         started = time.monotonic()
         try:
             hp = search.suggest(trial, self.space)
+            start = trial.user_attrs.get("start_point")
             run = self.client.create_run(
-                self.experiment_id, run_name=f"trial {trial.number}",
+                self.experiment_id, run_name=f"trial {trial.number}" + (" (start point)" if start else ""),
                 tags={"mlflow.parentRunId": self.parent_run_id, "optuna.study": trial.study.study_name,
-                      "optuna.trial_number": str(trial.number), "search.worker": str(self.config.worker)})
+                      "optuna.trial_number": str(trial.number), "search.worker": str(self.config.worker),
+                      **({"search.start_point": start} if start else {})})
             run_id = run.info.run_id
             trial.set_user_attr("mlflow_run_id", run_id)
             self.client.log_batch(run_id, params=[self.mlflow.entities.Param(k, str(v)) for k, v in hp.items()])
-            log.info("worker %d: trial %d starts: %s", self.config.worker, trial.number,
+            log.info("worker %d: trial %d starts%s: %s", self.config.worker, trial.number,
+                     f" (start point: {start})" if start else "",
                      " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()))
             value, pruned_at, epochs = self._fit(trial, hp, run_id)
         except Exception as exc:
@@ -362,6 +444,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
     summary = {"study": study.study_name, "mlflow_run_id": parent_run_id, "worker": config.worker,
                "settings": asdict(config) | {"tracking_uri": None, "storage": None}}
     if config.setup_only:
+        enqueue_start(config, study, space, mlflow.MlflowClient())
         log.info("study %s ready for %d trials (%s sampler, %s pruner, up to %d epochs each); MLflow run %s",
                  study.study_name, config.trials, config.sampler, config.pruner, config.max_epochs,
                  tracking.run_url(mlflow, parent_run_id))

@@ -13,6 +13,14 @@ from airflow.sdk.exceptions import AirflowFailException
 
 HYPERPARAMETERS = ("learning_rate", "batch_size", "width", "dropout")  # what the search may set for train
 SELECT_TASK = "select"
+START_FROM = ("champion", "form", "none")  # the search's first trial (the trigger form's search_start_from)
+# The tune setup's --start-from (the form's hyperparameters) and --start-from-champion (the model name), as
+# templates: the champion's hyperparameters come first, the form's while there is no champion.
+START_FROM_ARGS = {
+    "start_from": "{{ ({" + ", ".join(f"'{n}': params.{n}" for n in HYPERPARAMETERS)
+                  + "} | tojson) if params.search_start_from != 'none' else '' }}",
+    "start_from_champion": "{{ params.model_name if params.search_start_from == 'champion' else '' }}",
+}
 
 
 @task.short_circuit(task_id="plan_search", ignore_downstream_trigger_rules=False,

@@ -422,6 +422,21 @@ def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
     assert "nvidia.com/gpu" not in setup["spec"]["containers"][0]["resources"]["limits"]
 
 
+@pytest.mark.parametrize(("start_from", "given", "champion"), [
+    ("champion", True, True), ("form", True, False), ("none", False, False)])
+def test_the_study_is_set_up_to_start_from_the_champion_or_the_forms_hyperparameters(dag, start_from, given,
+                                                                                      champion):
+    form = {"learning_rate": 0.001, "batch_size": 64, "width": 48, "dropout": 0.1}
+    setup, _ = render(dag, "create_study", search_start_from=start_from, model_name="fashion", **form)
+    args = setup["spec"]["containers"][0]["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    assert json.loads(flags["--start-from"] or "null") == (form if given else None)
+    assert flags["--start-from-champion"] == ("fashion" if champion else "")
+    # the start point is queued once, by the setup: workers get no such flags
+    worker = render(dag, "tune", mapped=["--worker", "0"], search_start_from=start_from)[0]
+    assert not {"--start-from", "--start-from-champion"} & set(worker["spec"]["containers"][0]["args"])
+
+
 def test_select_renders_when_no_task_before_the_search_left_a_result(dag):
     # select runs once the workers are done, even if prep failed (none_skipped): it must still render, so
     # that it can say the search never started, instead of failing on a missing XCom in its arguments.

@@ -93,6 +93,12 @@ def test_search_logs_nested_trial_runs_and_train_uses_the_best_trial(finished_ru
     score = {t["info"]["run_id"]: next(m["value"] for m in t["data"]["metrics"] if m["key"] == "val_accuracy")
              for t in complete}
     assert score[best["info"]["run_id"]] == max(score.values())
+    # The search started from the form's values (no champion yet), as far as its space holds them: batch_size
+    # is fixed there and the form's width 32 is not one of [8, 16], so the sampler chose the width.
+    assert _tags(search)["search.start_point"] == '--start-from: {"dropout": 0.2, "learning_rate": 0.003}'
+    [start] = [t for t in trials if _tags(t).get("search.start_point")]
+    assert (start["info"]["run_name"], _tags(start)["optuna.trial_number"]) == ("trial 0 (start point)", "0")
+    assert {p["key"]: p["value"] for p in start["data"]["params"]}["learning_rate"] == "0.003"
     listed = mlflow_server.get("artifacts/list", run_id=search["info"]["run_id"], path="search")
     assert {"search/trials.csv", "search/best.json", "search/optimization_history.png"} <= {
         f["path"] for f in listed.get("files", [])}

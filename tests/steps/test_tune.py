@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -28,7 +29,7 @@ from mlsteps.core import StepError
 STEP_TIMEOUT = 300  # seconds one step process may take before the test gives up on it
 EXPERIMENT = "tune_tests"
 FIXED = {"width": 8, "batch_size": 32}  # a small net: a trial on ~270 examples trains in seconds
-START_LINE = re.compile(r"mlsteps\.tune: worker (\d+): trial (\d+) starts: ")
+START_LINE = re.compile(r"mlsteps\.tune: worker (\d+): trial (\d+) starts(?: \(start point: [^)]*\))?: ")
 END_LINE = re.compile(r"mlsteps\.tune: worker (\d+): trial (\d+) (complete|pruned|failed): ")
 
 integration = pytest.mark.integration
@@ -299,6 +300,229 @@ def test_trial_seeds_stay_in_the_range_keras_takes_when_the_base_seed_is_near_it
     assert tune.trial_seed(42, 7) == 49
 
 
+# --- the start point --------------------------------------------------------------------------------------------
+
+
+def test_a_start_point_keeps_the_values_the_space_holds_typed_as_the_sampler_gives_them() -> None:
+    space = search.parse_space({"dropout": 0.1})  # dropout fixed: not searched
+
+    params, notes = search.start_point({"learning_rate": 0.003, "batch_size": 128.0, "width": 40.0,
+                                        "dropout": 0.2}, space)
+
+    assert params == {"learning_rate": 0.003, "batch_size": 128, "width": 40}
+    assert [type(params[k]) for k in ("batch_size", "width")] == [int, int]
+    assert notes == ["dropout=0.2 left out: fixed at 0.1 in this search"]
+
+
+@pytest.mark.parametrize(("values", "note"), [
+    ({"batch_size": 100}, "batch_size=100 left out: outside the search space (one of 32, 64, 128, 256)"),
+    ({"width": 20}, "width=20 left out: outside the search space (16 to 64 in steps of 8)"),
+    ({"width": 72}, "width=72 left out: outside the search space (16 to 64 in steps of 8)"),
+    ({"learning_rate": 0.05}, "learning_rate=0.05 left out: outside the search space (0.0003 to 0.01)"),
+])
+def test_a_start_value_outside_the_search_space_is_left_to_the_sampler_and_named(values, note) -> None:
+    params, notes = search.start_point({**values, "dropout": 0.25}, search.parse_space({}))
+
+    assert params == {"dropout": 0.25}
+    assert notes == [note]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[0.003]", "--start-from: expected a JSON object of parameter -> value"),
+    ("{learning_rate: 1}", "--start-from: not valid JSON"),
+    ('{"lr": 0.003}', "--start-from: unknown parameter(s) lr; searchable: learning_rate"),
+    ('{"batch_size": 0}', "--start-from: batch_size: 0 is not a possible value; batch_size must be >= 8"),
+    ('{"dropout": "0.2"}', "--start-from: dropout: '0.2' is not a possible value"),
+])
+def test_a_start_point_that_is_not_hyperparameters_is_refused_before_anything_runs(tmp_path, text,
+                                                                                  message) -> None:
+    from mlsteps import tune
+
+    config = tune.TuneConfig(manifest=str(tmp_path / "missing.json"), data_root=str(tmp_path),
+                             run_key="tune_tests/bad-start", tracking_uri=f"file://{tmp_path / 'mlruns'}",
+                             start_from=text)
+    with pytest.raises(StepError, match=re.escape(message)):
+        tune.run(config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _champion(tracking_uri: str, name: str, params: dict[str, str]) -> str:
+    """A registered model whose version 1, aliased champion, was trained by a run with ``params``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT) or client.get_experiment(
+        client.create_experiment(EXPERIMENT))
+    run = client.create_run(experiment.experiment_id)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+    return version.version
+
+
+@pytest.mark.parametrize("champion", ["trained", "no model", "no alias", "no hyperparameters"])
+def test_the_search_starts_from_the_champions_hyperparameters_else_the_given_ones_once(tmp_path, mlflow_server,
+                                                                                     champion) -> None:
+    import optuna
+    from mlflow import MlflowClient
+
+    from mlsteps import tune
+
+    client = MlflowClient(mlflow_server)
+    name = f"tune_start_{champion.replace(' ', '_')}"
+    if champion == "trained":  # params as train logs them (strings), plus others that are not hyperparameters
+        _champion(mlflow_server, name, {"learning_rate": "0.001", "batch_size": "64", "width": "48",
+                                        "dropout": "0.3", "epochs": "5", "parameters": "87594"})
+    elif champion == "no hyperparameters":  # e.g. registered by hand
+        _champion(mlflow_server, name, {"note": "imported"})
+    elif champion == "no alias":  # registered, never promoted
+        client.create_registered_model(name)
+    experiment = client.get_experiment_by_name(EXPERIMENT) or client.get_experiment(
+        client.create_experiment(EXPERIMENT))
+    parent = client.create_run(experiment.experiment_id).info.run_id
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_run_id", parent)
+    config = tune.TuneConfig(manifest="unused", data_root=str(tmp_path), run_key="tune_tests/start",
+                             start_from='{"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2}',
+                             start_from_champion=name)
+
+    tune.enqueue_start(config, study, search.parse_space({}), client)
+    # a retried setup, or the same run's search continued later, when the form or the champion changed
+    tune.enqueue_start(dataclasses.replace(config, start_from='{"learning_rate": 0.005}'), study,
+                       search.parse_space({}), client)
+
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["WAITING"]
+    expected = ({"learning_rate": 0.001, "batch_size": 64, "width": 48, "dropout": 0.3}, f"champion {name} v1") \
+        if champion == "trained" else ({"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2},
+                                       "--start-from")
+    assert (trials[0].system_attrs["fixed_params"], trials[0].user_attrs["start_point"]) == expected
+    assert client.get_run(parent).data.tags["search.start_point"] == (
+        f"{expected[1]}: {json.dumps(expected[0], sort_keys=True)}")
+    # the worker trains exactly those values
+    asked = study.ask()
+    assert search.suggest(asked, search.parse_space({})) == expected[0]
+
+
+class _Registry:
+    """A registry client whose champion lookup or run read fails as told (what a real server cannot be made to do
+    on demand: be down, or have lost the champion's run)."""
+
+    def __init__(self, alias_error: str = "", run_error: str = "") -> None:
+        self.alias_error, self.run_error, self.tags = alias_error, run_error, {}
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> Any:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        if self.alias_error:
+            raise MlflowException(f"alias lookup: {self.alias_error}", error_code=ErrorCode.Value(self.alias_error))
+        return types.SimpleNamespace(version="3", run_id="gone")
+
+    def get_run(self, run_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        raise MlflowException(f"run {run_id}: {self.run_error}", error_code=ErrorCode.Value(self.run_error))
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.tags[key] = value
+
+
+@pytest.mark.parametrize("error", ["TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR"])
+def test_a_registry_that_does_not_answer_fails_the_setup_instead_of_starting_without_the_champion(
+        tmp_path, error) -> None:
+    import optuna
+    from mlflow.exceptions import MlflowException
+
+    from mlsteps import tune
+
+    study = optuna.create_study(direction="maximize")
+    config = tune.TuneConfig(manifest="unused", data_root=str(tmp_path), run_key="tune_tests/registry-down",
+                             start_from='{"learning_rate": 0.003}', start_from_champion="fashion")
+
+    with pytest.raises(MlflowException, match=error):
+        tune.enqueue_start(config, study, search.parse_space({}), _Registry(alias_error=error))
+    assert study.get_trials(deepcopy=False) == [] and "start_point" not in study.user_attrs  # asked again on retry
+
+
+def test_a_champion_whose_run_is_gone_gives_way_to_the_given_start_point(tmp_path) -> None:
+    import optuna
+
+    from mlsteps import tune
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_run_id", "parent")
+    registry = _Registry(run_error="RESOURCE_DOES_NOT_EXIST")
+    config = tune.TuneConfig(manifest="unused", data_root=str(tmp_path), run_key="tune_tests/run-gone",
+                             start_from='{"learning_rate": 0.003}', start_from_champion="fashion")
+
+    tune.enqueue_start(config, study, search.parse_space({}), registry)
+
+    [trial] = study.get_trials(deepcopy=False)
+    assert (trial.system_attrs["fixed_params"], trial.user_attrs["start_point"]) == (
+        {"learning_rate": 0.003}, "--start-from")
+    assert registry.tags == {"search.start_point": '--start-from: {"learning_rate": 0.003}'}
+
+
+def test_a_setup_that_died_after_queueing_the_start_point_does_not_queue_it_twice(tmp_path) -> None:
+    import optuna
+
+    from mlsteps import tune
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_run_id", "parent")
+    study.enqueue_trial({"learning_rate": 0.003}, user_attrs={"start_point": "--start-from"})  # then it died
+    config = tune.TuneConfig(manifest="unused", data_root=str(tmp_path), run_key="tune_tests/died",
+                             start_from='{"learning_rate": 0.003}')
+
+    tune.enqueue_start(config, study, search.parse_space({}), _Registry())
+
+    assert len(study.get_trials(deepcopy=False)) == 1
+    assert study.user_attrs["start_point"] == {"label": "--start-from", "params": {"learning_rate": 0.003}}
+
+
+def test_a_search_without_a_start_point_queues_no_trial(tmp_path, mlflow_server) -> None:
+    import optuna
+    from mlflow import MlflowClient
+
+    from mlsteps import tune
+
+    client = MlflowClient(mlflow_server)
+    study = optuna.create_study(direction="maximize")
+    config = tune.TuneConfig(manifest="unused", data_root=str(tmp_path), run_key="tune_tests/no-start",
+                             start_from_champion="")
+
+    tune.enqueue_start(config, study, search.parse_space({}), client)
+
+    assert study.get_trials(deepcopy=False) == []
+    assert study.user_attrs["start_point"] is None
+
+
+def test_the_start_point_does_not_change_what_the_sampler_proposes(tmp_path) -> None:
+    """With a start point queued, worker 0 of a fresh study still proposes what it would without it (the
+    benchmark compares TPE's start-up trials with random search's)."""
+    from mlsteps import tune
+
+    proposals = []
+    for key, start in (("plain", False), ("started", True)):
+        config = tune.TuneConfig(manifest="unused", data_root=str(tmp_path), run_key=f"tune_tests/seed-{key}",
+                                 storage=f"sqlite:///{tmp_path / 'optuna.db'}", sampler="random")
+        study, space = tune.open_study(config, {"digest": "d"}, create=True)
+        if start:
+            study.enqueue_trial({"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2},
+                                user_attrs={"start_point": "--start-from"})
+        study, space = tune.open_study(config, {"digest": "d"}, create=False)  # as a worker opens it
+        if start:
+            assert search.suggest(study.ask(), space)["learning_rate"] == 0.003
+        proposals.append(search.suggest(study.ask(), space))
+
+    assert proposals[0] == proposals[1]
+
+
 # --- running steps ----------------------------------------------------------------------------------------------
 
 
@@ -425,7 +649,9 @@ class Search:
     timeout_minutes: float = 120.0
     heartbeat_seconds: int = 15
     storage_url: str = ""  # default: a SQLite file of its own
+    start_from: str = ""  # --start-from of the setup
     results: Path = field(init=False)
+    setup_output: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.results = self.root / "results"
@@ -448,11 +674,13 @@ class Search:
                 "--max-epochs", str(self.max_epochs), "--pruner", self.pruner,
                 "--sampler", self.sampler, "--objective", self.objective, "--timeout-minutes",
                 str(self.timeout_minutes), "--seed", "7", "--search-space", space_json,
-                "--worker", str(worker), "--threads", "1", "--setup-only", "true" if setup else "false"]
+                "--worker", str(worker), "--threads", "1", "--setup-only", "true" if setup else "false",
+                "--start-from", self.start_from]
 
     def setup(self) -> dict[str, Any]:
         step = Step("tune", self.tune_args(setup=True))
         assert step.wait() == 0, step.describe()
+        self.setup_output = step.output
         return self.result("setup.json")
 
     def workers(self, count: int, *, kill: dict[int, re.Pattern[str]] | None = None) -> list[Step]:
@@ -521,16 +749,18 @@ def shared_search(request, tmp_path_factory, mlflow_server) -> SharedSearch:
     Successive halving judges at epoch 1 (rungs at epochs 1, 3, 9, ... with its default reduction factor 3);
     a trial that trained every epoch is complete, never pruned after its last epoch, which would save nothing
     and hide its result from `select`. Its verdicts depend on the order trials arrive in (one that beats every
-    earlier one always goes on), so the first four are set: two that learn, then two whose learning rate is
-    too small to move in one epoch, each certain to be stopped there. The sampler proposes the other four.
+    earlier one always goes on), so the first four are set: two that learn (the first is the setup's start
+    point, --start-from), then two whose learning rate is too small to move in one epoch, each certain to be
+    stopped there. The sampler proposes the other four.
     """
     storage = request.getfixturevalue("postgresql") if request.param == "postgresql" else ""
     found = _new_search(tmp_path_factory.mktemp("shared"), mlflow_server, f"tune_tests/shared-{request.param}",
                         trials=8, max_epochs=3, pruner="successive_halving", storage_url=storage,
-                        space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
+                        space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}},
+                        start_from=json.dumps({"learning_rate": 0.03, "dropout": 0.0, "width": 16}))
     setup = found.setup()
     study = found.study()
-    for learning_rate in (0.03, 0.03, 1e-6, 1e-6):
+    for learning_rate in (0.03, 1e-6, 1e-6):
         study.enqueue_trial({"learning_rate": learning_rate, "dropout": 0.0})
     workers = found.workers(2)
     for worker in workers:
@@ -637,6 +867,17 @@ def test_select_returns_the_best_complete_trial_and_logs_the_search(shared_searc
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.tags["search.best_trial"] == str(best.number)
+    # The start point (--start-from): trial 0, with width left at the search's fixed 8
+    assert {int(r["number"]): r["start_point"] for r in rows} == {t.number: "--start-from" if t.number == 0 else ""
+                                                                  for t in trials}
+    assert "width=16 left out: fixed at 8 in this search" in found.setup_output
+    start = next(t for t in trials if t.number == 0)
+    assert (start.params, start.user_attrs["start_point"]) == ({"learning_rate": 0.03, "dropout": 0.0}, "--start-from")
+    assert {r.info.run_name: r.data.tags.get("search.start_point") for r in nested if r.data.tags.get(
+        "search.start_point")} == {"trial 0 (start point)": "--start-from"}
+    assert parent_run.data.tags["search.start_point"] == '--start-from: {"dropout": 0.0, "learning_rate": 0.03}'
+    assert parent_run.data.tags["search.best_is_start_point"] == str(best.number == 0).lower()
+    assert result["start_point"] == ("--start-from" if best.number == 0 else None)
 
 
 @integration
