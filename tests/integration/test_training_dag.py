@@ -143,6 +143,24 @@ def test_auto_review_promotes_a_version_that_passed_the_gate(finished_run, mlflo
     assert (tags["review.decision"], tags["review.reviewer"]) == ("auto", "pipeline")
 
 
+def test_the_next_search_starts_from_the_promoted_champions_hyperparameters(finished_run, mlflow_server):
+    # What the next run's create_study reads (search_start_from: champion): the hyperparameters of the run that
+    # trained the version this run promoted.
+    champion = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
+    run = mlflow_server.get("runs/get", run_id=champion["run_id"])["run"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    script = ("import json, mlflow\nfrom mlsteps import tune\n"
+              f"print('START', json.dumps(tune.champion_start(mlflow.MlflowClient(), {MODEL!r})))\n")
+    out = subprocess.run([str(STEPS_PYTHON), "-c", script], capture_output=True, text=True, timeout=300,
+                         env={"MLFLOW_TRACKING_URI": mlflow_server.url, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    [line] = [line for line in out.stdout.splitlines() if line.startswith("START ")]
+    values, label = json.loads(line.removeprefix("START "))
+    assert label == f"champion {MODEL} v{champion['version']}"
+    assert values == {"learning_rate": float(params["learning_rate"]), "batch_size": 32,
+                      "width": int(params["width"]), "dropout": float(params["dropout"])}
+
+
 def test_registered_version_carries_the_compression_choice(finished_run, mlflow_server):
     version = mlflow_server.get("registered-models/alias", name=MODEL, alias="challenger")["model_version"]
     tags = {t["key"]: t["value"] for t in version["tags"]}
