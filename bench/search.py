@@ -114,6 +114,7 @@ COLORS = {"random": "tab:gray", "tpe_hyperband": "tab:blue", "tpe_successive_hal
 def run_searches(base: list[str], args: argparse.Namespace, seed: int, env: dict[str, str], work: Path,
                  storage: str) -> dict[str, dict]:
     """Run the chosen searches for one seed (same budget and seed); return name -> run."""
+    from mlsteps.search import study_name
     space = ["--search-space", json.dumps(SPACES[args.space])] if SPACES[args.space] else []
     keys = {name: f"{args.space}_{name}_s{seed}" for name in args.searches}
     seconds: dict[str, float] = {}
@@ -132,7 +133,7 @@ def run_searches(base: list[str], args: argparse.Namespace, seed: int, env: dict
         seconds[name] = wait(*handle, work, keys[name])
     runs = {}
     for name, key in keys.items():
-        history = trials(storage, f"bench_{key}")
+        history = trials(storage, study_name(f"bench/{key}"))
         runs[name] = {"seconds": seconds[name], "trials": history, "epochs": sum(len(t["curve"]) for t in history),
                       "best": max(t["value"] for t in history if t["value"] is not None)}
     return runs
@@ -204,6 +205,9 @@ def main() -> None:
                         help="run each seed's searches at once, one TensorFlow thread each")
     parser.add_argument("--merge", action="store_true",
                         help="keep the seeds, searches and speed-up already in the results file")
+    parser.add_argument("--work", type=Path,
+                        help="work folder of an earlier run to carry on (its data, MLflow and studies; printed "
+                             "at the start): a search whose budget is spent there is read again, not rerun")
     args = parser.parse_args()
     from mlsteps import prep
 
@@ -217,7 +221,8 @@ def main() -> None:
             raise SystemExit(f"{results_file}: no results yet; run with --seeds")
         report(json.loads(results_file.read_text()), results_file)
         return
-    work = Path(tempfile.mkdtemp(prefix="bench_search_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_search_"))
+    print(f"work folder: {work} (carry on an interrupted run with --work {work})", flush=True)
     env, _ = start_mlflow(work, TF_CPP_MIN_LOG_LEVEL="2")
     new_runs: dict[str, dict[str, dict]] = {}
     speed = None
