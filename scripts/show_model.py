@@ -46,7 +46,11 @@ def main() -> None:
     origin = run.data.tags.get("hyperparameters.source", "trigger form")
     if origin == "search":
         search = client.get_run(run.data.tags["search.run_id"])
-        origin = (f"search trial {run.data.tags.get('search.trial_number')}: "
+        start = ""
+        if search.data.tags.get("search.best_is_start_point") == "true":  # what the search started from won
+            label = search.data.tags.get("search.start_point", "").split(": ", 1)[0]
+            start = f", the start point ({label}), which no trial beat"
+        origin = (f"search trial {run.data.tags.get('search.trial_number')}{start}: "
                   f"{uri}/#/experiments/{search.info.experiment_id}/runs/{search.info.run_id}")
     print(f"hyperparameters: {chosen}")
     print(f"  from:         {origin}")
