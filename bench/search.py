@@ -155,6 +155,13 @@ def comparison(seed: int, runs: dict[str, dict]) -> dict:
             if name.endswith("_start"):
                 run["epochs_to_start_target"] = epochs_to_reach(run["trials"], start_best - TOLERANCE)
         out["start_target_val_accuracy"] = start_best - TOLERANCE
+        if "random" in runs:
+            # random_start's trial n + 1 trains random search's trial n again, with another weight seed: how far
+            # the same hyperparameters land apart (final validation accuracy, points) is the noise under the goal.
+            again = {json.dumps(t["params"], sort_keys=True): t for t in runs["random_start"]["trials"]}
+            out["reseeded_differences"] = [
+                100 * (again[key]["curve"][-1] - t["curve"][-1]) for t in runs["random"]["trials"]
+                if (key := json.dumps(t["params"], sort_keys=True)) in again and t["curve"] and again[key]["curve"]]
     return out
 
 
@@ -294,6 +301,14 @@ def report(results: dict, path: Path) -> None:
         print(table(["search (both from the form's values)", "epochs to random_start's best -0.3 pt, per seed",
                      "ratio"], [[name, s["epochs_to_start_target"], "-" if s["ratio_to_random_start"] is None
                                  else round(s["ratio_to_random_start"], 3)] for name, s in started.items()]))
+    differences = [d for c in comparisons.values() for d in c.get("reseeded_differences", [])]
+    if len(differences) > 1:
+        import statistics
+
+        print(f"the same hyperparameters trained again with another weight seed ({len(differences)} trials of random "
+              f"search, again in random_start): final validation accuracy apart by {statistics.mean(differences):+.2f}"
+              f" pt on average, standard deviation {statistics.stdev(differences):.2f} pt, at most "
+              f"{max(map(abs, differences)):.2f} pt")
     print("random search's epochs to its own best (the whole way, not -0.3 pt):",
           sum(c["runs"]["random"]["epochs_to_own_best"] for c in comparisons.values()))
     speed = results.get("speedup")
