@@ -155,14 +155,17 @@ def comparison(seed: int, runs: dict[str, dict]) -> dict:
             if name.endswith("_start"):
                 run["epochs_to_start_target"] = epochs_to_reach(run["trials"], start_best - TOLERANCE)
         out["start_target_val_accuracy"] = start_best - TOLERANCE
-        if "random" in runs:
-            # random_start's trial n + 1 trains random search's trial n again, with another weight seed: how far
-            # the same hyperparameters land apart (final validation accuracy, points) is the noise under the goal.
-            again = {json.dumps(t["params"], sort_keys=True): t for t in runs["random_start"]["trials"]}
-            out["reseeded_differences"] = [
-                100 * (again[key]["curve"][-1] - t["curve"][-1]) for t in runs["random"]["trials"]
-                if (key := json.dumps(t["params"], sort_keys=True)) in again and t["curve"] and again[key]["curve"]]
     return out
+
+
+def reseeded_differences(runs: dict[str, dict]) -> list[float]:
+    """random_start's trial n + 1 trains random search's trial n again, with another weight seed: how far the same
+    hyperparameters land apart (final validation accuracy, points) is the noise under the goal."""
+    if "random" not in runs or "random_start" not in runs:
+        return []
+    again = {json.dumps(t["params"], sort_keys=True): t for t in runs["random_start"]["trials"]}
+    return [100 * (again[key]["curve"][-1] - t["curve"][-1]) for t in runs["random"]["trials"]
+            if (key := json.dumps(t["params"], sort_keys=True)) in again and t["curve"] and again[key]["curve"]]
 
 
 def summary(comparisons: dict[str, dict]) -> dict:
@@ -266,7 +269,7 @@ def main() -> None:
         comparisons[seed] = comparison(int(seed), {**comparisons.get(seed, {}).get("runs", {}), **runs})
     # Seeds are listed at the top level: all the file holds, not only this run's (--merge).
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("merge", "skip_speedup", "parallel", "searches", "seeds")}
+                if k not in ("merge", "skip_speedup", "parallel", "searches", "seeds", "work")}
     path = write(results_name, {
         "settings": settings,
         "search_space": SPACES[args.space] or "the tune step's default (mlsteps/search.py SEARCH_SPACE)",
@@ -301,7 +304,7 @@ def report(results: dict, path: Path) -> None:
         print(table(["search (both from the form's values)", "epochs to random_start's best -0.3 pt, per seed",
                      "ratio"], [[name, s["epochs_to_start_target"], "-" if s["ratio_to_random_start"] is None
                                  else round(s["ratio_to_random_start"], 3)] for name, s in started.items()]))
-    differences = [d for c in comparisons.values() for d in c.get("reseeded_differences", [])]
+    differences = [d for c in comparisons.values() for d in reseeded_differences(c["runs"])]
     if len(differences) > 1:
         import statistics
 
