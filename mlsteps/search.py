@@ -63,21 +63,8 @@ OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """The default space with ``overrides`` applied; every entry normalised to {"type": ..., ...}."""
-    if overrides is None:
-        overrides = {}
-    if isinstance(overrides, str):
-        text = overrides.strip()
-        try:
-            overrides = json.loads(text) if text else {}
-        except json.JSONDecodeError as exc:
-            raise StepError(f"search space: not valid JSON ({exc}); expected an object such as "
-                            '{"learning_rate": {"low": 0.001, "high": 0.01, "log": true}}') from exc
-    if not isinstance(overrides, dict):
-        raise StepError(f"search space: expected a JSON object of parameter -> range, got {overrides!r}")
-    unknown = sorted(set(overrides) - set(SEARCH_SPACE))
-    if unknown:
-        raise StepError(f"search space: unknown parameter(s) {', '.join(unknown)}; "
-                        f"searchable: {', '.join(SEARCH_SPACE)}")
+    overrides = _parameters(overrides, "search space", "range",
+                            '{"learning_rate": {"low": 0.001, "high": 0.01, "log": true}}')
     space = {name: dict(spec) for name, spec in SEARCH_SPACE.items()}
     for name, value in overrides.items():
         space[name] = _normalise(name, value)
@@ -226,21 +213,28 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return values
 
 
+def _parameters(given: str | dict[str, Any] | None, where: str, kind: str, example: str) -> dict[str, Any]:
+    """``given`` (a JSON object, as text or parsed; empty or None: {}) of searchable parameter -> ``kind``."""
+    if isinstance(given, str):
+        text = given.strip()
+        try:
+            given = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            raise StepError(f"{where}: not valid JSON ({exc}); expected an object such as {example}") from exc
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise StepError(f"{where}: expected a JSON object of parameter -> {kind}, got {given!r}")
+    unknown = sorted(set(given) - set(SEARCH_SPACE))
+    if unknown:
+        raise StepError(f"{where}: unknown parameter(s) {', '.join(unknown)}; searchable: {', '.join(SEARCH_SPACE)}")
+    return given
+
+
 def parse_start_point(text: str, flag: str = "--start-from") -> dict[str, Any]:
     """A JSON object of hyperparameters (a start point of the search); every value a possible one (DOMAINS)."""
-    text = text.strip()
-    if not text:
-        return {}
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StepError(f"{flag}: not valid JSON ({exc}); expected an object such as "
-                        '{"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2}') from exc
-    if not isinstance(values, dict):
-        raise StepError(f"{flag}: expected a JSON object of parameter -> value, got {values!r}")
-    unknown = sorted(set(values) - set(SEARCH_SPACE))
-    if unknown:
-        raise StepError(f"{flag}: unknown parameter(s) {', '.join(unknown)}; searchable: {', '.join(SEARCH_SPACE)}")
+    values = _parameters(text, flag, "value",
+                         '{"learning_rate": 0.003, "batch_size": 128, "width": 32, "dropout": 0.2}')
     for name, value in values.items():
         if error := domain_error(name, value):
             raise StepError(f"{flag}: {name}: {error}")
