@@ -335,7 +335,10 @@ def choose(variants: dict[str, dict[str, Any]], *, reference_accuracy: float, ma
     float_latency = variants[FLOAT]["latency_p50_ms"]
     split = " on validation" if metric == "val_accuracy" else ""
     passed, refused = [], []
-    for name, v in variants.items():
+    # By name, not as given: the step's variants (build order) and its report.json (keys sorted) must give the
+    # same choice and the same words, so that the record can be checked against what it records.
+    for name in sorted(variants):
+        v = variants[name]
         if name == FLOAT:
             continue
         drop = 100 * (reference_accuracy - v[metric])

@@ -353,6 +353,21 @@ def test_the_gate_judges_the_validation_accuracy_it_is_given_not_the_test_accura
     assert chosen == "dynamic" and "on validation" in reason
 
 
+def test_the_gate_gives_the_same_choice_and_words_whatever_order_the_variants_come_in():
+    # The step decides on its variants in build order; report.json stores them with sorted keys, and readers
+    # (the test below, a reviewer) re-apply the gate to the report. Ties and refusals must not depend on order.
+    variants = {"float": _variant(0.90, 300, 1.0), "float16": _variant(0.90, 150, 1.5),
+                "dynamic": _variant(0.90, 90, 1.3), "int8": _variant(0.80, 90, 0.5),
+                "pruned_int8": _variant(0.90, 40, 1.05), "pruned_dynamic": _variant(0.90, 40, 1.05)}
+    results = {compress.choose(dict(order), reference_accuracy=0.90, max_drop_points=0.3, latency_tolerance=0.1)
+               for order in (list(variants.items()), sorted(variants.items()), list(reversed(variants.items())))}
+    assert len(results) == 1
+    no_winner = {k: v for k, v in variants.items() if not k.startswith("pruned")}
+    reasons = {compress.choose(dict(order), reference_accuracy=0.90, max_drop_points=0.3, latency_tolerance=0.1)
+               for order in (list(no_winner.items()), sorted(no_winner.items()))}
+    assert len(reasons) == 1 and next(iter(reasons))[0] == "float"
+
+
 def test_register_refuses_tags_that_are_not_a_json_object(mlflow_server):
     config = register.RegisterConfig(model_uri="models:/m-x", run_key="k", dataset="d", dataset_digest="0" * 64,
                                      tags="[1, 2]", tracking_uri=mlflow_server)
