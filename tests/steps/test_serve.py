@@ -175,6 +175,13 @@ def test_open_inference_v2_infer_metadata_and_health(server, versions, tflite):
     output = body["outputs"][0]
     assert (output["name"], output["datatype"], output["shape"]) == ("probabilities", "FP32", [3, 10])
     np.testing.assert_allclose(np.asarray(output["data"]).reshape(3, 10), _litert(tflite, images), atol=1e-6)
+    pixels = np.round(images)  # bytes, declared as such
+    request = {"inputs": [{"name": "image", "shape": [3, 784], "datatype": "UINT8",
+                           "data": pixels.astype(int).reshape(-1).tolist()}]}
+    status, _, body = server.call("POST", f"/v2/models/{MODEL}/infer", request)
+    assert status == 200, body
+    np.testing.assert_allclose(np.asarray(body["outputs"][0]["data"]).reshape(3, 10), _litert(tflite, pixels),
+                               atol=1e-6)
     status, _, meta = server.call("GET", f"/v2/models/{MODEL}")
     assert status == 200 and meta["versions"] == [str(versions[-1])]
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]
@@ -214,6 +221,12 @@ BAD = [
     ("v2-datatype-list", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "image", "shape": [1, 784], "datatype": ["FP32"], "data": [0] * 784}]}, None, 400,
      "not numeric"),
+    ("v2-uint8-fractions", f"/v2/models/{MODEL}/infer",  # pixels scaled to 0..1 but labelled as bytes
+     {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 783 + [0.5]}]}, None, 400,
+     '"data"[783] is 0.5, not a valid UINT8 value (whole numbers 0..255)'),
+    ("v2-int8-past-its-range", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "INT8", "data": [200] * 784}]}, None, 400,
+     '"data"[0] is 200, not a valid INT8 value (whole numbers -128..127)'),
     ("v2-shape-boolean", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "image", "shape": [True, 784], "datatype": "FP32", "data": [0] * 784}]}, None, 400,
      "non-negative integers"),
