@@ -1,56 +1,82 @@
 #!/usr/bin/env bash
 # make test: the steps suite in the steps environment, the Airflow suites in the Airflow environment.
-# Arguments are passed to both pytest runs (make test PYTEST_ARGS="-k resume").
-# The two suites run at the same time: each spends much of its time waiting on servers and subprocesses,
-# so the whole run takes about 15 minutes on 2 cores. The steps suite streams here; the Airflow
-# suites write var/test-logs/airflow.log, printed when they end. TEST_SERIAL=1 runs one after the other.
+# Arguments are passed to every pytest run (make test PYTEST_ARGS="-k resume").
+# Three pytest runs at the same time: the Airflow suites, the search's steps tests (tests/steps/test_tune.py
+# and test_search_resilience.py: Optuna workers as processes, the longest file) and the other steps tests.
+# Each spends much of its time waiting on servers and subprocesses (one of them alone keeps about one core
+# busy), so on 2 cores the whole run takes about as long as the longest part. The other steps tests stream
+# here; the other two write var/test-logs/{airflow,search}.log, printed when they end. TEST_SERIAL=1 runs
+# them one after the other, streaming each.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-steps=(.venvs/steps/bin/python -m pytest tests/steps "$@")
+search_files=(tests/steps/test_tune.py tests/steps/test_search_resilience.py)
+steps=(.venvs/steps/bin/python -m pytest tests/steps "${search_files[@]/#/--ignore=}" "$@")
+search=(.venvs/steps/bin/python -m pytest "${search_files[@]}" "$@")
 airflow=(.venvs/airflow/bin/python -m pytest tests/dags tests/k8s tests/integration tests/images "$@")
-steps_title="== steps (TensorFlow, MLflow): tests/steps"
+steps_title="== steps (TensorFlow, MLflow): tests/steps but the search's"
+search_title="== steps, the search (Optuna workers): ${search_files[*]}"
 airflow_title="== Airflow (DAGs, pods, manifests, end to end, images): tests/dags tests/k8s tests/integration tests/images"
 
-if [[ ${TEST_SERIAL:-0} == 1 ]]; then
-  status=0
-  echo "$steps_title"; "${steps[@]}" || status=1
-  echo "$airflow_title"; "${airflow[@]}" || status=1
-  exit $status
-fi
-
-logs=var/test-logs
-mkdir -p "$logs"
-# Both suites run as background jobs, and this script waits on them: bash runs a trap only once the
-# foreground command ends, but interrupts `wait` for it. A background job of a script starts with SIGINT
-# ignored: give it back, so that Ctrl-C reaches it.
-( trap - INT; exec "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
-airflow_pid=$!
-# Ctrl-C or a TERM (a CI timeout) must not leave either suite running. Ctrl-C reaches both suites from the
-# terminal already (a second SIGINT would cut short their fixtures' cleanup): wait for them. A TERM reaches
-# only this script: pass it on as the Ctrl-C pytest understands.
-steps_pid=""
-stop_suites() {
-  [[ $1 == 130 ]] || kill -INT $airflow_pid $steps_pid 2>/dev/null
-  wait $airflow_pid $steps_pid 2>/dev/null
-  exit "$1"
+# pytest's exit 5 is "no tests collected": a PYTEST_ARGS="-k ..." that selects nothing in one of the parts.
+verdict() {
+  case $1 in
+    0) echo passed ;;
+    5) echo "no test selected" ;;
+    *) echo "FAILED (exit $1)" ;;
+  esac
 }
-trap 'stop_suites 130' INT
-trap 'stop_suites 143' TERM
-echo "$airflow_title: running alongside, output in $logs/airflow.log (printed when it ends)"
-echo "$steps_title"
-# The terminal as its stdin (a background job's would be /dev/null): PYTEST_ARGS=--pdb still works.
-exec 3<&0
-( trap - INT; exec "${steps[@]}" <&3 3<&- ) &
-steps_pid=$!
-exec 3<&-
-wait $steps_pid
-steps_status=$?
-wait $airflow_pid
-airflow_status=$?
-trap - INT TERM
-echo "$airflow_title"
-cat "$logs/airflow.log"
-echo "== steps suite: $([[ $steps_status -eq 0 ]] && echo passed || echo "FAILED (exit $steps_status)");" \
-  "Airflow suites: $([[ $airflow_status -eq 0 ]] && echo passed || echo "FAILED (exit $airflow_status)")"
-[[ $steps_status -eq 0 && $airflow_status -eq 0 ]]
+
+if [[ ${TEST_SERIAL:-0} == 1 ]]; then
+  echo "$steps_title"; "${steps[@]}"; steps_status=$?
+  echo "$search_title"; "${search[@]}"; search_status=$?
+  echo "$airflow_title"; "${airflow[@]}"; airflow_status=$?
+else
+  logs=var/test-logs
+  mkdir -p "$logs"
+  # The background parts are jobs of this script, which waits on them: bash runs a trap only once the
+  # foreground command ends, but interrupts `wait` for it. A background job of a script starts with SIGINT
+  # ignored: give it back, so that Ctrl-C reaches it.
+  ( trap - INT; exec "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
+  airflow_pid=$!
+  ( trap - INT; exec "${search[@]}" ) >"$logs/search.log" 2>&1 &
+  search_pid=$!
+  # Ctrl-C or a TERM (a CI timeout) must not leave any part running. Ctrl-C reaches every part from the
+  # terminal already (a second SIGINT would cut short their fixtures' cleanup): wait for them. A TERM
+  # reaches only this script: pass it on as the Ctrl-C pytest understands.
+  steps_pid=""
+  stop_suites() {
+    [[ $1 == 130 ]] || kill -INT $airflow_pid $search_pid $steps_pid 2>/dev/null
+    wait $airflow_pid $search_pid $steps_pid 2>/dev/null
+    exit "$1"
+  }
+  trap 'stop_suites 130' INT
+  trap 'stop_suites 143' TERM
+  echo "$airflow_title: running alongside, output in $logs/airflow.log (printed when it ends)"
+  echo "$search_title: running alongside, output in $logs/search.log (printed when it ends)"
+  echo "$steps_title"
+  # The terminal as its stdin (a background job's would be /dev/null): PYTEST_ARGS=--pdb still works.
+  exec 3<&0
+  ( trap - INT; exec "${steps[@]}" <&3 3<&- ) &
+  steps_pid=$!
+  exec 3<&-
+  wait $steps_pid
+  steps_status=$?
+  wait $search_pid
+  search_status=$?
+  wait $airflow_pid
+  airflow_status=$?
+  trap - INT TERM
+  echo "$search_title"
+  cat "$logs/search.log"
+  echo "$airflow_title"
+  cat "$logs/airflow.log"
+fi
+echo "== steps: $(verdict $steps_status); the search's steps tests: $(verdict $search_status);" \
+  "Airflow suites: $(verdict $airflow_status)"
+if [[ $steps_status == 5 && $search_status == 5 && $airflow_status == 5 ]]; then
+  echo "no test selected in any part: check PYTEST_ARGS and TEST_MARKERS" >&2
+  exit 5
+fi
+ok() { [[ $1 == 0 || $1 == 5 ]]; }
+ok $steps_status && ok $search_status && ok $airflow_status
