@@ -463,8 +463,9 @@ def datatype_error(datatype: str, flat: np.ndarray) -> None:
     wrong = (flat != np.floor(flat)) | (flat < limits.min) | (flat > limits.max)
     if wrong.any():
         first = int(np.argmax(wrong))
-        raise RequestError(400, f'"data"[{first}] is {float(flat[first]):g}, not a valid {datatype} value (whole numbers '
-                                f'{limits.min}..{limits.max}); declare "datatype": "FP32" to send other numbers')
+        raise RequestError(400, f'"data"[{first}] is {float(flat[first]):g}, not a valid {datatype} value '
+                                f'(whole numbers {limits.min}..{limits.max}); declare "datatype": "FP32" to send '
+                                'other numbers')
 
 
 def checked(images: np.ndarray, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
