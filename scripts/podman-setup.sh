@@ -10,10 +10,14 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "error: run as root (apt-get, /etc/containers and debootstrap need it)" >&2
   exit 1
 fi
-if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
-  echo "installing podman, runc and debootstrap"
+# catatonit: the init of the pause container that `podman kube play` builds for every pod (only recommended
+# by Debian's podman, so --no-install-recommends leaves it out and kube play fails with "finding pause binary").
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null ||
+  ! command -v catatonit >/dev/null; then
+  echo "installing podman, runc, catatonit and debootstrap"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap \
+    >/dev/null
 fi
 conf=/etc/containers/containers.conf
 if [[ ! -s $conf ]]; then
