@@ -34,12 +34,15 @@ if [[ ${TEST_SERIAL:-0} == 1 ]]; then
 else
   logs=var/test-logs
   mkdir -p "$logs"
-  # The background parts are jobs of this script, which waits on them: bash runs a trap only once the
+  # The parts are background jobs of this script, which waits on them: bash runs a trap only once the
   # foreground command ends, but interrupts `wait` for it. A background job of a script starts with SIGINT
-  # ignored: give it back, so that Ctrl-C reaches it.
-  ( trap - INT; exec "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
+  # ignored, and bash cannot give back a signal ignored when the script started (itself a background job of
+  # a non-interactive shell: a CI runner, nohup): env resets it, so that pytest stops on Ctrl-C and on the
+  # SIGINT stop_suites sends, with its fixtures' cleanup (servers, temporary databases).
+  default_int=(env --default-signal=INT)
+  ( exec "${default_int[@]}" "${airflow[@]}" ) >"$logs/airflow.log" 2>&1 &
   airflow_pid=$!
-  ( trap - INT; exec "${search[@]}" ) >"$logs/search.log" 2>&1 &
+  ( exec "${default_int[@]}" "${search[@]}" ) >"$logs/search.log" 2>&1 &
   search_pid=$!
   # Ctrl-C or a TERM (a CI timeout) must not leave any part running. Ctrl-C reaches every part from the
   # terminal already (a second SIGINT would cut short their fixtures' cleanup): wait for them. A TERM
@@ -57,7 +60,7 @@ else
   echo "$steps_title"
   # The terminal as its stdin (a background job's would be /dev/null): PYTEST_ARGS=--pdb still works.
   exec 3<&0
-  ( trap - INT; exec "${steps[@]}" <&3 3<&- ) &
+  ( exec "${default_int[@]}" "${steps[@]}" <&3 3<&- ) &
   steps_pid=$!
   exec 3<&-
   wait $steps_pid

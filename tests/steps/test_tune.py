@@ -15,6 +15,7 @@ import time
 import types
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -557,6 +558,18 @@ def test_select_for_a_run_whose_search_never_started_says_so(tmp_path) -> None:
     assert "the search never started for this run (create_study did not run or failed" in done.stderr
 
 
+_RUNNING: set[Step] = set()  # started and not yet waited for
+
+
+@pytest.fixture(autouse=True)
+def _no_step_outlives_its_test() -> Iterator[None]:
+    """A test interrupted (Ctrl-C, make test's TERM) or failed while steps ran leaves none running: pytest
+    tears fixtures down on KeyboardInterrupt too, and the session would otherwise wait on their threads."""
+    yield
+    for step in list(_RUNNING):
+        step.stop()
+
+
 class Step:
     """A step subprocess; reader threads collect its stdout lines (with arrival times) and its stderr."""
 
@@ -574,7 +587,9 @@ class Step:
         self.ended_at: float | None = None
         self.timed_out = False
         self._watchdog = threading.Timer(STEP_TIMEOUT, self._time_out)
+        self._watchdog.daemon = True
         self._watchdog.start()
+        _RUNNING.add(self)
         self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for reader in self._readers:
@@ -609,19 +624,24 @@ class Step:
     def describe(self) -> str:
         return f"{self.name}:\n{self.output[-4000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
 
+    def stop(self) -> None:
+        """Kill the process if it still runs and release it (what wait does last, however it ends)."""
+        _RUNNING.discard(self)
+        self._watchdog.cancel()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
     def wait(self) -> int:
         try:
             code = self.process.wait(timeout=STEP_TIMEOUT + 30)
             for reader in self._readers:
                 reader.join(timeout=30)
         finally:
-            self._watchdog.cancel()
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            for pipe in (self.process.stdout, self.process.stderr):
-                if pipe is not None:
-                    pipe.close()
+            self.stop()
         if self.timed_out:
             pytest.fail(f"ran past {STEP_TIMEOUT} s: {self.describe()}")
         return code
@@ -687,8 +707,12 @@ class Search:
         """Start ``count`` workers at once; return them once all have exited."""
         steps = [Step("tune", self.tune_args(worker=i), name=f"tune worker {i}", kill_on=(kill or {}).get(i))
                  for i in range(count)]
-        for step in steps:
-            step.wait()
+        try:
+            for step in steps:
+                step.wait()
+        finally:  # interrupted while waiting on one (in a module fixture too): the others do not run on
+            for step in steps:
+                step.stop()
         return steps
 
     def select(self) -> Step:
