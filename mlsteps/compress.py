@@ -337,8 +337,7 @@ def choose(variants: dict[str, dict[str, Any]], *, reference_accuracy: float, ma
     passed, refused = [], []
     # By name, not as given: the step's variants (build order) and its report.json (keys sorted) must give the
     # same choice and the same words, so that the record can be checked against what it records.
-    for name in sorted(variants):
-        v = variants[name]
+    for name, v in sorted(variants.items()):
         if name == FLOAT:
             continue
         drop = 100 * (reference_accuracy - v[metric])

@@ -454,7 +454,7 @@ def numbers(value: Any, what: str, booleans: bool = True) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def datatype_error(datatype: str, flat: np.ndarray) -> None:
+def check_datatype(datatype: str, flat: np.ndarray) -> None:
     """Refuse (400) V2 data that its declared integer datatype cannot hold: a client that says UINT8 and sends
     0.5 has scaled its pixels and mislabelled them, or sent the wrong array; the model would answer either way."""
     if datatype[0] not in "IU":
@@ -613,7 +613,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         flat = numbers(tensor["data"], '"data" must be numbers (flat or nested)', booleans).reshape(-1)
         if flat.size != math.prod(shape):
             raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {math.prod(shape)}')
-        datatype_error(tensor["datatype"], flat)
+        check_datatype(tensor["datatype"], flat)
         images = checked(flat.reshape(shape), served.runner.image_shape, config.max_batch, "input")
         probabilities = served.runner.predict(images, wait)
         out = {"model_name": holder.name, "model_version": served.version,
