@@ -68,7 +68,8 @@ airflow-ui: envs
 	scripts/airflow-standalone.sh
 
 # Regenerate the locks after changing a top-level pin: each environment resolved afresh from its
-# requirements alone (the old lock would refuse the new pin), frozen, thrown away; then make envs.
+# requirements alone (the old lock would refuse the new pin), frozen, thrown away; then make envs. The steps
+# image's GPU lock is what tensorflow[and-cuda] adds to its lock (resolved, not installed).
 LOCK_VENV := .venvs/lock
 lock:
 	$(PYTHON) -m venv --clear $(LOCK_VENV)
@@ -77,6 +78,10 @@ lock:
 	$(PYTHON) -m venv --clear $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q -r images/steps/requirements.txt -r images/steps/requirements-dev.txt
 	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
+	$(LOCK_VENV)/bin/python -m pip install -q --dry-run --ignore-installed --report $(LOCK_VENV)/gpu.json \
+	    "tensorflow[and-cuda]" -c images/steps/constraints.txt
+	$(PYTHON) scripts/lock_gpu.py $(LOCK_VENV)/gpu.json images/steps/constraints.txt > $(LOCK_VENV)/gpu.txt
+	mv $(LOCK_VENV)/gpu.txt images/steps/constraints-gpu.txt
 	rm -rf $(LOCK_VENV)
 
 # Stops the servers and removes ./var (run data, MLflow store, Airflow home). A var elsewhere (MLOPS_VAR) is
