@@ -134,11 +134,12 @@ def setup_logging() -> None:
 EXPECTED_GPUS_ENV = "MLSTEPS_EXPECTED_GPUS"  # set by the Kubernetes runtime on pods that request GPUs
 
 
-def require_gpus(tf: Any) -> int:
+def require_gpus(tf: Any, *, param: str = "gpus") -> int:
     """The GPUs TensorFlow sees; a NodeError when the pod was given more than that.
 
     A pod granted a GPU whose image lacks TensorFlow's CUDA build (or whose node lacks a working driver)
-    would otherwise train on the CPU for hours while holding the GPU.
+    would otherwise train on the CPU for hours while holding the GPU. ``param`` is the trigger-form field
+    that gave the pod its GPUs (the error names it).
     """
     visible = len(tf.config.list_physical_devices("GPU"))
     text = os.environ.get(EXPECTED_GPUS_ENV, "0").strip() or "0"
@@ -146,7 +147,7 @@ def require_gpus(tf: Any) -> int:
     if visible < expected:  # retried: another node may have a working driver (a missing CUDA build fails again)
         raise NodeError(f"this pod was given {expected} GPU(s) but TensorFlow sees {visible}: build the steps image "
                         "with --build-arg TF_EXTRAS=and-cuda (TensorFlow's CUDA libraries), and check the node's "
-                        "NVIDIA driver and device plugin; or set gpus to 0 in the trigger form to train on CPUs")
+                        f"NVIDIA driver and device plugin; or set {param} to 0 in the trigger form to train on CPUs")
     return visible
 
 

@@ -303,14 +303,42 @@ def storage_url(explicit: str | None, data_root: str) -> str:
 
 
 def without_password(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db, for logs and messages."""
-    from urllib.parse import urlsplit, urlunsplit
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db, for logs and messages.
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    Works on the text, not a parse, so a URL with a typo (the one a message must show) is masked too: from the
+    user's ``:`` to the last ``@`` (a path may lose a little with it), and any ``password=`` query parameter.
+    """
+    base, mark, query = url.partition("?")
+    at = base.rfind("@")
+    if at >= 0:
+        start = base.find("://") + 3 if "://" in base[:at] else 0
+        colon = base.find(":", start, at)
+        if colon >= 0:
+            base = f"{base[:colon + 1]}***{base[at:]}"
+    return base + mark + re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", query)
+
+
+def _passwords(url: str) -> list[str]:
+    """What without_password hides in ``url``."""
+    base, _, query = url.partition("?")
+    found = re.findall(r"(?i)(?:^|&)password=([^&]*)", query)
+    at = base.rfind("@")
+    if at >= 0:
+        start = base.find("://") + 3 if "://" in base[:at] else 0
+        colon = base.find(":", start, at)
+        if colon >= 0:
+            found.append(base[colon + 1:at])
+    return [secret for secret in found if secret]
+
+
+def hide_passwords(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) without the URL's passwords, nor any piece of one of 3 or more
+    characters: a driver quotes what it took for the host, the end of a password with an unescaped @ or /."""
+    for secret in _passwords(url):
+        for piece in sorted({secret, *re.split(r"[@/:]", secret)}, key=len, reverse=True):
+            if len(piece) >= 3:
+                text = text.replace(piece, "***")
+    return text
 
 
 class StorageUnavailable(RuntimeError):
@@ -394,14 +422,14 @@ def open_storage(url: str, heartbeat_seconds: int, *, retry_stale: bool = True) 
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
 
-    shown = without_password(url)  # never print credentials
+    given, shown = url, without_password(url)  # never print credentials
     where = f"the Optuna storage {shown!r} (--storage / ${STORAGE_ENV})"
     lock_file = None
     try:
         url = _with_driver(url)
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
-        raise StepError(f"{where} is not an SQLAlchemy URL ({exc}); e.g. "
+        raise StepError(f"{where} is not an SQLAlchemy URL ({hide_passwords(str(exc), given)}); e.g. "
                         "postgresql+psycopg2://user:password@host:5432/optuna or sqlite:////data/optuna.db") from exc
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
@@ -417,7 +445,7 @@ def open_storage(url: str, heartbeat_seconds: int, *, retry_stale: bool = True) 
         engine_kwargs = {"pool_pre_ping": True}
 
     def cause(exc: Exception) -> str:
-        message = str(exc).replace(url, shown).strip()
+        message = hide_passwords(str(exc).replace(url, shown).replace(given, shown), given).strip()
         return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
 
     try:

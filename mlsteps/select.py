@@ -110,7 +110,7 @@ def best_trial(study: Any) -> tuple[Any, str, float]:
     if any(t.state == TrialState.COMPLETE for t in trials):
         best = study.best_trial
         return best, "complete", best.value
-    if not trials:
+    if all(t.state == TrialState.WAITING for t in trials):  # none, or only the queued start point
         raise StepError(f"search {study.study_name}: no trial ran: {_why_no_trial(study)}")
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     if not pruned:

@@ -453,7 +453,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
     import optuna
     import tensorflow as tf
 
-    require_gpus(tf)
+    require_gpus(tf, param="search_gpus")  # the form's field for trial workers
     if config.threads:
         tf.config.threading.set_intra_op_parallelism_threads(config.threads)
         tf.config.threading.set_inter_op_parallelism_threads(config.threads)

@@ -323,8 +323,11 @@ def test_a_pod_given_gpus_that_tensorflow_cannot_see_refuses_to_train_on_the_cpu
         list_physical_devices=lambda kind: [f"/physical_device:GPU:{i}" for i in range(visible)]))
     monkeypatch.setenv("MLSTEPS_EXPECTED_GPUS", expected)
     if fails:
-        with pytest.raises(core.NodeError, match=rf"given {expected} GPU\(s\) but TensorFlow sees {visible}.*TF_EXTRAS"):
+        with pytest.raises(core.NodeError, match=rf"given {expected} GPU\(s\) but TensorFlow sees {visible}.*TF_EXTRAS"
+                                                 r".*or set gpus to 0 in the trigger form"):
             core.require_gpus(tf)
+        with pytest.raises(core.NodeError, match="or set search_gpus to 0 in the trigger form"):
+            core.require_gpus(tf, param="search_gpus")
     else:
         assert core.require_gpus(tf) == visible
 

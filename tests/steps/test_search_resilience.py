@@ -380,6 +380,34 @@ def test_a_database_that_does_not_answer_is_retryable_and_a_bad_url_is_not(tmp_p
         search.open_storage("sqlite://", HEARTBEAT)
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://optuna:s3cret@db:5432/optuna", "postgresql://optuna:***@db:5432/optuna"),
+    ("postgresql+psycopg2://db:5432/optuna?user=optuna&password=s3cret&sslmode=require",
+     "postgresql+psycopg2://db:5432/optuna?user=optuna&password=***&sslmode=require"),
+    ("optuna:s3cret@db/optuna", "optuna:***@db/optuna"),
+    ("postgres ql://optuna:s3cret@db/optuna", "postgres ql://optuna:***@db/optuna"),
+    ("postgresql://optuna:s3/c@ret@db/optuna", "postgresql://optuna:***@db/optuna"),
+    ("postgresql://optuna@db:5432/optuna", "postgresql://optuna@db:5432/optuna"),
+    ("sqlite:////data/optuna/studies.db", "sqlite:////data/optuna/studies.db"),
+], ids=["user-password", "query-password", "no-scheme", "scheme-typo", "unescaped-password", "no-password",
+        "sqlite"])
+def test_storage_urls_are_logged_and_reported_without_their_password(url, shown, caplog) -> None:
+    """The URL is logged by every search task and quoted in its errors, which Airflow shows in its UI: a
+    password must not reach either, also in a URL with a typo (the one an error has to quote)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger=search.log.name):
+        search.storage_url(url, "/unused")
+    assert f"Optuna storage: {shown}" in caplog.text
+    assert "s3" not in shown
+    try:
+        search.open_storage(url.replace("@db", "@127.0.0.1:1", 1) if "@db" in url else url, HEARTBEAT)
+    except (StepError, search.StorageUnavailable) as exc:
+        assert "s3" not in str(exc) and "ret" not in str(exc), exc
+    except Exception:  # noqa: BLE001 (a parse that reaches a driver: its message is not ours to test here)
+        pass
+
+
 def test_a_plain_postgresql_url_uses_the_installed_driver() -> None:
     assert search._with_driver("postgresql://u:p%40ss@db:5432/optuna") == \
         "postgresql+psycopg2://u:p%40ss@db:5432/optuna"
@@ -458,7 +486,9 @@ def test_select_queues_no_retry_of_a_dead_workers_trial_since_no_worker_is_left(
     ({"mlflow_run_id": "r", "created_at": "now", "timeout_minutes": 60}, "no worker started a trial, with time left"),
     ({"mlflow_run_id": "r", "created_at": 0.0, "timeout_minutes": 60}, "the time budget (search_timeout_minutes"),
 ], ids=["setup-unfinished", "workers-failed", "budget-spent"])
-def test_select_says_why_no_trial_ran(setup, expected) -> None:
+@pytest.mark.parametrize("start_point", [False, True], ids=["empty", "start-point-queued"])
+def test_select_says_why_no_trial_ran(setup, expected, start_point) -> None:
+    """Also when create_study queued a start point (the DAG's default) that no worker took."""
     import optuna
 
     from mlsteps import select
@@ -466,6 +496,8 @@ def test_select_says_why_no_trial_ran(setup, expected) -> None:
     study = optuna.create_study()
     for key, value in setup.items():
         study.set_user_attr(key, time.time() if value == "now" else value)
+    if start_point:
+        study.enqueue_trial({"learning_rate": 0.003, "batch_size": 128})
     with pytest.raises(StepError, match=re.escape(expected)):
         select.best_trial(study)
 

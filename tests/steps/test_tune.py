@@ -1088,6 +1088,25 @@ def test_a_search_whose_time_budget_is_spent_before_any_trial_says_so(tmp_path, 
     assert "no trial ran: the time budget" in step.stderr
 
 
+def test_a_worker_given_a_gpu_it_cannot_see_names_search_gpus_and_select_says_no_trial_ran(
+        tmp_path, mlflow_server, monkeypatch) -> None:
+    """As the DAG runs it by default: create_study queued a start point, so the study is not empty although no
+    worker started a trial."""
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/no_gpu", trials=2, max_epochs=1, pruner="none",
+                        space=FIXED, start_from='{"learning_rate": 0.003, "dropout": 0.2}')
+    found.setup()
+    assert [t.state.name for t in found.trials_now()] == ["WAITING"]
+    monkeypatch.setenv("MLSTEPS_EXPECTED_GPUS", "1")  # a pod given search_gpus=1, on TensorFlow without CUDA
+    [worker] = found.workers(1)
+    monkeypatch.delenv("MLSTEPS_EXPECTED_GPUS")
+
+    assert worker.process.returncode == 1, worker.describe()  # a node fault: the runner retries it
+    assert "or set search_gpus to 0 in the trigger form" in worker.output + worker.stderr, worker.describe()
+    step = found.select()
+    assert step.process.returncode == 2, step.describe()
+    assert "no trial ran: no worker started a trial, with time left in the budget" in step.stderr, step.describe()
+
+
 # --- a worker dies mid-trial ------------------------------------------------------------------------------------
 
 
