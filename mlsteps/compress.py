@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -581,22 +580,11 @@ def run(config: CompressConfig) -> dict[str, Any]:
     settings = _settings(config, manifest)
     report_path = out_dir / "report.json"
     if not (is_complete(out_dir) and json.loads(report_path.read_text())["settings"] == settings):
-        # Built for other settings (or another model), or never: build beside it, then swap, so that a
-        # failure keeps the previous complete result.
-        fresh = out_dir.with_name("compression.next")
-        shutil.rmtree(fresh, ignore_errors=True)
-        with atomic_directory(fresh) as scratch:
+        # Built for other settings (or another model), or never: a failure keeps the previous complete result.
+        with atomic_directory(out_dir, replace=True) as scratch:
             report = compute(config, manifest, scratch)
             report["num_classes"] = manifest["num_classes"]
             write_json_atomic(scratch / "report.json", report)
-        if out_dir.exists():
-            stale = out_dir.with_name("compression.stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.rename(out_dir, stale)
-            os.rename(fresh, out_dir)
-            shutil.rmtree(stale)
-        else:
-            os.rename(fresh, out_dir)
     else:
         log.info("variants for %s already built with these settings: %s", config.run_key, out_dir)
     report = json.loads(report_path.read_text())

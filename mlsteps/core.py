@@ -35,8 +35,9 @@ class StepError(Exception):
 
 
 class NodeError(Exception):
-    """A fault of the machine the step ran on (e.g. a GPU it cannot use); the CLI prints it without a stack
-    trace and exits 1, so the runner retries, perhaps on another node."""
+    """A fault of the machine the step ran on (e.g. a GPU it cannot use) or of a service it needs (a database,
+    MLflow) not answering; the CLI prints it without a stack trace and exits 1, so the runner retries, perhaps
+    on another node."""
 
 
 C = TypeVar("C")
@@ -215,8 +216,12 @@ ABANDONED_AFTER_S = 24 * 3600  # a scratch folder this old was left by a killed 
 
 
 @contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a scratch directory that becomes ``final`` (with a completion marker) only if the block succeeds."""
+def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a scratch directory that becomes ``final`` (with a completion marker) only if the block succeeds.
+
+    A complete ``final`` already there is kept as it is (a concurrent writer of the same result finished
+    first) or, with ``replace`` (a result for other settings), swapped out only once the new one is whole.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(final)
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
@@ -226,12 +231,19 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         _fsync_tree(scratch)  # on the disk before the rename publishes it (a crash then finds it whole)
         if final.exists() and not is_complete(final):
             shutil.rmtree(final)  # left by a writer that died before this mechanism existed, or by hand
-        try:
+        if replace and final.exists():
+            stale = final.with_name(f".{final.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
             os.rename(scratch, final)
-        except OSError:
-            if not is_complete(final):
-                raise
-            shutil.rmtree(scratch)  # a concurrent writer finished first with the same content
+            shutil.rmtree(stale)
+        else:
+            try:
+                os.rename(scratch, final)
+            except OSError:
+                if not is_complete(final):
+                    raise
+                shutil.rmtree(scratch)  # a concurrent writer finished first with the same content
         _fsync(final.parent, directory=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

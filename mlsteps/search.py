@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .core import StepError
+from .core import NodeError, StepError
 
 log = logging.getLogger("mlsteps.search")
 
@@ -341,7 +341,7 @@ def hide_passwords(text: str, url: str) -> str:
     return text
 
 
-class StorageUnavailable(RuntimeError):
+class StorageUnavailable(NodeError):
     """The study's database did not answer (down, restarting, unreachable): worth retrying, unlike a bad URL."""
 
 

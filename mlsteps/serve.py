@@ -260,7 +260,7 @@ def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True,
 
     from . import tracking
 
-    tracking.connect(config.tracking_uri)
+    tracking.connect(config.tracking_uri, probe=False)  # an outage is waited out below
     client = mlflow.MlflowClient()
 
     def before_sleep(state: Any) -> None:

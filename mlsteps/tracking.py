@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .core import StepError, field, safe_name
+from .core import NodeError, StepError, field, safe_name
 
 log = logging.getLogger("mlsteps.tracking")
 
@@ -45,13 +45,60 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def connect(tracking_uri: str | None) -> Any:
-    """Import MLflow, point it at the tracking server (flag, else MLFLOW_TRACKING_URI), return the module."""
+class TrackingUnavailable(NodeError):
+    """The MLflow tracking server did not answer: one line, exit 1, and the runner retries the step."""
+
+
+PROBE_TIMEOUT_S = 10  # per try; 3 tries, 1 s and 2 s apart
+
+
+def _probe(uri: str) -> None:
+    """Fail in seconds, in one line, when an http(s) tracking server does not answer: MLflow's client would
+    retry the step's first call for about two minutes, then end it with a page of traceback."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return  # a file store or a database: MLflow reports those itself
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    health = urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""),
+                         parts.path.rstrip("/") + "/health", "", ""))  # no credentials: MLflow's are not in URLs
+
+    @retry(stop=stop_after_attempt(3), wait=wait_exponential(min=1, max=2), reraise=True,
+           retry=retry_if_exception_type(OSError))
+    def answered() -> None:
+        try:
+            urllib.request.urlopen(health, timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # any status is an answer (a proxy's, an auth layer's): the calls that follow judge it
+
+    try:
+        answered()
+    except (OSError, ValueError) as exc:
+        from .search import without_password
+
+        reason = getattr(exc, "reason", None) or exc
+        raise TrackingUnavailable(
+            f"cannot reach the MLflow tracking server {without_password(uri)} ({reason}): start it, or point "
+            "--tracking-uri / MLFLOW_TRACKING_URI at it") from None
+
+
+def connect(tracking_uri: str | None, *, probe: bool = True) -> Any:
+    """Import MLflow, point it at the tracking server (flag, else MLFLOW_TRACKING_URI), return the module.
+
+    ``probe``: first check that an http(s) server answers (TrackingUnavailable if not).
+    """
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise StepError("no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    if probe:
+        _probe(uri)
     mlflow.set_tracking_uri(uri)
     return mlflow
 

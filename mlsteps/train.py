@@ -177,10 +177,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if previous is not None and previous["settings"] == settings:
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
         return previous
-    if model_dir.exists():
-        # A model for other settings, or a half-written one: train again, from scratch.
-        shutil.rmtree(model_dir)
-        shutil.rmtree(workdir / "backup", ignore_errors=True)
+    if model_dir.exists():  # kept until the new model is saved: a failed try leaves the finished one
+        log.info("a model for other settings (or a damaged one) is in %s: training again", model_dir)
 
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
@@ -336,7 +334,7 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
               "metrics": final, "epochs": config.epochs, "resumed_from_epoch": resumed_from,
               "parameters": net.count_params(), "settings": settings}
     url = tracking.run_url(mlflow, run_id)  # the last MLflow call comes before the model is in place
-    with atomic_directory(model_dir) as scratch:
+    with atomic_directory(model_dir, replace=True) as scratch:
         net.save(scratch / "model.keras")
         write_json_atomic(scratch / "result.json", result)
     shutil.rmtree(backup_dir, ignore_errors=True)

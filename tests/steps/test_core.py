@@ -150,6 +150,23 @@ def test_atomic_directory_keeps_the_first_complete_writer(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["result"]
 
 
+def test_atomic_directory_replaces_a_complete_result_only_once_the_new_one_is_whole(tmp_path) -> None:
+    from mlsteps import core
+
+    final = tmp_path / "model"
+    with core.atomic_directory(final) as scratch:
+        (scratch / "result.json").write_text("old")
+    with pytest.raises(RuntimeError), core.atomic_directory(final, replace=True) as scratch:
+        (scratch / "result.json").write_text("new, half")
+        raise RuntimeError("training failed")
+    assert (final / "result.json").read_text() == "old" and core.is_complete(final)
+
+    with core.atomic_directory(final, replace=True) as scratch:
+        (scratch / "result.json").write_text("new")
+    assert (final / "result.json").read_text() == "new" and core.is_complete(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no scratch or swapped-out folder left
+
+
 def test_atomic_directory_removes_scratch_folders_of_writers_killed_long_ago_only(tmp_path) -> None:
     import os
     import time

@@ -249,6 +249,26 @@ def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
     assert "train.settings_changed" not in MlflowClient(mlflow_server).get_run(run.info.run_id).data.tags
 
 
+def test_a_failed_training_with_other_settings_keeps_the_finished_model_until_the_new_one_is_saved(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    from mlsteps.core import is_complete
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+    first = train.run(_train_config(manifest, data_root, mlflow_server, "train/replaced", width=4))
+    model_dir = Path(first["model_path"]).parent
+    with monkeypatch.context() as patch:
+        _fail_after_training(patch)
+        with pytest.raises(RuntimeError, match="learning curves"):
+            train.run(_train_config(manifest, data_root, mlflow_server, "train/replaced", width=8))
+    assert is_complete(model_dir)
+    assert json.loads((model_dir / "result.json").read_text())["settings"]["width"] == 4
+
+    second = train.run(_train_config(manifest, data_root, mlflow_server, "train/replaced", width=8))
+    assert second["model_path"] == first["model_path"]
+    assert json.loads((model_dir / "result.json").read_text())["settings"]["width"] == 8
+    assert not [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".model")]
+
+
 def _mixed_precision_on_cpu(tf, config):
     """What train._strategy does on a GPU pod, here on the CPU."""
     import keras

@@ -183,6 +183,28 @@ def test_a_deleted_experiment_is_an_input_error_saying_how_to_restore_it(source_
         validate.run(config)
 
 
+def test_an_mlflow_server_that_does_not_answer_ends_the_step_in_one_line_that_the_runner_retries(
+        source_dir, data_root, prepare, tmp_path) -> None:
+    """Not MLflow's two minutes of retries and a page of traceback: exit 1 (retried), naming the server."""
+    import subprocess
+    import sys
+
+    from stepsupport import step_env
+
+    manifest = prepare(source_dir)["manifest"]
+    out = subprocess.run([sys.executable, "-m", "mlsteps.validate", "--manifest", manifest, "--data-root",
+                          str(data_root), "--run-key", "validate/no-mlflow", "--tracking-uri",
+                          "http://127.0.0.1:9", "--result-path", str(tmp_path / "result.json")],
+                         env=step_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: cannot reach the MLflow tracking server http://127.0.0.1:9 (")
+    assert "--tracking-uri / MLFLOW_TRACKING_URI" in out.stderr
+    assert not (tmp_path / "result.json").exists()
+
+
 def test_images_too_small_for_the_model_fail_validation_naming_the_fix(tmp_path, data_root, prepare) -> None:
     """3x28 images prepare fine but would crash training (its two 2x2 poolings need 4 pixels a side)."""
     from mlsteps import model
