@@ -10,14 +10,42 @@ from typing import Any
 from .core import StepError, is_complete
 
 
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("digest", "image_shape", "num_classes", "splits")
+
+
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a prepared dataset's manifest; refuse one whose folder was never completed."""
+    """Read a prepared dataset's manifest; refuse one whose folder was never completed, or is damaged (an
+    unreadable manifest, a missing shard, a shard of another size than prep wrote)."""
     path = Path(path)
     if not path.is_file():
         raise StepError(f"{path}: manifest not found; run the prep step first (or check --manifest)")
     if not is_complete(path.parent):
         raise StepError(f"{path.parent}: dataset folder is incomplete (no completion marker); run prep again")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StepError(f"{path}: unreadable manifest ({exc}); run prep again (it prepares a damaged dataset "
+                        "afresh)") from None
+    missing = [key for key in REQUIRED_KEYS if key not in manifest] if isinstance(manifest, dict) else ["any key"]
+    splits = manifest.get("splits") if not missing else None
+    if not missing and not (isinstance(splits, dict) and all(
+            isinstance(splits.get(s), dict) and {"count", "files"} <= splits[s].keys() for s in SPLITS)):
+        missing = [f"splits {'/'.join(SPLITS)} with their files and counts"]
+    if missing:
+        raise StepError(f"{path}: not a manifest written by prep (no {', '.join(missing)}); pass --manifest the "
+                        "manifest.json that prep's result names")
+    for split in SPLITS:
+        entry = splits[split]
+        for index, name in enumerate(entry["files"]):
+            shard = path.parent / name
+            if not shard.is_file():
+                raise StepError(f"{shard}: a shard of the {split} split is missing; run prep again (it prepares "
+                                "a damaged dataset afresh)")
+            sizes = entry.get("file_bytes")  # recorded by prep since 2026-12; older manifests lack it
+            if sizes and len(sizes) == len(entry["files"]) and shard.stat().st_size != sizes[index]:
+                raise StepError(f"{shard}: {shard.stat().st_size} bytes where prep wrote {sizes[index]} (damaged "
+                                "or truncated); run prep again (it prepares a damaged dataset afresh)")
     manifest["root"] = str(path.parent)
     return manifest
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from . import datasets, idx
-from .core import StepError, atomic_directory, cli, field, is_complete, seed_error
+from . import data, datasets, idx
+from .core import COMPLETE_MARKER, StepError, atomic_directory, cli, field, is_complete, seed_error
 
 log = logging.getLogger("mlsteps.prep")
 
@@ -303,10 +303,15 @@ def run(config: PrepConfig) -> dict[str, Any]:
     out = Path(config.data_root) / "datasets" / spec.name / digest[:16]
     manifest_path = out / "manifest.json"
     if is_complete(out):
-        log.info("dataset %s already prepared at %s (digest %s)", spec.name, out, digest[:16])
-        splits = json.loads(manifest_path.read_text())["splits"]
-        return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True,
-                "counts": {k: v["count"] for k, v in splits.items()}, "config": asdict(config)}
+        try:
+            splits = data.load_manifest(manifest_path)["splits"]
+        except StepError as damaged:  # what the other steps refuse it for: prepared again, replacing it
+            log.warning("the prepared dataset is damaged, preparing it again: %s", damaged)
+            (out / COMPLETE_MARKER).unlink(missing_ok=True)
+        else:
+            log.info("dataset %s already prepared at %s (digest %s)", spec.name, out, digest[:16])
+            return {"manifest": str(manifest_path), "digest": digest, "dataset": spec.name, "cached": True,
+                    "counts": {k: v["count"] for k, v in splits.items()}, "config": asdict(config)}
 
     splits = {
         "train": (arrays["train_images"][train_index], arrays["train_labels"][train_index]),
@@ -327,6 +332,7 @@ def run(config: PrepConfig) -> dict[str, Any]:
             files = _write_split(tf, scratch, split, images, labels, config.records_per_shard)
             histogram = np.bincount(labels, minlength=len(spec.class_names))
             manifest["splits"][split] = {"count": int(len(images)), "files": files,
+                                         "file_bytes": [(scratch / name).stat().st_size for name in files],
                                          "class_histogram": histogram.tolist()}
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepared %s at %s (digest %s)", spec.name, out, digest[:16])

@@ -102,6 +102,57 @@ def test_rerun_returns_cached_manifest_without_rewriting(source_dir, data_root, 
     assert _tree(data_root / "datasets") == before
 
 
+def _truncate_first_test_shard(manifest: dict) -> Path:
+    shard = Path(data.split_files(manifest, "test")[0])
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return shard
+
+
+def _unreadable_manifest(manifest: dict) -> Path:
+    path = Path(manifest["root"]) / "manifest.json"
+    path.write_text(path.read_text()[:300])
+    return path
+
+
+def _missing_val_shard(manifest: dict) -> Path:
+    shard = Path(data.split_files(manifest, "val")[0])
+    shard.unlink()
+    return shard
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    (_truncate_first_test_shard, "bytes where prep wrote"),
+    (_unreadable_manifest, "unreadable manifest"),
+    (_missing_val_shard, "a shard of the val split is missing"),
+], ids=["truncated-shard", "unreadable-manifest", "missing-shard"])
+def test_a_damaged_prepared_dataset_is_named_by_the_steps_and_prepared_again_by_prep(
+        source_dir, data_root, prepare, damage, words) -> None:
+    """A disk error or a copy cut short after prep finished: the other steps refuse it naming the file and
+    saying "run prep again", and prep then prepares it again instead of returning it from its cache."""
+    first = prepare(source_dir)
+    named = damage(data.load_manifest(first["manifest"]))
+    with pytest.raises(StepError, match=words) as refused:
+        data.load_manifest(first["manifest"])
+    assert str(named) in str(refused.value) and "run prep again" in str(refused.value)
+
+    again = prepare(source_dir)
+    assert again["cached"] is False and again["manifest"] == first["manifest"]
+    manifest = data.load_manifest(again["manifest"])
+    assert sum(1 for _ in data.examples(manifest, "test")) == 100
+    assert prepare(source_dir)["cached"] is True
+
+
+def test_a_file_that_is_not_a_manifest_is_refused_naming_the_flag(tmp_path, source_dir, prepare) -> None:
+    """e.g. train's result.json passed as --manifest: not a KeyError deep inside a step."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / core.COMPLETE_MARKER).write_text("ok\n")
+    (folder / "result.json").write_text(json.dumps({"model_path": "model.keras", "metrics": {}}))
+    with pytest.raises(StepError, match=r"not a manifest written by prep \(no digest, image_shape, num_classes, "
+                                        r"splits\); pass --manifest"):
+        data.load_manifest(folder / "result.json")
+
+
 def test_different_split_settings_get_a_different_folder(source_dir, prepare) -> None:
     first = prepare(source_dir)
     other = prepare(source_dir, val_fraction=0.2)
