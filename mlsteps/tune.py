@@ -118,6 +118,14 @@ def open_study(config: TuneConfig, manifest: dict[str, Any], *, create: bool) ->
     settings = json.loads(json.dumps(study_settings(config, space, manifest)))  # as stored: JSON round trip
     if create:
         study = optuna.create_study(direction=search.OBJECTIVES[config.objective], load_if_exists=True, **kwargs)
+        if study.user_attrs.get("settings", settings) != settings and "mlflow_run_id" not in study.user_attrs \
+                and not study.get_trials(deepcopy=False):
+            # A setup that failed before it finished (MLflow unreachable, say), retried with other flags: nothing
+            # ran under the first ones, so they bind nothing (the direction included): start the study afresh.
+            log.info("study %s: its setup never finished and no trial ran: created again with these settings", name)
+            optuna.delete_study(study_name=name, storage=storage)
+            study = optuna.create_study(direction=search.OBJECTIVES[config.objective], load_if_exists=True,
+                                        **kwargs)
         if "settings" not in study.user_attrs:
             study.set_user_attr("settings", settings)
         if "created_at" not in study.user_attrs:  # the time budget counts from here, whichever try set it up

@@ -970,6 +970,25 @@ def test_a_search_started_before_the_reduction_factor_setting_continues_with_the
     assert "reduction_factor differ" in other.stderr
 
 
+def test_a_setup_that_failed_before_it_finished_binds_no_settings(tmp_path, mlflow_server) -> None:
+    """MLflow did not answer the first setup (after the study was created): the retry may change the flags."""
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/setup_failed", trials=2, max_epochs=3, pruner="none",
+                        space=FIXED, objective="val_loss")
+    failed = Step("tune", [*found.tune_args(setup=True, result="failed.json"), "--tracking-uri",
+                           "http://127.0.0.1:9"])
+    assert failed.wait() == 1, failed.describe()
+    assert "cannot reach the MLflow tracking server" in failed.stderr
+
+    found.max_epochs, found.objective = 2, "val_accuracy"
+    found.setup()
+    study = found.study()
+    assert study.user_attrs["settings"]["max_epochs"] == 2 and study.direction.name == "MAXIMIZE"
+    # Once a setup finished, the settings hold (a continued search keeps them).
+    found.max_epochs = 4
+    again = Step("tune", found.tune_args(setup=True, result="again.json"))
+    assert again.wait() == 2 and "max_epochs differ" in again.stderr, again.describe()
+
+
 @integration
 def test_selecting_a_continued_search_again_updates_the_search_runs_best(tmp_path, mlflow_server) -> None:
     from mlflow import MlflowClient
