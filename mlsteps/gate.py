@@ -93,8 +93,10 @@ def run(config: GateConfig) -> dict[str, Any]:
     """Score challenger and champion, decide, tag the challenger version; return the verdict."""
     if not 0 <= config.min_accuracy <= 1:
         raise StepError(f"--min-accuracy is a fraction (0..1), got {config.min_accuracy}")
-    if config.max_regression < 0:
+    if not config.max_regression >= 0:  # NaN too
         raise StepError(f"--max-regression is in points and cannot be negative, got {config.max_regression}")
+    if config.batch_size < 1:
+        raise StepError(f"--batch-size must be at least 1 image, got {config.batch_size}")
     manifest = data.load_manifest(config.manifest)
     if not manifest["splits"]["test"]["count"]:
         raise StepError(f"{config.manifest}: the test split is empty; the gate needs test data")

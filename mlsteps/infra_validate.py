@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -132,10 +133,20 @@ def _probe(base: str, name: str, version: str, requests: int) -> list[float]:
     return latencies
 
 
-def validate(config: InfraValidateConfig) -> dict[str, Any]:
-    """Start the server on the candidate, probe it, stop it; raise Failed with the reason."""
+def _check(config: InfraValidateConfig) -> None:
+    """Flags no server could pass with, refused before the registry hears of the version (a verdict tag
+    "failed" would otherwise blame the model)."""
     if config.requests < 2:
         raise StepError(f"--requests must be at least 2, got {config.requests}")
+    if not (math.isfinite(config.load_timeout_seconds) and config.load_timeout_seconds > 0):
+        raise StepError(f"--load-timeout-seconds must be a number of seconds > 0, got {config.load_timeout_seconds:g}")
+    if config.version < 1:
+        raise StepError(f"--version must be a registered version number (1 or more), got {config.version}")
+
+
+def validate(config: InfraValidateConfig) -> dict[str, Any]:
+    """Start the server on the candidate, probe it, stop it; raise Failed with the reason."""
+    _check(config)
     version = str(config.version)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -180,6 +191,7 @@ def validate(config: InfraValidateConfig) -> dict[str, Any]:
 
 
 def run(config: InfraValidateConfig) -> dict[str, Any]:
+    _check(config)
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     name, version = config.model_name, str(config.version)

@@ -282,6 +282,8 @@ def run(config: PrepConfig) -> dict[str, Any]:
         raise StepError(f"--num-classes must be 0 (count them from the labels) or at least 2, got {config.num_classes}")
     if error := seed_error(config.seed):
         raise StepError(error)
+    if not (math.isfinite(config.download_timeout) and config.download_timeout > 0):
+        raise StepError(f"--download-timeout must be a number of seconds > 0, got {config.download_timeout:g}")
     for mirror in config.mirrors or ():
         if urllib.parse.urlsplit(mirror).scheme not in ("http", "https", "file"):
             raise StepError(f"--mirrors: {mirror!r} is not an http(s):// or file:// URL, e.g. "

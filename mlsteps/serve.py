@@ -755,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --threads, --max-batch and --max-body-bytes must be >= 1")
     if config.warmup_requests < 0:
         raise SystemExit(f"error: --warmup-requests must be >= 0, got {config.warmup_requests}")
+    if not 1 <= config.port <= 65535:  # uvicorn would listen on the port modulo 65536
+        raise SystemExit(f"error: --port must be a TCP port, 1 to 65535, got {config.port}")
     if not (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", flush=True)
         return 2

@@ -155,8 +155,10 @@ def test_a_version_that_is_not_registered_is_an_input_error_not_a_retry(manifest
 @pytest.mark.parametrize(("threshold", "words"), [
     ({"min_accuracy": 85}, "--min-accuracy is a fraction"),  # a percentage given for a fraction
     ({"max_regression": -1}, "--max-regression is in points and cannot be negative, got -1"),
-], ids=["percent-floor", "negative-regression"])
-def test_bad_thresholds_are_refused_before_any_work(manifest, threshold, words):
+    ({"max_regression": float("nan")}, "--max-regression is in points and cannot be negative, got nan"),
+    ({"batch_size": 0}, "--batch-size must be at least 1 image, got 0"),
+], ids=["percent-floor", "negative-regression", "nan-regression", "no-batch"])
+def test_bad_thresholds_and_batch_sizes_are_refused_before_any_work(manifest, threshold, words):
     """No MLflow server here (the default tracking URI): the refusal comes before any connection."""
     with pytest.raises(gate.StepError, match=words):
         gate.run(gate.GateConfig(manifest=manifest, model_name="m", version=1, **threshold))

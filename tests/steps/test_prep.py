@@ -362,9 +362,12 @@ def test_a_source_dir_that_does_not_exist_is_named_as_such(tmp_path, data_root, 
         ({"num_classes": 1}, r"--num-classes must be 0 \(count them from the labels\) or at least 2, got 1"),
         ({"num_classes": -1}, r"--num-classes must be 0 .* or at least 2, got -1"),
         ({"mirrors": ["ftp://example.org/mnist/"]}, "--mirrors: 'ftp://example.org/mnist/' is not an http"),
+        ({"download_timeout": 0.0}, "--download-timeout must be a number of seconds > 0, got 0"),
+        ({"download_timeout": -1.0}, "--download-timeout must be a number of seconds > 0, got -1"),
     ],
     ids=["custom-without-source", "unknown-dataset", "val-fraction-zero", "val-fraction-one",
-         "records-per-shard-zero", "records-per-shard-negative", "one-class", "negative-classes", "ftp-mirror"],
+         "records-per-shard-zero", "records-per-shard-negative", "one-class", "negative-classes", "ftp-mirror",
+         "download-timeout-zero", "download-timeout-negative"],
 )
 def test_bad_settings_fail_before_any_work(source_dir, data_root, prepare, overrides, message) -> None:
     with pytest.raises(StepError, match=message):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import numpy as np
 import pytest
 
 from stepsupport import free_port, step_env
+
+from mlsteps.core import StepError
 
 MODEL = "serve_test_model"
 LITERT_MODEL = Path(__file__).resolve().parents[2] / "mlsteps" / "litert_model.py"
@@ -625,6 +628,20 @@ def test_a_model_uri_that_is_not_a_version_or_alias_of_the_served_model_is_refus
     assert f"--model-uri {uri!r} is not models:/{MODEL}/<version> or models:/{MODEL}@<alias>" in out.stdout
 
 
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--port", "131073"], "--port must be a TCP port, 1 to 65535, got 131073"),  # uvicorn: port 1
+    (["--port", "0"], "--port must be a TCP port, 1 to 65535, got 0"),
+    (["--threads", "0"], "--threads, --max-batch and --max-body-bytes must be >= 1"),
+    (["--warmup-requests", "-1"], "--warmup-requests must be >= 0, got -1"),
+], ids=["port-past-65535", "port-zero", "no-threads", "negative-warmup"])
+def test_server_flags_it_cannot_serve_with_are_refused_at_start(flags, words):
+    out = subprocess.run([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, *flags],
+                         env=step_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and words in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("token", [None, "short"], ids=["missing-file", "too-short"])
 def test_an_admin_token_file_that_cannot_serve_is_refused_at_start_naming_the_flag(tmp_path, token):
     path = tmp_path / "admin-token"
@@ -776,6 +793,24 @@ def test_without_a_token_file_there_is_no_admin_endpoint(server, versions):
     status, _, reply = server.call("POST", "/admin/deploy", {"version": str(versions[0])},
                                    headers={"Authorization": "Bearer anything-at-all-here"})
     assert status == 404 and "--admin-token-file" in reply["error"]
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    ({"load_timeout_seconds": 0.0}, "--load-timeout-seconds must be a number of seconds > 0, got 0"),
+    ({"load_timeout_seconds": -5.0}, "--load-timeout-seconds must be a number of seconds > 0, got -5"),
+    ({"load_timeout_seconds": float("inf")}, "--load-timeout-seconds must be a number of seconds > 0, got inf"),
+    ({"requests": 1}, "--requests must be at least 2"),
+    ({"version": 0}, "--version must be a registered version number"),
+], ids=["timeout-zero", "timeout-negative", "timeout-infinite", "one-request", "version-zero"])
+def test_infra_validation_refuses_flags_no_server_could_pass_before_the_registry_hears_of_it(flags, words):
+    """A "failed" verdict tag would blame the version for the flags (the MLflow address here answers nothing:
+    a check made after contacting it would fail on that instead)."""
+    from mlsteps import infra_validate
+
+    config = infra_validate.InfraValidateConfig(**({"model_name": MODEL, "version": 1,
+                                                   "tracking_uri": "http://127.0.0.1:9"} | flags))
+    with pytest.raises(StepError, match=re.escape(words)):
+        infra_validate.run(config)
 
 
 def _infra_validate(tmp_path: Path, mlflow_server: str, version: int) -> tuple[subprocess.CompletedProcess, dict]:
