@@ -274,6 +274,20 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def _result_path_problem(path: Path) -> str | None:
+    """Why the result JSON could not be written to ``path``, or None."""
+    if path.is_dir():
+        return "is a folder"
+    folder = path.parent
+    while not folder.exists():  # the nearest existing folder must let us create the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder} (permission denied)"
+    return None
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     log.warning("terminated (SIGTERM): stopping")
     raise SystemExit(128 + signum)
@@ -288,12 +302,21 @@ def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str
     # process it started in a session of its own (infra_validate's model server) is stopped, not orphaned.
     # Exit 143 as before; anything not handled in a `finally` is left as a kill would leave it.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if problem := _result_path_problem(result_path):  # found now, not once the work is done
+        print(f"error: --result-path {result_path}: {problem}; give a file this step can write (or set "
+              f"{RESULT_PATH_ENV}; the default, {DEFAULT_RESULT_PATH}, is a pod's XCom file)", file=sys.stderr,
+              flush=True)
+        return 2
     try:
         result = run(config)
     except (StepError, NodeError) as exc:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2 if isinstance(exc, StepError) else 1  # 1: the runners retry
+    except KeyboardInterrupt:  # Ctrl-C: the `finally` blocks have cleaned up; a traceback would say nothing more
+        sys.stdout.flush()
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     write_json_atomic(result_path, result)
     log.info("result written to %s", result_path)
     return 0

@@ -367,6 +367,48 @@ def test_a_node_fault_exits_1_so_the_runner_retries_and_a_step_error_exits_2(tmp
     assert capsys.readouterr().err.splitlines() == ["error: node went wrong", "error: step went wrong"]
 
 
+def test_ctrl_c_ends_a_step_with_one_line_and_exit_130(tmp_path, capsys) -> None:
+    import dataclasses
+
+    from mlsteps import core
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pass
+
+    def run(config: Config) -> dict:
+        raise KeyboardInterrupt
+
+    assert core.cli(run, Config, "t", ["--result-path", str(tmp_path / "r.json")]) == 130
+    assert capsys.readouterr().err.splitlines() == ["error: interrupted (Ctrl-C)"]
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(("where", "words"), [
+    ("folder", "is a folder"),
+    ("under-a-file/r.json", "is a file, not a folder"),
+], ids=["a-folder", "under-a-file"])
+def test_a_result_path_that_cannot_be_written_is_refused_before_the_step_works(tmp_path, capsys, where,
+                                                                              words) -> None:
+    """Not a traceback after the work is done (by hand, the default /airflow/xcom/return.json is one)."""
+    import dataclasses
+
+    from mlsteps import core
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "under-a-file").write_text("")
+    ran = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pass
+
+    assert core.cli(lambda config: ran.append(1) or {}, Config, "t", ["--result-path", str(tmp_path / where)]) == 2
+    assert not ran
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --result-path {tmp_path / where}: ") and words in err and "MLSTEPS_RESULT_PATH" in err
+
+
 def test_a_terminated_step_runs_its_finally_blocks_and_stops_what_it_started(tmp_path) -> None:
     """As infra_validate does with its model server: started in a session of its own, stopped in `finally`."""
     import os
