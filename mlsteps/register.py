@@ -68,6 +68,27 @@ def _metric_tags(prefix: str, metrics: dict[str, Any]) -> dict[str, str]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _check_source(client: Any, model_uri: str) -> None:
+    """Refuse a runs:/ or logged-model models:/m-... URI that MLflow does not hold, before register_model would
+    create the registered model and then fail (an empty model left in the registry, and a retry that fails the
+    same way)."""
+    from mlflow.exceptions import MlflowException
+
+    run = re.fullmatch(r"runs:/([^/]+)/.+", model_uri)
+    logged = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", model_uri)
+    try:
+        if run:
+            client.get_run(run.group(1))
+        elif logged:
+            client.get_logged_model(logged.group(1))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            what = f"run {run.group(1)}" if run else f"logged model {logged.group(1)}"
+            raise StepError(f"--model-uri {model_uri}: MLflow has no {what} (another tracking server, or it was "
+                            "deleted); pass the model_uri that train or compress returned") from None
+        raise
+
+
 def run(config: RegisterConfig) -> dict[str, Any]:
     if not MODEL_NAME.fullmatch(config.model_name):
         raise StepError(f"--model-name {config.model_name!r}: use letters, digits, '_', '.' and '-', starting with a "
@@ -94,6 +115,7 @@ def run(config: RegisterConfig) -> dict[str, Any]:
                 "registration (train or compress re-ran with other settings); trigger a new DAG run to register it")
         log.info("run %s already registered as %s version %s", config.run_key, config.model_name, version.version)
     else:
+        _check_source(client, config.model_uri)
         tags = {tracking.RUN_KEY_TAG: config.run_key, "dataset": config.dataset,
                 "dataset_digest": config.dataset_digest, "code_version": code_version(),
                 "dag_id": config.dag_id, "dag_run_id": config.dag_run_id}

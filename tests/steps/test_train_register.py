@@ -372,6 +372,19 @@ def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root,
     assert "float_model.passed" not in tags, "only numbers are metrics"
 
 
+@pytest.mark.parametrize("uri", ["runs:/0123456789abcdef0123456789abcdef/model", "models:/m-0123456789abcdef"],
+                         ids=["run", "logged-model"])
+def test_register_refuses_a_model_mlflow_does_not_hold_and_leaves_no_empty_model(uri, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    name = f"register_missing_{uri[:4]}"
+    config = register.RegisterConfig(model_uri=uri, run_key="register/missing", dataset="custom",
+                                     dataset_digest="0" * 64, model_name=name, tracking_uri=mlflow_server)
+    with pytest.raises(register.StepError, match=f"--model-uri {re.escape(uri)}: MLflow has no "):
+        register.run(config)
+    assert not MlflowClient(mlflow_server).search_registered_models(f"name = '{name}'")
+
+
 @pytest.mark.parametrize("flag", ["metrics", "float_metrics"])
 def test_register_rejects_metrics_that_are_not_json(flag, mlflow_server) -> None:
     config = register.RegisterConfig(model_uri="models:/unused", run_key="register/bad", dataset="custom",
