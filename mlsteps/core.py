@@ -274,8 +274,8 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def _result_path_problem(path: Path) -> str | None:
-    """Why the result JSON could not be written to ``path``, or None."""
+def write_problem(path: Path) -> str | None:
+    """Why a file could not be written (created or replaced) at ``path``, or None."""
     if path.is_dir():
         return "is a folder"
     folder = path.parent
@@ -302,7 +302,7 @@ def cli(run: Callable[[Any], dict[str, Any]], config_cls: type, description: str
     # process it started in a session of its own (infra_validate's model server) is stopped, not orphaned.
     # Exit 143 as before; anything not handled in a `finally` is left as a kill would leave it.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if problem := _result_path_problem(result_path):  # found now, not once the work is done
+    if problem := write_problem(result_path):  # found now, not once the work is done
         print(f"error: --result-path {result_path}: {problem}; give a file this step can write (or set "
               f"{RESULT_PATH_ENV}; the default, {DEFAULT_RESULT_PATH}, is a pod's XCom file)", file=sys.stderr,
               flush=True)

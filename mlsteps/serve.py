@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import StepError, field, parse_config, setup_logging, write_json_atomic
+from .core import StepError, field, parse_config, setup_logging, write_json_atomic, write_problem
 
 log = logging.getLogger("mlsteps.serve")
 
@@ -757,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --warmup-requests must be >= 0, got {config.warmup_requests}")
     if not 1 <= config.port <= 65535:  # uvicorn would listen on the port modulo 65536
         raise SystemExit(f"error: --port must be a TCP port, 1 to 65535, got {config.port}")
+    if config.deployment_file and (problem := write_problem(Path(config.deployment_file))):
+        raise SystemExit(f"error: --deployment-file {config.deployment_file}: {problem}; give a file the server "
+                         "can write (a restart reads the deployed version back from it)")
     if not (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", flush=True)
         return 2

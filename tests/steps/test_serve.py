@@ -633,8 +633,11 @@ def test_a_model_uri_that_is_not_a_version_or_alias_of_the_served_model_is_refus
     (["--port", "0"], "--port must be a TCP port, 1 to 65535, got 0"),
     (["--threads", "0"], "--threads, --max-batch and --max-body-bytes must be >= 1"),
     (["--warmup-requests", "-1"], "--warmup-requests must be >= 0, got -1"),
-], ids=["port-past-65535", "port-zero", "no-threads", "negative-warmup"])
-def test_server_flags_it_cannot_serve_with_are_refused_at_start(flags, words):
+    (["--deployment-file", "{tmp}/a-file/deployment.json"], "{tmp}/a-file is a file, not a folder"),
+], ids=["port-past-65535", "port-zero", "no-threads", "negative-warmup", "deployment-file-under-a-file"])
+def test_server_flags_it_cannot_serve_with_are_refused_at_start(flags, words, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    flags, words = [f.format(tmp=tmp_path) for f in flags], words.format(tmp=tmp_path)
     out = subprocess.run([sys.executable, "-m", "mlsteps.serve", "--model-name", MODEL, *flags],
                          env=step_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"), capture_output=True, text=True,
                          timeout=120)
