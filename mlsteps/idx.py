@@ -26,8 +26,9 @@ def decompress(path: Path, raw: bytes) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise IdxFormatError(f"{path}: gzip stream is corrupt or truncated ({exc}); "
-                                 "delete the file and prepare again") from exc
+            raise IdxFormatError(f"{path}: gzip stream is corrupt or truncated ({exc}); replace it with a "
+                                 "complete copy (a file of prep's download cache: delete it, and prep downloads "
+                                 "it again)") from exc
     return raw
 
 
