@@ -104,6 +104,10 @@ with DAG(
                                description="Early stopping of unpromising trials. Hyperband splits the trials "
                                            "into brackets and TPE learns within one bracket at a time, each "
                                            "with its own 5 random start-up trials: for large budgets."),
+        "search_reduction_factor": Param(3, type="integer", minimum=2, maximum=8,
+                                         description="successive_halving and hyperband: a trial trains on past a "
+                                                     "rung only if in the best 1/N there (2: judged more often, "
+                                                     "half kept each time). Other pruners ignore it."),
         "search_sampler": Param("tpe", enum=["tpe", "random"], description="How trials are proposed."),
         "search_objective": Param("val_accuracy", enum=["val_accuracy", "val_loss"],
                                   description="Validation metric the search optimises (per epoch, for pruning)."),
@@ -159,6 +163,8 @@ with DAG(
     search = {"manifest": xcom("prep", "manifest"), **common, "trials": "{{ params.search_trials }}",
               "timeout_minutes": "{{ params.search_timeout_minutes }}", "max_epochs": "{{ params.search_epochs }}",
               "pruner": "{{ params.search_pruner }}", "sampler": "{{ params.search_sampler }}",
+              "reduction_factor": "{{ params.search_reduction_factor if params.search_pruner in "
+                                  "('successive_halving', 'hyperband') else 0 }}",
               "objective": "{{ params.search_objective }}", "search_space": "{{ params.search_space | tojson }}",
               "train_examples": "{{ params.search_train_examples }}"}
     workers = plan_search()

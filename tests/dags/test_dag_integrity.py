@@ -90,10 +90,12 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
                                            ("gpus", -1), ("node_selector", "gpu"), ("node_selector", {"pool": 1}),
                                            ("node_selector", {"gpu": True}), ("search_workers", 0),
                                            ("search_trials", 0), ("search_pruner", "asha"),
+                                           ("search_reduction_factor", 1),
                                            ("search_space", "lr=0.1"), ("search", "maybe")],
                          ids=["zero-epochs", "unknown-dataset", "zero-lr", "negative-gpus", "selector-not-object",
                               "selector-number-value", "selector-boolean-value",
-                              "no-workers", "no-trials", "unknown-pruner", "space-not-object", "search-not-bool"])
+                              "no-workers", "no-trials", "unknown-pruner", "reduction-factor-one", "space-not-object",
+                              "search-not-bool"])
 def test_trigger_form_rejects_invalid_values(dagbag, name, value):
     from airflow.sdk.exceptions import ParamValidationError
 

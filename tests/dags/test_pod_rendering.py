@@ -411,6 +411,19 @@ def test_trial_workers_prune_with_successive_halving_unless_the_form_says_otherw
     assert dict(zip(args[::2], args[1::2]))["--pruner"] == "hyperband"
 
 
+@pytest.mark.parametrize(("pruner", "factor", "passed"), [
+    ("successive_halving", 3, "3"), ("successive_halving", 2, "2"), ("hyperband", 4, "4"), ("median", 2, "0"),
+    ("none", 2, "0"),
+], ids=["halving-default", "halving-2", "hyperband-4", "median-ignores-it", "none-ignores-it"])
+def test_the_reduction_factor_reaches_the_study_setup_and_the_workers_of_halving_pruners_only(dag, pruner, factor,
+                                                                                              passed):
+    """The tune step refuses a reduction factor with a pruner that has none: the form's value stays behind."""
+    for task_id, mapped in (("create_study", None), ("tune", ["--worker", "0"])):
+        args = render(dag, task_id, mapped=mapped, search_pruner=pruner,
+                      search_reduction_factor=factor)[0]["spec"]["containers"][0]["args"]
+        assert dict(zip(args[::2], args[1::2]))["--reduction-factor"] == passed, task_id
+
+
 def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
     pod, task = render(dag, "tune", gpus=4, search_gpus=1)
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
