@@ -232,22 +232,33 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
         if final.exists() and not is_complete(final):
             shutil.rmtree(final)  # left by a writer that died before this mechanism existed, or by hand
         if replace and final.exists():
-            stale = final.with_name(f".{final.name}.stale")
-            shutil.rmtree(stale, ignore_errors=True)
+            # Moved aside under a name of its own (another writer may be replacing it too), then put back if
+            # the new one cannot take its place (a SIGTERM between the two renames included).
+            stale = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".stale"))
             os.rename(final, stale)
-            os.rename(scratch, final)
-            shutil.rmtree(stale)
-        else:
+            os.utime(stale)  # young: not taken for an abandoned one (the folder keeps its old time)
             try:
-                os.rename(scratch, final)
-            except OSError:
-                if not is_complete(final):
-                    raise
-                shutil.rmtree(scratch)  # a concurrent writer finished first with the same content
+                _publish(scratch, final)
+            except BaseException:
+                if not final.exists():
+                    os.rename(stale, final)
+                raise
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            _publish(scratch, final)
         _fsync(final.parent, directory=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _publish(scratch: Path, final: Path) -> None:
+    try:
+        os.rename(scratch, final)
+    except OSError:
+        if not is_complete(final):
+            raise
+        shutil.rmtree(scratch)  # a concurrent writer finished first
 
 
 def _remove_abandoned(final: Path) -> None:
@@ -257,7 +268,8 @@ def _remove_abandoned(final: Path) -> None:
     concurrent writer's.
     """
     cutoff = time.time() - ABANDONED_AFTER_S
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+    for stale in [*final.parent.glob(f".{glob.escape(final.name)}.*.partial"),
+                  *final.parent.glob(f".{glob.escape(final.name)}.*.stale")]:
         with contextlib.suppress(OSError):
             if stale.stat().st_mtime < cutoff:
                 log.warning("removing %s: the scratch folder of a writer killed more than %d h ago", stale,

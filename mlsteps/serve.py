@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from .core import StepError, field, parse_config, setup_logging, write_json_atomic, write_problem
+from .tracking import unreachable
 
 log = logging.getLogger("mlsteps.serve")
 
@@ -191,22 +192,6 @@ class Served:
     runner: Any
     version: str
     variant: str
-
-
-def unreachable(exc: BaseException) -> bool:
-    """No answer at all (refused, reset, timed out): the registry is down, or not up yet.
-
-    MLflow reports it as an ``MlflowException`` (INTERNAL_ERROR, after its own HTTP retries) raised while
-    handling the ``requests`` error: the chain of causes says which.
-    """
-    import requests
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def transient(exc: BaseException) -> bool:

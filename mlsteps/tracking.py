@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,36 +55,69 @@ class TrackingUnavailable(NodeError):
 PROBE_TIMEOUT_S = 10  # per try; 3 tries, 1 s and 2 s apart
 
 
+def unreachable(exc: BaseException) -> bool:
+    """No answer at all (refused, reset, timed out, a TLS handshake that failed): the server is down, not up
+    yet, or not where the URI says.
+
+    MLflow reports it as an ``MlflowException`` (INTERNAL_ERROR, after its own HTTP retries) raised while
+    handling the ``requests`` error: the chain of causes says which.
+    """
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _probe(uri: str) -> None:
     """Fail in seconds, in one line, when an http(s) tracking server does not answer: MLflow's client would
-    retry the step's first call for about two minutes, then end it with a page of traceback."""
-    import urllib.error
-    import urllib.request
-    from urllib.parse import urlsplit, urlunsplit
+    retry the step's first call for about two minutes, then end it with a page of traceback.
 
-    from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+    The probe is one cheap MLflow call, made the way the step's own are (its TLS, credential and proxy
+    settings), with MLflow's retries off; any answer, a refusal included, passes: the step's calls judge it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
+    if not uri.startswith(("http://", "https://")):
         return  # a file store or a database: MLflow reports those itself
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-    health = urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""),
-                         parts.path.rstrip("/") + "/health", "", ""))  # no credentials: MLflow's are not in URLs
+    client = mlflow.MlflowClient(uri)
 
     @retry(stop=stop_after_attempt(3), wait=wait_exponential(min=1, max=2), reraise=True,
-           retry=retry_if_exception_type(OSError))
+           retry=retry_if_exception(unreachable))
     def answered() -> None:
-        try:
-            urllib.request.urlopen(health, timeout=PROBE_TIMEOUT_S).close()
-        except urllib.error.HTTPError:
-            pass  # any status is an answer (a proxy's, an auth layer's): the calls that follow judge it
+        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S)):
+            try:
+                client.search_experiments(max_results=1)
+            except MlflowException as exc:
+                if unreachable(exc):
+                    raise
 
     try:
         answered()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - only what unreachable() let through reaches here
         from .search import without_password
 
-        reason = getattr(exc, "reason", None) or exc
+        found = re.findall(r"\[Errno -?\d+\][^'\")]*|\[SSL[^\]]*\][^'\")]*|timed out", str(exc))
+        reason = found[-1].strip() if found else type(exc).__name__
         raise TrackingUnavailable(
             f"cannot reach the MLflow tracking server {without_password(uri)} ({reason}): start it, or point "
             "--tracking-uri / MLFLOW_TRACKING_URI at it") from None

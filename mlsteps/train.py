@@ -174,11 +174,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     for key in ("tracking_uri", "manifest", "data_root"):
         settings.pop(key)
     previous = _finished(model_dir) if is_complete(model_dir) else None
-    if previous is not None and previous["settings"] == settings:
+    if previous is not None and previous["settings"] == settings and not (model_dir / SUPERSEDED).exists():
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
         return previous
-    if model_dir.exists():  # kept until the new model is saved: a failed try leaves the finished one
-        log.info("a model for other settings (or a damaged one) is in %s: training again", model_dir)
+    if previous is not None:
+        # Kept until the new model is saved (a failed try leaves it in place), but no longer this run's
+        # result: the MLflow run now records the new try, so going back to these settings trains again.
+        log.info("a model for other settings is in %s: training again", model_dir)
+        write_json_atomic(model_dir / SUPERSEDED, {"by": settings})
 
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
@@ -193,6 +196,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         except Exception as unreachable:  # noqa: BLE001 - the training error is the one to report
             log.warning("could not mark MLflow run %s failed: %s", run_id, unreachable)
         raise
+
+
+SUPERSEDED = "_SUPERSEDED"  # in a finished model's folder once a training with other settings started
 
 
 def _finished(model_dir: Path) -> dict[str, Any] | None:

@@ -229,11 +229,11 @@ def parent_run(mlflow: Any, config: TuneConfig, study: Any) -> str:
         return run_id
     run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment, tag=SEARCH_TAG,
                               run_name=f"search {study.study_name}", tags={"optuna.study": study.study_name})
-    client = mlflow.MlflowClient()
-    if not client.get_run(run_id).data.params:  # first time: record what defines the search
-        settings = {**study.user_attrs["settings"], "trials": config.trials, "timeout_minutes": config.timeout_minutes}
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
-                                         for k, v in settings.items()])
+    # What defines the search; a setup that died before it finished, retried with other flags, finds its params
+    # logged already (MLflow params never change): the tag search.settings_changed then has these.
+    settings = {**study.user_attrs["settings"], "trials": config.trials, "timeout_minutes": config.timeout_minutes}
+    tracking.log_params_once(mlflow, run_id, {k: json.dumps(v) if isinstance(v, dict) else str(v)
+                                              for k, v in settings.items()}, "search.settings_changed")
     log.info("the search's MLflow run: %s", tracking.run_url(mlflow, run_id))
     study.set_user_attr("mlflow_run_id", run_id)
     return run_id

@@ -167,6 +167,57 @@ def test_atomic_directory_replaces_a_complete_result_only_once_the_new_one_is_wh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no scratch or swapped-out folder left
 
 
+def test_atomic_directory_puts_the_previous_result_back_when_stopped_between_its_renames(tmp_path,
+                                                                                         monkeypatch) -> None:
+    """A SIGTERM (SystemExit here) after the old result was moved aside and before the new one took its place."""
+    import os
+
+    from mlsteps import core
+
+    final = tmp_path / "model"
+    with core.atomic_directory(final) as scratch:
+        (scratch / "result.json").write_text("old")
+    rename = os.rename
+
+    def stopped_before_publishing(source, target):
+        if str(source).endswith(".partial"):
+            raise SystemExit(143)
+        return rename(source, target)
+
+    monkeypatch.setattr(os, "rename", stopped_before_publishing)
+    with pytest.raises(SystemExit), core.atomic_directory(final, replace=True) as scratch:
+        (scratch / "result.json").write_text("new")
+    assert (final / "result.json").read_text() == "old" and core.is_complete(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_atomic_directory_replacing_accepts_a_result_another_writer_published_meanwhile(tmp_path,
+                                                                                       monkeypatch) -> None:
+    import os
+
+    from mlsteps import core
+
+    final = tmp_path / "model"
+    with core.atomic_directory(final) as scratch:
+        (scratch / "result.json").write_text("old")
+    rename = os.rename
+
+    def another_writer_first(source, target):
+        if str(source).endswith(".partial") and not final.exists():
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "result.json").write_text("other")
+            (other / core.COMPLETE_MARKER).write_text("ok\n")
+            rename(other, final)
+        return rename(source, target)
+
+    monkeypatch.setattr(os, "rename", another_writer_first)
+    with core.atomic_directory(final, replace=True) as scratch:
+        (scratch / "result.json").write_text("new")
+    assert (final / "result.json").read_text() == "other" and core.is_complete(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_atomic_directory_removes_scratch_folders_of_writers_killed_long_ago_only(tmp_path) -> None:
     import os
     import time

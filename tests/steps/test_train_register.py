@@ -251,6 +251,8 @@ def test_a_backup_left_by_other_settings_is_discarded_and_training_starts_over(
 
 def test_a_failed_training_with_other_settings_keeps_the_finished_model_until_the_new_one_is_saved(
         tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
     from mlsteps.core import is_complete
 
     manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
@@ -263,9 +265,13 @@ def test_a_failed_training_with_other_settings_keeps_the_finished_model_until_th
     assert is_complete(model_dir)
     assert json.loads((model_dir / "result.json").read_text())["settings"]["width"] == 4
 
-    second = train.run(_train_config(manifest, data_root, mlflow_server, "train/replaced", width=8))
-    assert second["model_path"] == first["model_path"]
-    assert json.loads((model_dir / "result.json").read_text())["settings"]["width"] == 8
+    # Back to the first settings: trained again, not returned as it was, since the MLflow run now records the
+    # failed try (FAILED, with its settings in train.settings_changed); training brings the run back in line.
+    again = train.run(_train_config(manifest, data_root, mlflow_server, "train/replaced", width=4))
+    assert again["model_path"] == first["model_path"] and again["resumed_from_epoch"] == 0
+    run = MlflowClient(mlflow_server).get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "train.settings_changed" not in run.data.tags
+    assert sorted(p.name for p in model_dir.iterdir()) == ["_COMPLETE", "model.keras", "result.json"]
     assert not [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".model")]
 
 

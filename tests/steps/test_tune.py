@@ -983,6 +983,11 @@ def test_a_setup_that_failed_before_it_finished_binds_no_settings(tmp_path, mlfl
     found.setup()
     study = found.study()
     assert study.user_attrs["settings"]["max_epochs"] == 2 and study.direction.name == "MAXIMIZE"
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_server).get_run(study.user_attrs["mlflow_run_id"])
+    assert (run.data.params["max_epochs"], run.data.params["objective"]) == ("2", "val_accuracy")
+    assert "search.settings_changed" not in run.data.tags
     # Once a setup finished, the settings hold (a continued search keeps them).
     found.max_epochs = 4
     again = Step("tune", found.tune_args(setup=True, result="again.json"))

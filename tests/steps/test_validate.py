@@ -205,6 +205,34 @@ def test_an_mlflow_server_that_does_not_answer_ends_the_step_in_one_line_that_th
     assert not (tmp_path / "result.json").exists()
 
 
+@pytest.mark.parametrize("status", [401, 404, 503], ids=["auth-layer", "proxy-path", "restarting"])
+def test_a_tracking_server_that_answers_at_all_passes_the_probe(status) -> None:
+    """The probe only asks whether something answers at that address: an auth layer's 401, a proxy's 404 or a
+    503 is for the step's own calls to report (or MLflow's retries to wait out), in MLflow's words."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert tracking.connect(f"http://127.0.0.1:{server.server_port}").get_tracking_uri().endswith(
+            str(server.server_port))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_images_too_small_for_the_model_fail_validation_naming_the_fix(tmp_path, data_root, prepare) -> None:
     """3x28 images prepare fine but would crash training (its two 2x2 poolings need 4 pixels a side)."""
     from mlsteps import model
