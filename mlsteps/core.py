@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -298,6 +299,45 @@ def write_problem(path: Path) -> str | None:
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"cannot write in {folder} (permission denied)"
     return None
+
+
+def _userinfo_password(url: str) -> tuple[int, int] | None:
+    """Where the user's password sits in ``url``: from the ``:`` after the user to the last ``@``. Found on the
+    text, not by a parse, so that a URL with a typo or an unescaped ``@``, ``/`` or ``?`` in its password (the
+    one an error message has to quote) is covered too; a path or query that holds an ``@`` loses more."""
+    start = url.find("://") + 3 if "://" in url else 0
+    at = url.rfind("@")
+    colon = url.find(":", start, at) if at > start else -1
+    return (colon + 1, at) if colon >= 0 else None
+
+
+def without_password(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (and ``password=***`` in a query), for
+    logs and messages."""
+    span = _userinfo_password(url)
+    if span:
+        url = f"{url[:span[0]]}***{url[span[1]:]}"
+    base, mark, query = url.partition("?")
+    return base + mark + re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", query)
+
+
+def _passwords(url: str) -> list[str]:
+    """What without_password hides in ``url``."""
+    span = _userinfo_password(url)
+    found = [url[span[0]:span[1]]] if span else []
+    rest = url[span[1]:] if span else url
+    found += re.findall(r"(?i)(?:[?&])password=([^&]*)", rest)
+    return [secret for secret in found if secret]
+
+
+def hide_passwords(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) without the URL's passwords, nor any piece of one of 3 or more
+    characters: a driver quotes what it took for the host, the end of a password with an unescaped @, / or ?."""
+    for secret in _passwords(url):
+        for piece in sorted({secret, *re.split(r"[@/:?]", secret)}, key=len, reverse=True):
+            if len(piece) >= 3:
+                text = text.replace(piece, "***")
+    return text
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

@@ -27,27 +27,36 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise StepError(f"{path}: unreadable manifest ({exc}); run prep again (it prepares a damaged dataset "
                         "afresh)") from None
-    missing = [key for key in REQUIRED_KEYS if key not in manifest] if isinstance(manifest, dict) else ["any key"]
-    splits = manifest.get("splits") if not missing else None
-    if not missing and not (isinstance(splits, dict) and all(
-            isinstance(splits.get(s), dict) and {"count", "files"} <= splits[s].keys() for s in SPLITS)):
-        missing = [f"splits {'/'.join(SPLITS)} with their files and counts"]
-    if missing:
-        raise StepError(f"{path}: not a manifest written by prep (no {', '.join(missing)}); pass --manifest the "
+    if missing := _missing(manifest):
+        raise StepError(f"{path}: not a manifest written by prep (no {missing}); pass --manifest the "
                         "manifest.json that prep's result names")
     for split in SPLITS:
-        entry = splits[split]
-        for index, name in enumerate(entry["files"]):
+        entry = manifest["splits"][split]
+        sizes = entry.get("file_bytes") or [None] * len(entry["files"])  # older manifests did not record them
+        for name, expected in zip(entry["files"], sizes):
             shard = path.parent / name
-            if not shard.is_file():
+            size = shard.stat().st_size if shard.is_file() else None
+            if size is None:
                 raise StepError(f"{shard}: a shard of the {split} split is missing; run prep again (it prepares "
                                 "a damaged dataset afresh)")
-            sizes = entry.get("file_bytes")  # recorded by prep since 2026-12; older manifests lack it
-            if sizes and len(sizes) == len(entry["files"]) and shard.stat().st_size != sizes[index]:
-                raise StepError(f"{shard}: {shard.stat().st_size} bytes where prep wrote {sizes[index]} (damaged "
-                                "or truncated); run prep again (it prepares a damaged dataset afresh)")
+            if expected is not None and size != expected:
+                raise StepError(f"{shard}: {size} bytes where prep wrote {expected} (damaged or truncated); run "
+                                "prep again (it prepares a damaged dataset afresh)")
     manifest["root"] = str(path.parent)
     return manifest
+
+
+def _missing(manifest: Any) -> str:
+    """What a manifest written by prep has and ``manifest`` lacks ("" if nothing)."""
+    if not isinstance(manifest, dict):
+        return "any key"
+    if missing := [key for key in REQUIRED_KEYS if key not in manifest]:
+        return ", ".join(missing)
+    splits = manifest["splits"]
+    if not (isinstance(splits, dict) and all(
+            isinstance(splits.get(s), dict) and {"count", "files"} <= splits[s].keys() for s in SPLITS)):
+        return f"splits {'/'.join(SPLITS)} with their files and counts"
+    return ""
 
 
 def split_files(manifest: dict[str, Any], split: str) -> list[str]:

@@ -145,8 +145,7 @@ def _check(config: InfraValidateConfig) -> None:
 
 
 def validate(config: InfraValidateConfig) -> dict[str, Any]:
-    """Start the server on the candidate, probe it, stop it; raise Failed with the reason."""
-    _check(config)
+    """Start the server on the candidate, probe it, stop it; raise Failed with the reason (flags checked by run)."""
     version = str(config.version)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"

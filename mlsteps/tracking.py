@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .core import NodeError, StepError, field, safe_name
+from .core import NodeError, StepError, field, safe_name, without_password
 
 log = logging.getLogger("mlsteps.tracking")
 
@@ -114,8 +114,6 @@ def _probe(uri: str) -> None:
     try:
         answered()
     except Exception as exc:  # noqa: BLE001 - only what unreachable() let through reaches here
-        from .search import without_password
-
         found = re.findall(r"\[Errno -?\d+\][^'\")]*|\[SSL[^\]]*\][^'\")]*|timed out", str(exc))
         reason = found[-1].strip() if found else type(exc).__name__
         raise TrackingUnavailable(

@@ -150,12 +150,20 @@ def test_atomic_directory_keeps_the_first_complete_writer(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["result"]
 
 
+def _finished_result(folder: Path) -> Path:
+    """``folder``/model, complete, its result.json saying "old"."""
+    from mlsteps import core
+
+    final = folder / "model"
+    with core.atomic_directory(final) as scratch:
+        (scratch / "result.json").write_text("old")
+    return final
+
+
 def test_atomic_directory_replaces_a_complete_result_only_once_the_new_one_is_whole(tmp_path) -> None:
     from mlsteps import core
 
-    final = tmp_path / "model"
-    with core.atomic_directory(final) as scratch:
-        (scratch / "result.json").write_text("old")
+    final = _finished_result(tmp_path)
     with pytest.raises(RuntimeError), core.atomic_directory(final, replace=True) as scratch:
         (scratch / "result.json").write_text("new, half")
         raise RuntimeError("training failed")
@@ -174,9 +182,7 @@ def test_atomic_directory_puts_the_previous_result_back_when_stopped_between_its
 
     from mlsteps import core
 
-    final = tmp_path / "model"
-    with core.atomic_directory(final) as scratch:
-        (scratch / "result.json").write_text("old")
+    final = _finished_result(tmp_path)
     rename = os.rename
 
     def stopped_before_publishing(source, target):
@@ -197,9 +203,7 @@ def test_atomic_directory_replacing_accepts_a_result_another_writer_published_me
 
     from mlsteps import core
 
-    final = tmp_path / "model"
-    with core.atomic_directory(final) as scratch:
-        (scratch / "result.json").write_text("old")
+    final = _finished_result(tmp_path)
     rename = os.rename
 
     def another_writer_first(source, target):
