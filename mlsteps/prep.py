@@ -335,6 +335,7 @@ def run(config: PrepConfig) -> dict[str, Any]:
             histogram = np.bincount(labels, minlength=len(spec.class_names))
             manifest["splits"][split] = {"count": int(len(images)), "files": files,
                                          "file_bytes": [(scratch / name).stat().st_size for name in files],
+                                         "file_sha256": [data.file_sha256(scratch / name) for name in files],
                                          "class_histogram": histogram.tolist()}
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepared %s at %s (digest %s)", spec.name, out, digest[:16])

@@ -108,6 +108,16 @@ def _truncate_first_test_shard(manifest: dict) -> Path:
     return shard
 
 
+def _overwrite_bytes_in_a_train_shard(manifest: dict) -> Path:
+    """Same size, other content: a disk error or another dataset's shard copied over it."""
+    shard = Path(data.split_files(manifest, "train")[0])
+    content = bytearray(shard.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 16] = bytes(255 - b for b in content[middle:middle + 16])
+    shard.write_bytes(bytes(content))
+    return shard
+
+
 def _unreadable_manifest(manifest: dict) -> Path:
     path = Path(manifest["root"]) / "manifest.json"
     path.write_text(path.read_text()[:300])
@@ -122,9 +132,10 @@ def _missing_val_shard(manifest: dict) -> Path:
 
 @pytest.mark.parametrize(("damage", "words"), [
     (_truncate_first_test_shard, "bytes where prep wrote"),
+    (_overwrite_bytes_in_a_train_shard, "content differs from what prep wrote"),
     (_unreadable_manifest, "unreadable manifest"),
     (_missing_val_shard, "a shard of the val split is missing"),
-], ids=["truncated-shard", "unreadable-manifest", "missing-shard"])
+], ids=["truncated-shard", "shard-overwritten", "unreadable-manifest", "missing-shard"])
 def test_a_damaged_prepared_dataset_is_named_by_the_steps_and_prepared_again_by_prep(
         source_dir, data_root, prepare, damage, words) -> None:
     """A disk error or a copy cut short after prep finished: the other steps refuse it naming the file and
