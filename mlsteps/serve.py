@@ -377,9 +377,14 @@ class ModelHolder:
     def deploy(self, version: str) -> tuple[Served, str]:
         """Load ``version`` beside the served one, then switch to it; the old one answers until then.
 
-        Raises whatever loading raised; the served version is then unchanged.
+        Raises whatever loading raised; the served version is then unchanged. The version served already is
+        kept as it is (a rollback's restore, sent after a deployment that may still be loading).
         """
         with self._swap:  # one deployment at a time
+            if self.served is not None and self.served.version == version:
+                self._administered = True  # the initial load, if still running, must not replace it
+                log.info("%s version %s is served already: kept", self.name, version)
+                return self.served, version
             served = load_version(self.config, f"models:/{self.name}/{version}", retry_outage=False)
             previous = self.version
             if self.config.deployment_file:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +54,9 @@ class Serving:
     # False: the server was told an alias (k8s/serving as applied: @champion) and ``version`` is what its pods
     # answered they serve; promotion pins it (a rollout to models:/<name>/<version>) even if it is the one wanted.
     pinned: bool = True
+    # Why what serves may not be ``version`` after all (a Kubernetes rollout to it that made no progress: pods of
+    # the version before keep serving): promotion deploys it again even if it is the one wanted. "": none.
+    problem: str = ""
 
 
 class Target(Protocol):
@@ -125,9 +128,13 @@ class LocalTarget:
             raise DeployFailed(response.json().get("error", response.text[:500]))
 
     def restore(self, before: Serving) -> None:
-        """Serve ``before.version`` again; None (a first promotion) unloads whatever serves now."""
-        if self.current().version != before.version:
-            self._admin_deploy(before.version)
+        """Serve ``before.version`` again; None (a first promotion) unloads whatever serves now.
+
+        Sent even when the server reports ``before.version`` already: a deployment that timed out here may still
+        be loading in the server, and would switch to the failed version after this restore. The server runs one
+        deployment at a time, so this one comes after it (a version already served is kept, not reloaded).
+        """
+        self._admin_deploy(before.version)
 
 
 class KubernetesTarget:
@@ -157,6 +164,10 @@ class KubernetesTarget:
         """
         deployment = self._read()
         serving = self._serving(deployment)
+        if stalled := self._stalled(deployment):
+            log.warning("%s/%s: the rollout to %s made no progress (%s): pods of an earlier template may still "
+                        "serve", self.namespace, self.deployment, serving.model_uri or "(no model URI)", stalled)
+            return replace(serving, problem=f"its rollout made no progress: {stalled}")
         available = (deployment.status.available_replicas or 0) if deployment.status else 0
         if serving.version is not None or "@" not in serving.model_uri or not available or not self.serving_url:
             return serving
@@ -194,6 +205,15 @@ class KubernetesTarget:
             if isinstance(status, dict) and status.get("state") == "AVAILABLE" and status.get("version"):
                 seen.add(str(status["version"]))
         return seen, problems
+
+    @staticmethod
+    def _stalled(deployment: Any) -> str:
+        """The message of a ProgressDeadlineExceeded condition of the current generation's rollout, else ""."""
+        status = deployment.status
+        if not status or (status.observed_generation or 0) < (deployment.metadata.generation or 0):
+            return ""
+        return next((condition.message or condition.reason for condition in status.conditions or []
+                     if condition.type == "Progressing" and condition.reason == "ProgressDeadlineExceeded"), "")
 
     def _serving(self, deployment: Any) -> Serving:
         template = deployment.spec.template
@@ -243,11 +263,15 @@ class KubernetesTarget:
         # A first promotion that failed before deploy (infra_validate) left the Deployment as applied: its pods,
         # at the manifest's @champion URI, may already load the alias's version, never validated. Scaled to 0.
         if self._serving(deployment) == before and not (first and deployment.spec.replicas):
+            # Patched back already (a retried rollback, or a step that failed before deploy): that rollout must
+            # still be done, or the failed version's pods keep serving (maxUnavailable 0) under this template.
+            self.wait_for_rollout()
             return
         patch = self.patch(before.version, before.model_uri)
         if first:
             # Nothing served before: serve nothing again. Pods at the manifest's @champion URI would load
-            # what the alias names now (the failed version, until rollback moves it), so no pods at all.
+            # whatever the alias names when they start (a reviewer may approve the failed version again), so
+            # no pods at all.
             replicas = deployment.spec.replicas
             patch["spec"]["replicas"] = 0
             if replicas:

@@ -68,7 +68,7 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
         before = _target(settings, name).current()
     except TargetUnavailable as exc:
         raise AirflowFailException(str(exc)) from None
-    if before.version == wanted and before.pinned:
+    if before.version == wanted and before.pinned and not before.problem:
         if manual and champion != wanted:  # the alias follows a version given by hand, served or not
             registry.set_alias(name, CHAMPION, wanted)
             log.info("serving already runs %s version %s: alias %s moved to it (was %s)", name, wanted, CHAMPION,
@@ -80,8 +80,9 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
     run_type = str(getattr(run_type, "value", run_type))  # the SDK's DagRunType: str() is "DagRunType.SCHEDULED"
     trigger = "manual" if manual else ("mlflow webhook" if events else
                                        "schedule" if run_type.endswith("scheduled") else "by hand")
-    log.info("promoting %s version %s (serving now: %s%s; trigger: %s)", name, wanted, before.version or "nothing",
-             "" if before.pinned else ", through an alias: pinned by this promotion", trigger)
+    log.info("promoting %s version %s (serving now: %s%s%s; trigger: %s)", name, wanted, before.version or "nothing",
+             "" if before.pinned else ", through an alias: pinned by this promotion",
+             f", but {before.problem}" if before.problem else "", trigger)
     return {"model_name": name, "version": wanted, "previous_version": before.version,
             "previous_model_uri": before.model_uri, "trigger": trigger, "run_id": run_id,
             "champion_at_plan": champion}
@@ -180,14 +181,16 @@ def rollback(ti: Any = None) -> None:
     Skipped when plan itself failed (its downstream tasks are then upstream_failed, which fires one_failed too):
     nothing was changed, and plan's own error is the run's reason.
     """
-    from mlops_airflow.deploy import Serving
+    from mlops_airflow.deploy import DeployFailed, Serving
 
     planned = _plan(ti)
     if not planned:
         raise AirflowSkipException("plan failed before anything was changed; nothing to roll back")
     settings, registry = _context()
     name, failed, previous = planned["model_name"], planned["version"], planned["previous_version"]
-    _target(settings, name).restore(Serving(previous, planned["previous_model_uri"]))
+    # The registry first: if serving cannot be put back (below, retried), the alias and tags already say the
+    # version failed, so no later run takes it for the reconciled champion; the next run (the alias move's
+    # webhook, or the schedule) deploys the previous version again if this one could not.
     if registry.alias(name, CHAMPION) == failed:  # not if a reviewer moved it on meanwhile
         if previous:
             registry.set_alias(name, CHAMPION, previous)
@@ -196,6 +199,11 @@ def rollback(ti: Any = None) -> None:
     registry.set_tags(name, failed, {"promotion.status": "failed", "promotion.failed_at": _now(),
                                      "promotion.rolled_back_to": previous or "",
                                      "promotion.dag_run_id": planned["run_id"] or ""})
+    try:
+        _target(settings, name).restore(Serving(previous, planned["previous_model_uri"]))
+    except DeployFailed as exc:
+        raise DeployFailed(f"alias {CHAMPION} of {name} is back at version {previous or '(none)'} and version "
+                           f"{failed} is tagged failed, but serving could not be put back: {exc}") from None
     raise AirflowFailException(f"promotion of {name} version {failed} failed (reason in its promotion.* tags and "
                                f"the failed task's log); serving and alias {CHAMPION} are back at version "
                                f"{previous or '(none)'}")

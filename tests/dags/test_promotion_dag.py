@@ -89,13 +89,13 @@ def plan_with(monkeypatch):
     from mlops_airflow.deploy import Serving
 
     def run(champion: str | None, served: str | None, version: int = 0, events: dict | None = None,
-            model_name: str = "mnist_classifier", pinned: bool = True):
+            model_name: str = "mnist_classifier", pinned: bool = True, problem: str = ""):
         seen = {}
 
         def target(settings, name):
             seen["model"] = name
             return SimpleNamespace(current=lambda: Serving(served, f"models:/{name}/{served}" if served else "",
-                                                           pinned=pinned))
+                                                           pinned=pinned, problem=problem))
 
         registry = run.registry = RecordingRegistry(champion)
         monkeypatch.setattr(promotion, "_context", lambda: (None, registry))
@@ -127,6 +127,12 @@ def test_plan_pins_the_champion_that_pods_serve_only_through_the_alias(plan_with
     planned, _ = plan_with(champion="2", served="2", pinned=False)
     assert (planned["version"], planned["previous_version"]) == ("2", "2")
     assert planned["previous_model_uri"] == "models:/mnist_classifier/2"
+
+
+def test_plan_deploys_the_champion_again_when_the_rollout_to_it_is_stuck(plan_with):
+    # A rollback whose rollout back never finished: the template names version 2, old pods may still serve.
+    planned, _ = plan_with(champion="2", served="2", problem="its rollout made no progress: timed out")
+    assert (planned["version"], planned["previous_version"]) == ("2", "2")
 
 
 def test_plan_deploys_a_version_given_by_hand_even_if_the_alias_names_another(plan_with):
@@ -218,6 +224,23 @@ def test_rollback_restores_serving_and_the_alias_tags_the_version_and_fails_the_
     assert registry.moves == [("set", "2")]
     assert registry.tags["3"]["promotion.status"] == "failed" and registry.tags["3"]["promotion.rolled_back_to"] == "2"
     assert isinstance(error, AirflowFailException) and "back at version 2" in str(error)
+
+
+def test_a_rollback_that_cannot_restore_serving_still_puts_the_alias_back_and_tags_the_version(after_plan,
+                                                                                              monkeypatch):
+    """Restoring fails on every try (the previous version's pods cannot start): the alias must not keep naming
+    the failed version, or the next run would take serving it for the reconciled champion."""
+    from mlops_airflow import promotion
+    from mlops_airflow.deploy import DeployFailed
+
+    def cannot_restore(self, before):
+        raise DeployFailed("rollout of mlops/model-server made no progress")
+
+    monkeypatch.setattr(FakeTarget, "restore", cannot_restore)
+    registry, _, error = after_plan(promotion.rollback, champion="3")
+    assert registry.moves == [("set", "2")] and registry.tags["3"]["promotion.status"] == "failed"
+    assert isinstance(error, DeployFailed)  # retried, unlike the run's verdict
+    assert "alias champion of m is back at version 2" in str(error) and "made no progress" in str(error)
 
 
 def test_rollback_leaves_an_alias_someone_moved_on_meanwhile(after_plan):
@@ -345,8 +368,10 @@ def test_restoring_the_local_server_leaves_it_serving_what_served_before(local_s
     target.restore(Serving(before, f"models:/m/{before}" if before else ""))
     assert state["posted"] == posted
     assert target.current().version == served
-    target.restore(Serving(before, ""))  # already there: nothing more is sent
-    assert state["posted"] == posted
+    # Already there: sent again all the same (a deployment still loading in the server would otherwise switch
+    # to the failed version after this restore; the server keeps a version it serves already).
+    target.restore(Serving(before, ""))
+    assert state["posted"] == posted * 2
 
 
 @pytest.fixture

@@ -203,6 +203,31 @@ def test_a_rollout_that_makes_no_progress_fails_and_restore_patches_the_previous
     _validate(apps.deployment)
 
 
+def test_a_retried_restore_waits_for_the_rollout_back_and_a_stuck_one_is_not_taken_for_serving():
+    """The rollback's first try patched version 7 back, but 7's new pods never became ready: the pods of the
+    failed version 8 still serve (maxUnavailable 0) under a template that names 7. The retry must not pass
+    without a patch to send, and plan must not take the Deployment for one serving 7."""
+    apps = FakeApps(never_ready={"8"})
+    target = _target(apps)
+    target.deploy("7")
+    before = target.current()
+    with pytest.raises(DeployFailed):
+        target.deploy("8")
+    apps.never_ready = {"7", "8"}  # e.g. version 7's artifacts unreachable while its pods start
+    with pytest.raises(DeployFailed, match="made no progress"):
+        target.restore(before)
+    with pytest.raises(DeployFailed, match="made no progress"):  # the retry: nothing to patch, still not done
+        target.restore(before)
+    assert len(apps.patches) == 3
+    stuck = target.current()
+    assert (stuck.version, stuck.model_uri) == ("7", "models:/mnist_classifier/7")
+    assert "its rollout made no progress" in stuck.problem and "timed out progressing" in stuck.problem
+
+    apps.never_ready = {"8"}  # version 7 can start again: the next try completes the rollout back
+    target.restore(before)
+    assert len(apps.patches) == 3 and target.current() == Serving("7", "models:/mnist_classifier/7")
+
+
 def test_restore_right_after_a_timed_out_rollout_waits_for_the_controller_to_observe_the_undo():
     apps = FakeApps(never_ready={"8"}, stale_reads=2)
     target = _target(apps)

@@ -500,6 +500,38 @@ def test_a_version_deployed_while_the_initial_load_waits_ends_the_wait(monkeypat
     assert (holder.state, holder.version, holder.error) == ("AVAILABLE", str(first), "")
 
 
+def test_deploying_the_served_version_keeps_it_and_a_deployment_queued_behind_another_runs_after_it(
+        monkeypatch, versions, mlflow_server):
+    """A rollback's restore (LocalTarget) posts the previous version even when it is served: it queues behind a
+    deployment still loading in the server (whose caller timed out) and wins, and costs nothing otherwise."""
+    import threading
+
+    from mlsteps import serve
+
+    first, second = versions
+    holder = serve.ModelHolder(serve.ServeConfig(model_name=MODEL, tracking_uri=mlflow_server, warmup_requests=1))
+    served, _ = holder.deploy(str(first))
+    assert holder.deploy(str(first)) == (served, str(first)) and holder.served is served  # not loaded again
+
+    real, loading, release = serve.load_version, threading.Event(), threading.Event()
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        loading.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "load_version", slow_load)
+    timed_out = threading.Thread(target=holder.deploy, args=(str(second),), daemon=True)  # its caller gave up
+    timed_out.start()
+    assert loading.wait(30)
+    restore = threading.Thread(target=holder.deploy, args=(str(first),), daemon=True)
+    restore.start()
+    release.set()
+    timed_out.join(30)
+    restore.join(30)
+    assert holder.version == str(first)
+
+
 def test_loading_a_version_leaves_no_copy_of_it_on_disk(monkeypatch, tmp_path, versions, mlflow_server):
     """A long-running local server deploys version after version: each download is deleted once in memory."""
     import tempfile
