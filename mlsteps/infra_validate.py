@@ -9,6 +9,8 @@ One malformed request must get a 4xx and the next valid one must still succeed.
 
 The verdict goes into version tags (``promotion.infra_validation``: passed/failed and why). A failure
 exits 2 with the reason (the server's own load error when it never became ready); nothing is deployed.
+A server still waiting for the registry at the load timeout (MLflow or its artifact store failing: the
+server's status says so) exits 1 without a verdict: the runner retries, and the version is not blamed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import tracking
-from .core import StepError, cli, field
+from .core import NodeError, StepError, cli, field
 
 log = logging.getLogger("mlsteps.infra_validate")
 # An int8 model's softmax output is quantized in steps of 1/256: ten classes may sum to 1 +- 10 * 0.5/256.
@@ -90,6 +92,11 @@ def _wait_ready(base: str, name: str, server: subprocess.Popen, log_path: Path, 
         if state.get("state") == "END":
             raise Failed(f"the model server could not load it: {state['status']['error_message']}")
         if time.monotonic() > deadline:
+            waiting = (state.get("status") or {}).get("error_message", "") if state.get("state") == "LOADING" else ""
+            if waiting:  # the server's own reason, e.g. "waiting for the registry: HTTP 503": not the version's
+                raise NodeError(f"the model server was still loading {name} after {timeout:g} s, {waiting}; the "
+                                "MLflow registry or its artifact store is failing, not the version (retried, and "
+                                "the version gets no verdict)")
             raise Failed(f"not ready after {timeout:g} s (state {state.get('state', 'no answer')})")
         time.sleep(0.3)
 
@@ -126,7 +133,7 @@ def _probe(base: str, name: str, version: str, requests: int) -> list[float]:
                          f"(shape {rows.shape}, row sums {np.round(rows.sum(axis=1), 3).tolist()[:4]})")
         if batch == 1:
             latencies.append(elapsed)
-        if i == requests // 2:  # a malformed request must be refused without hurting the server
+        if i == min(requests // 2, requests - 2):  # refused without hurting the server: a valid one follows
             status, _, reply = _call(f"{base}/v1/models/{name}:predict", raw=b'{"instances": [[1, 2')
             if not 400 <= status < 500:
                 raise Failed(f"a malformed request got HTTP {status} instead of 4xx: {reply}")

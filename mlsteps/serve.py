@@ -14,20 +14,22 @@ first promotion): requests then get 503 until a version is deployed. ``--deploym
 served, so a restarted server comes back with the same version (not whatever the alias says now); unloading
 removes the record, so a restarted server then serves the alias ``champion``, if there is one.
 
-Endpoints (every response names the model and version, in the body and in ``X-Model-Name`` /
+Endpoints (every answer of a model endpoint names the model and version, in the body and in ``X-Model-Name`` /
 ``X-Model-Version`` headers):
   GET  /v1/models/<name>                TF Serving status (LOADING, AVAILABLE, or END with the load error)
   POST /v1/models/<name>[/versions/<v>]:predict   {"instances": [...]} or {"inputs": [...]}
   GET  /v2/health/live | /v2/health/ready         liveness (always, no MLflow needed) | readiness (model loaded)
   GET  /v2/models/<name>[/ready]                  model metadata | readiness
   POST /v2/models/<name>[/versions/<v>]/infer     {"inputs": [{"name", "shape", "datatype", "data"}]}
-  GET  /metrics                                   Prometheus: inference requests and latency by protocol and status code
+  GET  /metrics                                   Prometheus: inference requests and latency by protocol and status
+                                                  code, the version served, readiness, deployments by outcome
   POST /admin/deploy                              switch to another version, or unload (only with --admin-token-file)
 Bad requests get 400 (not JSON; not numbers: strings, true/false and null are refused), 404 (no such model,
 version or path), 405 (wrong method), 413 (body or batch too large) or 422 (wrong shape, values out of 0..255)
 with {"error": "<what is wrong and what is expected>"}; the server stays up. Large requests (over 64 KiB of
 JSON: more than a few images) are parsed and run on a worker thread, two at a time, and a small one that finds the
-model busy with them waits there too, so the health probes never wait behind a big batch.
+model busy with them waits there too, so the health probes never wait behind a big batch; at most four large
+bodies are read at a time (others wait unread), so many clients sending big batches cannot exhaust memory.
 Run: ``python -m mlsteps.serve --model-name mnist_classifier --port 8501`` (MLFLOW_TRACKING_URI set).
 """
 
@@ -56,7 +58,8 @@ CHAMPION = "champion"
 OUTAGE_PAUSE_MAX_SECONDS = 60  # the longest pause between tries while the registry is down (initial load)
 BOUNDED_TRIES = 8  # tries of the initial load for a failure other than no answer at all (5xx, artifact download)
 INLINE_BODY_BYTES = 64 * 1024  # larger request bodies are parsed and run on a worker thread
-V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "INT8", "INT16", "INT32", "INT64"}
+LARGE_BODIES_AT_ONCE = 4  # larger ones read at the same time (the rest wait, unread): memory stays bounded
+V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 
 
 @dataclass(frozen=True)
@@ -458,13 +461,17 @@ def check_datatype(datatype: str, flat: np.ndarray) -> None:
                                 'other numbers')
 
 
+def expected_shape(image_shape: tuple[int, ...]) -> str:
+    return f"(N, {', '.join(map(str, image_shape))}) or (N, {int(np.prod(image_shape))})"
+
+
 def checked(images: np.ndarray, image_shape: tuple[int, ...], max_batch: int, where: str) -> np.ndarray:
     pixels = int(np.prod(image_shape))
-    expected = f"(N, {', '.join(map(str, image_shape))}) or (N, {pixels})"
     if images.ndim == 2 and images.shape[1] == pixels:
         images = images.reshape((len(images), *image_shape))
     if images.ndim != len(image_shape) + 1 or images.shape[1:] != image_shape:
-        raise RequestError(422, f"{where}: expected images of shape {expected}, got {tuple(images.shape)}")
+        raise RequestError(422, f"{where}: expected images of shape {expected_shape(image_shape)}, got "
+                                f"{tuple(images.shape)}")
     if not len(images):
         raise RequestError(422, f"{where}: the batch is empty")
     if len(images) > max_batch:
@@ -516,13 +523,13 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         name = request.path_params["name"]
         if name != holder.name:
             raise RequestError(404, f"model {name!r} not found; this server serves {holder.name!r}")
-        version = request.path_params.get("version")
-        if version is not None and (served is None or version != served.version):
-            raise RequestError(404, f"{holder.name} version {version} not served; this server serves version "
-                                    f"{served.version if served else '(loading)'}")
-        if served is None:
+        if served is None:  # whichever version the path names: not "not found" but "not now"
             raise RequestError(503, f"{holder.name} is not ready ({holder.state.lower()}"
                                     f"{': ' + holder.error if holder.error else ''})")
+        version = request.path_params.get("version")
+        if version is not None and version != served.version:
+            raise RequestError(404, f"{holder.name} version {version} not served; this server serves version "
+                                    f"{served.version}")
         return served
 
     async def read(request: Request) -> bytes:
@@ -530,12 +537,22 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > config.max_body_bytes:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}")
-        raw = bytearray()
+        chunks, size = [], 0
         async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > config.max_body_bytes:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > config.max_body_bytes:
                 raise RequestError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes")
-        return bytes(raw)
+        return b"".join(chunks)
+
+    # At most LARGE_BODIES_AT_ONCE requests over INLINE_BODY_BYTES (or of unknown length) are read and answered
+    # at a time; the others wait before reading their body. Without it, a hundred clients sending 8 MiB each
+    # would have the pod buffer them all and be killed for memory; the probes and small requests never wait here.
+    large_bodies = anyio.Semaphore(LARGE_BODIES_AT_ONCE)
+
+    def large(request: Request) -> bool:
+        length = request.headers.get("content-length", "")
+        return not (length.isdigit() and int(length) <= INLINE_BODY_BYTES)
 
     def parse(raw: bytes) -> tuple[Any, bool]:
         """The parsed JSON body, and whether its text holds a true or false (see ``numbers``)."""
@@ -558,14 +575,15 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             started = time.perf_counter()
             try:
                 served = known(request)
-                raw = await read(request)
-                if len(raw) <= INLINE_BODY_BYTES:  # one image is 2-4 KiB: a thread hand-off would cost more
-                    try:
-                        answer = work(raw, served, False)
-                    except RunnerBusy:
-                        answer = await anyio.to_thread.run_sync(work, raw, served)
-                else:
-                    answer = await anyio.to_thread.run_sync(work, raw, served, limiter=heavy)
+                async with large_bodies if large(request) else contextlib.nullcontext():
+                    raw = await read(request)
+                    if len(raw) <= INLINE_BODY_BYTES:  # one image is 2-4 KiB: a thread hand-off would cost more
+                        try:
+                            answer = work(raw, served, False)
+                        except RunnerBusy:
+                            answer = await anyio.to_thread.run_sync(work, raw, served)
+                    else:
+                        answer = await anyio.to_thread.run_sync(work, raw, served, limiter=heavy)
                 response = reply(answer, version=served.version)
             except RequestError as exc:
                 response = error(exc.status, str(exc))
@@ -600,6 +618,9 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         # type(d) is int: JSON true would pass isinstance(d, int); counted with Python ints (np.prod overflows)
         if not (isinstance(shape, list) and shape and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
             raise RequestError(400, f'"shape" must be a list of non-negative integers, got {shape!r}')
+        if len(shape) not in (2, len(served.runner.image_shape) + 1):  # numpy reshapes to at most 64 dimensions
+            raise RequestError(422, f"input: expected images of shape {expected_shape(served.runner.image_shape)}, "
+                                    f"got {tuple(shape)}")
         flat = numbers(tensor["data"], '"data" must be numbers (flat or nested)', booleans).reshape(-1)
         if flat.size != math.prod(shape):
             raise RequestError(422, f'"data" has {flat.size} values but "shape" {shape} needs {math.prod(shape)}')

@@ -160,6 +160,10 @@ def record(ti: Any = None) -> dict[str, Any]:
                                       "promotion.previous_version": planned["previous_version"] or "",
                                       "promotion.trigger": planned["trigger"],
                                       "promotion.dag_run_id": planned["run_id"] or ""})
+    previous = planned["previous_version"]
+    if previous and previous != version and registry.version(name, previous) is not None:  # not deleted since
+        registry.set_tags(name, previous, {"promotion.status": "replaced", "promotion.replaced_by": version,
+                                           "promotion.replaced_at": _now()})
     # Only a version given by hand moves the alias, and only from where plan saw it: a reviewer who approved
     # another version meanwhile wins, and the run that approval's webhook queued deploys it next. Otherwise
     # the alias, moved on or not, stays: it names what must be served.

@@ -278,6 +278,8 @@ def test_record_moves_the_alias_only_for_a_version_given_by_hand(after_plan):
 
     registry, _, error = after_plan(promotion.record, champion="4")  # webhook run for 3; 4 approved since
     assert error is None and registry.moves == [] and registry.tags["3"]["promotion.status"] == "serving"
+    # The version served before says so no longer: a registry search for promotion.status "serving" finds one.
+    assert registry.tags["2"]["promotion.status"] == "replaced" and registry.tags["2"]["promotion.replaced_by"] == "3"
     registry, _, _ = after_plan(promotion.record, champion="2", trigger="manual", champion_at_plan="2")
     assert registry.moves == [("set", "3")] and registry.tags["3"]["promotion.trigger"] == "manual"
 

@@ -139,6 +139,8 @@ def test_a_new_champion_is_validated_deployed_and_tagged_without_a_failed_reques
     assert tags["promotion.status"] == "serving" and tags["promotion.previous_version"] == str(first)
     assert tags["promotion.infra_validation"].startswith("passed")
     assert tags["promotion.smoke_test"].startswith("passed")
+    replaced = _tags(mlflow_server, first)
+    assert replaced["promotion.status"] == "replaced" and replaced["promotion.replaced_by"] == str(second)
 
 
 def test_a_champion_that_fails_to_load_is_rolled_back_and_serving_never_stops(airflow_home, serving, versions,

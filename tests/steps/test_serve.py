@@ -25,7 +25,7 @@ import pytest
 
 from stepsupport import free_port, step_env
 
-from mlsteps.core import StepError
+from mlsteps.core import NodeError, StepError
 
 MODEL = "serve_test_model"
 LITERT_MODEL = Path(__file__).resolve().parents[2] / "mlsteps" / "litert_model.py"
@@ -181,10 +181,12 @@ def test_open_inference_v2_infer_metadata_and_health(server, versions, tflite):
     pixels = np.round(images)  # bytes, declared as such
     request = {"inputs": [{"name": "image", "shape": [3, 784], "datatype": "UINT8",
                            "data": pixels.astype(int).reshape(-1).tolist()}]}
-    status, _, body = server.call("POST", f"/v2/models/{MODEL}/infer", request)
-    assert status == 200, body
-    np.testing.assert_allclose(np.asarray(body["outputs"][0]["data"]).reshape(3, 10), _litert(tflite, pixels),
-                               atol=1e-6)
+    for datatype in ("UINT8", "UINT32", "UINT64"):  # every unsigned integer type of the protocol
+        request["inputs"][0]["datatype"] = datatype
+        status, _, body = server.call("POST", f"/v2/models/{MODEL}/infer", request)
+        assert status == 200, body
+        np.testing.assert_allclose(np.asarray(body["outputs"][0]["data"]).reshape(3, 10), _litert(tflite, pixels),
+                                   atol=1e-6)
     status, _, meta = server.call("GET", f"/v2/models/{MODEL}")
     assert status == 200 and meta["versions"] == [str(versions[-1])]
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]
@@ -236,6 +238,9 @@ BAD = [
     ("v2-shape-overflowing", f"/v2/models/{MODEL}/infer",  # np.prod of it wraps around to 784
      {"inputs": [{"name": "image", "shape": [2**63 - 1, 2**63 - 1, 1, 784], "datatype": "FP32", "data": [0] * 784}]},
      None, 400, "non-negative integers"),
+    ("v2-shape-too-many-dimensions", f"/v2/models/{MODEL}/infer",  # numpy reshapes to 64 dimensions at most
+     {"inputs": [{"name": "image", "shape": [1] * 70, "datatype": "FP32", "data": [0]}]}, None, 422,
+     "expected images of shape (N, 28, 28) or (N, 784), got (1, 1, 1"),
     ("v2-shape-mismatch", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "image", "shape": [2, 784], "datatype": "FP32", "data": [0] * 784}]}, None, 422,
      "needs 1568"),
@@ -383,6 +388,69 @@ def test_health_probes_answer_while_a_large_batch_is_being_inferred():
         runner.release.set()
         uvicorn_server.should_exit = True
         thread.join(30)
+
+
+def test_only_a_few_large_bodies_are_read_at_a_time_and_small_requests_pass_them(monkeypatch):
+    """Many clients sending big batches at once: the server reads LARGE_BODIES_AT_ONCE of them and leaves the
+    others unread until one is answered (each buffered body and its parse cost memory); small requests and
+    bodies of any size still get answered, none refused."""
+    import anyio
+
+    from mlsteps import serve
+
+    class Constant(serve.Serialised):
+        image_shape, classes = (28, 28), 10
+
+        def _predict(self, images: np.ndarray) -> np.ndarray:
+            return np.full((len(images), self.classes), 0.1, np.float32)
+
+    config = serve.ServeConfig(model_name=MODEL, warmup_requests=0)
+    holder = serve.ModelHolder(config)
+    holder.served, holder.state = serve.Served(Constant(), "1", "tflite"), "AVAILABLE"
+    app = serve.create_app(config, holder)
+    image = json.dumps({"instances": [[[0] * 28] * 28]}).encode()
+    big = image + b" " * (serve.INLINE_BODY_BYTES + 1000)  # valid JSON, padded past the inline size
+    reading, answers = [], {}
+
+    async def post(label: str, body: bytes, gate: anyio.Event) -> None:
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if sent:
+                await anyio.sleep_forever()
+            reading.append(label)
+            await gate.wait()  # the client is slow to send its body
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answers[label] = message["status"]
+
+        scope = {"type": "http", "method": "POST", "path": f"/v1/models/{MODEL}:predict", "raw_path": b"",
+                 "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+                 "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8501)}
+        await app(scope, receive, send)
+
+    async def main() -> None:
+        slow, fast = anyio.Event(), anyio.Event()
+        fast.set()
+        async with anyio.create_task_group() as group:
+            for i in range(serve.LARGE_BODIES_AT_ONCE + 3):
+                group.start_soon(post, f"big{i}", big, slow)
+            await anyio.sleep(0.3)
+            assert len(reading) == serve.LARGE_BODIES_AT_ONCE  # the others wait unread
+            group.start_soon(post, "small", image, fast)
+            with anyio.fail_after(10):
+                while "small" not in answers:
+                    await anyio.sleep(0.01)
+            assert len([label for label in reading if label.startswith("big")]) == serve.LARGE_BODIES_AT_ONCE
+            slow.set()
+        assert answers == {**{f"big{i}": 200 for i in range(serve.LARGE_BODIES_AT_ONCE + 3)}, "small": 200}
+
+    anyio.run(main)
 
 
 def test_only_a_registry_that_does_not_answer_is_waited_for_without_end(monkeypatch):
@@ -553,6 +621,9 @@ def test_liveness_does_not_need_mlflow_and_readiness_waits_for_the_model(tmp_pat
         assert server.call("GET", "/v2/health/live")[0] == 200
         assert server.call("GET", "/v2/health/ready")[0] == 503
         status, _, body = server.call("POST", f"/v1/models/{MODEL}:predict", {"instances": [[0] * 784]})
+        assert status == 503 and "not ready" in body["error"]
+        # A version in the path: not ready either (a 404 "not served" would tell clients to give up on it).
+        status, _, body = server.call("POST", f"/v1/models/{MODEL}/versions/3:predict", {"instances": [[0] * 784]})
         assert status == 503 and "not ready" in body["error"]
         state = server.call("GET", f"/v1/models/{MODEL}")[2]["model_version_status"][0]["state"]
         assert state in ("LOADING", "END")
@@ -846,6 +917,54 @@ def test_infra_validation_refuses_flags_no_server_could_pass_before_the_registry
                                                    "tracking_uri": "http://127.0.0.1:9"} | flags))
     with pytest.raises(StepError, match=re.escape(words)):
         infra_validate.run(config)
+
+
+@pytest.mark.parametrize(("error_message", "raised", "words"), [
+    ("waiting for the registry: HTTP 503 from the artifact store", "NodeError", "is failing, not the version"),
+    ("", "Failed", "not ready after 0.2 s (state LOADING)"),
+], ids=["registry-failing", "slow-load"])
+def test_a_server_still_waiting_for_the_registry_at_the_load_timeout_is_retried_not_blamed_on_the_version(
+        monkeypatch, tmp_path, error_message, raised, words):
+    """An MLflow or artifact-store outage keeps the server LOADING with its reason in the status: a verdict
+    "failed" (exit 2, no retry, rollback) would revert an approval for a fault of the infrastructure."""
+    from types import SimpleNamespace
+
+    from mlsteps import infra_validate
+
+    status = {"model_version_status": [{"version": "", "state": "LOADING",
+                                        "status": {"error_code": "UNKNOWN", "error_message": error_message}}]}
+    monkeypatch.setattr(infra_validate, "_call", lambda url, *args, **kwargs: (200, {}, status))
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    with pytest.raises((infra_validate.Failed, NodeError)) as stopped:
+        infra_validate._wait_ready("http://127.0.0.1:9", MODEL, SimpleNamespace(poll=lambda: None),
+                                   tmp_path / "server.log", 0.2)
+    assert type(stopped.value).__name__ == raised and words in str(stopped.value)
+    assert error_message in str(stopped.value)
+
+
+@pytest.mark.parametrize("requests", [2, 3, 12])
+def test_the_malformed_probe_is_always_followed_by_a_valid_request(monkeypatch, requests):
+    """The server must still answer after refusing it; with --requests 2 (the form's least) it came last."""
+    from mlsteps import infra_validate
+
+    sent: list[str] = []
+
+    def fake_call(url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict, Any]:
+        if raw is not None:
+            sent.append("malformed")
+            return 400, {}, {"error": "request body is not valid JSON"}
+        if body is None:
+            return 200, {}, {"inputs": [{"shape": [-1, 28, 28]}]}
+        sent.append("valid")
+        rows = [[0.1] * 10] * (len(body["instances"]) if "instances" in body else body["inputs"][0]["shape"][0])
+        answer = ({"predictions": rows} if "instances" in body else
+                  {"outputs": [{"shape": [len(rows), 10], "data": [p for row in rows for p in row]}]})
+        return 200, {"x-model-version": "3"}, answer
+
+    monkeypatch.setattr(infra_validate, "_call", fake_call)
+    infra_validate._probe("http://127.0.0.1:9", MODEL, "3", requests)
+    assert sent.count("malformed") == 1 and sent.count("valid") == requests
+    assert sent.index("malformed") < len(sent) - 1
 
 
 def _infra_validate(tmp_path: Path, mlflow_server: str, version: int) -> tuple[subprocess.CompletedProcess, dict]:
