@@ -1,8 +1,9 @@
 """
 ### mnist_training
 
-Nightly (02:00 UTC) or on demand: **prep → validate → search → train → evaluate → compress → register →
-gate → review**.
+Nightly (02:00 in Airflow's default_timezone, UTC unless set) or on demand: **prep → validate → search →
+train → evaluate → compress → register → gate → review**. One run at a time: a run triggered while a
+review card waits starts once the card is answered (or closes).
 
 The search (Optuna: TPE sampling, successive-halving pruning by default) runs `search_workers` trial
 workers at once, as a mapped task in the `hyperparameter_search` pool; they share one study until the
@@ -46,7 +47,7 @@ from airflow.sdk import DAG, Param
 from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_AT, REJECTED_BY,
                                   REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_review)
 from mlops_airflow.search import HYPERPARAMETERS, START_FROM, START_FROM_ARGS, hyperparameters, plan_search
-from mlops_airflow.settings import DATASETS, MODEL_NAME_PATTERN, load
+from mlops_airflow.settings import DATASETS, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
 
@@ -74,7 +75,8 @@ with DAG(
         "dataset": Param(settings.default_dataset, enum=list(DATASETS),
                          description="Dataset to train on; 'custom' reads the IDX files in source_dir. Scheduled "
                                      "runs take the default (MLOPS_DEFAULT_DATASET)."),
-        "source_dir": Param(settings.default_source_dir, type="string",
+        # null too, wherever emptying a field must work: the form sends an emptied field as null.
+        "source_dir": Param(settings.default_source_dir, type=["null", "string"],
                             description="Folder with the four IDX files (.gz or raw). Empty: search the cache, "
                                         "/usr/share/datasets/, then download from the mirrors."),
         "epochs": Param(5, type="integer", minimum=1, maximum=500, description="Training epochs."),
@@ -111,7 +113,7 @@ with DAG(
         "search_sampler": Param("tpe", enum=["tpe", "random"], description="How trials are proposed."),
         "search_objective": Param("val_accuracy", enum=["val_accuracy", "val_loss"],
                                   description="Validation metric the search optimises (per epoch, for pruning)."),
-        "search_space": Param({}, type="object",
+        "search_space": Param({}, type=["null", "object"],
                               description='Overrides of the search space, e.g. {"learning_rate": {"low": 0.001, '
                                           '"high": 0.01, "log": true}, "width": [32, 48], "dropout": 0.2}.'),
         "search_start_from": Param("champion", enum=list(START_FROM),
@@ -146,10 +148,11 @@ with DAG(
                                     "that passes the gate; none: stop after the gate."),
         "gpus": Param(1, type="integer", minimum=0, maximum=16,
                       description="GPUs for the training pod (Kubernetes runtime); 0 trains on CPU."),
-        "node_selector": Param({}, type="object", additionalProperties={"type": "string"},
+        "node_selector": Param({}, type=["null", "object"], propertyNames={"pattern": LABEL_KEY_PATTERN},
+                               additionalProperties={"type": "string", "pattern": LABEL_VALUE_PATTERN},
                                description='Node selector for the training and trial-worker pods, e.g. '
                                            '{"cloud.google.com/gke-nodepool": "gpu-a100"}.'),
-        "model_name": Param("mnist_classifier", type="string", minLength=1, maxLength=200,
+        "model_name": Param(settings.model_name, type="string", minLength=1, maxLength=200,
                             pattern=MODEL_NAME_PATTERN,
                             description="Registered model name in MLflow: letters, digits, _ . - "
                                         "(it is in the model server's URLs)."),
@@ -157,7 +160,7 @@ with DAG(
 ) as dag:
     prep = step("prep", timeout=timedelta(minutes=30), resources=Resources(cpu="1", memory="2Gi"),
                 args={"data_root": settings.data_root, "dataset": "{{ params.dataset }}",
-                      "source_dir": "{{ params.source_dir }}"})
+                      "source_dir": "{{ params.source_dir or '' }}"})
     validate = step("validate", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="3Gi"),
                     args={"manifest": xcom("prep", "manifest"), **common})
     search = {"manifest": xcom("prep", "manifest"), **common, "trials": "{{ params.search_trials }}",
@@ -165,19 +168,22 @@ with DAG(
               "pruner": "{{ params.search_pruner }}", "sampler": "{{ params.search_sampler }}",
               "reduction_factor": "{{ params.search_reduction_factor if params.search_pruner in "
                                   "('successive_halving', 'hyperband') else 0 }}",
-              "objective": "{{ params.search_objective }}", "search_space": "{{ params.search_space | tojson }}",
+              "objective": "{{ params.search_objective }}", "search_space": "{{ (params.search_space or {}) | tojson }}",
               "train_examples": "{{ params.search_train_examples }}"}
     workers = plan_search()
     create_study = step("tune", task_id="create_study", timeout=timedelta(minutes=10),
                         resources=Resources(cpu="500m", memory="1Gi"), optional_secrets=(settings.optuna_secret,),
-                        args={**search, **START_FROM_ARGS, "setup_only": "true"})
+                        args={**search, **START_FROM_ARGS, "setup_only": "true",
+                              # train's GPUs (Kubernetes: the form's gpus; a local train uses the machine's):
+                              # refused now if a batch size of the space cannot split over them, not after it.
+                              "train_gpus": "{{ params.gpus }}" if settings.runtime == "kubernetes" else "0"})
     # On Kubernetes each worker's pod limit sets TensorFlow's threads (mlops_airflow.pods); local workers share
     # this machine's cores (--threads).
     cpus = 4 if settings.runtime == "kubernetes" else (os.cpu_count() or 1)
     threads = {} if settings.runtime == "kubernetes" else {
         "threads": f"{{{{ [1, {cpus} // ([params.search_workers, params.search_trials] | min)] | max }}}}"}
     tune = step("tune", timeout=timedelta(hours=12), resources=Resources(cpu=str(cpus), memory="8Gi"),
-                gpus="{{ params.search_gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
+                gpus="{{ params.search_gpus }}", node_selector_json="{{ (params.node_selector or {}) | tojson }}",
                 optional_secrets=(settings.optuna_secret,), pool=settings.search_pool, expand_over=workers,
                 # Two more tries than other steps: if every trial kills its worker (out of memory), a lost trial
                 # counts once its retry died too, so a single worker's 5th try is the one that finds 3 such
@@ -194,7 +200,7 @@ with DAG(
                   trigger_rule="none_skipped")
     chosen = hyperparameters()
     train = step("train", timeout=timedelta(hours=6), resources=Resources(cpu="4", memory="8Gi"),
-                 gpus="{{ params.gpus }}", node_selector_json="{{ params.node_selector | tojson }}",
+                 gpus="{{ params.gpus }}", node_selector_json="{{ (params.node_selector or {}) | tojson }}",
                  args={"manifest": xcom("prep", "manifest"), **common, "epochs": "{{ params.epochs }}",
                        **{name: xcom("hyperparameters", name) for name in HYPERPARAMETERS},
                        "search_run_id": xcom("hyperparameters", "search_run_id"),

@@ -60,7 +60,7 @@ with DAG(
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=20),
                   "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=5)},
     params={
-        "model_name": Param("mnist_classifier", type="string", minLength=1, maxLength=200,
+        "model_name": Param(settings.model_name, type="string", minLength=1, maxLength=200,
                             pattern=MODEL_NAME_PATTERN,
                             description="The registered model this deployment serves (alias events of other "
                                         "models are ignored); letters, digits, _ . -."),

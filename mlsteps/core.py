@@ -123,9 +123,25 @@ def parse_config(config_cls: type[C], argv: Sequence[str] | None, description: s
                             help=f.metadata.get("help", "") + ("" if required else f" (default: {default})"))
     parser.add_argument("--result-path", default=os.environ.get(RESULT_PATH_ENV, DEFAULT_RESULT_PATH),
                         help=f"where the result JSON is written (env {RESULT_PATH_ENV}; default: %(default)s)")
-    ns = vars(parser.parse_args(argv))
+    ns = vars(parser.parse_args(_joined(sys.argv[1:] if argv is None else list(argv), parser)))
     result_path = Path(ns.pop("result_path"))
     return config_cls(**ns), result_path
+
+
+def _joined(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--flag value`` as ``--flag=value`` for every flag (each takes a value): a value that starts with "-"
+    (a reviewer's comment "-1, worse on shirts", a rendered template) would otherwise be taken for a flag."""
+    flags = {option for action in parser._actions for option in action.option_strings if action.nargs != 0}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def setup_logging() -> None:

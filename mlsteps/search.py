@@ -80,6 +80,33 @@ def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, A
     return space
 
 
+def batch_split_error(space: dict[str, dict[str, Any]], gpus: int) -> str | None:
+    """Why training on ``gpus`` GPUs could fail on a batch size the (parsed) space holds, or None: with several
+    GPUs, train needs a batch that splits evenly over them, and would refuse the search's pick after the search."""
+    if gpus <= 1:
+        return None
+    spec = space["batch_size"]
+    if spec["type"] == "categorical":
+        values: Any = spec["choices"]
+    elif spec["type"] == "fixed":
+        values = [spec["value"]]
+    else:  # a whole-number range: every value from low to high in steps (1 on a log scale)
+        values = range(int(spec["low"]), int(spec["high"]) + 1, int(spec.get("step") or 1))
+    bad: list[int] = []
+    for value in values:
+        if int(value) % gpus:
+            bad.append(int(value))
+            if len(bad) == 6:
+                break
+    if not bad:
+        return None
+    fixed = sorted({-(-int(v) // gpus) * gpus for v in (spec.get("choices") or bad)})
+    return (f"search space: batch_size may be {', '.join(map(str, bad))}, which do not split evenly over the {gpus} "
+            f"GPUs train is given (the form's gpus), so train would refuse the search's pick; give batch sizes "
+            f"that are multiples of {gpus} (e.g. search_space {{\"batch_size\": {json.dumps(fixed)}}}), or a "
+            "number of GPUs that divides them")
+
+
 def domain_error(name: str, value: Any) -> str | None:
     """Why ``value`` is not a possible value of hyperparameter ``name`` (see DOMAINS), or None if it is."""
     lowest, highest, low_ok, high_ok, whole = DOMAINS[name]

@@ -57,6 +57,8 @@ class TuneConfig(tracking.RunStepConfig):
     heartbeat_seconds: int = field(15, help="trial heartbeat; a trial silent for 3 heartbeats is failed")
     seed: int = field(42, help="base seed of the samplers and of each trial's weights and shuffling")
     setup_only: bool = field(False, help="create the study and its MLflow parent run, then stop")
+    train_gpus: int = field(0, help="GPUs the training after the search is given (the form's gpus): every "
+                                    "batch size of the space must split evenly over them (0 or 1: any)")
 
 
 def _check(config: TuneConfig) -> None:
@@ -89,6 +91,15 @@ def _check(config: TuneConfig) -> None:
         search.parse_start_point(config.start_from)
     except StepError as exc:
         problems.append(str(exc))
+    if config.train_gpus < 0:
+        problems.append(f"--train-gpus must be >= 0, got {config.train_gpus}")
+    try:
+        space = search.parse_space(config.search_space)
+    except StepError:
+        pass  # open_study refuses it, naming the parameter
+    else:
+        if error := search.batch_split_error(space, config.train_gpus):
+            problems.append(error)
     if problems:
         raise StepError("; ".join(problems))
 

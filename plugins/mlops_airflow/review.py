@@ -109,7 +109,9 @@ def approval(*, mlflow_ui: str) -> ApprovalOperator:
         # Set when the card is shown (ReviewApproval.timeout_for): at most 18 h, and over before the next
         # scheduled run, which max_active_runs=1 would otherwise hold back until the answer.
         response_timeout=MAX_RESPONSE_TIME,
-        params={"comment": Param("", type="string", description="Why (recorded on the model version)")},
+        # null: the UI sends a text field the reviewer emptied as null, which "string" alone would refuse when
+        # the task resumes (the answer lost, the card shown again).
+        params={"comment": Param("", type=["null", "string"], description="Why (recorded on the model version)")},
     )
 
 
@@ -124,9 +126,9 @@ _REJECTION = "{% set a = ti.xcom_pull(task_ids='approve', key='" + ANSWER_KEY + 
 REJECTED_BY = _REJECTION + ("{{ (a.get('responded_by_user') or {}).get('name') or "
                             "('nobody: no answer in time' if a else 'unknown') }}")
 REJECTED_COMMENT = _REJECTION + ("{% set c = (a.get('params_input') or {}).get('comment', '') %}"
-                                 "{{ c['value'] if c is mapping else c }}")
+                                 "{{ (c['value'] if c is mapping else c) or '' }}")
 REJECTED_AT = _REJECTION + "{{ a.get('responded_at', '') }}"
 REVIEWER = _ANSWER + "{{ (r.get('responded_by_user') or {}).get('name') or ('pipeline' if not r else 'unknown') }}"
 COMMENT = _ANSWER + ("{% set c = (r.get('params_input') or {}).get('comment', '') %}"
-                     "{{ c['value'] if c is mapping else c }}")
+                     "{{ (c['value'] if c is mapping else c) or '' }}")
 DECIDED_AT = _ANSWER + "{{ r.get('responded_at', '') }}"

@@ -6,6 +6,7 @@ Every name here is documented in the README's configuration table.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,12 @@ from pathlib import Path
 # the name in its URLs. The same rule as mlsteps.register.MODEL_NAME. (?!\n): Python's re.search, which
 # jsonschema uses, lets $ match before a final newline ("name\n"); the form's JavaScript does not.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(?!\n)$"
+# Kubernetes label syntax (node selectors): an optional DNS-subdomain prefix and "/", then a name of 1-63
+# characters, alphanumeric at both ends; a value is empty or such a name. The API server refuses others.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = (r"^(?=[^/]{1,253}/|[^/]*$)([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     + _LABEL_NAME + r"(?!\n)$")
+LABEL_VALUE_PATTERN = r"^(" + _LABEL_NAME + r")?(?!\n)$"
 RUNTIMES = ("kubernetes", "local")
 DATASETS = ("mnist", "fashion_mnist", "custom")  # mlsteps.datasets.DATASET_NAMES (a test holds them equal)
 DEPLOY_TARGETS = ("kubernetes", "local")
@@ -45,6 +52,7 @@ class Settings:
     pod_start_timeout: int  # seconds a step pod may wait to be scheduled, then as long again to start
     default_dataset: str  # the trigger form's default dataset: what scheduled (nightly) runs train on
     default_source_dir: str  # the form's default source_dir (a custom dataset's IDX folder) for those runs
+    model_name: str  # the registered model this deployment trains and serves: both DAGs' default model_name
 
 
 def load() -> Settings:
@@ -67,7 +75,12 @@ def load() -> Settings:
     if dataset == "custom" and not source_dir:
         raise ValueError("MLOPS_DEFAULT_DATASET=custom needs MLOPS_DEFAULT_SOURCE_DIR, the folder of its four IDX "
                          "files (as the step pods or local steps see it)")
+    model_name = os.environ.get("MLOPS_MODEL_NAME", "mnist_classifier").strip()
+    if not re.search(MODEL_NAME_PATTERN, model_name) or len(model_name) > 200:
+        raise ValueError(f"MLOPS_MODEL_NAME={model_name!r} is not a registered model name the model server can "
+                         "serve: letters, digits, _ . - (at most 200, starting with a letter or digit)")
     return Settings(
+        model_name=model_name,
         default_dataset=dataset,
         default_source_dir=source_dir,
         runtime=runtime,

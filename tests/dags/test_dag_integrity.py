@@ -88,12 +88,20 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
 
 @pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("dataset", "cifar"), ("learning_rate", 0),
                                            ("gpus", -1), ("node_selector", "gpu"), ("node_selector", {"pool": 1}),
-                                           ("node_selector", {"gpu": True}), ("search_workers", 0),
+                                           ("node_selector", {"gpu": True}),
+                                           ("node_selector", {"pool": "gpu a100"}),
+                                           ("node_selector", {"node pool": "gpu"}),
+                                           ("node_selector", {"pool": "-gpu"}),
+                                           ("node_selector", {"pool": "x" * 64}),
+                                           ("node_selector", {"Example.com/pool": "gpu"}),
+                                           ("node_selector", {"pool": "gpu\n"}), ("search_workers", 0),
                                            ("search_trials", 0), ("search_pruner", "asha"),
                                            ("search_reduction_factor", 1),
                                            ("search_space", "lr=0.1"), ("search", "maybe")],
                          ids=["zero-epochs", "unknown-dataset", "zero-lr", "negative-gpus", "selector-not-object",
-                              "selector-number-value", "selector-boolean-value",
+                              "selector-number-value", "selector-boolean-value", "selector-value-with-space",
+                              "selector-key-with-space", "selector-value-leading-dash", "selector-value-too-long",
+                              "selector-prefix-uppercase", "selector-value-newline",
                               "no-workers", "no-trials", "unknown-pruner", "reduction-factor-one", "space-not-object",
                               "search-not-bool"])
 def test_trigger_form_rejects_invalid_values(dagbag, name, value):
@@ -103,6 +111,13 @@ def test_trigger_form_rejects_invalid_values(dagbag, name, value):
     param.resolve()  # the default is valid
     with pytest.raises(ParamValidationError):
         param.resolve(value)
+
+
+def test_node_selectors_kubernetes_accepts_are_accepted_by_the_form(dagbag):
+    param = dagbag.dags["mnist_training"].params.get_param("node_selector")
+    for good in ({"cloud.google.com/gke-nodepool": "gpu-a100"}, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                 {"pool": ""}, {"kubernetes.io/arch": "amd64", "tier_2": "a.b_c-d"}, {"k": "v" * 63}):
+        assert param.resolve(good) == good
 
 
 @pytest.mark.parametrize("dag_id", ["mnist_training", "model_promotion"])
@@ -272,6 +287,27 @@ def test_the_forms_hyperparameter_limits_are_the_searchs_domains(dagbag):
         assert schema.get("maximum" if high_ok else "exclusiveMaximum") == highest, (name, schema)
 
 
+def test_scheduled_training_and_promotion_use_the_model_the_deployment_names(monkeypatch):
+    """A deployment serving another registered model: the nightly run registers it, and the promotions the
+    schedule and the webhook start (which take the form's defaults) deploy it; else approving it deploys nothing."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("MLOPS_MODEL_NAME", "fashion_classifier")
+    bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {}
+    for dag_id in ("mnist_training", "model_promotion"):
+        assert bag.dags[dag_id].params.validate()["model_name"] == "fashion_classifier", dag_id
+
+
+@pytest.mark.parametrize("name", ["team/model", "", "with space"])
+def test_a_model_name_the_server_could_not_serve_is_refused_naming_the_variable(monkeypatch, name):
+    from mlops_airflow import settings
+
+    monkeypatch.setenv("MLOPS_MODEL_NAME", name)
+    with pytest.raises(ValueError, match="MLOPS_MODEL_NAME="):
+        settings.load()
+
+
 def test_scheduled_runs_train_on_the_dataset_the_deployment_names(monkeypatch):
     """Nightly runs take the form's defaults: MLOPS_DEFAULT_DATASET (and _SOURCE_DIR) set them."""
     from airflow.dag_processing.dagbag import DagBag
@@ -350,6 +386,6 @@ def test_the_readme_gives_every_trigger_form_param_with_the_default_the_form_has
     documented = _readme_params(heading)
     assert sorted(documented) == sorted(defaults)
     for name, value in defaults.items():
-        if documented[name].startswith("`$MLOPS_DEFAULT_"):  # set by the deployment: checked above
+        if documented[name].startswith(("`$MLOPS_DEFAULT_", "`$MLOPS_MODEL_NAME`")):  # set by the deployment
             continue
         assert documented[name] == _written(value), name

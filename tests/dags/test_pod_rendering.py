@@ -177,6 +177,7 @@ APPROVED = {"chosen_options": ["Approve"], "params_input": {"comment": "better o
 
 
 TIMED_OUT = {**REJECTED_ANSWER, "responded_by_user": None, "params_input": {"comment": ""}}
+EMPTIED = {**APPROVED, "params_input": {"comment": None}}  # the UI sends a comment typed and deleted as null
 
 
 # returned: what approve returned (Approve only: on Reject the skip ends it first); kept: ReviewApproval's "answer".
@@ -190,10 +191,12 @@ TIMED_OUT = {**REJECTED_ANSWER, "responded_by_user": None, "params_input": {"com
                                                               "--decided-at": "2026-11-27T10:00:00+00:00"}),
     ("record_rejection", ["approve"], None, TIMED_OUT, {"--decision": "rejected",
                                                         "--reviewer": "nobody: no answer in time"}),
+    ("promote", ["approve"], EMPTIED, EMPTIED, {"--decision": "approved", "--reviewer": "ada", "--comment": ""}),
     ("record_rejection", ["approve"], APPROVED, APPROVED, {"--decision": "none"}),
     ("record_rejection", ["promote"], None, None, {"--decision": "none"}),
     ("record_rejection", [], None, None, {"--decision": "none"}),
-], ids=["approved", "auto-without-approval", "rejected", "rejected-by-timeout", "nothing-to-record-after-approval",
+], ids=["approved", "auto-without-approval", "rejected", "rejected-by-timeout", "approved-comment-emptied",
+        "nothing-to-record-after-approval",
         "auto", "no-review"])
 def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, plan, returned, kept, expected):
     monkeypatch.setitem(RESULTS, "plan_review", plan)
@@ -204,6 +207,15 @@ def test_review_pods_carry_the_reviewers_answer(dag, monkeypatch, task_id, plan,
     flags = dict(zip(args[::2], args[1::2]))
     assert {k: flags[k] for k in expected} == expected
     assert (flags["--model-name"], flags["--version"]) == ("mnist_classifier", "3")
+
+
+@pytest.mark.parametrize("comment", ["lgtm", "", None], ids=["typed", "untouched", "typed-then-deleted"])
+def test_the_approval_card_accepts_the_comment_however_the_ui_sends_it(dag, comment):
+    """Airflow checks the reviewer's answer against the card's params when the task resumes: a refusal there
+    loses the answer (the task is retried, the card shown again)."""
+    task = copy.deepcopy(dag.get_task("approve"))
+    task.validate_params_input({"comment": comment})
+    assert task.params["comment"] == comment
 
 
 def test_a_rejection_is_kept_for_record_rejection_though_skipping_promote_ends_the_approval_early(dag, monkeypatch):
@@ -288,6 +300,27 @@ def test_whole_numbers_sent_as_json_floats_request_whole_gpus_and_fractions_fail
     assert "5.0" in container["args"]  # the step's CLI reads a whole-number float as that number (test_core)
     with pytest.raises(AirflowFailException, match="gpus must be a whole number >= 0, got '1.5'"):
         render(dag, "train", gpus=1.5)
+
+
+@pytest.mark.parametrize(("name", "task_id", "empty"), [
+    ("source_dir", "prep", ["--source-dir", ""]),
+    ("search_space", "create_study", ["--search-space", "{}"]),
+    ("node_selector", "train", None),
+    ("node_selector", "tune", None),
+], ids=["source-dir", "search-space", "node-selector-train", "node-selector-trial-workers"])
+def test_a_form_field_the_user_empties_is_accepted_and_means_empty(dag, name, task_id, empty):
+    """The trigger form sends an emptied text or JSON field as null: the form must take it (or the field's
+    documented empty meaning, no folder, no overrides, no selector, is out of reach from the UI) and the
+    pods must get the empty value, not the text "None" or "null"."""
+    assert dag.params.get_param(name).resolve(None) is None
+    pod, _ = render(dag, task_id, **{name: None})
+    args = pod["spec"]["containers"][0]["args"]
+    if empty:
+        flag = args.index(empty[0])
+        assert args[flag:flag + 2] == empty
+    else:
+        assert not pod["spec"].get("nodeSelector")
+    assert "None" not in args and "null" not in args
 
 
 def test_a_node_selector_that_is_not_strings_fails_the_task_for_good_not_retried(dag):
@@ -429,9 +462,11 @@ def test_trial_workers_take_gpus_from_the_form_and_share_a_bounded_pool(dag):
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert task.pool == "hyperparameter_search"
     assert task.execution_timeout is not None
-    setup, _ = render(dag, "create_study")
+    setup, _ = render(dag, "create_study", gpus=3)
     args = setup["spec"]["containers"][0]["args"]
     assert dict(zip(args[::2], args[1::2]))["--setup-only"] == "true"
+    # train's GPUs: the setup refuses a space whose batch sizes would not split over them, before any trial
+    assert dict(zip(args[::2], args[1::2]))["--train-gpus"] == "3"
     assert "nvidia.com/gpu" not in setup["spec"]["containers"][0]["resources"]["limits"]
 
 

@@ -48,9 +48,15 @@ def test_defaults_apply_when_only_required_flags_are_given(tmp_path) -> None:
         (["--tags", "x,,y,"], {"tags": ("x", "y")}),
         (["--sizes", "1, 2,3"], {"sizes": (1, 2, 3)}),
         (["--sizes", "None"], {"sizes": None}),
+        (["--rate", "-0.5"], {"rate": -0.5}),
+        # A reviewer's comment as the runners pass it ("--comment", text): text that looks like a flag is text.
+        (["--tags", "-ok"], {"tags": ("-ok",)}),
+        (["--tags", "--force"], {"tags": ("--force",)}),
+        (["--tags", "--count"], {"tags": ("--count",), "count": 3}),
     ],
     ids=["int", "int-as-whole-float", "int-as-exponent", "float-exponent", "optional-int", "optional-none", "optional-empty", "tuple", "tuple-skips-empty",
-         "optional-tuple-of-int", "optional-tuple-none"],
+         "optional-tuple-of-int", "optional-tuple-none", "negative-float", "value-like-a-short-flag",
+         "value-like-a-long-flag", "value-like-another-flag"],
 )
 def test_typed_fields_parse_from_cli_strings(argv, expected) -> None:
     config, _ = _parse("--name", "x", *argv)

@@ -294,6 +294,31 @@ def test_a_seed_the_samplers_and_keras_cannot_take_is_refused_naming_the_flag(tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("gpus", "space", "refused"), [
+    (3, "", "batch_size may be 32, 64, 128, 256, which do not split evenly over the 3 GPUs"),
+    (3, '{"batch_size": [48, 96, 100]}', "batch_size may be 100, which do not split evenly over the 3 GPUs"),
+    (4, '{"batch_size": {"low": 32, "high": 64, "step": 2}}', "batch_size may be 34, 38, 42, 46, 50, 54,"),
+    (3, '{"batch_size": [48, 96, 192]}', None),
+    (2, "", None),
+    (0, '{"batch_size": 33}', None),
+], ids=["default-space-3-gpus", "one-choice-off", "range-step-off", "multiples", "default-space-2-gpus", "cpu"])
+def test_a_search_whose_batch_sizes_cannot_split_over_trains_gpus_is_refused_before_any_trial(tmp_path, gpus, space,
+                                                                                               refused) -> None:
+    """With several GPUs train needs a batch that splits over them: found out after the search, the search's
+    hours are lost (train refuses its pick, exit 2, not retried)."""
+    from mlsteps import tune
+
+    config = tune.TuneConfig(manifest=str(tmp_path / "none.json"), data_root=str(tmp_path), run_key="r",
+                             search_space=space, train_gpus=gpus, setup_only=True)
+    with pytest.raises(StepError) as stopped:
+        tune.run(config)
+    if refused:
+        assert refused in str(stopped.value) and "multiples of" in str(stopped.value)
+        assert list(tmp_path.iterdir()) == []  # refused before the study or MLflow heard of it
+    else:  # past the check: the missing manifest is what stops it
+        assert "split evenly" not in str(stopped.value) and "manifest not found" in str(stopped.value)
+
+
 def test_trial_seeds_stay_in_the_range_keras_takes_when_the_base_seed_is_near_its_top() -> None:
     from mlsteps import tune
 
