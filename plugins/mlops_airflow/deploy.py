@@ -164,7 +164,9 @@ class KubernetesTarget:
         """
         deployment = self._read()
         serving = self._serving(deployment)
-        if stalled := self._stalled(deployment):
+        # A pinned template whose rollout made no progress: its version may not be what serves (an alias URI's
+        # pods are asked below, whatever the rollout did).
+        if serving.version is not None and (stalled := self._stalled(deployment)):
             log.warning("%s/%s: the rollout to %s made no progress (%s): pods of an earlier template may still "
                         "serve", self.namespace, self.deployment, serving.model_uri or "(no model URI)", stalled)
             return replace(serving, problem=f"its rollout made no progress: {stalled}")
