@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -85,6 +86,13 @@ def _check(config: CompressConfig) -> None:
     for name in ("threads", "latency_runs", "throughput_batch", "representative_examples", "batch_size"):
         if getattr(config, name) < 1:
             raise StepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if not (math.isfinite(config.latency_tolerance) and config.latency_tolerance >= 0):
+        raise StepError(f"--latency-tolerance is a fraction of float TFLite's latency, 0 or more (0.1: 10 % "
+                        f"slower still counts as no worse), got {config.latency_tolerance}")
+    if not (math.isfinite(config.finetune_learning_rate) and config.finetune_learning_rate > 0):
+        raise StepError(f"--finetune-learning-rate must be a number > 0, got {config.finetune_learning_rate}")
+    if config.train_examples < 0:
+        raise StepError(f"--train-examples must be >= 0 (0: all), got {config.train_examples}")
 
 
 def legacy_clone(net: Any, images: np.ndarray, path: str) -> Any:
@@ -131,7 +139,8 @@ def _pruned(clone: Any, config: CompressConfig, train_ds: Any, val_ds: Any, step
 
     def wrap(layer: Any) -> Any:
         fresh = layer.__class__.from_config(layer.get_config())  # leave the float clone untouched
-        # A kernel this small (the first conv: 9 x width) saves nothing when pruned and costs accuracy.
+        # A kernel this small (the first conv, 9 x width, below width 114) saves nothing when pruned and costs
+        # accuracy.
         big = layer.weights and int(np.prod(layer.weights[0].shape)) >= MIN_PRUNED_KERNEL
         if isinstance(layer, (tf_keras.layers.Conv2D, tf_keras.layers.Dense)) and big:
             return tfmot.sparsity.keras.prune_low_magnitude(fresh, pruning_schedule=schedule)

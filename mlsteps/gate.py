@@ -4,14 +4,16 @@ Both registered versions are loaded as MLflow pyfunc models (what serving runs: 
 when compress chose one) and scored on this run's test split. The challenger passes if its accuracy
 is at least ``--min-accuracy`` (the floor) and at most ``--max-regression`` points below the champion's.
 Without a champion (the first model) only the floor applies. A champion of other data (its ``dataset`` tag,
-or its signature's image shape or class count, not this run's) is not comparable: the challenger fails,
-saying so and how to deploy it by hand. The step succeeds either way: the verdict
+its signature's image shape or class count, or the test set it was itself judged on, not this run's) is not
+comparable: the challenger fails, saying so and how to deploy it by hand. A challenger trained on another
+prepared dataset than ``--manifest`` is refused (exit 2); a registry or artifact-store failure exits 1 (retried). The step succeeds either way: the verdict
 (``gate.verdict`` = passed | failed, ``gate.reasons``, both accuracies) is recorded on the challenger
 version and returned for the review that follows; a version already judged is not judged again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import data, tracking
-from .core import StepError, cli, field
+from .core import NodeError, StepError, cli, field
 
 log = logging.getLogger("mlsteps.gate")
 
@@ -61,8 +63,20 @@ def load(mlflow: Any, model_uri: str) -> Any:
     """A registered model, loaded the way serving loads it."""
     try:
         return mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:  # noqa: BLE001 - any failure to load means the same to the gate
+    except Exception as exc:  # noqa: BLE001 - the model's fault, unless the registry or its store failed
+        if tracking.transient(exc):  # no answer, a 5xx, a failed download: says nothing about the model
+            raise NodeError(f"{model_uri}: cannot load the model now ({type(exc).__name__}: {exc}); the MLflow "
+                            "registry or its artifact store failed (retried)") from None
         raise StepError(f"{model_uri}: cannot load the model ({type(exc).__name__}: {exc})") from None
+
+
+def test_set_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of a test split's content (its images as bytes, its labels): recorded on each judged version as
+    ``gate.test_digest``, so that a later gate knows whether the champion was judged on the same test set."""
+    digest = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.asarray(labels, dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
@@ -71,13 +85,17 @@ def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
     return float(np.mean(np.concatenate(predicted) == labels))
 
 
-def incomparable(version: Any, model: Any, manifest: dict[str, Any]) -> str | None:
-    """Why a champion cannot be scored on this run's test split (another dataset, image size or class count),
-    or None. Scored anyway, a Fashion-MNIST champion on MNIST images scores near chance (any MNIST model
-    beats it) or fails on the image size."""
+def incomparable(version: Any, model: Any, manifest: dict[str, Any], test_digest: str = "") -> str | None:
+    """Why a champion cannot be scored on this run's test split (another dataset, image size or class count, or
+    another test set: two custom datasets share the name), or None. Scored anyway, a Fashion-MNIST champion on
+    MNIST images scores near chance (any MNIST model beats it) or fails on the image size, and a champion that
+    trained on some of today's test images scores too high."""
     trained_on = version.tags.get("dataset")
     if trained_on and trained_on != manifest["dataset"]:
         return f"trained on {trained_on}"
+    judged_on = version.tags.get("gate.test_digest")
+    if judged_on and test_digest and judged_on != test_digest:
+        return f"judged on another test set (gate.test_digest {judged_on[:12]}..., this run's {test_digest[:12]}...)"
     signature = model.metadata.signature if model.metadata else None
     try:
         takes = tuple(int(d) for d in signature.inputs.inputs[0].shape[1:])
@@ -107,19 +125,29 @@ def run(config: GateConfig) -> dict[str, Any]:
     if challenger.tags.get("gate.verdict"):
         log.info("%s version %s already judged: %s", name, version, challenger.tags["gate.verdict"])
         return _result(challenger.tags, name, version)
+    trained_on = challenger.tags.get("dataset_digest")
+    if trained_on and trained_on != manifest["digest"]:
+        raise StepError(f"{name} version {version} was trained on the prepared dataset {trained_on[:16]}, but "
+                        f"--manifest {config.manifest} is {manifest['digest'][:16]}: pass the manifest of the "
+                        "dataset it was trained on (its test split is the one it must be judged on)")
     try:
         champion = client.get_model_version_by_alias(name, config.champion_alias)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        # Only "no such alias" means no champion: an outage judged as "no champion yet" would stick (a judged
+        # version is never judged again); it fails the step instead, which is retried.
+        if not tracking.not_found(exc):
+            raise
         champion = None
     if champion is not None and champion.version == version:
         champion = None  # re-judging the champion itself: compare with nothing
     images, labels = data.arrays(manifest, "test")
+    test_digest = test_set_digest(images, labels)
     images = images.astype(np.float32)
     challenger_accuracy = accuracy(load(mlflow, f"models:/{name}/{version}"), images, labels, config.batch_size)
     champion_accuracy, apart = None, None
     if champion is not None:
         champion_model = load(mlflow, f"models:/{name}/{champion.version}")
-        apart = incomparable(champion, champion_model, manifest)
+        apart = incomparable(champion, champion_model, manifest, test_digest)
         if apart is None:
             champion_accuracy = accuracy(champion_model, images, labels, config.batch_size)
     verdict, reasons = decide(challenger=challenger_accuracy, champion=champion_accuracy,
@@ -134,7 +162,8 @@ def run(config: GateConfig) -> dict[str, Any]:
                        f"model_promotion with version {version}")
     tags = {"gate.verdict": verdict, "gate.reasons": "; ".join(reasons),
             "gate.accuracy": f"{challenger_accuracy:.6f}", "gate.test_examples": str(len(labels)),
-            "gate.dataset_digest": manifest["digest"], "gate.min_accuracy": f"{config.min_accuracy:g}",
+            "gate.dataset_digest": manifest["digest"], "gate.test_digest": test_digest,
+            "gate.min_accuracy": f"{config.min_accuracy:g}",
             "gate.max_regression_points": f"{config.max_regression:g}",
             "gate.champion_version": champion.version if champion is not None else "",
             "gate.champion_accuracy": f"{champion_accuracy:.6f}" if champion_accuracy is not None else ""}

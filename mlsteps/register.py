@@ -27,7 +27,8 @@ CHALLENGER = "challenger"
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    model_uri: str = field(help="MLflow URI of the logged model (train's result)")
+    model_uri: str = field(help="MLflow URI of the logged model to register (compress's result in the DAG; train's "
+                                "for a float model)")
     run_key: str = field(help="identifies the pipeline run (DAG id / run id); one model version per key")
     dataset: str = field(help="dataset name, recorded as a tag")
     dataset_digest: str = field(help="content digest of the prepared dataset, recorded as a tag")

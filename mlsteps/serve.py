@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from .core import StepError, field, parse_config, setup_logging, write_json_atomic, write_problem
-from .tracking import unreachable
+from .tracking import transient, unreachable
 
 log = logging.getLogger("mlsteps.serve")
 
@@ -195,24 +195,6 @@ class Served:
     runner: Any
     version: str
     variant: str
-
-
-def transient(exc: BaseException) -> bool:
-    """A registry failure worth trying again: no answer, a 5xx or 429, or MLflow's own retries ending in one.
-
-    MLflow reports a 503 as TEMPORARILY_UNAVAILABLE and other server errors (and a failed artifact download) as
-    INTERNAL_ERROR; a version or alias that does not exist (RESOURCE_DOES_NOT_EXIST) is not retried, nor is an
-    artifact store answering 403 or 404 (``requests.HTTPError``, an OSError).
-    """
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, requests.HTTPError):
-        status = exc.response.status_code if exc.response is not None else 0
-        return status >= 500 or status == 429
-    if isinstance(exc, OSError):  # requests' connection errors and timeouts among them
-        return True
-    return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 
 
 def parse_model_uri(uri: str) -> tuple[str, str, str]:

@@ -72,6 +72,30 @@ def unreachable(exc: BaseException) -> bool:
     return False
 
 
+def not_found(exc: BaseException) -> bool:
+    """MLflow answered that what was asked for does not exist (no such alias, version or run), as opposed to
+    failing to answer: callers take the first for "none", and let the second fail the step (retried)."""
+    return str(getattr(exc, "error_code", "")) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def transient(exc: BaseException) -> bool:
+    """A registry failure worth trying again: no answer, a 5xx or 429, or MLflow's own retries ending in one.
+
+    MLflow reports a 503 as TEMPORARILY_UNAVAILABLE and other server errors (and a failed artifact download) as
+    INTERNAL_ERROR; a version or alias that does not exist (RESOURCE_DOES_NOT_EXIST) is not retried, nor is an
+    artifact store answering 403 or 404 (``requests.HTTPError``, an OSError).
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else 0
+        return status >= 500 or status == 429
+    if isinstance(exc, OSError):  # requests' connection errors and timeouts among them
+        return True
+    return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+
+
 @contextmanager
 def _environment(**values: str) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in values}

@@ -174,8 +174,7 @@ def champion_start(client: Any, model_name: str) -> tuple[dict[str, Any], str] |
     no champion, or its run recorded none (a model registered by hand)."""
     import mlflow.exceptions
 
-    def missing(exc: Exception) -> bool:  # an outage is not "no champion": it fails the step, which is retried
-        return str(getattr(exc, "error_code", "")) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    missing = tracking.not_found  # an outage is not "no champion": it fails the step, which is retried
 
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION)

@@ -394,8 +394,16 @@ def test_negative_threshold_demands_a_gain():
     ({"latency_runs": 0}, "--latency-runs must be >= 1, got 0"),
     ({"representative_examples": 0}, "--representative-examples must be >= 1, got 0"),
     ({"seed": -1}, "--seed must be a whole number from 0 to 4294967295"),
+    # -1 would refuse every variant as slower than float ("int8 is slower than float (0.026 vs 0.074 ms)")
+    ({"latency_tolerance": -1.0}, "--latency-tolerance is a fraction of float TFLite's latency, 0 or more"),
+    ({"latency_tolerance": float("nan")}, "--latency-tolerance is a fraction"),
+    ({"finetune_learning_rate": 0.0}, "--finetune-learning-rate must be a number > 0, got 0.0"),
+    ({"finetune_learning_rate": float("inf")}, "--finetune-learning-rate must be a number > 0, got inf"),
+    ({"train_examples": -5}, r"--train-examples must be >= 0 \(0: all\), got -5"),
 ], ids=["unknown-method", "sparsity-one", "sparsity-negative", "no-finetuning-to-prune", "no-finetuning-for-qat",
-        "drop-past-100", "no-threads", "no-latency-runs", "no-calibration-images", "negative-seed"])
+        "drop-past-100", "no-threads", "no-latency-runs", "no-calibration-images", "negative-seed",
+        "latency-tolerance-negative", "latency-tolerance-nan", "learning-rate-zero", "learning-rate-infinite",
+        "train-examples-negative"])
 def test_impossible_settings_are_refused_by_flag_before_any_work(tmp_path, settings, words):
     """The manifest does not exist: a check that let the settings through would fail on it instead."""
     config = compress.CompressConfig(manifest=str(tmp_path / "missing" / "manifest.json"), data_root=str(tmp_path),

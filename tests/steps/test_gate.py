@@ -6,6 +6,7 @@ place), so their accuracies are known exactly: 100 %, or 100 % minus the classes
 
 from __future__ import annotations
 
+import idxdata
 import mlflow
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ def test_below_the_floor_fails_and_says_so_in_the_version_tags(manifest, registr
     assert tags["gate.verdict"] == "failed"
     assert "accuracy 70.00 % < floor 85.00 %" in tags["gate.reasons"]
     assert tags["gate.accuracy"] == "0.700000" and tags["gate.test_examples"] == "100"
+    assert len(tags["gate.test_digest"]) == 64
 
 
 @pytest.mark.parametrize(("max_regression", "verdict", "words"), [
@@ -126,6 +128,73 @@ def test_a_champion_of_other_data_is_not_comparable_and_the_challenger_is_not_pr
     assert (result["champion_version"], result["champion_accuracy"]) == (champion, None)
     assert f"not comparable with champion version {champion} ({words}; this run's test data: custom" in result["reasons"]
     assert f"trigger model_promotion with version {challenger}" in result["reasons"]
+
+
+def test_a_champion_judged_on_another_test_set_is_not_comparable_and_one_judged_on_this_one_is(
+        prepare, tmp_path, manifest, registry, mlflow_server):
+    """Two custom datasets share the name "custom": the test set the champion was itself judged on tells them
+    apart (a champion that trained on some of today's test images would score too high, one of other data
+    near chance)."""
+    name, add = registry
+    client = mlflow.MlflowClient(mlflow_server)
+    champion = add()
+    _gate(manifest, name, champion, mlflow_server, min_accuracy=0.5)  # judged on this test set: tagged so
+    client.set_registered_model_alias(name, "champion", str(champion))
+    same = _gate(manifest, name, add(wrong=(9,)), mlflow_server, min_accuracy=0.5, max_regression=20)
+    assert same["champion_accuracy"] == 1.0 and same["verdict"] == "passed"
+
+    other = prepare(idxdata.write_dataset(tmp_path / "other", seed=7))["manifest"]  # custom too: another test set
+    challenger = add()
+    client.set_model_version_tag(name, str(challenger), "dataset_digest", gate.data.load_manifest(other)["digest"])
+    result = _gate(other, name, challenger, mlflow_server, min_accuracy=0.5)
+    assert result["verdict"] == "failed" and result["champion_accuracy"] is None
+    assert f"not comparable with champion version {champion} (judged on another test set" in result["reasons"]
+
+
+def test_a_challenger_judged_against_the_manifest_of_another_dataset_is_refused(prepare, tmp_path, manifest,
+                                                                                registry, mlflow_server):
+    name, add = registry
+    version = add()
+    mlflow.MlflowClient(mlflow_server).set_model_version_tag(name, str(version), "dataset_digest",
+                                                             gate.data.load_manifest(manifest)["digest"])
+    other = prepare(idxdata.write_dataset(tmp_path / "other", seed=7))["manifest"]
+    with pytest.raises(gate.StepError, match="was trained on the prepared dataset .* pass the manifest"):
+        _gate(other, name, version, mlflow_server)
+    assert "gate.verdict" not in mlflow.MlflowClient(mlflow_server).get_model_version(name, str(version)).tags
+
+
+def test_a_registry_that_fails_while_the_gate_looks_for_the_champion_fails_the_step_for_a_retry(
+        monkeypatch, manifest, registry, mlflow_server):
+    """Taken for "no champion yet", the verdict (floor only) would stick: a judged version is never re-judged."""
+    from mlflow.exceptions import MlflowException
+
+    name, add = registry
+    version = add()
+
+    def outage(self, *args, **kwargs):
+        raise MlflowException("API request failed with error code 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", outage)
+    with pytest.raises(MlflowException, match="503"):
+        _gate(manifest, name, version, mlflow_server)
+    assert "gate.verdict" not in mlflow.MlflowClient(mlflow_server).get_model_version(name, str(version)).tags
+
+
+def test_a_model_the_artifact_store_fails_to_deliver_is_retried_not_refused(monkeypatch, manifest, registry,
+                                                                             mlflow_server):
+    from mlflow.exceptions import MlflowException
+
+    from mlsteps.core import NodeError
+
+    name, add = registry
+    version = add()
+
+    def store_down(uri, *args, **kwargs):
+        raise MlflowException("failed to download artifacts: 502 Bad Gateway", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", store_down)
+    with pytest.raises(NodeError, match="registry or its artifact store failed"):
+        _gate(manifest, name, version, mlflow_server)
 
 
 def test_a_judged_version_keeps_its_verdict(manifest, registry, mlflow_server):
