@@ -45,7 +45,8 @@ from functools import partial
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 from airflow.sdk import DAG, Param
 from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_AT, REJECTED_BY,
-                                  REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_review)
+                                  REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_rejection,
+                                  plan_review)
 from mlops_airflow.search import HYPERPARAMETERS, START_FROM, START_FROM_ARGS, hyperparameters, plan_search
 from mlops_airflow.settings import DATASETS, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
@@ -236,8 +237,9 @@ with DAG(
     promote = step("review", task_id="promote", timeout=timedelta(minutes=10),
                    resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed_min_one_success",
                    args={**review, "decision": DECISION})
-    # Runs after every review outcome (none_failed: promote done or skipped), not after a failure upstream;
-    # records only a rejection (approve skipped promote).
+    # plan_rejection runs after every review outcome (none_failed: promote done or skipped), not after a failure
+    # upstream; record_rejection only when there is a rejection to record (approve skipped promote).
+    rejection = plan_rejection()
     record = step("review", task_id="record_rejection", timeout=timedelta(minutes=10),
                   resources=Resources(cpu="250m", memory="512Mi"), trigger_rule="none_failed",
                   args={**review, "decision": REJECTED, "reviewer": REJECTED_BY, "comment": REJECTED_COMMENT,
@@ -245,4 +247,4 @@ with DAG(
 
     prep >> validate >> workers >> create_study >> tune >> select >> chosen
     validate >> chosen >> train >> evaluate >> compress >> register >> gate >> plan >> [approve, promote]
-    approve >> promote >> record
+    approve >> promote >> rejection >> record

@@ -7,11 +7,14 @@ A version that failed the gate is never offered for approval or promoted.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, task
+
+log = logging.getLogger(__name__)
 
 REVIEW_MODES = ("approval", "auto", "none")
 APPROVE_TASK, PROMOTE_TASK = "approve", "promote"
@@ -25,6 +28,19 @@ def plan_review(params: dict[str, Any] | None = None, ti: Any = None) -> list[st
     if params["review"] == "none" or not verdict.get("passed"):
         return []
     return [APPROVE_TASK] if params["review"] == "approval" else [PROMOTE_TASK]
+
+
+@task.short_circuit(task_id="plan_rejection", trigger_rule="none_failed", execution_timeout=timedelta(minutes=2))
+def plan_rejection(ti: Any = None) -> bool:
+    """Whether there is a rejection to record: the card was shown (plan_review chose ``approve``) and no approval
+    came back (Reject, or no answer in time). Otherwise record_rejection is skipped: no pod to start for nothing
+    (on Kubernetes, an unschedulable one would fail a run that promoted its model)."""
+    assert ti is not None
+    asked = APPROVE_TASK in (ti.xcom_pull(task_ids="plan_review") or [])
+    rejected = asked and not ti.xcom_pull(task_ids=APPROVE_TASK)
+    log.info("%s", "rejected (or no answer in time): recording it" if rejected else
+             "approved" if asked else "no reviewer was asked: nothing to record")
+    return rejected
 
 
 CARD = """\

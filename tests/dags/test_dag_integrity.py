@@ -83,7 +83,7 @@ def test_training_dag_is_nightly_without_catchup_and_one_run_at_a_time(dagbag):
     order = [t.task_id for t in dag.topological_sort()]
     assert order == ["prep", "validate", "plan_search", "create_study", "tune", "select", "hyperparameters",
                      "train", "evaluate", "compress", "register", "gate", "plan_review", "approve", "promote",
-                     "record_rejection"]
+                     "plan_rejection", "record_rejection"]
 
 
 @pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("dataset", "cifar"), ("learning_rate", 0),
@@ -265,12 +265,32 @@ def test_the_card_is_given_its_timeout_when_it_is_shown(dagbag, monkeypatch):
 
 def test_rejection_skips_promotion_only_and_is_recorded_whatever_happened(dagbag):
     dag = dagbag.dags["mnist_training"]
-    approve, promote, record = (dag.get_task(t) for t in ("approve", "promote", "record_rejection"))
+    approve, promote, check, record = (dag.get_task(t) for t in ("approve", "promote", "plan_rejection",
+                                                                 "record_rejection"))
     assert approve.downstream_task_ids == {"promote"}  # what ApprovalOperator skips on Reject
     assert promote.trigger_rule == "none_failed_min_one_success"  # runs on the auto path, approve skipped
     # after any review outcome, never after a failure upstream (a failed run must not record a rejection)
-    assert record.trigger_rule == "none_failed" and "promote" in record.upstream_task_ids
+    assert check.trigger_rule == "none_failed" and "promote" in check.upstream_task_ids
+    assert record.upstream_task_ids == {"plan_rejection"}
     assert approve.defaults == ["Reject"] and approve.response_timeout.total_seconds() > 0
+
+
+class _ReviewTI:
+    def __init__(self, plan, answer):
+        self.results = {"plan_review": plan, "approve": answer}
+
+    def xcom_pull(self, task_ids):
+        return self.results[task_ids]
+
+
+@pytest.mark.parametrize(("plan", "answer", "expected"), [
+    (["approve"], None, True), (["approve"], {"chosen_options": ["Approve"]}, False),
+    (["promote"], None, False), ([], None, False), (None, None, False),
+], ids=["rejected-or-timed-out", "approved", "auto", "no-review-or-failed-gate", "plan-review-skipped"])
+def test_record_rejection_starts_its_pod_only_for_a_rejection(plan, answer, expected):
+    from mlops_airflow.review import plan_rejection
+
+    assert plan_rejection.function(ti=_ReviewTI(plan, answer)) is expected
 
 
 def test_the_forms_hyperparameter_limits_are_the_searchs_domains(dagbag):

@@ -99,7 +99,8 @@ def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(ai
         **dict.fromkeys([(task, -1) for task in ("prep", "validate", "plan_search", "create_study", "select",
                                                  "hyperparameters", "train", "evaluate", "compress", "register",
                                                  "gate", "plan_review", "approve", "promote",
-                                                 "record_rejection")], "success"),
+                                                 "plan_rejection")], "success"),
+        ("record_rejection", -1): "skipped",  # approved: no rejection to record, no pod started
         ("tune", 0): "success", ("tune", 1): "success"}
     # The scheduler ran the two trial workers at the same time.
     first, second = sorted((t for t in tasks if t["task_id"] == "tune"), key=lambda t: t["start_date"])
@@ -122,14 +123,16 @@ def test_run_triggered_through_the_api_is_scheduled_registers_and_is_approved(ai
 def test_a_rejected_version_is_tagged_and_champion_stays(airflow_api, standalone_log, mlflow_server, tmp_path):
     base, token = airflow_api
     champion_before = mlflow_server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
-    source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100, seed=1)
+    # The first test's data: the gate compares with a champion judged on the same test set only.
+    source = idxdata.write_dataset(tmp_path / "idx", train=300, test=100)
     conf = {"dataset": "custom", "source_dir": str(source), "epochs": 1, "batch_size": 32, "model_name": MODEL,
             "search": False, "width": 8, "compress_finetune_epochs": 1, "gate_min_accuracy": 0.0,
             "gate_max_regression": 100, "review": "approval"}
     _, url = _trigger(base, token, conf)
     _answer_approval(url, token, standalone_log, "Reject", "worse on shirts")
     tasks = {t["task_id"]: t["state"] for t in _finish(url, token)}
-    assert (tasks["approve"], tasks["promote"], tasks["record_rejection"]) == ("success", "skipped", "success")
+    assert (tasks["approve"], tasks["promote"], tasks["plan_rejection"], tasks["record_rejection"]) == (
+        "success", "skipped", "success", "success")
     # search off: the search tasks are skipped, select too (it runs after failed workers, never skipped ones)
     assert {tasks[t] for t in ("create_study", "tune", "select")} == {"skipped"}
     assert tasks["hyperparameters"] == "success"
