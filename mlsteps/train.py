@@ -37,6 +37,19 @@ class TrainConfig(tracking.RunStepConfig):
     search_trial: int | None = field(None, help="number of the search trial these settings came from")
 
 
+
+# What MLflow's own inference logs for the model (it loads the model in a subprocess for that, about 12 s a
+# training here: numpy and tensorflow, plus mlflow and cloudpickle), pinned to this environment's versions.
+MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "tensorflow")
+
+
+def model_requirements() -> list[str]:
+    """The logged float model's pip requirements: ``MODEL_REQUIREMENTS`` at the versions installed here."""
+    import importlib.metadata
+
+    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
+
+
 def _strategy(tf: Any, config: TrainConfig) -> tuple[Any, int]:
     gpus = require_gpus(tf)
     if not gpus:
@@ -332,7 +345,8 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     example = np.zeros((2, *manifest["image_shape"]), dtype=np.float32)
     signature = infer_signature(example, net.predict(example, verbose=0))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.tensorflow.log_model(net, name="model", signature=signature, input_example=example)
+        info = mlflow.tensorflow.log_model(net, name="model", signature=signature, input_example=example,
+                                           pip_requirements=model_requirements())
     final = _final_metrics(client, run_id, history.history, config.epochs)
     # No epoch began: an earlier try had trained them all and failed afterwards.
     resumed_from = config.epochs if progress.first_epoch is None else progress.first_epoch

@@ -36,6 +36,7 @@ def main() -> None:
     for kind in kinds:
         with mlflow.start_run():
             info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                           pip_requirements=["mlflow"],
                                            artifacts={"tflite": str(good if kind == "good" else broken)})
         versions.append(int(mlflow.register_model(info.model_uri, name).version))
     print(json.dumps(versions))

@@ -43,7 +43,7 @@ def registry(mlflow_server, request):
 
     def add(wrong: tuple[int, ...] = ()) -> int:
         with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="model", python_model=Oracle(wrong),
+            info = mlflow.pyfunc.log_model(name="model", python_model=Oracle(wrong), pip_requirements=["mlflow"],
                                            input_example=np.zeros((1, 28, 28), np.float32))
         return int(mlflow.register_model(info.model_uri, name).version)
 
@@ -104,7 +104,7 @@ def _champion_of_other_data(name: str, mlflow_server: str, dataset: str | None, 
                             classes: int) -> int:
     client = mlflow.MlflowClient(mlflow_server)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(classes),
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(classes), pip_requirements=["mlflow"],
                                        input_example=np.zeros((1, *image_shape), np.float32))
     version = int(mlflow.register_model(info.model_uri, name, tags={"dataset": dataset} if dataset else None).version)
     client.set_registered_model_alias(name, "champion", str(version))

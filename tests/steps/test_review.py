@@ -23,7 +23,7 @@ def versions(mlflow_server, request):
     numbers = []
     for verdict in ("passed", "passed"):
         with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+            info = mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=["mlflow"])
         version = mlflow.register_model(info.model_uri, name).version
         client.set_model_version_tag(name, version, "gate.verdict", verdict)
         # What the gate compared it with: nothing for the first, the first (champion) for the second.
@@ -83,7 +83,7 @@ def test_nothing_to_record_touches_nothing(versions, mlflow_server):
 
 def _register_another(name: str, client) -> str:
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=["mlflow"])
     version = mlflow.register_model(info.model_uri, name).version
     client.set_model_version_tag(name, version, "gate.verdict", "passed")
     return version

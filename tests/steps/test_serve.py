@@ -62,6 +62,7 @@ def versions(tflite: Path, mlflow_server: str) -> list[int]:
     for _ in range(2):
         with mlflow.start_run():
             info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                           pip_requirements=["mlflow"],
                                            artifacts={"tflite": str(tflite)},
                                            input_example=np.zeros((1, 28, 28), np.float32))
         numbers.append(int(mlflow.register_model(info.model_uri, MODEL).version))
@@ -783,6 +784,7 @@ def broken_version(tmp_path_factory, mlflow_server) -> int:
     mlflow.set_tracking_uri(mlflow_server)
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                       pip_requirements=["mlflow"],
                                        artifacts={"tflite": str(garbage)})
     return int(mlflow.register_model(info.model_uri, MODEL).version)
 
@@ -1021,6 +1023,7 @@ def nan_version(tmp_path_factory, mlflow_server) -> int:
     mlflow.set_tracking_uri(mlflow_server)
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="compressed_model", python_model=str(LITERT_MODEL),
+                                       pip_requirements=["mlflow"],
                                        artifacts={"tflite": str(path)})
     return int(mlflow.register_model(info.model_uri, MODEL).version)
 
@@ -1066,7 +1069,8 @@ def crashing_version(tmp_path_factory, mlflow_server) -> int:
     mlflow.set_tracking_uri(mlflow_server)
     signature = infer_signature(np.zeros((1, 28, 28), np.float32), np.full((1, 10), 0.1, np.float32))
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=signature)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=signature,
+                                       pip_requirements=["mlflow"])
     return int(mlflow.register_model(info.model_uri, MODEL).version)
 
 

@@ -378,6 +378,25 @@ def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root,
     assert "float_model.passed" not in tags, "only numbers are metrics"
 
 
+def test_the_trained_model_is_logged_with_the_requirements_mlflow_would_infer(tmp_path, data_root, prepare,
+                                                                              mlflow_server) -> None:
+    """Pinned instead of inferred (MLflow loads the model in a subprocess for that, about 12 s a training): the
+    list must stay what inference finds, or `mlflow models serve` of the float model installs too little."""
+    import mlflow
+    from mlflow.models import infer_pip_requirements
+
+    prepared = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))
+    trained = train.run(train.TrainConfig(manifest=prepared["manifest"], data_root=str(data_root),
+                                          run_key="register/requirements", tracking_uri=mlflow_server,
+                                          experiment="register_tests", epochs=1, batch_size=64, width=4))
+    mlflow.set_tracking_uri(mlflow_server)
+    folder = Path(mlflow.artifacts.download_artifacts(trained["model_uri"], dst_path=str(tmp_path / "model")))
+    logged = (folder / "requirements.txt").read_text().split()
+    assert logged == train.model_requirements()
+    # MLflow's inference (it adds mlflow itself, and cloudpickle for the pyfunc loader when logging)
+    assert set(infer_pip_requirements(str(folder), "tensorflow")) <= set(logged)
+
+
 @pytest.mark.parametrize("uri", ["runs:/0123456789abcdef0123456789abcdef/model", "models:/m-0123456789abcdef"],
                          ids=["run", "logged-model"])
 def test_register_refuses_a_model_mlflow_does_not_hold_and_leaves_no_empty_model(uri, mlflow_server) -> None:
