@@ -6,7 +6,8 @@ is at least ``--min-accuracy`` (the floor) and at most ``--max-regression`` poin
 Without a champion (the first model) only the floor applies. A champion of other data (its ``dataset`` tag,
 its signature's image shape or class count, or the test set it was itself judged on, not this run's) is not
 comparable: the challenger fails, saying so and how to deploy it by hand. A challenger trained on another
-prepared dataset than ``--manifest`` is refused (exit 2); a registry or artifact-store failure exits 1 (retried). The step succeeds either way: the verdict
+prepared dataset than ``--manifest`` is refused (exit 2); a registry or artifact-store failure exits 1
+(retried). The step succeeds either way: the verdict
 (``gate.verdict`` = passed | failed, ``gate.reasons``, both accuracies) is recorded on the challenger
 version and returned for the review that follows; a version already judged is not judged again.
 """
