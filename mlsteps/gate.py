@@ -86,7 +86,7 @@ def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
     return float(np.mean(np.concatenate(predicted) == labels))
 
 
-def incomparable(version: Any, model: Any, manifest: dict[str, Any], test_digest: str = "") -> str | None:
+def incomparable(version: Any, model: Any, manifest: dict[str, Any], test_digest: str) -> str | None:
     """Why a champion cannot be scored on this run's test split (another dataset, image size or class count, or
     another test set: two custom datasets share the name), or None. Scored anyway, a Fashion-MNIST champion on
     MNIST images scores near chance (any MNIST model beats it) or fails on the image size, and a champion that
@@ -95,7 +95,7 @@ def incomparable(version: Any, model: Any, manifest: dict[str, Any], test_digest
     if trained_on and trained_on != manifest["dataset"]:
         return f"trained on {trained_on}"
     judged_on = version.tags.get("gate.test_digest")
-    if judged_on and test_digest and judged_on != test_digest:
+    if judged_on and judged_on != test_digest:
         return f"judged on another test set (gate.test_digest {judged_on[:12]}..., this run's {test_digest[:12]}...)"
     signature = model.metadata.signature if model.metadata else None
     try:

@@ -93,13 +93,12 @@ def _check(config: TuneConfig) -> None:
         problems.append(str(exc))
     if config.train_gpus < 0:
         problems.append(f"--train-gpus must be >= 0, got {config.train_gpus}")
-    try:
-        space = search.parse_space(config.search_space)
-    except StepError:
-        pass  # open_study refuses it, naming the parameter
-    else:
-        if error := search.batch_split_error(space, config.train_gpus):
-            problems.append(error)
+    if config.train_gpus > 1:  # (a space parse_space refuses is refused by open_study, naming the parameter)
+        try:
+            if error := search.batch_split_error(search.parse_space(config.search_space), config.train_gpus):
+                problems.append(error)
+        except StepError:
+            pass
     if problems:
         raise StepError("; ".join(problems))
 
@@ -174,12 +173,10 @@ def champion_start(client: Any, model_name: str) -> tuple[dict[str, Any], str] |
     no champion, or its run recorded none (a model registered by hand)."""
     import mlflow.exceptions
 
-    missing = tracking.not_found  # an outage is not "no champion": it fails the step, which is retried
-
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION)
     except mlflow.exceptions.MlflowException as exc:
-        if not missing(exc):
+        if not tracking.not_found(exc):  # an outage is not "no champion": it fails the step, which is retried
             raise
         log.info("%s has no %r alias yet: no champion to start the search from", model_name, CHAMPION)
         return None
@@ -187,7 +184,7 @@ def champion_start(client: Any, model_name: str) -> tuple[dict[str, Any], str] |
     try:
         params = client.get_run(version.run_id).data.params if version.run_id else {}
     except mlflow.exceptions.MlflowException as exc:
-        if not missing(exc):
+        if not tracking.not_found(exc):
             raise
         params = {}  # its run was deleted
     values: dict[str, Any] = {}

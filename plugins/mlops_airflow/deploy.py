@@ -292,14 +292,12 @@ class KubernetesTarget:
             deployment = self.apps.read_namespaced_deployment_status(self.deployment, self.namespace)
             wanted, status = deployment.spec.replicas or 0, deployment.status
             generation, observed = deployment.metadata.generation or 0, status.observed_generation or 0
-            if observed >= generation:
-                for condition in status.conditions or []:
-                    if condition.type == "Progressing" and condition.reason == "ProgressDeadlineExceeded":
-                        raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} made no progress: "
-                                           f"{condition.message}")
-                if ((status.updated_replicas or 0) == wanted and (status.replicas or 0) == wanted
-                        and (status.available_replicas or 0) == wanted and not status.unavailable_replicas):
-                    return
+            if stalled := self._stalled(deployment):
+                raise DeployFailed(f"rollout of {self.namespace}/{self.deployment} made no progress: {stalled}")
+            if observed >= generation and ((status.updated_replicas or 0) == wanted and (status.replicas or 0) == wanted
+                                           and (status.available_replicas or 0) == wanted
+                                           and not status.unavailable_replicas):
+                return
             if self._clock() > deadline:
                 progress = (f"{status.updated_replicas or 0}/{wanted} updated, {status.available_replicas or 0}/"
                             f"{wanted} available" if observed >= generation else

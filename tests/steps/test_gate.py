@@ -163,38 +163,30 @@ def test_a_challenger_judged_against_the_manifest_of_another_dataset_is_refused(
     assert "gate.verdict" not in mlflow.MlflowClient(mlflow_server).get_model_version(name, str(version)).tags
 
 
-def test_a_registry_that_fails_while_the_gate_looks_for_the_champion_fails_the_step_for_a_retry(
-        monkeypatch, manifest, registry, mlflow_server):
-    """Taken for "no champion yet", the verdict (floor only) would stick: a judged version is never re-judged."""
+@pytest.mark.parametrize(("failing", "error", "raised", "words"), [
+    # Taken for "no champion yet", the verdict (floor only) would stick: a judged version is never re-judged.
+    ((mlflow.MlflowClient, "get_model_version_by_alias"), ("API request failed with error code 503",
+                                                          "TEMPORARILY_UNAVAILABLE"), "MlflowException", "503"),
+    # Taken for "cannot load the model" (exit 2, not retried), the run would fail for good.
+    ((mlflow.pyfunc, "load_model"), ("failed to download artifacts: 502 Bad Gateway", "INTERNAL_ERROR"),
+     "NodeError", "registry or its artifact store failed"),
+], ids=["champion-lookup", "model-download"])
+def test_a_registry_outage_during_the_gate_fails_the_step_for_a_retry_and_judges_nothing(
+        monkeypatch, manifest, registry, mlflow_server, failing, error, raised, words):
     from mlflow.exceptions import MlflowException
 
     name, add = registry
     version = add()
 
-    def outage(self, *args, **kwargs):
-        raise MlflowException("API request failed with error code 503", error_code="TEMPORARILY_UNAVAILABLE")
+    def outage(*args, **kwargs):
+        raise MlflowException(error[0], error_code=error[1])
 
-    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", outage)
-    with pytest.raises(MlflowException, match="503"):
+    monkeypatch.setattr(*failing, outage)
+    with pytest.raises(Exception, match=words) as stopped:  # NodeError: exit 1; an MlflowException too
         _gate(manifest, name, version, mlflow_server)
+    assert type(stopped.value).__name__ == raised
+    monkeypatch.undo()
     assert "gate.verdict" not in mlflow.MlflowClient(mlflow_server).get_model_version(name, str(version)).tags
-
-
-def test_a_model_the_artifact_store_fails_to_deliver_is_retried_not_refused(monkeypatch, manifest, registry,
-                                                                             mlflow_server):
-    from mlflow.exceptions import MlflowException
-
-    from mlsteps.core import NodeError
-
-    name, add = registry
-    version = add()
-
-    def store_down(uri, *args, **kwargs):
-        raise MlflowException("failed to download artifacts: 502 Bad Gateway", error_code="INTERNAL_ERROR")
-
-    monkeypatch.setattr(mlflow.pyfunc, "load_model", store_down)
-    with pytest.raises(NodeError, match="registry or its artifact store failed"):
-        _gate(manifest, name, version, mlflow_server)
 
 
 def test_a_judged_version_keeps_its_verdict(manifest, registry, mlflow_server):
