@@ -16,6 +16,7 @@ from typing import Any
 
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from mlops_airflow.runconf import check_conf
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-@task.short_circuit(task_id="plan", execution_timeout=timedelta(minutes=5))
+@task.short_circuit(task_id="plan", execution_timeout=timedelta(minutes=5), pre_execute=check_conf)
 def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = None,
          run_id: str | None = None, dag_run: Any = None) -> dict[str, Any]:
     """What to deploy: ``version`` if given, else the champion; nothing if it is already served."""

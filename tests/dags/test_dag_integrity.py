@@ -144,6 +144,30 @@ def test_promotion_form_rejects_a_version_or_request_count_it_could_not_act_on(d
         param.resolve(value)
 
 
+@pytest.mark.parametrize(("dag_id", "first", "typo", "meant"), [("mnist_training", "prep", "epoch", "epochs"),
+                                                              ("model_promotion", "plan", "verison", "version")],
+                         ids=["training", "promotion"])
+def test_a_config_key_that_is_not_a_param_fails_the_first_task_naming_the_param_meant(
+        dagbag, airflow_db, capfd, dag_id, first, typo, meant):
+    """Airflow passes such a key on unused: the run would go on with the defaults (epochs 5, the champion)."""
+    dag = dagbag.dags[dag_id]
+    # Every other task is marked done unrun: only the first one's check is under test.
+    run = dag.test(run_conf={typo: 3}, mark_success_pattern=f"(?!{first}$).*")
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "failed" and states[first] == "failed"  # not up_for_retry: a retry cannot fix it
+    log = capfd.readouterr().out
+    assert f"{dag_id} does not take: '{typo}' (did you mean '{meant}'?)" in log
+
+
+def test_a_config_with_every_param_as_the_form_sends_it_is_accepted(dagbag):
+    from mlops_airflow.runconf import unknown_keys_error
+
+    for dag in dagbag.dags.values():
+        assert unknown_keys_error(dict(dag.params.validate()), dag.params.keys(), dag_id=dag.dag_id) is None
+    error = unknown_keys_error({"epochs": 1, "gpu": 0, "zzz": 1}, ["epochs", "gpus"], dag_id="d")
+    assert error is not None and "'gpu' (did you mean 'gpus'?), 'zzz'. " in error and "epochs, gpus" in error
+
+
 def test_search_runs_one_worker_per_requested_slot_and_is_skipped_when_off():
     from mlops_airflow.search import plan_search
 
