@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -40,7 +41,10 @@ def parse(path: Path, payload: bytes, *, expect_ndim: int) -> np.ndarray:
     if zero != 0 or dtype != _UBYTE or ndim != expect_ndim:
         kind = "labels (magic 0x00000801)" if expect_ndim == 1 else "images (magic 0x00000803)"
         message = f"{path}: wrong magic number 0x{payload[:4].hex()}; expected IDX {kind}"
-        if zero == 0 and dtype in _TYPES:  # a valid IDX header, of values or dimensions not supported
+        if zero == 0 and dtype == _UBYTE and {ndim, expect_ndim} == {1, 3}:  # the other file of the pair
+            found = "labels" if ndim == 1 else "images"
+            message += f": this is an IDX {found} file; are the images and labels files swapped?"
+        elif zero == 0 and dtype in _TYPES:  # a valid IDX header, of values or dimensions not supported
             shape, values = (("N", "class numbers 0..K-1") if expect_ndim == 1 else
                              ("N x H x W", "grayscale pixels 0..255 (RGB converted to one channel, floats scaled "
                                            "and rounded)"))
@@ -51,7 +55,7 @@ def parse(path: Path, payload: bytes, *, expect_ndim: int) -> np.ndarray:
     if len(payload) < header:
         raise IdxFormatError(f"{path}: header truncated ({len(payload)} bytes, needs {header})")
     dims = struct.unpack(f">{ndim}I", payload[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python integers: a crafted header cannot overflow the check
     if len(payload) != expected:
         what = "truncated" if len(payload) < expected else "has trailing bytes"
         raise IdxFormatError(f"{path}: file {what}: dimensions {list(dims)} need {expected} bytes, "

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -27,7 +28,8 @@ import numpy as np
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from . import data, datasets, idx
-from .core import COMPLETE_MARKER, StepError, atomic_directory, cli, field, is_complete, seed_error
+from .core import (COMPLETE_MARKER, StepError, atomic_directory, cli, field, is_complete, seed_error,
+                   without_password)
 
 log = logging.getLogger("mlsteps.prep")
 
@@ -125,21 +127,33 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
     errors = []
     for base in config.mirrors or spec.mirrors:
         url = base.rstrip("/") + "/" + data_file.name
-        partial = cache / f".{data_file.name}.download"
+        shown = without_password(url)
+        # A name of its own: two preps downloading the same file at once (make demo beside a DAG run on one
+        # data root, a retried pod while the old one still runs) would otherwise write into one file.
+        handle, name = tempfile.mkstemp(dir=cache, prefix=f".{data_file.name}.", suffix=".download")
+        os.close(handle)
+        partial = Path(name)
         try:
             _download(url, partial, config.download_timeout)
-            payload = _verify(spec, config, data_file, partial, partial.read_bytes())
-            # Parsed before it is cached, so that an error page served as the file (possible without
-            # checksums) makes prep try the next mirror instead of failing on the cached page for good.
-            idx.parse(partial, payload, expect_ndim=_ndim(data_file))
+            raw = partial.read_bytes()
+            # Parsed before it is verified or cached: an error page served as the file is named as such (not
+            # as a checksum mismatch) and prep tries the next mirror instead of failing on a cached page.
+            try:
+                idx.parse(partial, idx.decompress(partial, raw), expect_ndim=_ndim(data_file))
+            except idx.IdxFormatError as exc:
+                if raw[:2] == b"\x1f\x8b" or raw[:4] in (b"\0\0\x08\x01", b"\0\0\x08\x03"):
+                    raise  # an IDX file, or its archive, that is damaged: the parser's words say how
+                raise StepError(f"served something that is not an IDX file (it starts with {raw[:24]!r}): a web "
+                                "page from a proxy or captive portal, or a moved file") from exc
+            _verify(spec, config, data_file, partial, raw, downloaded=True)
         except (OSError, urllib.error.URLError, http.client.HTTPException, StepError) as exc:
             # StepError: bad checksum or not IDX; HTTPException: the connection dropped mid-body
             partial.unlink(missing_ok=True)
-            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+            errors.append(f"{shown}: {getattr(exc, 'reason', exc)}")
             log.warning("mirror failed: %s", errors[-1])
             continue
         target = cache / data_file.name
-        partial.rename(target)
+        os.replace(partial, target)  # another prep's copy of the same file may have landed meanwhile
         return target
     tried = "\n  ".join(errors) or "(no mirrors configured)"
     raise DatasetUnavailableError(
@@ -155,9 +169,13 @@ def _ndim(data_file: datasets.DataFile) -> int:
 
 
 def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile,
-            path: Path, raw: bytes) -> bytes:
-    """Check one file against the known digests; return its decompressed IDX payload."""
+            path: Path, raw: bytes, *, downloaded: bool = False) -> bytes:
+    """Check one file against the known digests; return its decompressed IDX payload.
+
+    ``downloaded``: a file just downloaded to a temporary path; its errors are listed after the mirror's URL.
+    """
     payload = idx.decompress(path, raw)
+    named = "" if downloaded else f"{path}: "
     if not config.verify_checksums or not (data_file.sha256 or data_file.content_sha256):
         return payload
     digest = hashlib.sha256(raw).hexdigest()
@@ -167,7 +185,7 @@ def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         return payload
     if raw[:2] != b"\x1f\x8b" and not data_file.content_sha256:
         raise DatasetChecksumError(
-            f"{path}: uncompressed, and only the official {data_file.name} archive's SHA-256 is known for "
+            f"{named}uncompressed, and only the official {data_file.name} archive's SHA-256 is known for "
             f"{spec.name}, so it cannot be verified. Use the original .gz file, or trust this copy: "
             "--verify-checksums false, or dataset 'custom' in the trigger form.")
     content = hashlib.sha256(payload).hexdigest()
@@ -176,8 +194,12 @@ def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
                   and (digest in f.sha256 or content == f.content_sha256)), None)
     if other:
         raise DatasetChecksumError(
-            f"{path}: this is the {other} {data_file.name}, not {spec.name}'s: prepare dataset {other} "
+            f"{named}this is the {other} {data_file.name}, not {spec.name}'s: prepare dataset {other} "
             f"(make demo DATASET={other}; the trigger form's dataset; --dataset {other})")
+    if downloaded:
+        raise DatasetChecksumError(
+            f"SHA-256 {digest} does not match the known {spec.name} checksum(s) {', '.join(data_file.sha256)}: "
+            f"this mirror serves another file than the official {data_file.name} (nothing of it was kept)")
     cached = Path(config.data_root).resolve() / "cache" in path.resolve().parents
     remedy = ("Delete it and run prep again (it is downloaded again)" if cached else
               "If these are your own IDX files, prepare them as dataset custom (make demo DATASET=custom "
@@ -213,6 +235,10 @@ def _load(spec: datasets.DatasetSpec,
         spec = datasets.custom(max(2, 1 + max(int(arrays[r].max()) for r in ("train_labels", "test_labels"))))
         log.info("custom dataset: %d classes (labels 0..%d)", len(spec.class_names), len(spec.class_names) - 1)
     num_classes = len(spec.class_names)
+    lowest = int(min(arrays["train_labels"].min(), arrays["test_labels"].min()))
+    # Labels numbered from 1 (1..10 for ten classes): the most common way a custom dataset misses label 0.
+    from_one = (f"; if the labels start at {lowest}, number them from 0 instead (subtract {lowest})"
+                if lowest > 0 and spec.name == "custom" else "")
     for role in ("train_labels", "test_labels"):
         labels = arrays[role]
         if len(labels) and int(labels.max()) >= num_classes:
@@ -220,11 +246,23 @@ def _load(spec: datasets.DatasetSpec,
             raise idx.IdxFormatError(f"{sources[role]['path']}: label {int(labels[bad])} at index {bad} is out of "
                                      f"range 0..{num_classes - 1}" + (
                                          f"; give --num-classes {int(labels.max()) + 1} or more, or 0 to count "
-                                         "them from the labels" if spec.name == "custom" else
+                                         "them from the labels" + from_one if spec.name == "custom" else
                                          f": not a {spec.name} labels file"))
+    if spec.name == "custom" and not config.num_classes:
+        # Counted from the labels (the DAG's way): a class no training example has cannot be learned, and
+        # validate would refuse the prepared dataset on every try ("smallest class ... holds 0.00%").
+        missing = np.flatnonzero(np.bincount(arrays["train_labels"], minlength=num_classes) == 0).tolist()
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise idx.IdxFormatError(
+                f"{sources['train_labels']['path']}: no training example has label {shown}, so these labels "
+                f"do not make {num_classes} classes 0..{num_classes - 1}: number the classes 0..K-1 without "
+                f"gaps{from_one}")
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
-        raise idx.IdxFormatError(f"train images are {arrays['train_images'].shape[1:]} but test images are "
-                                 f"{arrays['test_images'].shape[1:]}")
+        raise idx.IdxFormatError(
+            f"train images are {arrays['train_images'].shape[1:]} ({sources['train_images']['path']}) but test "
+            f"images are {arrays['test_images'].shape[1:]} ({sources['test_images']['path']}): both splits need "
+            "one image size (resize one of them)")
     sources["content_sha256"] = content.hexdigest()
     return arrays, sources, spec
 

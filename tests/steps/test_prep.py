@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from stepsupport import datasets_entries, partial_leftovers
 
-from mlsteps import core, data, datasets, prep
+from mlsteps import core, data, datasets, idx, prep
 from mlsteps.core import StepError
 from mlsteps.idx import IdxFormatError
 
@@ -270,6 +270,66 @@ def test_malformed_file_is_named_and_leaves_no_output(source_dir, data_root, pre
     assert str(bad_file) in str(caught.value)
     assert datasets_entries(data_root) == []
     assert partial_leftovers(data_root) == []
+
+
+def test_swapped_images_and_labels_files_are_named_as_swapped(source_dir, data_root, prepare) -> None:
+    images, labels = _payload(source_dir, "train_images"), _payload(source_dir, "train_labels")
+    path = _rewrite(source_dir, "train_images", labels)
+    _rewrite(source_dir, "train_labels", images)
+    with pytest.raises(IdxFormatError, match="this is an IDX labels file; are the images and labels files "
+                                             "swapped") as caught:
+        prepare(source_dir)
+    assert str(path) in str(caught.value) and datasets_entries(data_root) == []
+
+
+def _shift_labels(folder: Path, by: int) -> Path:
+    for role in ("train_labels", "test_labels"):
+        path = _rewrite(folder, role, _payload(folder, role)[:8] + bytes(v + by for v in _payload(folder, role)[8:]))
+    return folder / idxdata.NAMES["train_labels"]
+
+
+def test_labels_numbered_from_one_are_refused_with_the_renumbering_not_an_untrainable_class(
+        source_dir, data_root, prepare) -> None:
+    """Counted from the labels (the DAG's way), 1..10 made 11 classes, class 0 empty: validate then refused the
+    prepared dataset on every try ("smallest class 0 holds 0.00%"), and nothing said to renumber."""
+    path = _shift_labels(source_dir, 1)
+    with pytest.raises(IdxFormatError) as caught:
+        prepare(source_dir)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no training example has label 0, so these labels do not make 11 classes")
+    assert "number the classes 0..K-1 without gaps; if the labels start at 1, number them from 0 instead " \
+           "(subtract 1)" in message
+    assert datasets_entries(data_root) == []
+    with pytest.raises(IdxFormatError, match=r"give --num-classes 11 or more, or 0 to count them from the labels; "
+                                             r"if the labels start at 1, number them from 0 instead \(subtract 1\)"):
+        prepare(source_dir, num_classes=10)
+
+
+def test_a_label_no_training_example_has_is_named(source_dir, prepare) -> None:
+    labels = bytearray(_payload(source_dir, "train_labels"))
+    labels[8:] = bytes(4 if v == 5 else v for v in labels[8:])  # class 5 only in the test split
+    _rewrite(source_dir, "train_labels", bytes(labels))
+    with pytest.raises(IdxFormatError, match="no training example has label 5, so these labels do not make 10 "
+                                             "classes 0..9: number the classes 0..K-1 without gaps$"):
+        prepare(source_dir)
+    assert prepare(source_dir, num_classes=10)["manifest"]  # as given: the user's choice (validate judges it)
+
+
+def test_splits_of_different_image_sizes_are_refused_naming_both_files(tmp_path, data_root, prepare) -> None:
+    small, large = idxdata.write_dataset(tmp_path / "small", size=28), idxdata.write_dataset(tmp_path / "l", size=32)
+    for role in ("test_images", "test_labels"):
+        (small / idxdata.NAMES[role]).write_bytes((large / idxdata.NAMES[role]).read_bytes())
+    with pytest.raises(IdxFormatError) as caught:
+        prepare(small)
+    assert str(caught.value) == (
+        f"train images are (28, 28) ({small / idxdata.NAMES['train_images']}) but test images are (32, 32) "
+        f"({small / idxdata.NAMES['test_images']}): both splits need one image size (resize one of them)")
+
+
+def test_a_header_whose_dimensions_overflow_64_bits_is_a_format_error() -> None:
+    payload = idxdata.idx_bytes((2**31, 2**31, 4), bytes(16))
+    with pytest.raises(IdxFormatError, match="file truncated"):
+        idx.parse(Path("x.idx"), payload, expect_ndim=3)
 
 
 def test_checksum_mismatch_names_file_and_leaves_no_output(source_dir, data_root, prepare) -> None:

@@ -109,8 +109,57 @@ def test_a_download_is_on_the_disk_before_it_takes_its_name_in_the_cache(data_ro
 
     cache = data_root / "cache" / "fashion_mnist"
     for name in idxdata.NAMES.values():
-        publish = events.index(("rename", str(cache / name)))
-        assert ("fsync", str(cache / f".{name}.download")) in events[:publish], name
+        publish = events.index(("replace", str(cache / name)))
+        assert any(event == "fsync" and Path(path).parent == cache and Path(path).name.startswith(f".{name}.")
+                   and path.endswith(".download") for event, path in events[:publish]), name
+
+
+def test_two_preps_downloading_the_same_file_at_once_both_get_it(data_root, no_system_copies) -> None:
+    """make demo beside a DAG run on one data root, or a retried pod while the old one still runs: each
+    download writes its own temporary file (one shared name: one truncated the other's, or took it away)."""
+    name = idxdata.NAMES["train_labels"]
+    body = idxdata.idx_bytes((4000,), bytes(i % 10 for i in range(4000)))
+    both_asked = threading.Barrier(2, timeout=20)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            both_asked.wait()  # each download has begun before either ends
+            self.wfile.write(body[100:])
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature of the base class)
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    spec = datasets.KNOWN["fashion_mnist"]
+    config = prep.PrepConfig(data_root=str(data_root), dataset="fashion_mnist", verify_checksums=False,
+                             mirrors=(f"http://127.0.0.1:{server.server_address[1]}/",))
+    outcomes: list[object] = []
+
+    def obtain() -> None:
+        try:
+            outcomes.append(prep._obtain(spec, config, spec.file("train_labels")))
+        except Exception as exc:  # noqa: BLE001 (the outcome under test)
+            outcomes.append(exc)
+
+    try:
+        threads = [threading.Thread(target=obtain) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = data_root / "cache" / "fashion_mnist" / name
+    assert outcomes == [cached, cached]
+    assert cached.read_bytes() == body
+    assert partial_leftovers(data_root) == []
 
 
 def test_cached_download_is_reused_without_network(data_root, prepare, http_mirror, no_system_copies) -> None:
@@ -209,6 +258,41 @@ def test_a_download_that_matches_the_known_checksums_is_verified_and_cached(data
     assert {role: sources[f.role]["sha256"] for role, f in zip(idxdata.NAMES, files)} == {
         f.role: f.sha256[0] for f in files}
     assert _cache_files(data_root) == sorted(f"fashion_mnist/{name}" for name in idxdata.NAMES.values())
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["checksums", "no-checksums"])
+def test_a_mirror_serving_a_web_page_is_named_as_such_not_as_a_checksum_or_cache_problem(
+        data_root, prepare, http_mirror, no_system_copies, verify) -> None:
+    url, folder, _ = http_mirror
+    for name in idxdata.NAMES.values():
+        (folder / name).write_bytes(b"<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    with pytest.raises(prep.DatasetUnavailableError) as caught:
+        prepare(None, dataset="mnist", verify_checksums=verify, mirrors=(url,))
+    message = str(caught.value)
+    assert f"{url}train-images-idx3-ubyte.gz: served something that is not an IDX file (it starts with " \
+           "b'<!DOCTYPE html>" in message
+    # Not "verify it or trust it with --verify-checksums false", nor "delete" a temporary file already gone.
+    assert "SHA-256" not in message and "Delete it" not in message and ".download" not in message
+    assert partial_leftovers(data_root) == [] and _cache_files(data_root) == []
+
+
+def test_a_mirror_serving_another_file_is_named_without_its_temporary_file(data_root, prepare, http_mirror,
+                                                                          no_system_copies) -> None:
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)  # valid IDX files, not the official ones
+    with pytest.raises(prep.DatasetUnavailableError) as caught:
+        prepare(None, dataset="fashion_mnist", mirrors=(url,))
+    message = str(caught.value)
+    assert f"{url}train-images-idx3-ubyte.gz: SHA-256 " in message
+    assert "this mirror serves another file than the official train-images-idx3-ubyte.gz" in message
+    assert "Delete it" not in message and ".download" not in message
+
+
+def test_a_mirror_url_with_a_password_is_never_written_out(data_root, prepare, no_system_copies, caplog) -> None:
+    with pytest.raises(prep.DatasetUnavailableError) as caught:
+        prepare(None, dataset="mnist", mirrors=("http://user:s3cret@127.0.0.1:9/",))
+    assert "s3cret" not in str(caught.value) + caplog.text
+    assert "http://user:***@127.0.0.1:9/train-images-idx3-ubyte.gz" in str(caught.value)
 
 
 def test_a_mirror_serving_a_web_page_instead_of_the_files_falls_through_and_caches_none_of_it(
