@@ -155,7 +155,21 @@ class KubernetesTarget:
         return cls(client.AppsV1Api(KubernetesHook(conn_id=conn_id).api_client), **kwargs)
 
     def _read(self) -> Any:
-        return self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        except ApiException as exc:
+            # Not there, or not ours to read: a retry cannot fix either (other statuses may pass on a retry).
+            if exc.status == 404:
+                raise TargetUnavailable(f"Deployment {self.namespace}/{self.deployment} does not exist: apply "
+                                        "k8s/serving (kubectl apply -k k8s/serving), or set MLOPS_NAMESPACE / "
+                                        "MLOPS_SERVING_DEPLOYMENT to where the model server runs") from None
+            if exc.status == 403:
+                raise TargetUnavailable(f"reading Deployment {self.namespace}/{self.deployment} is forbidden "
+                                        f"({exc.reason}): bind the Role of k8s/serving/promotion-rbac.yaml to the "
+                                        "service account of Airflow's workers") from None
+            raise
 
     def current(self) -> Serving:
         """What serves now. A Deployment still at an alias URI (k8s/serving as applied: label "none") whose pods

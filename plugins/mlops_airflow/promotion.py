@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +22,9 @@ from mlops_airflow.runconf import check_conf
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+# How long the smoke test asks again when another version answers: the Deployment's preStop (5 s) plus
+# kube-proxy's lag in forgetting a terminating pod.
+SMOKE_SETTLE_SECONDS = 20.0
 # An int8 model's softmax output is quantized in steps of 1/256: ten classes may sum to 1 +- 10 * 0.5/256.
 SUM_TOLERANCE = 0.05
 
@@ -109,17 +113,28 @@ def deploy(ti: Any = None) -> dict[str, Any]:
     return {"deployed": version, "target": settings.deploy_target}
 
 
-def smoke(url: str, name: str, version: str, requests: int, timeout: float = 10.0) -> str:
-    """``requests`` predictions from the live endpoint, each from ``version``; the first problem raises."""
+def smoke(url: str, name: str, version: str, requests: int, timeout: float = 10.0,
+          settle: float | None = None, clock: Any = time.monotonic, sleep: Any = time.sleep) -> str:
+    """``requests`` predictions from the live endpoint, each from ``version``; the first problem raises.
+
+    Each request goes on a new connection, so that a Service spreads them over its pods (one kept-alive
+    connection would test one pod). For ``settle`` seconds an answer from another version is asked again: a
+    finished rollout's old pods keep serving a few seconds (preStop) until kube-proxy forgets them.
+    """
     import httpx
 
+    settle = SMOKE_SETTLE_SECONDS if settle is None else settle
     rng = random.Random(0)
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as http:
+    settled_by = clock() + settle
+    again = 0
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as http:
         try:  # the served model's input shape, e.g. [-1, 28, 28]
             height, width = http.get(f"/v2/models/{name}").json()["inputs"][0]["shape"][1:]
         except (httpx.TransportError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise AssertionError(f"{url} has no metadata for {name}: {type(exc).__name__}: {exc}") from None
-        for i in range(requests):
+        i = 0
+        while i < requests:
             image = [[float(rng.randint(0, 255)) for _ in range(width)] for _ in range(height)]
             try:
                 response = http.post(f"/v1/models/{name}:predict", json={"instances": [image]})
@@ -129,11 +144,21 @@ def smoke(url: str, name: str, version: str, requests: int, timeout: float = 10.
                 raise AssertionError(f"request {i + 1} got HTTP {response.status_code}: {response.text[:300]}")
             served = response.headers.get("x-model-version")
             if served != version:
-                raise AssertionError(f"request {i + 1} was answered by version {served}, not {version}")
+                if clock() < settled_by:
+                    again += 1
+                    log.info("request %d was answered by version %s, not %s: an old pod still in the Service's "
+                             "endpoints, asked again", i + 1, served, version)
+                    sleep(1)
+                    continue
+                raise AssertionError(f"request {i + 1} was answered by version {served}, not {version}"
+                                     + (f" ({again} earlier answers of other versions, over {settle:g} s)"
+                                        if again else ""))
             row = response.json()["predictions"][0]
             if len(row) < 2 or abs(sum(row) - 1) > SUM_TOLERANCE:
                 raise AssertionError(f"request {i + 1}: not a probability row: {row}")
-    return f"passed: {requests} requests to {url}, all answered by version {version}"
+            i += 1
+    return f"passed: {requests} requests to {url}, all answered by version {version}" + (
+        f" (after {again} answers of an older version while the rollout settled)" if again else "")
 
 
 @task(task_id="smoke_test", execution_timeout=timedelta(minutes=10))

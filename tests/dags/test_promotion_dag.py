@@ -381,9 +381,12 @@ def fake_server():
     """A model server stand-in on a free port answering predictions as version ``answer["version"]``."""
     import json
 
-    answer = {"version": "3", "row": [0.1] * 10, "posts": 0, "old_after": None}  # old_after: answer "2" after N
+    # old_after: answer "2" after N posts; old_first: answer "2" to the first N posts; ports: the clients' ports
+    answer = {"version": "3", "row": [0.1] * 10, "posts": 0, "old_after": None, "old_first": 0, "ports": []}
 
     class Handler(JsonHandler):
+        protocol_version = "HTTP/1.1"  # keeps a connection open for a client that keeps it
+
         def _answer(self, payload: dict) -> None:
             self._answer_as(answer["version"], payload)
 
@@ -397,7 +400,9 @@ def fake_server():
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert [len(request["instances"][0]), len(request["instances"][0][0])] == [28, 28]
             answer["posts"] += 1
-            if answer["old_after"] is not None and answer["posts"] > answer["old_after"]:
+            answer["ports"].append(self.client_address[1])
+            if answer["posts"] <= answer["old_first"] or (answer["old_after"] is not None
+                                                         and answer["posts"] > answer["old_after"]):
                 self._answer_as("2", {"predictions": [answer["row"]]})
                 return
             self._answer({"predictions": [answer["row"]]})
@@ -413,9 +418,34 @@ def test_smoke_test_sends_every_request_it_promises_and_fails_on_the_first_wrong
     url, answer = fake_server
     assert smoke(url, "m", "3", requests=5).startswith("passed: 5 requests")
     assert answer["posts"] == 5
+    # Each on a connection of its own, so that the Service spreads them over its pods.
+    assert len(set(answer["ports"])) == 5
     answer["posts"], answer["old_after"] = 0, 3  # the 4th request reaches a pod still on version 2
     with pytest.raises(AssertionError, match="request 4 was answered by version 2, not 3"):
-        smoke(url, "m", "3", requests=5)
+        smoke(url, "m", "3", requests=5, settle=0)
+
+
+def test_smoke_test_asks_again_while_the_old_pods_leave_the_service_then_fails(fake_server):
+    """After a rollout the old pods serve on for their preStop (5 s) until kube-proxy forgets them: a good
+    version was rolled back when the first request reached one."""
+    from mlops_airflow.promotion import smoke
+
+    url, answer = fake_server
+    now, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    answer["old_first"] = 3
+    verdict = smoke(url, "m", "3", requests=5, settle=20, clock=lambda: now[0], sleep=sleep)
+    assert verdict.endswith("all answered by version 3 (after 3 answers of an older version while the rollout "
+                            "settled)")
+    assert answer["posts"] == 8 and slept == [1, 1, 1]
+    answer["posts"], now[0], answer["old_first"] = 0, 0.0, 100  # still the old version once settled: fails
+    with pytest.raises(AssertionError, match=r"request 1 was answered by version 2, not 3 \(20 earlier answers "
+                                             r"of other versions, over 20 s\)"):
+        smoke(url, "m", "3", requests=5, settle=20, clock=lambda: now[0], sleep=sleep)
 
 
 @pytest.mark.parametrize("row", [[1.0], [0.2] * 6, [0.08] * 10], ids=["one-class", "sums-to-1.2", "sums-to-0.8"])
@@ -435,7 +465,7 @@ def test_smoke_test_passes_only_when_every_answer_comes_from_the_new_version(fak
     assert smoke(url, "m", "3", requests=5).startswith("passed: 5 requests")
     answer["version"] = "2"
     with pytest.raises(AssertionError, match="answered by version 2, not 3"):
-        smoke(url, "m", "3", requests=5)
+        smoke(url, "m", "3", requests=5, settle=0)
     answer["version"], answer["row"] = "3", [0.5] * 10
     with pytest.raises(AssertionError, match="not a probability row"):
         smoke(url, "m", "3", requests=5)
@@ -458,6 +488,7 @@ def test_a_failed_smoke_test_or_deploy_is_recorded_on_the_version_and_fails_the_
     monkeypatch.setattr(promotion, "_context", lambda: (SimpleNamespace(serving_url=url, deploy_target="local"),
                                                         registry))
     monkeypatch.setattr(promotion, "_target", lambda settings, name: BrokenTarget())
+    monkeypatch.setattr(promotion, "SMOKE_SETTLE_SECONDS", 0)
     planned = {"model_name": "m", "version": "3"}
     ti = SimpleNamespace(xcom_pull=lambda task_ids: planned)
     with pytest.raises(AirflowFailException, match="smoke test of m version 3 failed"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -130,6 +131,33 @@ def _env(apps: FakeApps) -> dict[str, str]:
 
 def test_the_manifest_as_applied_serves_the_champion_alias_and_no_known_version():
     assert _target(FakeApps()).current() == Serving(None, "models:/mnist_classifier@champion")
+
+
+@pytest.mark.parametrize(("status", "words"), [
+    (404, "Deployment mlops/model-server does not exist: apply k8s/serving"),
+    (403, "reading Deployment mlops/model-server is forbidden (Forbidden): bind the Role of "
+          "k8s/serving/promotion-rbac.yaml")], ids=["missing", "forbidden"])
+def test_a_deployment_that_is_missing_or_unreadable_is_named_with_the_fix(status, words):
+    """plan turns TargetUnavailable into a failure without retries; it got a raw ApiException, retried twice."""
+    from kubernetes.client.exceptions import ApiException
+
+    class Refusing(FakeApps):
+        def read_namespaced_deployment(self, name: str, namespace: str) -> object:
+            raise ApiException(status=status, reason={404: "Not Found", 403: "Forbidden"}[status])
+
+    with pytest.raises(TargetUnavailable, match=re.escape(words)):
+        _target(Refusing()).current()
+
+
+def test_an_api_server_error_stays_an_error_a_retry_may_fix():
+    from kubernetes.client.exceptions import ApiException
+
+    class Failing(FakeApps):
+        def read_namespaced_deployment(self, name: str, namespace: str) -> object:
+            raise ApiException(status=503, reason="Service Unavailable")
+
+    with pytest.raises(ApiException):
+        _target(Failing()).current()
 
 
 def test_a_deployment_serving_another_model_is_refused_before_anything_is_patched():
