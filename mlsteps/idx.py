@@ -18,7 +18,14 @@ _TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "16-bit integer", 0x
 
 
 class IdxFormatError(StepError):
-    """An IDX file whose header or length is not what the format requires."""
+    """An IDX file whose header or length is not what the format requires.
+
+    ``reason``: what is wrong, without the file's path or the remedy (for a message about a download).
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def decompress(path: Path, raw: bytes) -> bytes:
@@ -27,20 +34,23 @@ def decompress(path: Path, raw: bytes) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise IdxFormatError(f"{path}: gzip stream is corrupt or truncated ({exc}); replace it with a "
-                                 "complete copy (a file of prep's download cache: delete it, and prep downloads "
-                                 "it again)") from exc
+            reason = f"gzip stream is corrupt or truncated ({exc})"
+            raise IdxFormatError(f"{path}: {reason}; replace it with a complete copy (a file of prep's download "
+                                 "cache: delete it, and prep downloads it again)", reason=reason) from exc
     return raw
 
 
 def parse(path: Path, payload: bytes, *, expect_ndim: int) -> np.ndarray:
     """Parse one IDX payload; every header field and the exact length are checked."""
+    def error(reason: str) -> IdxFormatError:
+        return IdxFormatError(f"{path}: {reason}", reason=reason)
+
     if len(payload) < 4:
-        raise IdxFormatError(f"{path}: {len(payload)} bytes is too short for an IDX header")
+        raise error(f"{len(payload)} bytes is too short for an IDX header")
     zero, dtype, ndim = struct.unpack(">HBB", payload[:4])
     if zero != 0 or dtype != _UBYTE or ndim != expect_ndim:
         kind = "labels (magic 0x00000801)" if expect_ndim == 1 else "images (magic 0x00000803)"
-        message = f"{path}: wrong magic number 0x{payload[:4].hex()}; expected IDX {kind}"
+        message = f"wrong magic number 0x{payload[:4].hex()}; expected IDX {kind}"
         if zero == 0 and dtype == _UBYTE and {ndim, expect_ndim} == {1, 3}:  # the other file of the pair
             found = "labels" if ndim == 1 else "images"
             message += f": this is an IDX {found} file; are the images and labels files swapped?"
@@ -50,16 +60,15 @@ def parse(path: Path, payload: bytes, *, expect_ndim: int) -> np.ndarray:
                                            "and rounded)"))
             message += (f": this file holds {_TYPES[dtype]} values in {ndim} dimension(s); only unsigned bytes "
                         f"({shape}) are supported: write {values} as uint8")
-        raise IdxFormatError(message)
+        raise error(message)
     header = 4 + 4 * ndim
     if len(payload) < header:
-        raise IdxFormatError(f"{path}: header truncated ({len(payload)} bytes, needs {header})")
+        raise error(f"header truncated ({len(payload)} bytes, needs {header})")
     dims = struct.unpack(f">{ndim}I", payload[4:header])
     expected = header + math.prod(dims)  # Python integers: a crafted header cannot overflow the check
     if len(payload) != expected:
         what = "truncated" if len(payload) < expected else "has trailing bytes"
-        raise IdxFormatError(f"{path}: file {what}: dimensions {list(dims)} need {expected} bytes, "
-                             f"found {len(payload)}")
+        raise error(f"file {what}: dimensions {list(dims)} need {expected} bytes, found {len(payload)}")
     return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims)
 
 

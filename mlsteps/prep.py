@@ -131,6 +131,7 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         # A name of its own: two preps downloading the same file at once (make demo beside a DAG run on one
         # data root, a retried pod while the old one still runs) would otherwise write into one file.
         handle, name = tempfile.mkstemp(dir=cache, prefix=f".{data_file.name}.", suffix=".download")
+        os.fchmod(handle, 0o644)  # as a plain download would be: readable by whoever else uses the cache
         os.close(handle)
         partial = Path(name)
         try:
@@ -142,19 +143,19 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
                 idx.parse(partial, idx.decompress(partial, raw), expect_ndim=_ndim(data_file))
             except idx.IdxFormatError as exc:
                 if raw[:2] == b"\x1f\x8b" or raw[:4] in (b"\0\0\x08\x01", b"\0\0\x08\x03"):
-                    raise  # an IDX file, or its archive, that is damaged: the parser's words say how
+                    raise StepError(f"served a damaged file: {exc.reason}") from exc  # an IDX file or its archive
                 raise StepError(f"served something that is not an IDX file (it starts with {raw[:24]!r}): a web "
                                 "page from a proxy or captive portal, or a moved file") from exc
             _verify(spec, config, data_file, partial, raw, downloaded=True)
+            target = cache / data_file.name
+            os.replace(partial, target)  # another prep's copy of the same file may have landed meanwhile
+            return target
         except (OSError, urllib.error.URLError, http.client.HTTPException, StepError) as exc:
             # StepError: bad checksum or not IDX; HTTPException: the connection dropped mid-body
-            partial.unlink(missing_ok=True)
             errors.append(f"{shown}: {getattr(exc, 'reason', exc)}")
             log.warning("mirror failed: %s", errors[-1])
-            continue
-        target = cache / data_file.name
-        os.replace(partial, target)  # another prep's copy of the same file may have landed meanwhile
-        return target
+        finally:  # whatever ended the download (SIGTERM's SystemExit too); nothing once it took its name
+            partial.unlink(missing_ok=True)
     tried = "\n  ".join(errors) or "(no mirrors configured)"
     raise DatasetUnavailableError(
         f"cannot obtain {spec.name} file {data_file.name}: no local copy in "
@@ -323,9 +324,15 @@ def run(config: PrepConfig) -> dict[str, Any]:
     if not (math.isfinite(config.download_timeout) and config.download_timeout > 0):
         raise StepError(f"--download-timeout must be a number of seconds > 0, got {config.download_timeout:g}")
     for mirror in config.mirrors or ():
-        if urllib.parse.urlsplit(mirror).scheme not in ("http", "https", "file"):
-            raise StepError(f"--mirrors: {mirror!r} is not an http(s):// or file:// URL, e.g. "
+        parts = urllib.parse.urlsplit(mirror)
+        if parts.scheme not in ("http", "https", "file"):
+            raise StepError(f"--mirrors: {without_password(mirror)!r} is not an http(s):// or file:// URL, e.g. "
                             "https://ossci-datasets.s3.amazonaws.com/mnist/")
+        if "@" in parts.netloc:  # urllib sends no credentials from a URL: it takes them for the host and port
+            raise StepError(f"--mirrors: {without_password(mirror)!r} holds a user name or password, which "
+                            "prep's downloads cannot send; serve the files without them (a pre-signed URL "
+                            "works), give the folder with --source-dir, or copy the four files into "
+                            f"{Path(config.data_root) / 'cache' / config.dataset}/")
     spec = _spec(config)
     arrays, sources, spec = _load(spec, config)
     settings = {"format_version": FORMAT_VERSION, "class_names": list(spec.class_names),

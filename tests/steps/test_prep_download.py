@@ -18,6 +18,7 @@ import pytest
 from stepsupport import datasets_entries, disk_events, partial_leftovers, step_env
 
 from mlsteps import datasets, prep
+from mlsteps.core import StepError
 
 CLOSED_PORT = "http://127.0.0.1:9/"  # discard port: nothing listens, the connection is refused at once
 
@@ -89,6 +90,8 @@ def test_download_lands_files_in_cache_and_prepares_manifest(data_root, prepare,
     assert _cache_files(data_root) == sorted(f"fashion_mnist/{name}" for name in idxdata.NAMES.values())
     for name in idxdata.NAMES.values():
         assert (data_root / "cache" / "fashion_mnist" / name).read_bytes() == (folder / name).read_bytes()
+        # Readable by others, as a plain download is (the temporary file it was is created owner-only).
+        assert (data_root / "cache" / "fashion_mnist" / name).stat().st_mode & 0o777 == 0o644
     manifest_path = Path(result["manifest"])
     assert manifest_path.is_file()
     assert manifest_path.parent.parent == data_root / "datasets" / "fashion_mnist"
@@ -227,7 +230,9 @@ def test_truncated_download_from_only_mirror_is_reported_and_not_kept(data_root,
     (folder / name).write_bytes((folder / name).read_bytes()[:-30])
     with pytest.raises(prep.DatasetUnavailableError, match="gzip stream is corrupt") as caught:
         prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
-    assert f"{url}{name}" in str(caught.value)
+    assert f"{url}{name}: served a damaged file: gzip stream is corrupt or truncated" in str(caught.value)
+    # Not the advice for a cached file ("delete it"), nor the name of a temporary file already removed.
+    assert "delete it" not in str(caught.value) and ".download" not in str(caught.value)
     assert _cache_files(data_root) == []
     assert partial_leftovers(data_root) == []
     assert datasets_entries(data_root) == []
@@ -288,11 +293,33 @@ def test_a_mirror_serving_another_file_is_named_without_its_temporary_file(data_
     assert "Delete it" not in message and ".download" not in message
 
 
-def test_a_mirror_url_with_a_password_is_never_written_out(data_root, prepare, no_system_copies, caplog) -> None:
-    with pytest.raises(prep.DatasetUnavailableError) as caught:
-        prepare(None, dataset="mnist", mirrors=("http://user:s3cret@127.0.0.1:9/",))
-    assert "s3cret" not in str(caught.value) + caplog.text
-    assert "http://user:***@127.0.0.1:9/train-images-idx3-ubyte.gz" in str(caught.value)
+@pytest.mark.parametrize("mirror", ["http://user:s3cret@mirror.example/mnist/", "https://user:s3cret@mirror.example:8443/"],
+                         ids=["no-port", "port"])
+def test_a_mirror_url_with_credentials_is_refused_before_anything_is_fetched_and_never_written_out(
+        data_root, prepare, no_system_copies, caplog, monkeypatch, mirror) -> None:
+    """urllib sends no credentials from a URL: it took "s3cret@mirror.example" for the host (a DNS error) or
+    the port ("nonnumeric port: 's3cret@...'", the password in the message)."""
+    monkeypatch.setattr(prep.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched"))
+    with pytest.raises(StepError, match="holds a user name or password, which prep's downloads cannot send") as caught:
+        prepare(None, dataset="mnist", mirrors=(mirror,))
+    assert "s3cret" not in str(caught.value) + caplog.text and "user:***@mirror.example" in str(caught.value)
+
+
+def test_a_download_ended_by_sigterm_leaves_no_temporary_file(data_root, prepare, http_mirror, no_system_copies,
+                                                              monkeypatch) -> None:
+    """A pod timed out or a task cleared mid-download (SystemExit from the SIGTERM handler): each try's file
+    has a name of its own, so one left behind would stay for good."""
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+
+    def killed(url: str, dest: Path, timeout: float) -> None:
+        dest.write_bytes(b"\x1f\x8b partial")
+        raise SystemExit(143)
+
+    monkeypatch.setattr(prep, "_download", killed)
+    with pytest.raises(SystemExit):
+        prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
+    assert partial_leftovers(data_root) == [] and _cache_files(data_root) == []
 
 
 def test_a_mirror_serving_a_web_page_instead_of_the_files_falls_through_and_caches_none_of_it(
