@@ -27,6 +27,7 @@ if running && [[ -s $state/url ]]; then url=$(cat "$state/url"); fi
 case "${1:-}" in
   start)
     daemon_require_curl
+    daemon_lock "$state" || exit 1
     if running; then
       daemon_other_url "$state" "$requested" healthy || exit 1
       # Ours, alive: still starting (or hung). Wait for it rather than start a second one over its pid file.
@@ -57,7 +58,7 @@ case "${1:-}" in
         --backend-store-uri "sqlite:///$state/mlflow.db" \
         --artifacts-destination "$state/artifacts" \
         --host "$host" --port "$port" --workers 1 \
-        >"$state/server.log" 2>&1 < /dev/null &
+        >"$state/server.log" 2>&1 < /dev/null 9>&- &
     echo $! >"$pidfile"
     daemon_await "$pidfile" "$state/server.log" "the MLflow server on $url" healthy \
       || { daemon_stop "$pidfile"; exit 1; }

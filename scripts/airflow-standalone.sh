@@ -12,7 +12,8 @@ export MLFLOW_TRACKING_URI
 echo "MLflow: $MLFLOW_TRACKING_URI"
 { airflow db migrate && scripts/airflow-pools.sh; } >var/airflow-migrate.log 2>&1 \
   || { tail -n 30 var/airflow-migrate.log; exit 1; }
-serving_url=$(scripts/serving.sh start)
+# The model both DAGs default to (MLOPS_MODEL_NAME): the server answers under its name only.
+serving_url=$(MODEL_NAME=${MLOPS_MODEL_NAME:-mnist_classifier} scripts/serving.sh start)
 echo "model server: $serving_url"
 # The webhook secret Airflow's receiver checks and MLflow signs with (kept across restarts).
 if [[ -z ${MLOPS_WEBHOOK_SECRET:-} ]]; then

@@ -63,8 +63,10 @@ PY
 MLFLOW_TRACKING_URI=$(mlflow/server.sh start)
 export MLFLOW_TRACKING_URI
 echo "MLflow: $MLFLOW_TRACKING_URI"
+# The registered model: the one training registers (its form's default) and the server serves.
+model=${MLOPS_MODEL_NAME:-mnist_classifier}
 # The supervised local model server: live now, serving once model_promotion deploys the champion.
-serving_url=$(MODEL_NAME=mnist_classifier scripts/serving.sh start)
+serving_url=$(MODEL_NAME=$model scripts/serving.sh start)
 echo "model server: $serving_url (scripts/serving.sh; log var/serving/server.log)"
 { airflow db migrate && scripts/airflow-pools.sh; } >var/airflow-migrate.log 2>&1 \
   || { tail -n 30 var/airflow-migrate.log; exit 1; }
@@ -98,12 +100,12 @@ if [[ $status -ne 0 ]] || ! grep -q "Marking run .* successful" "$log"; then
   exit 1
 fi
 echo
-.venvs/steps/bin/python scripts/show_model.py --model-name mnist_classifier --alias challenger
+.venvs/steps/bin/python scripts/show_model.py --model-name "$model" --alias challenger
 echo
 # Serve: model_promotion reconciles the model server to the alias champion (infra-validation in a
 # throwaway server, switch in place, smoke test; a no-op if it already serves it).
 echo "airflow dags test model_promotion   (full log: var/promotion.log)"
-MLOPS_SERVING_URL=$serving_url airflow dags test model_promotion -c '{"model_name": "mnist_classifier"}' \
+MLOPS_SERVING_URL=$serving_url airflow dags test model_promotion -c "{\"model_name\": \"$model\"}" \
   >var/promotion.log 2>&1 || true
 promotion_failed=""
 if grep -q "Marking run .* successful" var/promotion.log; then
@@ -116,7 +118,7 @@ else
 fi
 echo
 # (TensorFlow, imported to read the test image, prints C++ start-up lines on stderr: hidden here)
-.venvs/steps/bin/python scripts/predict_champion.py --model-name mnist_classifier --url "$serving_url" \
+.venvs/steps/bin/python scripts/predict_champion.py --model-name "$model" --url "$serving_url" \
   --data-root "${MLOPS_DATA_ROOT:-$root/var/data}" 2> >(grep -vE '^[IWE][0-9]{4} |^WARNING: All log' >&2)
 # The demo failed if its promotion did (what is served, if anything, is the previous champion).
 [[ -z $promotion_failed ]] || exit 1

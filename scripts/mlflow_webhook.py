@@ -39,7 +39,7 @@ def main() -> int:
     client = mlflow.MlflowClient(tracking_uri)
     url = args.airflow_url.rstrip("/") + "/mlops/webhooks/mlflow"
     try:
-        existing = next((w for w in client.list_webhooks() if w.name == NAME), None)
+        existing = _find(client, NAME)
         if existing is None:
             hook = client.create_webhook(name=NAME, url=url, events=EVENTS, secret=secret,
                                          description="alias changes -> Airflow model_promotion")
@@ -52,6 +52,17 @@ def main() -> int:
         return 2
     print(f"MLflow webhook {hook.name} ({hook.webhook_id}) on {tracking_uri} -> {url}")
     return 0
+
+
+def _find(client, name: str):
+    """The webhook named ``name`` on any page of the server's list (a page holds 100), or None."""
+    token = None
+    while True:
+        page = client.list_webhooks(page_token=token)
+        found = next((w for w in page if w.name == name), None)
+        token = page.token
+        if found is not None or not token:
+            return found
 
 
 if __name__ == "__main__":

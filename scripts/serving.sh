@@ -28,6 +28,7 @@ if running && [[ -s $state/url ]]; then url=$(cat "$state/url"); fi
 case "${1:-}" in
   start)
     daemon_require_curl
+    daemon_lock "$state" || exit 1
     if running; then
       daemon_other_url "$state" "$requested" live || exit 1
       # Ours, alive: still starting (or failing). Wait for it rather than start a second supervisor.
@@ -51,7 +52,7 @@ case "${1:-}" in
         code=$?
         echo "$(date -u +%FT%TZ) supervisor: model server exited with code $code; restarting in 2 s"
         sleep 2
-      done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null &
+      done' "$python" "$model" "$host" "$port" "$state" >>"$state/server.log" 2>&1 </dev/null 9>&- &
     echo $! >"$pidfile"
     # A server that never comes up is not left restarting in the background.
     daemon_await "$pidfile" "$state/server.log" "the model server on $url" live \

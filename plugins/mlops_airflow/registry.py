@@ -17,7 +17,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 
 class RegistryError(Exception):
-    """MLflow refused a call (4xx) or stayed unreachable."""
+    """MLflow refused a call (4xx; an MLflow that stays unreachable raises httpx's error after the retries)."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -54,9 +54,24 @@ class Registry:
 
     @staticmethod
     def _missing(response: httpx.Response) -> bool:
-        # MLflow 3 answers 404 RESOURCE_DOES_NOT_EXIST for a missing model or version, but 400
-        # INVALID_PARAMETER_VALUE "... alias <a> not found." for a missing alias.
-        return response.status_code == 404 or (response.status_code == 400 and "not found" in response.text)
+        """MLflow's own answer that the model, version or alias does not exist.
+
+        MLflow 3 answers 404 RESOURCE_DOES_NOT_EXIST for a missing model or version, but 400
+        INVALID_PARAMETER_VALUE "Registered model alias <a> not found." for a missing alias. Any other 404 (a
+        proxy's, a tracking URI missing its path prefix) is an error: taken for "no champion", every promotion
+        would end as "nothing to serve".
+        """
+        if response.status_code not in (400, 404):
+            return False
+        try:
+            body = response.json()
+        except ValueError:
+            return False
+        if not isinstance(body, dict):
+            return False
+        code = body.get("error_code")
+        return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE"
+                                                      and "not found" in str(body.get("message", "")))
 
     def alias(self, name: str, alias: str) -> str | None:
         """The version ``alias`` points at, or None if the alias (or the model) does not exist."""

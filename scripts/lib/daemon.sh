@@ -31,6 +31,15 @@ daemon_other_url() {
   return 1
 }
 
+# daemon_lock <state folder>: hold the folder's start lock (fd 9) until this script ends, so that two starts
+# at once (make demo beside make airflow-ui) do not both launch a server between the one's check and its pid
+# file. The server must not inherit it: start it with 9>&-.
+daemon_lock() {
+  mkdir -p "$1"
+  exec 9>"$1/.start.lock"
+  flock -w 300 9 || { echo "error: another start of the server in $1 holds its lock for 300 s" >&2; return 1; }
+}
+
 # daemon_await <pidfile> <log> <what> <check command...>: wait up to $DAEMON_START_SECONDS (60) s for the
 # check to pass while the process lives; otherwise say so with the end of its log and return 1. Interrupted
 # meanwhile (Ctrl-C, TERM), it stops the process group: it runs in its own session (setsid), so nothing else
@@ -39,7 +48,10 @@ daemon_await() {
   local pidfile=$1 log=$2 what=$3
   shift 3
   trap "echo ' interrupted: stopping $what' >&2; daemon_stop $(printf %q "$pidfile"); exit 130" INT TERM
-  for _ in $(seq 1 $((2 * ${DAEMON_START_SECONDS:-60}))); do
+  # A deadline, not a count of tries: a check against a port that accepts and then hangs takes its own
+  # timeout (curl -m 2) each time.
+  local deadline=$((SECONDS + ${DAEMON_START_SECONDS:-60}))
+  while ((SECONDS < deadline)); do
     "$@" && { trap - INT TERM; return 0; }
     daemon_running "$pidfile" || break
     sleep 0.5

@@ -23,7 +23,8 @@ def mlflow_stub():
                 state["failures"] -= 1
                 self.send_json(503, {"error_code": "TEMPORARILY_UNAVAILABLE"})
             elif state["status"] != 200:
-                self.send_json(state["status"], {"error_code": "PERMISSION_DENIED", "message": "no access"})
+                self.send_json(state["status"], state.get("body") or {"error_code": "PERMISSION_DENIED",
+                                                                      "message": "no access"})
             else:
                 self.send_json(200, {"model_version": {"name": "m", "version": "4"}})
 
@@ -55,6 +56,25 @@ def test_a_refusal_is_not_retried_and_names_the_call_and_mlflows_answer(mlflow_s
     with pytest.raises(RegistryError, match="refused to read alias champion of m: HTTP 403 .*no access"):
         Registry(url).alias("m", "champion")
     assert len(state["requests"]) == 1
+
+
+@pytest.mark.parametrize(("status", "body", "missing"), [
+    (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias champion not found."}, True),
+    (404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Registered Model with name=m not found"}, True),
+    (404, {"detail": "Not Found"}, False),  # a proxy's or a tracking URI without its path prefix: not MLflow
+    (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "Missing value for required parameter 'name'"}, False),
+], ids=["alias-missing", "model-missing", "foreign-404", "other-400"])
+def test_only_mlflows_own_not_found_answer_means_no_champion(mlflow_stub, status, body, missing):
+    """Any 404 taken for "no champion" made every promotion a silent "nothing to serve"."""
+    from mlops_airflow.registry import Registry, RegistryError
+
+    url, state = mlflow_stub
+    state["status"], state["body"] = status, body
+    if missing:
+        assert Registry(url).alias("m", "champion") is None
+    else:
+        with pytest.raises(RegistryError, match=f"refused to read alias champion of m: HTTP {status}"):
+            Registry(url).alias("m", "champion")
 
 
 @pytest.mark.parametrize(("env", "expected"), [

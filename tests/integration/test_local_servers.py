@@ -77,6 +77,27 @@ def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_end
     assert again.returncode == 0 and "was not running" in again.stdout
 
 
+def test_two_starts_at_the_same_moment_launch_one_server(tmp_path):
+    """make demo beside make airflow-ui: both checked "not running" before either wrote its pid file, and both
+    launched one (the pid file could then name the one that lost the port, and stop orphan the other)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    fake = bin_dir / "mlflow"
+    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
+    fake.chmod(0o755)
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+
+    starts = [subprocess.Popen([str(ROOT / "mlflow/server.sh"), "start"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(start.wait(timeout=120), start.stderr.read()) for start in starts]
+    assert [code for code, _ in outcomes] == [0, 0], outcomes
+    assert len(_processes(str(fake))) == 1
+    pid = (tmp_path / "var" / "mlflow" / "server.pid").read_text().strip()
+    assert _processes(str(fake)) == [pid]  # the pid file names the server that runs
+    assert _script("mlflow/server.sh", "stop", env).returncode == 0 and _processes(str(fake)) == []
+
+
 def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path):
     bystander = subprocess.Popen(["sleep", "300"])  # what a reused pid from before a reboot would name
     try:

@@ -108,3 +108,37 @@ def test_registering_the_webhook_without_the_servers_url_is_refused_and_creates_
     assert out.returncode == 2
     assert "set MLFLOW_TRACKING_URI to the MLflow server's http(s) URL" in out.stderr
     assert list(tmp_path.iterdir()) == []  # no mlflow.db quietly made here
+
+
+def test_registering_again_finds_the_webhook_past_the_first_page_and_makes_no_second_one(mlflow_server):
+    """MLflow lists 100 webhooks a page, newest first: with 100 newer ones, the first page missed it, and each
+    run added a webhook (every alias move then delivered once per webhook: duplicate promotion runs)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLOPS_WEBHOOK_SECRET": SECRET}
+    steps = r"""
+import subprocess, sys, mlflow
+c = mlflow.MlflowClient()
+def register():
+    out = subprocess.run([sys.executable, sys.argv[1], "--airflow-url", "http://127.0.0.1:9"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+def ours():
+    found, token = [], None
+    while True:
+        page = c.list_webhooks(page_token=token)
+        found += [w for w in page if w.name == "airflow-model-promotion"]
+        if not (token := page.token):
+            return found
+register()
+newer = [c.create_webhook(name=f"newer-{i}", url="http://127.0.0.1:9/x", events=["model_version_alias.created"],
+                          status="DISABLED").webhook_id for i in range(100)]
+try:
+    register()
+    print(len(ours()))
+finally:
+    for hook in [*newer, *(w.webhook_id for w in ours())]:
+        c.delete_webhook(hook)
+"""
+    out = subprocess.run([str(STEPS_PYTHON), "-c", steps, str(ROOT / "scripts" / "mlflow_webhook.py")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1"]
