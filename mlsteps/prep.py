@@ -142,8 +142,8 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
             try:
                 idx.parse(partial, idx.decompress(partial, raw), expect_ndim=_ndim(data_file))
             except idx.IdxFormatError as exc:
-                if raw[:2] == b"\x1f\x8b" or raw[:4] in (b"\0\0\x08\x01", b"\0\0\x08\x03"):
-                    raise StepError(f"served a damaged file: {exc.reason}") from exc  # an IDX file or its archive
+                if raw[:2] in (b"\x1f\x8b", b"\0\0"):  # a gzip stream, or an IDX header (it starts 0x0000)
+                    raise StepError(f"served a damaged file: {exc.reason}") from exc
                 raise StepError(f"served something that is not an IDX file (it starts with {raw[:24]!r}): a web "
                                 "page from a proxy or captive portal, or a moved file") from exc
             _verify(spec, config, data_file, partial, raw, downloaded=True)

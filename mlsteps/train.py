@@ -37,7 +37,6 @@ class TrainConfig(tracking.RunStepConfig):
     search_trial: int | None = field(None, help="number of the search trial these settings came from")
 
 
-
 # What MLflow's own inference logs for the model (it loads the model in a subprocess for that, about 12 s a
 # training here: numpy and tensorflow, plus mlflow and cloudpickle), pinned to this environment's versions.
 MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "tensorflow")

@@ -293,8 +293,8 @@ def test_a_mirror_serving_another_file_is_named_without_its_temporary_file(data_
     assert "Delete it" not in message and ".download" not in message
 
 
-@pytest.mark.parametrize("mirror", ["http://user:s3cret@mirror.example/mnist/", "https://user:s3cret@mirror.example:8443/"],
-                         ids=["no-port", "port"])
+@pytest.mark.parametrize("mirror", ["http://user:s3cret@mirror.example/mnist/",
+                                    "https://user:s3cret@mirror.example:8443/"], ids=["no-port", "port"])
 def test_a_mirror_url_with_credentials_is_refused_before_anything_is_fetched_and_never_written_out(
         data_root, prepare, no_system_copies, caplog, monkeypatch, mirror) -> None:
     """urllib sends no credentials from a URL: it took "s3cret@mirror.example" for the host (a DNS error) or
