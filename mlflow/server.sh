@@ -53,8 +53,9 @@ case "${1:-}" in
     # do not use it.
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
     echo "$url" >"$state/url"  # before the pid file: a concurrent start that finds the server finds its URL
-    # setsid: the server and its workers form one process group that 'stop' can end together.
-    setsid "$mlflow_bin" server \
+    # setsid: the server and its workers form one process group that 'stop' can end together;
+    # MLOPS_DAEMON (daemon_env) marks as ours its uvicorn worker, whose command line names no state folder.
+    env "$(daemon_env)" setsid "$mlflow_bin" server \
         --backend-store-uri "sqlite:///$state/mlflow.db" \
         --artifacts-destination "$state/artifacts" \
         --host "$host" --port "$port" --workers 1 \

@@ -45,7 +45,7 @@ case "${1:-}" in
     fi
     echo "$url" >"$state/url"  # before the pid file: a concurrent start that finds the server finds its URL
     # setsid: supervisor and server form one process group that 'stop' ends together.
-    MLFLOW_TRACKING_URI=$tracking setsid bash -c '
+    MLFLOW_TRACKING_URI=$tracking env "$(daemon_env)" setsid bash -c '
       while true; do
         "$0" -m mlsteps.serve --model-name "$1" --host "$2" --port "$3" \
           --deployment-file "$4/deployed.json" --admin-token-file "$4/admin-token"

@@ -2,15 +2,27 @@
 # awaited and stopped the same way. The recorded pid leads its own process group (started with setsid).
 
 # daemon_running <pidfile>: a process of the recorded group is alive and is ours: its full command line holds
-# $daemon_marker (set by the sourcing script), so a pid file left by a reboot never names someone else's
-# process. The whole group counts: a server whose supervisor (the group's leader) was killed is still ours.
+# $daemon_marker (set by the sourcing script), or its environment has MLOPS_DAEMON=$daemon_marker (what
+# daemon_env gives the processes a start launches), so a pid file left by a reboot never names someone else's
+# process. The whole group counts: a server whose supervisor (the group's leader) was killed is still ours,
+# even when what is left is a worker whose command line names no state folder (MLflow's uvicorn).
 daemon_running() {
-  local pid group
+  local pid group member
   [[ -f $1 ]] && pid=$(cat "$1") && [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
   # Never this script's own group (a pid reused after a reboot): stopping it would signal the caller.
   [[ $pid -ne $(ps -o pgid= -p $$ | tr -d ' ') ]] || return 1
-  group=$(pgrep -a -g "$pid" 2>/dev/null) && [[ $group == *"${daemon_marker:?daemon_marker not set}"* ]]
+  group=$(pgrep -a -g "$pid" 2>/dev/null) || return 1
+  [[ $group == *"${daemon_marker:?daemon_marker not set}"* ]] && return 0
+  for member in $(pgrep -g "$pid"); do
+    # Readable for our own processes only: another user's process never counts as ours.
+    tr '\0' '\n' <"/proc/$member/environ" 2>/dev/null | grep -qxF "MLOPS_DAEMON=$daemon_marker" && return 0
+  done
+  return 1
 }
+
+# daemon_env: the environment entry that marks a started server and every process it starts as ours
+# (start it with: env "$(daemon_env)" setsid ...).
+daemon_env() { echo "MLOPS_DAEMON=${daemon_marker:?daemon_marker not set}"; }
 
 # daemon_require_curl: the health checks use curl; without it a start would wait its whole timeout.
 daemon_require_curl() {

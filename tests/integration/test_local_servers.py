@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,31 @@ def test_stop_ends_a_model_server_whose_supervisor_died_whatever_the_terminal_wi
     assert "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
     time.sleep(0.5)
     assert _processes(str(tmp_path)) == []
+
+
+def test_stop_ends_an_mlflow_worker_whose_command_line_does_not_name_the_server(tmp_path):
+    """mlflow server runs uvicorn as a child whose command line names no state folder; its leader killed, the
+    worker went on holding the port while status said 'stopped' and stop 'was not running'."""
+    token = f"worker-{uuid.uuid4().hex}"  # in the worker's command line, which does not hold tmp_path
+    worker = SLOW_SERVER.replace("time.sleep(3)", f"pass  # {token}")
+    env = _slow_mlflow_env(tmp_path, free_port())
+    launcher = Path(env["MLFLOW_BIN"])
+    launcher.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                        f"port = sys.argv[sys.argv.index('--port') + 1]\n"
+                        f"sys.exit(subprocess.call([sys.executable, '-c', {worker!r}, '--port', port]))\n")
+    try:
+        assert _script("mlflow/server.sh", "start", env).returncode == 0
+        os.kill(int((tmp_path / "var" / "mlflow" / "server.pid").read_text()), 9)
+        time.sleep(0.5)
+        assert len(_processes(token)) == 1  # the worker goes on answering
+        assert _script("mlflow/server.sh", "status", env).stdout.startswith("running")
+
+        stopped = _script("mlflow/server.sh", "stop", env)
+        assert "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+        time.sleep(0.5)
+        assert _processes(token) == []
+    finally:
+        subprocess.run(["pkill", "-f", token], check=False)
 
 
 def test_without_curl_a_start_fails_at_once_saying_so(tmp_path):
