@@ -29,17 +29,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
 
-# --clear: a package dropped from the requirements does not linger (nor end up in the next lock).
+# From scratch (a package dropped from the requirements does not linger, nor end up in the next lock); the
+# environment it replaces is kept until the new one is whole and put back if the install fails (offline).
 $(AIRFLOW_VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
-	$(PYTHON) -m venv --clear $(AIRFLOW_VENV)
-	$(AIRFLOW_PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
-	touch $@
+	PYTHON="$(PYTHON)" scripts/make_venv.sh $(AIRFLOW_VENV) \
+	  -- -r requirements.txt -r requirements-dev.txt -c constraints.txt
 
 $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirements-dev.txt images/steps/constraints.txt pyproject.toml
-	$(PYTHON) -m venv --clear $(STEPS_VENV)
-	$(STEPS_PY) -m pip install -q -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt
-	$(STEPS_PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $@
+	PYTHON="$(PYTHON)" scripts/make_venv.sh $(STEPS_VENV) \
+	  -- -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt \
+	  -- --no-deps --no-build-isolation -e .
 
 demo: envs
 	DATASET="$(DATASET)" EPOCHS="$(EPOCHS)" BATCH_SIZE="$(BATCH_SIZE)" SOURCE_DIR="$(SOURCE_DIR)" SEARCH="$(SEARCH)" \
