@@ -22,7 +22,8 @@ tags the version `promotion.status=serving`.
 When infra_validate, deploy or smoke_test fails, **rollback** restores the previous version on the serving
 side (after a first promotion: nothing served, as before), moves `champion` back to it (unless a reviewer
 moved it on meanwhile), tags the failed version `promotion.status=failed` (the failing step's reason is in its `promotion.*` tag) and
-fails the run. When **plan** itself fails, nothing was changed: rollback is skipped and plan's error is
+fails the run; a failed redeploy of the version served before (its rollout had made no progress) leaves the
+alias and its status alone. When **plan** itself fails, nothing was changed: rollback is skipped and plan's error is
 the run's reason. When **record** fails (MLflow unreachable), the run fails without a rollback; the next run
 reconciles serving to the alias.
 """

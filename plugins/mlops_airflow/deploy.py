@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,10 @@ MODEL_URI_ENV = "MODEL_URI"
 MODEL_NAME_ENV = "MODEL_NAME"  # the registered model the Deployment's server serves (k8s/serving)
 CONTAINER = "server"
 REPLICAS_ANNOTATION = "mlops/replicas-before-rollback"  # kept while a failed first promotion is scaled to 0
+# On the pod template when a deploy names what the template names already (its rollout made no progress): a
+# patch that changes nothing starts no rollout, so the time of the deploy makes it new (kubectl rollout
+# restart's way).
+REDEPLOYED_ANNOTATION = "mlops/redeployed-at"
 
 
 class DeployFailed(Exception):
@@ -142,10 +147,11 @@ class KubernetesTarget:
 
     def __init__(self, apps: Any, *, namespace: str, deployment: str, model_name: str, serving_url: str = "",
                  rollout_timeout: float = 900.0, poll_seconds: float = 5.0, sleep: Any = time.sleep,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, now: Any = None) -> None:
         self.apps, self.namespace, self.deployment, self.model_name = apps, namespace, deployment, model_name
         self.serving_url = serving_url.rstrip("/")
         self.rollout_timeout, self.poll_seconds, self._sleep, self._clock = rollout_timeout, poll_seconds, sleep, clock
+        self._now = now or (lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
 
     @classmethod
     def from_connection(cls, conn_id: str, **kwargs: Any) -> KubernetesTarget:
@@ -267,6 +273,11 @@ class KubernetesTarget:
     def deploy(self, version: str) -> None:
         patch = self.patch(str(version), f"models:/{self.model_name}/{version}")
         deployment = self._read()
+        if self._serving(deployment) == Serving(str(version), f"models:/{self.model_name}/{version}"):
+            # The template names this version already (plan deploys it again because its rollout made no
+            # progress): without a change to the template the API server starts no rollout, and the wait
+            # would at once see the old one's ProgressDeadlineExceeded.
+            patch["spec"]["template"]["metadata"]["annotations"] = {REDEPLOYED_ANNOTATION: self._now()}
         kept = (deployment.metadata.annotations or {}).get(REPLICAS_ANNOTATION)
         if kept and not deployment.spec.replicas:  # scaled to 0 by the rollback of a first promotion
             patch["spec"]["replicas"] = int(kept)

@@ -61,13 +61,23 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
         log.info("the alias %s moved for %s, but serving serves %s: nothing to do", CHAMPION,
                  ", ".join(sorted(m or "?" for m in moved)), name)
         return {}
+    run_type = getattr(dag_run, "run_type", "") or ""
+    run_type = str(getattr(run_type, "value", run_type))  # the SDK's DagRunType: str() is "DagRunType.SCHEDULED"
     manual = int(params.get("version") or 0) > 0
     champion = registry.alias(name, CHAMPION)
     wanted = str(int(params["version"])) if manual else champion  # 3.0 (a JSON client's) is version 3
-    if wanted is None:
-        log.info("%s has no version with alias %s: nothing to serve", name, CHAMPION)
-        return {}
-    if registry.version(name, wanted) is None:
+    if wanted is None or registry.version(name, wanted) is None:
+        if not registry.exists(name):
+            # A misspelt model_name (or MLOPS_MODEL_NAME) would otherwise pass every run as "nothing to serve".
+            unknown = (f"{name} is not a registered model in MLflow at {settings.tracking_uri}: check the "
+                       "model_name param (its default is MLOPS_MODEL_NAME)")
+            if run_type.endswith("scheduled"):  # before the first training registers it, too: not a failure
+                log.warning("%s; nothing to serve", unknown)
+                return {}
+            raise AirflowFailException(unknown)
+        if wanted is None:
+            log.info("%s has no version with alias %s: nothing to serve", name, CHAMPION)
+            return {}
         raise AirflowFailException(f"{name} version {wanted} is not registered; check the version param")
     try:
         before = _target(settings, name).current()
@@ -81,8 +91,6 @@ def plan(params: dict[str, Any] | None = None, triggering_asset_events: Any = No
         else:
             log.info("serving already runs %s version %s (%s): nothing to do", name, wanted, CHAMPION)
         return {}
-    run_type = getattr(dag_run, "run_type", "") or ""
-    run_type = str(getattr(run_type, "value", run_type))  # the SDK's DagRunType: str() is "DagRunType.SCHEDULED"
     trigger = "manual" if manual else ("mlflow webhook" if events else
                                        "schedule" if run_type.endswith("scheduled") else "by hand")
     log.info("promoting %s version %s (serving now: %s%s%s; trigger: %s)", name, wanted, before.version or "nothing",
@@ -206,7 +214,8 @@ def record(ti: Any = None) -> dict[str, Any]:
 
 @task(task_id="rollback", trigger_rule="one_failed", execution_timeout=timedelta(minutes=30))
 def rollback(ti: Any = None) -> None:
-    """Serving back to what it was, the alias back to that version (if it still names the failed one).
+    """Serving back to what it was, the alias back to that version (if it still names the failed one); the
+    version served before, deployed again, keeps its alias and status (tag ``promotion.redeploy``).
 
     Skipped when plan itself failed (its downstream tasks are then upstream_failed, which fires one_failed too):
     nothing was changed, and plan's own error is the run's reason.
@@ -221,19 +230,33 @@ def rollback(ti: Any = None) -> None:
     # The registry first: if serving cannot be put back (below, retried), the alias and tags already say the
     # version failed, so no later run takes it for the reconciled champion; the next run (the alias move's
     # webhook, or the schedule) deploys the previous version again if this one could not.
-    if registry.alias(name, CHAMPION) == failed:  # not if a reviewer moved it on meanwhile
-        if previous:
-            registry.set_alias(name, CHAMPION, previous)
-        else:
-            registry.delete_alias(name, CHAMPION)
-    registry.set_tags(name, failed, {"promotion.status": "failed", "promotion.failed_at": _now(),
-                                     "promotion.rolled_back_to": previous or "",
-                                     "promotion.dag_run_id": planned["run_id"] or ""})
+    again = failed == previous  # the version served before, deployed again (its rollout was stuck, or pinned)
+    if again:
+        # It serves (or served) before this run, and the alias names it: moving the alias to where it is would
+        # only fire MLflow's alias event, whose run would fail the same way; "failed" would hide that it serves.
+        registry.set_tags(name, failed, {"promotion.redeploy": f"failed at {_now()} (run {planned['run_id']}): "
+                                                               "see that run's failed task"})
+    else:
+        if registry.alias(name, CHAMPION) == failed:  # not if a reviewer moved it on meanwhile
+            if previous:
+                registry.set_alias(name, CHAMPION, previous)
+            else:
+                registry.delete_alias(name, CHAMPION)
+        registry.set_tags(name, failed, {"promotion.status": "failed", "promotion.failed_at": _now(),
+                                         "promotion.rolled_back_to": previous or "",
+                                         "promotion.dag_run_id": planned["run_id"] or ""})
     try:
         _target(settings, name).restore(Serving(previous, planned["previous_model_uri"]))
     except DeployFailed as exc:
+        if again:
+            raise DeployFailed(f"deploying {name} version {failed} again failed, and so did putting serving back "
+                               f"as it was: {exc}") from None
         raise DeployFailed(f"alias {CHAMPION} of {name} is back at version {previous or '(none)'} and version "
                            f"{failed} is tagged failed, but serving could not be put back: {exc}") from None
+    if again:
+        raise AirflowFailException(f"deploying {name} version {failed} again (it served before this run) failed "
+                                   "(reason in the failed task's log); serving is back as it was, alias "
+                                   f"{CHAMPION} unchanged")
     raise AirflowFailException(f"promotion of {name} version {failed} failed (reason in its promotion.* tags and "
                                f"the failed task's log); serving and alias {CHAMPION} are back at version "
                                f"{previous or '(none)'}")

@@ -1,8 +1,8 @@
 """The few MLflow registry calls promotion makes from Airflow, over MLflow's REST API.
 
-Airflow's environment has no MLflow client (it lives in the steps image); these are five calls to documented
-endpoints (``/api/2.0/mlflow/registered-models/alias``: get, set, delete; ``model-versions/get``,
-``model-versions/set-tag``). Credentials come
+Airflow's environment has no MLflow client (it lives in the steps image); these are six calls to documented
+endpoints (``/api/2.0/mlflow/registered-models/alias``: get, set, delete; ``registered-models/get``,
+``model-versions/get``, ``model-versions/set-tag``). Credentials come
 from the same variables MLflow's client reads: ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` or
 ``MLFLOW_TRACKING_TOKEN``. Connection errors and 5xx are retried (tenacity); 4xx are not.
 """
@@ -79,6 +79,14 @@ class Registry:
         if self._missing(response):
             return None
         return str(self._ok(response, f"read alias {alias} of {name}")["model_version"]["version"])
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a registered model."""
+        response = self._call("GET", "registered-models/get", params={"name": name})
+        if self._missing(response):
+            return False
+        self._ok(response, f"read registered model {name}")
+        return True
 
     def version(self, name: str, version: str) -> dict[str, Any] | None:
         """The model version (with ``tags`` as a dict), or None if it does not exist."""

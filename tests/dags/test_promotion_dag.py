@@ -75,11 +75,14 @@ class FakeRegistry:
     def __init__(self, champion: str | None, versions: tuple[str, ...] = ("1", "2", "3")) -> None:
         self.champion, self.versions = champion, versions
 
+    def exists(self, name: str) -> bool:
+        return name != "mnist_clasifier"  # a misspelt name
+
     def alias(self, name: str, alias: str) -> str | None:
-        return self.champion
+        return self.champion if self.exists(name) else None
 
     def version(self, name: str, version: str) -> dict | None:
-        return {"version": version} if version in self.versions else None
+        return {"version": version} if self.exists(name) and version in self.versions else None
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def plan_with(monkeypatch):
     from mlops_airflow.deploy import Serving
 
     def run(champion: str | None, served: str | None, version: int = 0, events: dict | None = None,
-            model_name: str = "mnist_classifier", pinned: bool = True, problem: str = ""):
+            model_name: str = "mnist_classifier", pinned: bool = True, problem: str = "", by_hand: bool = False):
         seen = {}
 
         def target(settings, name):
@@ -98,12 +101,15 @@ def plan_with(monkeypatch):
                                                            pinned=pinned, problem=problem))
 
         registry = run.registry = RecordingRegistry(champion)
-        monkeypatch.setattr(promotion, "_context", lambda: (None, registry))
+        settings = SimpleNamespace(tracking_uri="http://mlflow:5000")
+        monkeypatch.setattr(promotion, "_context", lambda: (settings, registry))
         monkeypatch.setattr(promotion, "_target", target)
         params = {"model_name": model_name, "version": version}
         from airflow.sdk.api.datamodels._generated import DagRunType  # what the Task SDK's DagRun holds
 
-        dag_run = SimpleNamespace(run_type=DagRunType.ASSET_TRIGGERED if events else DagRunType.SCHEDULED)
+        run_type = (DagRunType.ASSET_TRIGGERED if events else DagRunType.MANUAL if by_hand or version
+                    else DagRunType.SCHEDULED)
+        dag_run = SimpleNamespace(run_type=run_type)
         return promotion.plan.function(params=params, triggering_asset_events=events, run_id="r1",
                                        dag_run=dag_run), seen
 
@@ -155,6 +161,19 @@ def test_plan_refuses_a_version_that_is_not_registered(plan_with):
 
     with pytest.raises(AirflowFailException, match="version 9 is not registered"):
         plan_with(champion="2", served="2", version=9)
+
+
+def test_a_model_name_mlflow_does_not_know_fails_a_run_by_hand_and_is_a_warning_on_schedule(plan_with, caplog):
+    """Taken for "no champion", a misspelt model_name passed every run as "nothing to serve"."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for given in ({"version": 3}, {"by_hand": True}):
+        with pytest.raises(AirflowFailException, match="mnist_clasifier is not a registered model in MLflow at "
+                                                       "http://mlflow:5000: check the model_name param"):
+            plan_with(champion="3", served="2", model_name="mnist_clasifier", **given)
+    # Scheduled: also what runs before the first training registers the model; said, not failed.
+    assert plan_with(champion="3", served="2", model_name="mnist_clasifier")[0] == {}
+    assert "mnist_clasifier is not a registered model" in caplog.text
 
 
 def test_plan_acts_on_an_alias_event_of_the_served_model_and_ignores_other_models(plan_with):
@@ -249,6 +268,20 @@ def test_rollback_leaves_an_alias_someone_moved_on_meanwhile(after_plan):
     registry, target, _ = after_plan(promotion.rollback, champion="4")  # a reviewer approved version 4 meanwhile
     assert registry.moves == [] and registry.champion == "4"
     assert len(target.restored) == 1
+
+
+def test_a_failed_redeploy_of_the_served_version_leaves_its_alias_and_status_alone(after_plan):
+    """plan deploys the champion again when its rollout made no progress: failing again, it must not be tagged
+    failed (it serves), nor its alias set where it is (MLflow's alias event would queue the same run again)."""
+    from mlops_airflow import promotion
+    from mlops_airflow.deploy import Serving
+
+    registry, target, error = after_plan(promotion.rollback, champion="2", version="2")
+    assert registry.moves == [] and registry.champion == "2"
+    assert "promotion.status" not in registry.tags.get("2", {})
+    assert registry.tags["2"]["promotion.redeploy"].startswith("failed at ")
+    assert target.restored == [Serving("2", "models:/m/2")]
+    assert "alias champion unchanged" in str(error)
 
 
 def test_rollback_of_a_first_promotion_removes_the_alias(after_plan):

@@ -178,6 +178,7 @@ def test_registry_calls_from_airflow_against_the_real_mlflow_server(mlflow_serve
     assert registry.alias(MODEL, "no_such_alias") is None
     assert registry.alias("no_such_model", "champion") is None
     assert registry.version(MODEL, "999") is None
+    assert registry.exists(MODEL) and not registry.exists("no_such_model")
     registry.set_alias(MODEL, "staging", str(versions[1]))
     assert registry.alias(MODEL, "staging") == str(versions[1])
     registry.delete_alias(MODEL, "staging")

@@ -59,6 +59,7 @@ class FakeApps:
         self.status_reads = 0
         self._rolling = 0
         self._stale_left = 0
+        self._frozen = False
 
     def _done(self, generation: int) -> dict:
         replicas = self.deployment["spec"]["replicas"] if hasattr(self, "deployment") else MANIFEST["spec"]["replicas"]
@@ -81,7 +82,12 @@ class FakeApps:
     def patch_namespaced_deployment(self, name: str, namespace: str, body: dict, _content_type: str) -> object:
         assert (name, namespace) == ("model-server", "mlops")
         self.patches.append((copy.deepcopy(body), _content_type))
+        spec = copy.deepcopy(self.deployment["spec"])
         _merge(self.deployment, body)
+        if self.deployment["spec"] == spec:  # the API server: no new generation, no new rollout
+            self._frozen = True
+            return self._object()
+        self._frozen = False
         self.deployment["metadata"]["generation"] += 1
         self._rolling = 0
         self._stale_left = self.stale_reads
@@ -89,6 +95,8 @@ class FakeApps:
 
     def read_namespaced_deployment_status(self, name: str, namespace: str) -> object:
         self.status_reads += 1
+        if self._frozen:  # nothing changed since the last rollout: its status stays as it ended
+            return self._object()
         if self._stale_left:
             self._stale_left -= 1
             return self._object()  # the status of the previous generation, as last written
@@ -250,6 +258,24 @@ def test_a_retried_restore_waits_for_the_rollout_back_and_a_stuck_one_is_not_tak
     apps.never_ready = {"8"}  # version 7 can start again: the next try completes the rollout back
     target.restore(before)
     assert len(apps.patches) == 3 and target.current() == Serving("7", "models:/mnist_classifier/7")
+
+
+def test_deploying_again_the_version_whose_rollout_made_no_progress_starts_a_new_rollout():
+    """plan deploys the champion again when its rollout made no progress (a node without its image, a broken
+    image set by hand): the same patch would change nothing, start no rollout, and fail at once on the old
+    rollout's ProgressDeadlineExceeded; the redeploy annotation makes it a new one."""
+    apps = FakeApps(never_ready={"7"})
+    target = _target(apps, now=lambda: "2026-12-07T19:00:00.000+00:00")
+    with pytest.raises(DeployFailed, match="made no progress"):
+        target.deploy("7")
+    assert "its rollout made no progress" in target.current().problem
+    apps.never_ready = set()  # fixed meanwhile: this rollout can complete
+    target.deploy("7")
+    assert target.current() == Serving("7", "models:/mnist_classifier/7")
+    template = apps.patches[-1][0]["spec"]["template"]
+    assert template["metadata"]["annotations"] == {"mlops/redeployed-at": "2026-12-07T19:00:00.000+00:00"}
+    assert "annotations" not in apps.patches[0][0]["spec"]["template"]["metadata"]  # a new version needs none
+    _validate(apps.deployment)
 
 
 def test_restore_right_after_a_timed_out_rollout_waits_for_the_controller_to_observe_the_undo():
