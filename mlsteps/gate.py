@@ -7,7 +7,8 @@ Without a champion (the first model) only the floor applies. A champion of other
 its signature's image shape or class count, or the test set it was itself judged on, not this run's) is not
 comparable: the challenger fails, saying so and how to deploy it by hand. A challenger trained on another
 prepared dataset than ``--manifest`` is refused (exit 2); a registry or artifact-store failure exits 1
-(retried). The step succeeds either way: the verdict
+(retried); a champion that cannot be loaded fails the challenger, saying so (a challenger that cannot be
+loaded fails the step). The step succeeds either way: the verdict
 (``gate.verdict`` = passed | failed, ``gate.reasons``, both accuracies) is recorded on the challenger
 version and returned for the review that follows; a version already judged is not judged again.
 """
@@ -86,10 +87,10 @@ def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
     return float(np.mean(np.concatenate(predicted) == labels))
 
 
-def incomparable(version: Any, model: Any, manifest: dict[str, Any], test_digest: str) -> str | None:
-    """Why a champion cannot be scored on this run's test split (another dataset, image size or class count, or
-    another test set: two custom datasets share the name), or None. Scored anyway, a Fashion-MNIST champion on
-    MNIST images scores near chance (any MNIST model beats it) or fails on the image size, and a champion that
+def incomparable_by_tags(version: Any, manifest: dict[str, Any], test_digest: str) -> str | None:
+    """Why a champion cannot be scored on this run's test split as its tags tell (another dataset, or another
+    test set: two custom datasets share the name), or None; known before loading it. Scored anyway, a
+    Fashion-MNIST champion on MNIST images scores near chance (any MNIST model beats it), and a champion that
     trained on some of today's test images scores too high."""
     trained_on = version.tags.get("dataset")
     if trained_on and trained_on != manifest["dataset"]:
@@ -97,6 +98,12 @@ def incomparable(version: Any, model: Any, manifest: dict[str, Any], test_digest
     judged_on = version.tags.get("gate.test_digest")
     if judged_on and judged_on != test_digest:
         return f"judged on another test set (gate.test_digest {judged_on[:12]}..., this run's {test_digest[:12]}...)"
+    return None
+
+
+def incomparable_by_signature(model: Any, manifest: dict[str, Any]) -> str | None:
+    """Why a loaded champion cannot be scored on this run's test split (another image size or class count: it
+    would fail on the images, or score near chance), or None."""
     signature = model.metadata.signature if model.metadata else None
     try:
         takes = tuple(int(d) for d in signature.inputs.inputs[0].shape[1:])
@@ -139,20 +146,36 @@ def run(config: GateConfig) -> dict[str, Any]:
         if not tracking.not_found(exc):
             raise
         champion = None
-    if champion is not None and champion.version == version:
-        champion = None  # re-judging the champion itself: compare with nothing
+    itself = champion is not None and champion.version == version
+    if itself:
+        champion = None  # re-judging the champion itself (deployed by hand first): compare with nothing
     images, labels = data.arrays(manifest, "test")
     test_digest = test_set_digest(images, labels)
     images = images.astype(np.float32)
     challenger_accuracy = accuracy(load(mlflow, f"models:/{name}/{version}"), images, labels, config.batch_size)
-    champion_accuracy, apart = None, None
+    champion_accuracy, apart, unloadable = None, None, None
     if champion is not None:
-        champion_model = load(mlflow, f"models:/{name}/{champion.version}")
-        apart = incomparable(champion, champion_model, manifest, test_digest)
+        apart = incomparable_by_tags(champion, manifest, test_digest)
         if apart is None:
-            champion_accuracy = accuracy(champion_model, images, labels, config.batch_size)
+            try:
+                champion_model = load(mlflow, f"models:/{name}/{champion.version}")
+            except StepError as exc:  # not an outage (retried): the champion itself is broken
+                unloadable = str(exc)
+            else:
+                apart = incomparable_by_signature(champion_model, manifest)
+                if apart is None:
+                    champion_accuracy = accuracy(champion_model, images, labels, config.batch_size)
     verdict, reasons = decide(challenger=challenger_accuracy, champion=champion_accuracy,
                               min_accuracy=config.min_accuracy, max_regression=config.max_regression)
+    if itself:
+        reasons[-1] = "this version is the champion already: the floor is the only rule"
+    if unloadable is not None:
+        # Failing the step would fail every run until someone moved the alias; the verdict says it instead.
+        verdict = FAILED
+        reasons[-1] = (f"champion version {champion.version} cannot be loaded ({unloadable}): serving cannot "
+                       f"load it either; fix it or move alias {config.champion_alias}, or to replace it with this "
+                       f"model trigger model_promotion with version {version}")
+        log.warning("%s", reasons[-1])
     if apart is not None:
         # Not a better or worse model of the same task: another task. Never promoted by the pipeline's review;
         # a person who means to replace the champion with it deploys it by hand.

@@ -130,6 +130,30 @@ def test_a_champion_of_other_data_is_not_comparable_and_the_challenger_is_not_pr
     assert f"trigger model_promotion with version {challenger}" in result["reasons"]
 
 
+@pytest.mark.parametrize(("dataset", "words"), [
+    (None, "champion version {champion} cannot be loaded (models:/{name}/{champion}: cannot load the model "
+           "(ModuleNotFoundError"),
+    ("fashion_mnist", "not comparable with champion version {champion} (trained on fashion_mnist"),
+], ids=["same-data", "other-data"])
+def test_a_champion_that_cannot_be_loaded_fails_the_challenger_saying_so_instead_of_every_run(
+        tmp_path, manifest, registry, mlflow_server, dataset, words):
+    """Its artifacts gone, or a loader an image upgrade dropped: the step failing (exit 2) failed every run
+    until someone moved the alias. Its tags, read before loading it, may settle it without a load."""
+    name, add = registry
+    (tmp_path / "weights").write_text("x")
+    with mlflow.start_run():  # a pyfunc whose loader module is not there any more
+        info = mlflow.pyfunc.log_model(name="model", loader_module="mlsteps_loader_that_was_removed",
+                                       data_path=str(tmp_path / "weights"), pip_requirements=["mlflow"])
+    champion = int(mlflow.register_model(info.model_uri, name, tags={"dataset": dataset} if dataset else None).version)
+    mlflow.MlflowClient(mlflow_server).set_registered_model_alias(name, "champion", str(champion))
+    challenger = add()
+    result = _gate(manifest, name, challenger, mlflow_server, min_accuracy=0.5)
+    assert result["verdict"] == "failed" and result["accuracy"] == 1.0
+    assert (result["champion_version"], result["champion_accuracy"]) == (champion, None)
+    assert words.format(champion=champion, name=name) in result["reasons"]
+    assert f"trigger model_promotion with version {challenger}" in result["reasons"]
+
+
 def test_a_champion_judged_on_another_test_set_is_not_comparable_and_one_judged_on_this_one_is(
         prepare, tmp_path, manifest, registry, mlflow_server):
     """Two custom datasets share the name "custom": the test set the champion was itself judged on tells them
@@ -232,4 +256,4 @@ def test_re_judging_the_champion_itself_compares_it_with_no_champion(manifest, r
     mlflow.MlflowClient(mlflow_server).set_registered_model_alias(name, "champion", str(version))
     result = _gate(manifest, name, version, mlflow_server, min_accuracy=0.85)
     assert result["verdict"] == "passed" and result["champion_version"] is None
-    assert "no champion yet" in result["reasons"]
+    assert "this version is the champion already: the floor is the only rule" in result["reasons"]
