@@ -107,7 +107,7 @@ def _probe(base: str, name: str, version: str, requests: int) -> list[float]:
     rng = np.random.default_rng(0)
     latencies = []
     for i in range(requests):
-        batch = 1 if i % 4 else 8
+        batch = 8 if i % 4 in (2, 3) else 1  # each protocol gets batches of 1 and of 8 (from 4 requests on)
         images = rng.uniform(0, 255, (batch, *image_shape)).round()
         if i % 2:
             url = f"{base}/v2/models/{name}/infer"
