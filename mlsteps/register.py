@@ -5,7 +5,8 @@ variant it is; the float Keras model stays in the training run (tag ``float_mode
 becomes tags ``float_model.<metric>`` (``metric.<metric>`` would read as the registered model's own).
 
 Idempotent per pipeline run: re-running it for a run key that already has a version returns that
-version instead of creating a second one. The new version gets the alias ``challenger``.
+version instead of creating a second one. The new version gets the alias ``challenger``; a re-run for an
+older run key leaves the alias on a version registered after it.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def run(config: RegisterConfig) -> dict[str, Any]:
                 f"from {version.source}, but --model-uri is {config.model_uri}: the model changed after "
                 "registration (train or compress re-ran with other settings); trigger a new DAG run to register it")
         log.info("run %s already registered as %s version %s", config.run_key, config.model_name, version.version)
+        newer = _alias_version(mlflow, client, config.model_name, config.alias)
+        if newer is not None and int(newer) > int(version.version):
+            # A retry of an older run (its task cleared) after a later run registered its version.
+            log.info("alias %s stays at version %s, registered after this run's", config.alias, newer)
+            return _result(config, version, existing=True)
     else:
         _check_source(client, config.model_uri)
         tags = {tracking.RUN_KEY_TAG: config.run_key, "dataset": config.dataset,
@@ -127,6 +133,19 @@ def run(config: RegisterConfig) -> dict[str, Any]:
         version = mlflow.register_model(config.model_uri, config.model_name, tags=tags)
         log.info("registered %s version %s from %s", config.model_name, version.version, config.model_uri)
     client.set_registered_model_alias(config.model_name, config.alias, version.version)
+    return _result(config, version, existing=bool(existing))
+
+
+def _alias_version(mlflow: Any, client: Any, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except mlflow.exceptions.MlflowException as exc:
+        if tracking.not_found(exc):
+            return None
+        raise
+
+
+def _result(config: RegisterConfig, version: Any, *, existing: bool) -> dict[str, Any]:
     return {"model_name": config.model_name, "version": int(version.version), "alias": config.alias,
             "model_uri": f"models:/{config.model_name}/{version.version}", "run_id": version.run_id,
             "created": not existing}

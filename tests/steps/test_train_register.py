@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -376,6 +377,13 @@ def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root,
     assert tags["metric.test_accuracy"] == "0.500000"
     assert tags["float_model.test_accuracy"] == "0.750000"
     assert "float_model.passed" not in tags, "only numbers are metrics"
+
+    # A later run registers its version; this run's register, cleared and run again, leaves the alias there.
+    later = register.run(dataclasses.replace(config, run_key="register/k3", dag_run_id="manual__2"))
+    assert later["version"] == first["version"] + 1
+    again = register.run(config)
+    assert (again["version"], again["created"]) == (first["version"], False)
+    assert int(client.get_model_version_by_alias("register_tests_model", register.CHALLENGER).version) == later["version"]
 
 
 def test_the_trained_model_is_logged_with_the_requirements_mlflow_would_infer(tmp_path, data_root, prepare,
