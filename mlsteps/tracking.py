@@ -83,16 +83,19 @@ def transient(exc: BaseException) -> bool:
 
     MLflow reports a 503 as TEMPORARILY_UNAVAILABLE and other server errors (and a failed artifact download) as
     INTERNAL_ERROR; a version or alias that does not exist (RESOURCE_DOES_NOT_EXIST) is not retried, nor is an
-    artifact store answering 403 or 404 (``requests.HTTPError``, an OSError).
+    artifact store answering 403 or 404 (``requests.HTTPError``, an OSError), nor a file of the model missing or
+    unreadable once downloaded (FileNotFoundError, h5py's OSError: a damaged model, whatever the tries).
     """
+    import socket
+
     import requests
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, requests.HTTPError):
         status = exc.response.status_code if exc.response is not None else 0
         return status >= 500 or status == 429
-    if isinstance(exc, OSError):  # requests' connection errors and timeouts among them
-        return True
+    if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError | socket.gaierror):
+        return True  # requests' connection errors and timeouts, a refused or reset socket, DNS
     return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 
 

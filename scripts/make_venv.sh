@@ -4,38 +4,53 @@
 # Each group after a -- is one `pip install` in the new environment, in order. From scratch: a package dropped
 # from the requirements does not linger (nor end up in the next lock). If anything fails (offline, a pin
 # that does not resolve, Ctrl-C), the previous environment is put back as it was and the script exits non-zero;
-# its stamp (.installed) is older than the requirements, so the next `make envs` tries again.
+# its stamp (.installed) is older than the requirements, so the next `make envs` tries again. Both exist
+# side by side meanwhile: twice the disk space at the peak. A <venv> that is a symbolic link is built where
+# it points. Two builds of one environment at once (make demo beside make airflow-ui) take turns.
 # Settings (environment): PYTHON (python3), the interpreter that creates the environment.
 set -euo pipefail
-venv=${1:?usage: $0 <venv> -- <pip install arguments> [-- ...]}
-[[ ${2:-} == -- ]] || { echo "usage: $0 <venv> -- <pip install arguments> [-- ...]" >&2; exit 64; }
+usage="usage: $0 <venv> -- <pip install arguments> [-- ...]"
+[[ -n ${1:-} && ${2:-} == -- ]] || { echo "$usage" >&2; exit 64; }
+venv=${1%/}
 shift 2
+[[ -L $venv ]] && venv=$(readlink -f "$venv")  # the environment, not the link to it
 python=${PYTHON:-python3}
 kept=$venv.previous
+discarded=$venv.discarded
 
-# A kept environment left by a run that was killed outright (SIGKILL, power loss) is the last whole one.
+mkdir -p "$(dirname "$venv")"
+exec 8>"$venv.lock"
+flock 8
+
+rm -rf "$discarded"  # what a killed run was deleting: the environment before the last whole one
+# Left by a run killed outright (SIGKILL, power loss): a kept environment is the last whole one, unless the
+# new one was finished (stamped) before the kill.
 if [[ -d $kept ]]; then
-  rm -rf "$venv"
-  mv "$kept" "$venv"
+  if [[ -f $venv/.installed ]]; then
+    mv "$kept" "$discarded"
+    rm -rf "$discarded"
+  else
+    rm -rf "$venv"
+    mv "$kept" "$venv"
+  fi
 fi
 
 restore() {
   local code=$?
   trap - EXIT INT TERM
+  rm -rf "$venv"  # this run's, half-built
   if [[ -d $kept ]]; then
-    rm -rf "$venv"
     mv "$kept" "$venv"
     echo "error: building $venv failed (exit $code); the previous environment is back in place" >&2
   else
-    rm -rf "$venv"
     echo "error: building $venv failed (exit $code)" >&2
   fi
   exit "$code"
 }
+
+[[ -e $venv ]] && mv "$venv" "$kept"
 trap restore EXIT
 trap 'exit 130' INT TERM
-
-[[ -d $venv ]] && mv "$venv" "$kept"
 "$python" -m venv "$venv"
 args=()
 for arg in "$@" --; do
@@ -46,6 +61,7 @@ for arg in "$@" --; do
     args+=("$arg")
   fi
 done
+touch "$venv/.installed"  # whole: from here on, a kept environment is no longer the last whole one
 trap - EXIT INT TERM
-rm -rf "$kept"
-touch "$venv/.installed"
+[[ -d $kept ]] && mv "$kept" "$discarded"
+rm -rf "$discarded"

@@ -38,8 +38,8 @@ MODEL_URI_ENV = "MODEL_URI"
 MODEL_NAME_ENV = "MODEL_NAME"  # the registered model the Deployment's server serves (k8s/serving)
 CONTAINER = "server"
 REPLICAS_ANNOTATION = "mlops/replicas-before-rollback"  # kept while a failed first promotion is scaled to 0
-# On the pod template when a deploy names what the template names already (its rollout made no progress): a
-# patch that changes nothing starts no rollout, so the time of the deploy makes it new (kubectl rollout
+# On the pod template when a deploy names what the template names already and its rollout made no progress:
+# a patch that changes nothing starts no rollout, so the time of the deploy makes it new (kubectl rollout
 # restart's way).
 REDEPLOYED_ANNOTATION = "mlops/redeployed-at"
 
@@ -273,10 +273,11 @@ class KubernetesTarget:
     def deploy(self, version: str) -> None:
         patch = self.patch(str(version), f"models:/{self.model_name}/{version}")
         deployment = self._read()
-        if self._serving(deployment) == Serving(str(version), f"models:/{self.model_name}/{version}"):
-            # The template names this version already (plan deploys it again because its rollout made no
-            # progress): without a change to the template the API server starts no rollout, and the wait
-            # would at once see the old one's ProgressDeadlineExceeded.
+        if self._serving(deployment) == Serving(str(version), f"models:/{self.model_name}/{version}") \
+                and self._stalled(deployment):
+            # The template names this version already and its rollout made no progress (plan deploys it again):
+            # without a change to the template the API server starts no rollout, and the wait would at once see
+            # the old one's ProgressDeadlineExceeded. (A retried deploy whose rollout goes on just waits.)
             patch["spec"]["template"]["metadata"]["annotations"] = {REDEPLOYED_ANNOTATION: self._now()}
         kept = (deployment.metadata.annotations or {}).get(REPLICAS_ANNOTATION)
         if kept and not deployment.spec.replicas:  # scaled to 0 by the rollback of a first promotion

@@ -15,7 +15,8 @@ daemon_running() {
   [[ $group == *"${daemon_marker:?daemon_marker not set}"* ]] && return 0
   for member in $(pgrep -g "$pid"); do
     # Readable for our own processes only: another user's process never counts as ours.
-    tr '\0' '\n' <"/proc/$member/environ" 2>/dev/null | grep -qxF "MLOPS_DAEMON=$daemon_marker" && return 0
+    # (the redirection inside the braces: an unreadable or vanished environ file says nothing on the terminal)
+    { tr '\0' '\n' <"/proc/$member/environ"; } 2>/dev/null | grep -qxF "MLOPS_DAEMON=$daemon_marker" && return 0
   done
   return 1
 }

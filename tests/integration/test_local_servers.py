@@ -100,7 +100,10 @@ def test_two_starts_at_the_same_moment_launch_one_server(tmp_path):
 
 
 def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path):
-    bystander = subprocess.Popen(["sleep", "300"])  # what a reused pid from before a reboot would name
+    # What a reused pid from before a reboot would name: a group leader (so that its group's members are looked
+    # at, environment included), even one of another checkout's servers.
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True,
+                                 env={**os.environ, "MLOPS_DAEMON": str(tmp_path / "elsewhere" / "mlflow")})
     try:
         state = tmp_path / "var" / "mlflow"
         state.mkdir(parents=True)
@@ -109,7 +112,7 @@ def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path)
         assert _script("mlflow/server.sh", "status", env).returncode == 3
         stopped = _script("mlflow/server.sh", "stop", env)
         assert bystander.poll() is None  # not signalled
-        assert "was not running" in stopped.stdout
+        assert "was not running" in stopped.stdout and stopped.stderr == ""
     finally:
         bystander.kill()
         bystander.wait()

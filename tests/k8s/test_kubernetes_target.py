@@ -276,6 +276,8 @@ def test_deploying_again_the_version_whose_rollout_made_no_progress_starts_a_new
     assert template["metadata"]["annotations"] == {"mlops/redeployed-at": "2026-12-07T19:00:00.000+00:00"}
     assert "annotations" not in apps.patches[0][0]["spec"]["template"]["metadata"]  # a new version needs none
     _validate(apps.deployment)
+    target.deploy("7")  # a retried deploy of a rollout that went on: waits, starts no second rollout
+    assert "annotations" not in apps.patches[-1][0]["spec"]["template"]["metadata"]
 
 
 def test_restore_right_after_a_timed_out_rollout_waits_for_the_controller_to_observe_the_undo():

@@ -491,6 +491,11 @@ def test_only_a_registry_that_does_not_answer_is_waited_for_without_end(monkeypa
                                       error_code=INTERNAL_ERROR)
     assert serve.transient(download_failed) and not serve.unreachable(download_failed)
     assert not serve.transient(MlflowException("no such version", error_code=RESOURCE_DOES_NOT_EXIST))
+    # The model's own files, downloaded but missing or unreadable: no try fixes them (were tried as outages).
+    assert not serve.transient(FileNotFoundError(2, "No such file", "/tmp/model/data/model.weights.h5"))
+    assert not serve.transient(OSError("Unable to synchronously open file (file signature not found)"))
+    assert serve.transient(requests.ConnectionError("Connection reset by peer"))
+    assert serve.transient(requests.Timeout("read timed out")) and serve.transient(ConnectionResetError(104, "reset"))
 
 
 def test_a_download_that_keeps_failing_ends_the_initial_load_after_a_few_tries(monkeypatch, versions,
