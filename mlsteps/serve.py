@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import StepError, field, parse_config, setup_logging, write_json_atomic, write_problem
+from .core import StepError, field, hide_passwords, parse_config, setup_logging, write_json_atomic, write_problem
 from .tracking import transient, unreachable
 
 log = logging.getLogger("mlsteps.serve")
@@ -59,6 +59,8 @@ OUTAGE_PAUSE_MAX_SECONDS = 60  # the longest pause between tries while the regis
 BOUNDED_TRIES = 8  # tries of the initial load for a failure other than no answer at all (5xx, artifact download)
 INLINE_BODY_BYTES = 64 * 1024  # larger request bodies are parsed and run on a worker thread
 LARGE_BODIES_AT_ONCE = 4  # larger ones read at the same time (the rest wait, unread): memory stays bounded
+SERVER_VERSION = "1"  # of this server's API, in the OIP v2 server metadata
+CLIENT_CLOSED = 499  # the code of a request whose client disconnected first in the metrics (nginx's)
 V2_DATATYPES = {"FP32", "FP64", "FP16", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 
 
@@ -72,12 +74,22 @@ class ServeConfig:
     threads: int = field(1, help="LiteRT interpreter threads per request")
     max_batch: int = field(256, help="most images in one request (more: HTTP 413)")
     max_body_bytes: int = field(8 * 1024 * 1024, help="largest request body in bytes (more: HTTP 413)")
+    body_timeout_seconds: float = field(30.0, help="longest a client may take to send a request body (more: "
+                                                   "HTTP 408; a stalled upload would hold a slot for large "
+                                                   "bodies for ever)")
     warmup_requests: int = field(20, help="inferences run before the server reports ready")
     tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     deployment_file: str = field("", help="JSON file recording the deployed version: read at start (when no "
                                           "--model-uri), rewritten by each deployment (local deploy target)")
     admin_token_file: str = field("", help="file holding the bearer token of POST /admin/deploy (switch to "
                                            "another version in place); empty: no admin endpoint")
+
+
+def without_secrets(text: str, config: ServeConfig) -> str:
+    """``text`` without the tracking URI's password: MLflow's errors quote the URL whole, and the server shows
+    them on endpoints anyone may call (the model status, every inference's 503 while it is not ready)."""
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return hide_passwords(text, uri) if uri else text
 
 
 class Superseded(Exception):
@@ -235,8 +247,9 @@ def load_version(config: ServeConfig, uri: str, *, retry_outage: bool = True,
 
     def before_sleep(state: Any) -> None:
         exc = state.outcome.exception()
-        message = (f"{'the registry did not answer' if unreachable(exc) else 'the registry failed'} ({exc}); "
-                   f"try {state.attempt_number + 1} in {state.next_action.sleep:.0f} s")
+        message = without_secrets(f"{'the registry did not answer' if unreachable(exc) else 'the registry failed'} "
+                                  f"({exc}); try {state.attempt_number + 1} in {state.next_action.sleep:.0f} s",
+                                  config)
         log.warning("loading %s: %s", uri, message)
         if waiting:
             waiting(message)
@@ -339,10 +352,11 @@ class ModelHolder:
             log.info("stopped waiting for %s: a deployment in place decided what is served", uri)
             return
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, report it and stay alive (not ready)
+            why = without_secrets(f"{type(exc).__name__}: {exc}", self.config)
             with self._swap:
                 if not self._administered:  # a version deployed (or an unload) meanwhile wins
-                    self.state, self.error = "END", f"{type(exc).__name__}: {exc}"
-            log.error("could not load %s: %s", uri or self.name, f"{type(exc).__name__}: {exc}")
+                    self.state, self.error = "END", why
+            log.error("could not load %s: %s", uri or self.name, why)
             return
         with self._swap:
             if self._administered:  # a version deployed (or an unload) meanwhile wins
@@ -472,7 +486,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -514,17 +528,28 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                                     f"{served.version}")
         return served
 
-    async def read(request: Request) -> bytes:
-        """The request body, refused (413) past ``--max-body-bytes`` from its Content-Length or while it streams."""
+    def check_length(request: Request) -> None:
+        """413 from the Content-Length alone: before waiting for a slot, and before reading anything."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > config.max_body_bytes:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}")
+
+    async def read(request: Request) -> bytes:
+        """The request body, refused (413) past ``--max-body-bytes`` from its Content-Length or while it streams,
+        and (408) when it takes longer than ``--body-timeout-seconds`` to arrive: a client that stalls (crashed,
+        a dropped NAT entry: uvicorn has no timeout for a body) would keep its slot for large bodies for ever."""
+        check_length(request)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise RequestError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes")
+        try:
+            with anyio.fail_after(config.body_timeout_seconds):
+                async for chunk in request.stream():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > config.max_body_bytes:
+                        raise RequestError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes")
+        except TimeoutError:
+            raise RequestError(408, f"request body not received within {config.body_timeout_seconds:g} s "
+                                    f"({size} bytes arrived)") from None
         return b"".join(chunks)
 
     # At most LARGE_BODIES_AT_ONCE requests over INLINE_BODY_BYTES (or of unknown length) are read and answered
@@ -557,6 +582,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             started = time.perf_counter()
             try:
                 served = known(request)
+                check_length(request)
                 async with large_bodies if large(request) else contextlib.nullcontext():
                     raw = await read(request)
                     if len(raw) <= INLINE_BODY_BYTES:  # one image is 2-4 KiB: a thread hand-off would cost more
@@ -569,6 +595,9 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                 response = reply(answer, version=served.version)
             except RequestError as exc:
                 response = error(exc.status, str(exc))
+            except ClientDisconnect:  # the caller went away before its body arrived: not the server's failure
+                log.debug("client disconnected before sending its whole request body")
+                response = error(CLIENT_CLOSED, "client disconnected")  # nobody reads it; counted as such
             except Exception as exc:  # noqa: BLE001 - never a stack trace to the caller; the log has it
                 log.exception("inference failed")
                 response = error(500, f"inference failed: {type(exc).__name__}")
@@ -633,9 +662,24 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     async def ready(request: Request) -> Response:
         return reply({"ready": holder.ready}, 200 if holder.ready else 503)
 
+    async def v2_server(request: Request) -> Response:
+        """OIP v2 server metadata (what tritonclient's get_server_metadata asks)."""
+        return reply({"name": "mlsteps-serve", "version": SERVER_VERSION, "extensions": []})
+
+    def other_version(request: Request) -> Response | None:
+        """404 for a path naming a version this server does not serve (a version path while nothing is served:
+        the caller's version is not known to be wrong, and the endpoint says not ready)."""
+        version, served = request.path_params.get("version"), holder.served
+        if version is not None and served is not None and version != served.version:
+            return error(404, f"{holder.name} version {version} not served; this server serves version "
+                              f"{served.version}")
+        return None
+
     async def v2_metadata(request: Request) -> Response:
         if request.path_params["name"] != holder.name:
             return error(404, f"model {request.path_params['name']!r} not found; this server serves {holder.name!r}")
+        if (refused := other_version(request)) is not None:
+            return refused
         served = holder.served
         if served is None:
             return error(503, f"{holder.name} is not ready ({holder.state.lower()})")
@@ -648,6 +692,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
     async def model_ready(request: Request) -> Response:
         if request.path_params["name"] != holder.name:
             return error(404, f"model {request.path_params['name']!r} not found")
+        if (refused := other_version(request)) is not None:
+            return refused
         return reply({"name": holder.name, "ready": holder.ready}, 200 if holder.ready else 503)
 
     try:
@@ -686,10 +732,11 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
             served, previous = await run_in_threadpool(holder.deploy, version)
         except Exception as exc:  # noqa: BLE001 - the old version keeps serving; the caller learns why
             deployments.labels("failed").inc()
-            log.error("deployment of %s version %s failed, still serving %s: %s: %s", holder.name, version,
-                      holder.version or "(none)", type(exc).__name__, exc)
-            return error(422, f"{holder.name} version {version} could not be loaded ({type(exc).__name__}: "
-                              f"{exc}); still serving version {holder.version or '(none)'}")
+            why = without_secrets(f"{type(exc).__name__}: {exc}", config)
+            log.error("deployment of %s version %s failed, still serving %s: %s", holder.name, version,
+                      holder.version or "(none)", why)
+            return error(422, f"{holder.name} version {version} could not be loaded ({why}); still serving "
+                              f"version {holder.version or '(none)'}")
         deployments.labels("succeeded").inc()
         return reply({"model_name": holder.name, "model_version": served.version, "previous_version": previous},
                      version=served.version)
@@ -719,7 +766,10 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
         Route("/v2/models/{name}/infer", inference("v2", v2_infer), methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", inference("v2", v2_infer), methods=["POST"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}", v2_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}", v2_metadata, methods=["GET"]),
+        Route("/v2", v2_server, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/deploy", admin_deploy, methods=["POST"]),
     ]

@@ -311,6 +311,20 @@ def test_wrong_methods_and_unknown_paths_get_json_errors_naming_the_fix(server):
     assert headers["x-model-name"] == MODEL
 
 
+def test_the_oip_v2_server_metadata_and_versioned_model_endpoints_answer(server):
+    """tritonclient's get_server_metadata() and is_model_ready(..., model_version=) got 404."""
+    status, _, body = server.call("GET", "/v2")
+    assert status == 200 and body["name"] == "mlsteps-serve" and body["extensions"] == []
+    served = server.call("GET", f"/v2/models/{MODEL}")[2]["versions"][0]
+    status, _, body = server.call("GET", f"/v2/models/{MODEL}/versions/{served}")
+    assert status == 200 and body["versions"] == [served] and body["inputs"][0]["shape"] == [-1, 28, 28]
+    assert server.call("GET", f"/v2/models/{MODEL}/versions/{served}/ready")[:3:2] == (200, {"name": MODEL,
+                                                                                            "ready": True})
+    status, _, body = server.call("GET", f"/v2/models/{MODEL}/versions/999/ready")
+    assert status == 404 and "version 999 not served" in body["error"]
+    assert server.call("GET", f"/v2/models/{MODEL}/versions/999")[0] == 404
+
+
 def test_interpreters_for_the_batch_sizes_seen_stay_within_their_image_capacity(tflite):
     """A client sweeping batch sizes must not grow the server's memory (an interpreter's grows with its batch):
     the least recently used are dropped, and every answer is still LiteRT's."""
@@ -400,6 +414,106 @@ def test_health_probes_answer_while_a_large_batch_is_being_inferred():
         runner.release.set()
         uvicorn_server.should_exit = True
         thread.join(30)
+
+
+def _constant_app(**options: Any) -> Any:
+    """The server's app around a model answering 0.1 for every class: the HTTP layer alone."""
+    from mlsteps import serve
+
+    class Constant(serve.Serialised):
+        image_shape, classes = (28, 28), 10
+
+        def _predict(self, images: np.ndarray) -> np.ndarray:
+            return np.full((len(images), self.classes), 0.1, np.float32)
+
+    config = serve.ServeConfig(model_name=MODEL, warmup_requests=0, **options)
+    holder = serve.ModelHolder(config)
+    holder.served, holder.state = serve.Served(Constant(), "1", "tflite"), "AVAILABLE"
+    return serve.create_app(config, holder)
+
+
+async def _asgi(app: Any, method: str, path: str, receive: Any, length: int | None = None) -> tuple[int, bytes]:
+    answer: dict[str, Any] = {"body": b""}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    scope = {"type": "http", "method": method, "path": path, "raw_path": b"", "query_string": b"", "root_path": "",
+             "scheme": "http", "http_version": "1.1", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 8501)}
+    await app(scope, receive, send)
+    return answer["status"], answer["body"]
+
+
+def test_stalled_uploads_get_408_and_free_their_slots_and_an_oversized_body_is_refused_at_once():
+    """A client that sends its headers and then nothing (crashed, a dropped NAT entry) held its slot for large
+    bodies for ever: four of them blocked every large request, and the 413 a too-large one should get at once."""
+    import anyio
+
+    from mlsteps import serve
+
+    app = _constant_app(body_timeout_seconds=0.5, max_body_bytes=1_000_000)
+    image = json.dumps({"instances": [[[0] * 28] * 28]}).encode()
+    big = image + b" " * (serve.INLINE_BODY_BYTES + 1000)
+    answers: dict[str, tuple[float, int]] = {}
+    started = time.monotonic()
+
+    async def stalled() -> dict:
+        await anyio.sleep_forever()
+
+    def sends(body: bytes) -> Any:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+        return receive
+
+    async def post(label: str, receive: Any, length: int) -> None:
+        status, _ = await _asgi(app, "POST", f"/v1/models/{MODEL}:predict", receive, length)
+        answers[label] = (time.monotonic() - started, status)
+
+    async def main() -> None:
+        with anyio.fail_after(20):  # without the body timeout: a failure, not a hang
+            await requests()
+
+    async def requests() -> None:
+        async with anyio.create_task_group() as group:
+            for i in range(serve.LARGE_BODIES_AT_ONCE):
+                group.start_soon(post, f"stalled{i}", stalled, len(big))
+            await anyio.sleep(0.1)
+            group.start_soon(post, "oversized", stalled, 2_000_000)
+            group.start_soon(post, "big", sends(big), len(big))
+
+    anyio.run(main)
+    assert all(answers[f"stalled{i}"][1] == 408 for i in range(serve.LARGE_BODIES_AT_ONCE)), answers
+    assert answers["oversized"][1] == 413 and answers["oversized"][0] < 0.4  # not queued behind the stalled
+    assert answers["big"][1] == 200  # served once a stalled upload's slot was freed
+
+
+def test_a_client_that_disconnects_mid_body_is_not_counted_as_a_server_error(caplog):
+    """Counted and logged as a 500 with a traceback, it fired 5xx alerts for what clients did."""
+    import anyio
+
+    app = _constant_app()
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def nothing() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> tuple[int, bytes]:
+        await _asgi(app, "POST", f"/v1/models/{MODEL}:predict", gone, 200_000)
+        return await _asgi(app, "GET", "/metrics", nothing)
+
+    status, metrics = anyio.run(main)
+    assert status == 200
+    assert 'model_server_requests_total{code="499",protocol="v1"} 1.0' in metrics.decode()
+    assert 'code="500"' not in metrics.decode() and "inference failed" not in caplog.text
 
 
 def test_only_a_few_large_bodies_are_read_at_a_time_and_small_requests_pass_them(monkeypatch):
@@ -551,6 +665,27 @@ def test_the_initial_load_waits_out_an_outage_of_any_length_and_says_why_it_is_n
     assert (holder.state, holder.version, holder.error) == ("AVAILABLE", str(versions[-1]), "")
     assert len(seen) == 20 and {state for state, _ in seen} == {"LOADING"}
     assert "waiting for the registry" in seen[-1][1] and "connection refused" in seen[-1][1]
+
+
+def test_the_status_of_a_server_waiting_for_the_registry_does_not_show_the_tracking_uris_password(monkeypatch):
+    """MLflow's error quotes the URL whole: the status endpoint (and every 503) showed the password to anyone."""
+    from mlsteps import serve
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    seen = []
+    holder = serve.ModelHolder(serve.ServeConfig(
+        model_name=MODEL, tracking_uri=f"http://reader:s3cret-pass@127.0.0.1:{free_port()}", warmup_requests=1))
+    waiting = holder._waiting
+
+    def once(message: str) -> None:
+        waiting(message)
+        seen.append(holder.error)
+        raise serve.Superseded  # seen once: enough
+
+    monkeypatch.setattr(holder, "_waiting", once)
+    holder.load()
+    assert seen and "waiting for the registry" in seen[0] and "reader:***@127.0.0.1" in seen[0], seen
+    assert "s3cret" not in seen[0]
 
 
 def test_a_version_deployed_while_the_initial_load_waits_ends_the_wait(monkeypatch, versions, mlflow_server):
