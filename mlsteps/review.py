@@ -55,7 +55,12 @@ def run(config: ReviewConfig) -> dict[str, Any]:
               "review.time": when, "review.comment": config.comment}
     try:
         current = client.get_model_version_by_alias(name, config.alias).version
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        # Only "no such alias" means no champion: an outage taken for one refused an approval for good (exit 2,
+        # "champion is now version (none)"), or let one overwrite a champion set meanwhile. It fails the step
+        # instead, which is retried.
+        if not tracking.not_found(exc):
+            raise
         current = None
     previous = None
     if config.decision == "rejected" and current == version:

@@ -116,3 +116,23 @@ def test_rejecting_the_version_that_is_champion_is_refused_and_says_how_to_undo_
         _review(name, new, mlflow_server, "rejected", reviewer="bob")
     tags = client.get_model_version(name, str(new)).tags
     assert tags["review.decision"] == "approved"
+
+
+def test_a_registry_outage_while_reading_the_champion_fails_for_a_retry_and_records_nothing(
+        versions, mlflow_server, monkeypatch):
+    """Taken for "no champion", an approval of a version the gate compared with the champion was refused for good
+    (exit 2: "champion is now version (none)")."""
+    from mlflow.exceptions import MlflowException
+
+    name, numbers, client = versions
+
+    def outage(*args, **kwargs):
+        raise MlflowException("API request failed with error code 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", outage)
+    with pytest.raises(MlflowException, match="503"):  # not a StepError: the runner retries it
+        _review(name, numbers[1], mlflow_server, "approved", reviewer="ana")
+    monkeypatch.undo()
+    assert "review.decision" not in client.get_model_version(name, str(numbers[1])).tags
+    assert client.get_model_version_by_alias(name, "champion").version == str(numbers[0])
+    assert _review(name, numbers[1], mlflow_server, "approved", reviewer="ana")["promoted"]  # the retry
