@@ -153,7 +153,8 @@ with DAG(
         "node_selector": Param({}, type=["null", "object"], propertyNames={"pattern": LABEL_KEY_PATTERN},
                                additionalProperties={"type": "string", "pattern": LABEL_VALUE_PATTERN},
                                description='Node selector for the training and trial-worker pods, e.g. '
-                                           '{"cloud.google.com/gke-nodepool": "gpu-a100"}.'),
+                                           '{"cloud.google.com/gke-nodepool": "gpu-a100"} (they tolerate a GPU '
+                                           "pool's nvidia.com/gpu taint, without GPUs too)."),
         "model_name": Param(settings.model_name, type="string", minLength=1, maxLength=200,
                             pattern=MODEL_NAME_PATTERN,
                             description="Registered model name in MLflow: letters, digits, _ . - "

@@ -105,13 +105,18 @@ class StepPodOperator(KubernetesPodOperator):
         if not (number >= 0 and number.is_integer()):
             raise AirflowFailException(f"{self.task_id}: gpus must be a whole number >= 0, got {text!r}")
         gpus = int(number)
+        selector_given = bool(self.node_selector_json.strip()) and self.node_selector_json.strip() != "{}"
+        if gpus or selector_given:
+            # GPU node pools are tainted nvidia.com/gpu (GKE, the NVIDIA operator): a pod the node_selector pins
+            # there must tolerate it even without GPUs (a CPU search on the training pool), or it never schedules.
+            # A toleration only permits: on other nodes it changes nothing.
+            pod.spec.tolerations = [*(pod.spec.tolerations or []),
+                                    k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
         if gpus:
             resources = container.resources or k8s.V1ResourceRequirements()
             resources.limits = {**(resources.limits or {}), GPU_RESOURCE: str(gpus)}
             resources.requests = {**(resources.requests or {}), GPU_RESOURCE: str(gpus)}
             container.resources = resources
-            pod.spec.tolerations = [*(pod.spec.tolerations or []),
-                                    k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
             # The step refuses to run on the CPU when TensorFlow does not see what the pod was given.
             container.env = [*(container.env or []), k8s.V1EnvVar(name=EXPECTED_GPUS_ENV, value=str(gpus))]
         if self.node_selector_json.strip():

@@ -288,6 +288,16 @@ def test_training_pod_requests_the_gpus_and_node_pool_from_the_trigger_form(dag)
     assert task.on_finish_action.value == "delete_succeeded_pod"
 
 
+@pytest.mark.parametrize("task_id", ["tune", "train"])
+def test_a_pod_pinned_to_a_node_pool_tolerates_its_gpu_taint_even_without_gpus(dag, task_id):
+    """A CPU search (search_gpus 0) on the training GPU pool: GKE taints it nvidia.com/gpu, and the trial pods,
+    not tolerating it, waited for a node until their start timeout, on every try."""
+    pod, _ = render(dag, task_id, gpus=0, search_gpus=0, node_selector={"cloud.google.com/gke-nodepool": "a100"})
+    assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "a100"}
+    assert pod["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
+
+
 def test_whole_numbers_sent_as_json_floats_request_whole_gpus_and_fractions_fail_for_good(dag):
     """The form's integer schema passes 2.0 (JSON Schema counts it as an integer): an API client's conf."""
     from airflow.sdk.exceptions import AirflowFailException
