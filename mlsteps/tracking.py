@@ -17,6 +17,8 @@ from .core import NodeError, StepError, field, safe_name, without_password
 log = logging.getLogger("mlsteps.tracking")
 
 RUN_KEY_TAG = "pipeline.run_key"
+# On a training run trained again with other settings: those values (JSON), the params keeping the first try's.
+TRAIN_SETTINGS_CHANGED = "train.settings_changed"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -300,7 +300,7 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     params = {**{k: v for k, v in settings.items() if k != "run_key"}, "parameters": net.count_params(),
               "gpus": gpus, "train_examples": n_train}
     # Trained again with other settings (select picked another trial, say): those are in train.settings_changed.
-    tracking.log_params_once(mlflow, run_id, params, "train.settings_changed")
+    tracking.log_params_once(mlflow, run_id, params, tracking.TRAIN_SETTINGS_CHANGED)
     log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
              net.name, net.count_params(), n_train, config.batch_size, config.epochs)
 

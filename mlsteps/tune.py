@@ -182,11 +182,20 @@ def champion_start(client: Any, model_name: str) -> tuple[dict[str, Any], str] |
         return None
     label = f"champion {model_name} v{version.version}"
     try:
-        params = client.get_run(version.run_id).data.params if version.run_id else {}
+        data = client.get_run(version.run_id).data if version.run_id else None
     except mlflow.exceptions.MlflowException as exc:
         if not tracking.not_found(exc):
             raise
-        params = {}  # its run was deleted
+        data = None  # its run was deleted
+    params = dict(data.params) if data else {}
+    # Trained again with other settings (select picked another trial): MLflow params never change, the values
+    # its model was trained with are in this tag (train.py); the params alone would name the first try's.
+    try:
+        retrained = json.loads((data.tags if data else {}).get(tracking.TRAIN_SETTINGS_CHANGED) or "{}")
+    except ValueError:
+        retrained = {}
+    if isinstance(retrained, dict):
+        params.update(retrained)
     values: dict[str, Any] = {}
     for name in search.SEARCH_SPACE:
         try:

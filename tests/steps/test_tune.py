@@ -458,6 +458,24 @@ class _Registry:
         self.tags[key] = value
 
 
+def test_a_champion_trained_again_with_other_settings_starts_the_search_from_those() -> None:
+    """MLflow params never change: a run trained again with another trial's values keeps the first try's params,
+    and the values its model has in tag train.settings_changed. The params alone named the wrong start point."""
+    from mlsteps import tune
+
+    run = types.SimpleNamespace(data=types.SimpleNamespace(
+        params={"learning_rate": "0.001", "batch_size": "64", "width": "48", "dropout": "0.3", "epochs": "5"},
+        tags={"train.settings_changed": json.dumps({"learning_rate": "0.004", "width": "32", "epochs": "8"})}))
+
+    class Registry(_Registry):
+        def get_run(self, run_id: str) -> Any:
+            return run
+
+    values, label = tune.champion_start(Registry(), "fashion")
+    assert values == {"learning_rate": 0.004, "batch_size": 64, "width": 32, "dropout": 0.3}
+    assert label == "champion fashion v3"
+
+
 @pytest.mark.parametrize("error", ["TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR"])
 def test_a_registry_that_does_not_answer_fails_the_setup_instead_of_starting_without_the_champion(
         tmp_path, error) -> None:
