@@ -798,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --threads, --max-batch and --max-body-bytes must be >= 1")
     if config.warmup_requests < 0:
         raise SystemExit(f"error: --warmup-requests must be >= 0, got {config.warmup_requests}")
+    if not (math.isfinite(config.body_timeout_seconds) and config.body_timeout_seconds > 0):
+        raise SystemExit(f"error: --body-timeout-seconds must be a number of seconds > 0, got "
+                         f"{config.body_timeout_seconds:g}")
     if not 1 <= config.port <= 65535:  # uvicorn would listen on the port modulo 65536
         raise SystemExit(f"error: --port must be a TCP port, 1 to 65535, got {config.port}")
     if config.deployment_file and (problem := write_problem(Path(config.deployment_file))):

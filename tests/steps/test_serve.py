@@ -432,7 +432,8 @@ def _constant_app(**options: Any) -> Any:
     return serve.create_app(config, holder)
 
 
-async def _asgi(app: Any, method: str, path: str, receive: Any, length: int | None = None) -> tuple[int, bytes]:
+async def _asgi(app: Any, method: str, path: str, receive: Any, length: int | None = None,
+                headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, bytes]:
     answer: dict[str, Any] = {"body": b""}
 
     async def send(message: dict) -> None:
@@ -441,7 +442,7 @@ async def _asgi(app: Any, method: str, path: str, receive: Any, length: int | No
         elif message["type"] == "http.response.body":
             answer["body"] += message.get("body", b"")
 
-    headers = [(b"content-type", b"application/json")]
+    headers = [(b"content-type", b"application/json"), *headers]
     if length is not None:
         headers.append((b"content-length", str(length).encode()))
     scope = {"type": "http", "method": method, "path": path, "raw_path": b"", "query_string": b"", "root_path": "",
@@ -688,6 +689,38 @@ def test_the_status_of_a_server_waiting_for_the_registry_does_not_show_the_track
     assert "s3cret" not in seen[0]
 
 
+def test_a_failed_load_or_deployment_does_not_show_the_tracking_uris_password(monkeypatch, tmp_path):
+    """The failed initial load's status and /admin/deploy's 422 quote the loader's error, URL and all."""
+    import anyio
+
+    from mlsteps import serve
+
+    uri = "http://reader:s3cret-pass@mlflow.example:5000"
+
+    def fails(config: Any, model_uri: str, **kwargs: Any) -> Any:
+        raise RuntimeError(f"API request to {uri}/api/2.0/mlflow/registered-models/alias failed")
+
+    monkeypatch.setattr(serve, "load_version", fails)
+    holder = serve.ModelHolder(serve.ServeConfig(model_name=MODEL, tracking_uri=uri, warmup_requests=0))
+    holder.load()
+    assert holder.state == "END" and "reader:***@mlflow.example" in holder.error and "s3cret" not in holder.error
+
+    token = tmp_path / "token"
+    token.write_text("admin-token-0123456789\n")
+    app = _constant_app(tracking_uri=uri, admin_token_file=str(token))
+    body = json.dumps({"version": "2"}).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def deploy() -> tuple[int, bytes]:
+        return await _asgi(app, "POST", "/admin/deploy", receive, len(body),
+                           headers=[(b"authorization", b"Bearer admin-token-0123456789")])
+
+    status, reply = anyio.run(deploy)
+    assert status == 422 and b"reader:***@mlflow.example" in reply and b"s3cret" not in reply, reply
+
+
 def test_a_version_deployed_while_the_initial_load_waits_ends_the_wait(monkeypatch, versions, mlflow_server):
     """The deployment decided what is served: the initial load stops retrying instead of waiting forever for a
     version it would not serve anyway."""
@@ -889,7 +922,10 @@ def test_a_model_uri_that_is_not_a_version_or_alias_of_the_served_model_is_refus
     (["--threads", "0"], "--threads, --max-batch and --max-body-bytes must be >= 1"),
     (["--warmup-requests", "-1"], "--warmup-requests must be >= 0, got -1"),
     (["--deployment-file", "{tmp}/a-file/deployment.json"], "{tmp}/a-file is a file, not a folder"),
-], ids=["port-past-65535", "port-zero", "no-threads", "negative-warmup", "deployment-file-under-a-file"])
+    (["--body-timeout-seconds", "-5"], "--body-timeout-seconds must be a number of seconds > 0, got -5"),
+    (["--body-timeout-seconds", "0"], "--body-timeout-seconds must be a number of seconds > 0, got 0"),
+], ids=["port-past-65535", "port-zero", "no-threads", "negative-warmup", "deployment-file-under-a-file",
+        "negative-body-timeout", "no-body-timeout"])
 def test_server_flags_it_cannot_serve_with_are_refused_at_start(flags, words, tmp_path):
     (tmp_path / "a-file").write_text("")
     flags, words = [f.format(tmp=tmp_path) for f in flags], words.format(tmp=tmp_path)
