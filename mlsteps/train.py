@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -188,6 +189,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     previous = _finished(model_dir) if is_complete(model_dir) else None
     if previous is not None and previous["settings"] == settings and not (model_dir / SUPERSEDED).exists():
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
+        _close_run(config)
         return previous
     if previous is not None:
         # Kept until the new model is saved (a failed try leaves it in place), but no longer this run's
@@ -211,6 +213,19 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 SUPERSEDED = "_SUPERSEDED"  # in a finished model's folder once a training with other settings started
+
+
+def _close_run(config: TrainConfig) -> None:
+    """A pipeline run cleared after it finished: validate reopened its MLflow run (RUNNING), and a training that
+    finds its model done must end it, or it shows RUNNING for good. Best effort: the model is the result."""
+    try:
+        mlflow = tracking.connect(config.tracking_uri)
+        client = mlflow.MlflowClient()
+        run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FINISHED")
+    except Exception as exc:  # noqa: BLE001 - an MLflow outage must not fail a finished training
+        log.warning("could not mark the MLflow run of %s finished: %s", config.run_key, exc)
 
 
 def _finished(model_dir: Path) -> dict[str, Any] | None:
@@ -244,15 +259,64 @@ def _backup_for(backup_dir: Path, settings: dict[str, Any]) -> None:
         try:
             if not marker.is_file() or json.loads(marker.read_text()) != settings:
                 why = "it was not made with these settings"
-            for record in backup_dir.rglob("*.json*"):  # Keras's epoch records, rewritten in place each epoch
-                json.loads(record.read_text())
-        except ValueError as exc:  # a pod killed while writing one: Keras would fail on it at every retry
-            why = f"{exc.__class__.__name__} in one of its records ({exc})"
+        except ValueError as exc:
+            why = f"{exc.__class__.__name__} in {marker.name} ({exc})"
+        why = why or _repair_backup(backup_dir)
         if why:
             log.warning("discarding the epoch backup in %s: %s; training from scratch", backup_dir, why)
             shutil.rmtree(backup_dir)
     backup_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, settings)
+
+
+BACKUP_WEIGHTS, BACKUP_RECORD = "latest.weights.h5", "training_metadata.json"  # Keras's BackupAndRestore files
+SECOND_COPY = ".bkp"  # its double_checkpoint copies of the epoch before
+
+
+def _damaged(weights: Path, record: Path) -> str:
+    """Why an epoch's weights and record (both written in place by Keras) are not whole, or "" when they are."""
+    import h5py
+
+    try:
+        json.loads(record.read_text())["epoch"]
+        with h5py.File(weights, "r"):
+            pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _repair_backup(backup_dir: Path) -> str:
+    """Leave a Keras epoch backup Keras can resume from; return why it cannot be kept ("" when it can).
+
+    Keras copies the last epoch's files to their second copy, then rewrites them in place, and falls back to the
+    copy only when the weights fail to load; a pod killed meanwhile left files every retry failed on: an epoch
+    record half written (JSONDecodeError), or the first epoch's weights half written (no copy yet to fall back
+    to). The newest whole pair is kept: the latest epoch, else the copy before it; a damaged copy beside a whole
+    latest epoch (killed while copying) is dropped, Keras makes it again.
+    """
+    weights, record = backup_dir / BACKUP_WEIGHTS, backup_dir / BACKUP_RECORD
+    copy_weights, copy_record = (backup_dir / f"{weights.name}{SECOND_COPY}",
+                                 backup_dir / f"{record.name}{SECOND_COPY}")
+    if not any(path.exists() for path in (weights, record, copy_weights, copy_record)):
+        return ""  # nothing backed up yet
+    latest = _damaged(weights, record)
+    if not latest:
+        if (copy_weights.exists() or copy_record.exists()) and _damaged(copy_weights, copy_record):
+            log.warning("the second copy of the epoch backup in %s is damaged (a pod killed while copying): "
+                        "dropped, the latest epoch is whole", backup_dir)
+            copy_weights.unlink(missing_ok=True)
+            copy_record.unlink(missing_ok=True)
+        return ""
+    if copy_weights.exists() and copy_record.exists() and not _damaged(copy_weights, copy_record):
+        log.warning("the latest epoch of the backup in %s is damaged (%s): resuming from the copy of the epoch "
+                    "before it", backup_dir, latest)
+        for copy, target in ((copy_weights, weights), (copy_record, record)):
+            scratch = target.with_name(f"{target.name}.restoring")
+            shutil.copyfile(copy, scratch)
+            os.replace(scratch, target)
+        return ""
+    return f"its latest epoch is damaged ({latest}) and there is no whole copy of the epoch before it"
 
 
 def _final_metrics(client: Any, run_id: str, history: dict[str, list[float]], epochs: int) -> dict[str, float]:
