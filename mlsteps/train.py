@@ -189,7 +189,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     previous = _finished(model_dir) if is_complete(model_dir) else None
     if previous is not None and previous["settings"] == settings and not (model_dir / SUPERSEDED).exists():
         log.info("model for %s already trained with these settings: %s", config.run_key, model_dir)
-        _close_run(config)
+        _close_run(config, previous.get("mlflow_run_id"), model_dir)
         return previous
     if previous is not None:
         # Kept until the new model is saved (a failed try leaves it in place), but no longer this run's
@@ -215,17 +215,19 @@ def run(config: TrainConfig) -> dict[str, Any]:
 SUPERSEDED = "_SUPERSEDED"  # in a finished model's folder once a training with other settings started
 
 
-def _close_run(config: TrainConfig) -> None:
+def _close_run(config: TrainConfig, run_id: str | None, model_dir: Path) -> None:
     """A pipeline run cleared after it finished: validate reopened its MLflow run (RUNNING), and a training that
-    finds its model done must end it, or it shows RUNNING for good. Best effort: the model is the result."""
+    finds its model done must end it, or it shows RUNNING for good. Best effort: the model is the result. The
+    run the finished model names (none is created); not while another try trains other settings there."""
+    if not run_id:
+        return
     try:
         mlflow = tracking.connect(config.tracking_uri)
         client = mlflow.MlflowClient()
-        run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
-        if client.get_run(run_id).info.status == "RUNNING":
+        if client.get_run(run_id).info.status == "RUNNING" and not (model_dir / SUPERSEDED).exists():
             client.set_terminated(run_id, "FINISHED")
-    except Exception as exc:  # noqa: BLE001 - an MLflow outage must not fail a finished training
-        log.warning("could not mark the MLflow run of %s finished: %s", config.run_key, exc)
+    except Exception as exc:  # noqa: BLE001 - an MLflow outage (or a deleted run) must not fail a finished training
+        log.warning("could not mark the MLflow run %s of %s finished: %s", run_id, config.run_key, exc)
 
 
 def _finished(model_dir: Path) -> dict[str, Any] | None:
@@ -277,13 +279,23 @@ def _damaged(weights: Path, record: Path) -> str:
     """Why an epoch's weights and record (both written in place by Keras) are not whole, or "" when they are."""
     import h5py
 
+    def read(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset):
+            item[()]  # every value: a file cut short can open and still fail on a layer (Keras: ValueError)
+
     try:
-        json.loads(record.read_text())["epoch"]
-        with h5py.File(weights, "r"):
-            pass
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        int(json.loads(record.read_text())["epoch"])
+        with h5py.File(weights, "r") as archive:
+            if not len(archive):
+                return "no weights in it"
+            archive.visititems(read)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return ""
+
+
+def _epoch(record: Path) -> int:
+    return int(json.loads(record.read_text())["epoch"])
 
 
 def _repair_backup(backup_dir: Path) -> str:
@@ -292,8 +304,9 @@ def _repair_backup(backup_dir: Path) -> str:
     Keras copies the last epoch's files to their second copy, then rewrites them in place, and falls back to the
     copy only when the weights fail to load; a pod killed meanwhile left files every retry failed on: an epoch
     record half written (JSONDecodeError), or the first epoch's weights half written (no copy yet to fall back
-    to). The newest whole pair is kept: the latest epoch, else the copy before it; a damaged copy beside a whole
-    latest epoch (killed while copying) is dropped, Keras makes it again.
+    to), or new weights beside the record of the epoch before. The newest whole pair of one epoch is kept: the
+    latest, else the copy before it; a damaged copy beside a whole latest epoch (killed while copying) is
+    dropped, Keras makes it again.
     """
     weights, record = backup_dir / BACKUP_WEIGHTS, backup_dir / BACKUP_RECORD
     copy_weights, copy_record = (backup_dir / f"{weights.name}{SECOND_COPY}",
@@ -301,19 +314,26 @@ def _repair_backup(backup_dir: Path) -> str:
     if not any(path.exists() for path in (weights, record, copy_weights, copy_record)):
         return ""  # nothing backed up yet
     latest = _damaged(weights, record)
+    has_copy = copy_weights.exists() or copy_record.exists()
+    copy = _damaged(copy_weights, copy_record) if has_copy else "there is none"
     if not latest:
-        if (copy_weights.exists() or copy_record.exists()) and _damaged(copy_weights, copy_record):
-            log.warning("the second copy of the epoch backup in %s is damaged (a pod killed while copying): "
-                        "dropped, the latest epoch is whole", backup_dir)
+        if has_copy and copy:
+            log.warning("the second copy of the epoch backup in %s is damaged (%s; a pod killed while copying): "
+                        "dropped, the latest epoch is whole", backup_dir, copy)
             copy_weights.unlink(missing_ok=True)
             copy_record.unlink(missing_ok=True)
-        return ""
-    if copy_weights.exists() and copy_record.exists() and not _damaged(copy_weights, copy_record):
+            return ""
+        if not has_copy or _epoch(record) != _epoch(copy_record):
+            return ""
+        # Both whole and of one epoch: killed after the new weights were written and before their record was,
+        # the weights may be an epoch ahead of their record (resumed so, that epoch would be trained twice).
+        latest = "its weights may be of the epoch after its record's"
+    if not copy:
         log.warning("the latest epoch of the backup in %s is damaged (%s): resuming from the copy of the epoch "
                     "before it", backup_dir, latest)
-        for copy, target in ((copy_weights, weights), (copy_record, record)):
+        for source, target in ((copy_weights, weights), (copy_record, record)):
             scratch = target.with_name(f"{target.name}.restoring")
-            shutil.copyfile(copy, scratch)
+            shutil.copyfile(source, scratch)
             os.replace(scratch, target)
         return ""
     return f"its latest epoch is damaged ({latest}) and there is no whole copy of the epoch before it"

@@ -570,6 +570,27 @@ def test_a_half_written_epoch_record_resumes_from_the_whole_copy_of_the_epoch_be
     assert "resuming from the copy of the epoch before it" in caplog.text
 
 
+def test_weights_written_without_their_epoch_record_resume_from_the_copy_of_that_epoch(tmp_path):
+    """Killed after epoch 3's weights were written and before its record: weights of epoch 3 and a record saying
+    2 both load, and Keras would train epoch 3 again on top of itself (its learning-rate schedule ahead)."""
+    import h5py
+    import numpy as np
+
+    backup = tmp_path / "backup"
+    settings = {"epochs": 4, "width": 4}
+    train._backup_for(backup, settings)
+    _epoch_files(backup, 2, ".bkp")
+    _epoch_files(backup, 2)
+    (backup / "latest.weights.h5").unlink()
+    with h5py.File(backup / "latest.weights.h5", "w") as weights:
+        weights["epoch"] = np.full(4, 3)
+
+    train._backup_for(backup, settings)
+    with h5py.File(backup / "latest.weights.h5", "r") as weights:
+        assert list(weights["epoch"][:]) == [2] * 4
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+
+
 def test_a_second_copy_left_half_written_is_dropped_and_the_latest_epoch_kept(tmp_path):
     backup = tmp_path / "backup"
     settings = {"epochs": 3, "width": 4}
