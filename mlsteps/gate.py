@@ -138,14 +138,8 @@ def run(config: GateConfig) -> dict[str, Any]:
         raise StepError(f"{name} version {version} was trained on the prepared dataset {trained_on[:16]}, but "
                         f"--manifest {config.manifest} is {manifest['digest'][:16]}: pass the manifest of the "
                         "dataset it was trained on (its test split is the one it must be judged on)")
-    try:
-        champion = client.get_model_version_by_alias(name, config.champion_alias)
-    except mlflow.exceptions.MlflowException as exc:
-        # Only "no such alias" means no champion: an outage judged as "no champion yet" would stick (a judged
-        # version is never judged again); it fails the step instead, which is retried.
-        if not tracking.not_found(exc):
-            raise
-        champion = None
+    # An outage fails the step (retried): judged as "no champion yet", it would stick (never judged again).
+    champion = tracking.version_by_alias(client, name, config.champion_alias)
     itself = champion is not None and champion.version == version
     if itself:
         champion = None  # re-judging the champion itself (deployed by hand first): compare with nothing

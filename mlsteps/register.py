@@ -116,10 +116,10 @@ def run(config: RegisterConfig) -> dict[str, Any]:
                 f"from {version.source}, but --model-uri is {config.model_uri}: the model changed after "
                 "registration (train or compress re-ran with other settings); trigger a new DAG run to register it")
         log.info("run %s already registered as %s version %s", config.run_key, config.model_name, version.version)
-        newer = _alias_version(mlflow, client, config.model_name, config.alias)
-        if newer is not None and int(newer) > int(version.version):
+        newer = tracking.version_by_alias(client, config.model_name, config.alias)
+        if newer is not None and int(newer.version) > int(version.version):
             # A retry of an older run (its task cleared) after a later run registered its version.
-            log.info("alias %s stays at version %s, registered after this run's", config.alias, newer)
+            log.info("alias %s stays at version %s, registered after this run's", config.alias, newer.version)
             return _result(config, version, existing=True)
     else:
         _check_source(client, config.model_uri)
@@ -134,15 +134,6 @@ def run(config: RegisterConfig) -> dict[str, Any]:
         log.info("registered %s version %s from %s", config.model_name, version.version, config.model_uri)
     client.set_registered_model_alias(config.model_name, config.alias, version.version)
     return _result(config, version, existing=bool(existing))
-
-
-def _alias_version(mlflow: Any, client: Any, name: str, alias: str) -> str | None:
-    try:
-        return client.get_model_version_by_alias(name, alias).version
-    except mlflow.exceptions.MlflowException as exc:
-        if tracking.not_found(exc):
-            return None
-        raise
 
 
 def _result(config: RegisterConfig, version: Any, *, existing: bool) -> dict[str, Any]:

@@ -53,15 +53,10 @@ def run(config: ReviewConfig) -> dict[str, Any]:
     when = config.decided_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = {"review.decision": config.decision, "review.reviewer": config.reviewer or "unknown",
               "review.time": when, "review.comment": config.comment}
-    try:
-        current = client.get_model_version_by_alias(name, config.alias).version
-    except mlflow.exceptions.MlflowException as exc:
-        # Only "no such alias" means no champion: an outage taken for one refused an approval for good (exit 2,
-        # "champion is now version (none)"), or let one overwrite a champion set meanwhile. It fails the step
-        # instead, which is retried.
-        if not tracking.not_found(exc):
-            raise
-        current = None
+    # An outage fails the step (retried): taken for "no champion", it refused an approval for good (exit 2,
+    # "champion is now version (none)"), or let one overwrite a champion set meanwhile.
+    named = tracking.version_by_alias(client, name, config.alias)
+    current = named.version if named is not None else None
     previous = None
     if config.decision == "rejected" and current == version:
         raise StepError(f"{name} version {version} is {config.alias} (approved earlier) and would stay served if "

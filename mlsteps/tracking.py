@@ -225,6 +225,20 @@ def registered_version(client: Any, name: str, version: str | int) -> Any:
         raise
 
 
+def version_by_alias(client: Any, name: str, alias: str) -> Any:
+    """The model version ``alias`` names, or None when MLflow says it names none (or the model does not exist);
+    an outage or any other MLflow error is raised as it is (exit 1: the runner retries). Taken for "no alias",
+    an outage would stick: a gate verdict against no champion, an approval refused for good."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if not_found(exc):
+            return None
+        raise
+
+
 def run_url(mlflow: Any, run_id: str) -> str:
     run = mlflow.MlflowClient().get_run(run_id)
     return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -284,7 +284,7 @@ def _damaged(weights: Path, record: Path) -> str:
             item[()]  # every value: a file cut short can open and still fail on a layer (Keras: ValueError)
 
     try:
-        int(json.loads(record.read_text())["epoch"])
+        _epoch(record)
         with h5py.File(weights, "r") as archive:
             if not len(archive):
                 return "no weights in it"

@@ -173,11 +173,8 @@ def champion_start(client: Any, model_name: str) -> tuple[dict[str, Any], str] |
     no champion, or its run recorded none (a model registered by hand)."""
     import mlflow.exceptions
 
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except mlflow.exceptions.MlflowException as exc:
-        if not tracking.not_found(exc):  # an outage is not "no champion": it fails the step, which is retried
-            raise
+    version = tracking.version_by_alias(client, model_name, CHAMPION)  # an outage fails the step (retried)
+    if version is None:
         log.info("%s has no %r alias yet: no champion to start the search from", model_name, CHAMPION)
         return None
     label = f"champion {model_name} v{version.version}"

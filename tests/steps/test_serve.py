@@ -525,16 +525,7 @@ def test_only_a_few_large_bodies_are_read_at_a_time_and_small_requests_pass_them
 
     from mlsteps import serve
 
-    class Constant(serve.Serialised):
-        image_shape, classes = (28, 28), 10
-
-        def _predict(self, images: np.ndarray) -> np.ndarray:
-            return np.full((len(images), self.classes), 0.1, np.float32)
-
-    config = serve.ServeConfig(model_name=MODEL, warmup_requests=0)
-    holder = serve.ModelHolder(config)
-    holder.served, holder.state = serve.Served(Constant(), "1", "tflite"), "AVAILABLE"
-    app = serve.create_app(config, holder)
+    app = _constant_app()
     image = json.dumps({"instances": [[[0] * 28] * 28]}).encode()
     big = image + b" " * (serve.INLINE_BODY_BYTES + 1000)  # valid JSON, padded past the inline size
     reading, answers = [], {}
@@ -551,15 +542,7 @@ def test_only_a_few_large_bodies_are_read_at_a_time_and_small_requests_pass_them
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                answers[label] = message["status"]
-
-        scope = {"type": "http", "method": "POST", "path": f"/v1/models/{MODEL}:predict", "raw_path": b"",
-                 "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
-                 "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8501)}
-        await app(scope, receive, send)
+        answers[label], _ = await _asgi(app, "POST", f"/v1/models/{MODEL}:predict", receive, len(body))
 
     async def main() -> None:
         slow, fast = anyio.Event(), anyio.Event()
