@@ -339,6 +339,16 @@ def _repair_backup(backup_dir: Path) -> str:
     return f"its latest epoch is damaged ({latest}) and there is no whole copy of the epoch before it"
 
 
+def shuffle_seed(seed: int, backup_dir: Path) -> int:
+    """The training data's shuffle seed: ``seed``, moved on by the epochs a backup holds.
+
+    tf.data reshuffles each epoch from the seed, counting epochs from the process start: a resumed try would
+    otherwise train its first epoch in the order of epoch 1 (a kill each epoch: every epoch in one order).
+    """
+    record = backup_dir / BACKUP_RECORD
+    return seed + _epoch(record) if record.is_file() else seed
+
+
 def _final_metrics(client: Any, run_id: str, history: dict[str, list[float]], epochs: int) -> dict[str, float]:
     """The last epoch's metrics: from this fit, or from MLflow when every epoch was done by an earlier try."""
     if history:
@@ -388,16 +398,16 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     log.info("model %s: %d parameters; %d training examples, batch %d, %d epochs",
              net.name, net.count_params(), n_train, config.batch_size, config.epochs)
 
-    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                            drop_remainder=replicas > 1)
-    val_ds = data.dataset(manifest, "val", batch_size=val_batch)
-    # Images one epoch trains on: several GPUs drop the last partial batch.
-    trained_images = n_train if replicas == 1 else steps_per_epoch * config.batch_size
-    progress = _progress_callback(keras, client, run_id, config.epochs, trained_images, config.learning_rate)
     # The backup outlives fit(): if logging to MLflow fails afterwards, the retry restores the last epoch
     # instead of training again. It is removed once the finished model is in place. Two copies: a pod
     # killed while writing one resumes from the other.
     _backup_for(backup_dir, backup_settings)
+    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True,
+                            seed=shuffle_seed(config.seed, backup_dir), drop_remainder=replicas > 1)
+    val_ds = data.dataset(manifest, "val", batch_size=val_batch)
+    # Images one epoch trains on: several GPUs drop the last partial batch.
+    trained_images = n_train if replicas == 1 else steps_per_epoch * config.batch_size
+    progress = _progress_callback(keras, client, run_id, config.epochs, trained_images, config.learning_rate)
     # progress first: an epoch is backed up only once MLflow has its metrics, so an outage while logging them
     # retrains that epoch on the retry instead of skipping it with its metrics lost.
     callbacks = [progress,

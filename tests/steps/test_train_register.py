@@ -617,3 +617,27 @@ def test_an_epoch_record_left_half_written_discards_the_backup_instead_of_failin
     train._backup_for(backup, settings)
     assert "discarding the epoch backup" in caplog.text and "JSONDecodeError" in caplog.text
     assert sorted(p.name for p in backup.iterdir()) == ["settings.json"]
+
+
+def test_a_resumed_training_shuffles_its_first_epoch_unlike_epoch_one(tmp_path, data_root, prepare):
+    """tf.data counts reshuffles from the process start: a try resumed after epoch 2 trained epoch 3 in epoch 1's
+    order (a pod killed every epoch: every epoch in one order)."""
+    import numpy as np
+
+    from mlsteps import data
+
+    manifest = data.load_manifest(prepare(idxdata.write_dataset(tmp_path / "source", train=300, test=50))["manifest"])
+    backup = tmp_path / "backup"
+    train._backup_for(backup, {"epochs": 4, "width": 4})
+
+    def first_epoch_labels(seed: int) -> list[int]:
+        ds = data.dataset(manifest, "train", batch_size=300, shuffle=True, seed=seed)
+        return np.concatenate([labels.numpy() for _, labels in ds]).tolist()
+
+    started = train.shuffle_seed(42, backup)
+    _epoch_files(backup, 2)
+    resumed = train.shuffle_seed(42, backup)
+    assert started == 42, "a first try shuffles with the seed it was given"
+    assert first_epoch_labels(resumed) != first_epoch_labels(started)
+    _epoch_files(backup, 3)
+    assert train.shuffle_seed(42, backup) not in (started, resumed), "each resumed epoch in its own order"
