@@ -243,6 +243,9 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     _remove_abandoned(final)
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
+        # mkdtemp's folder is its owner's alone (0700): published so, other users of a shared data root could
+        # not read the result (and would take it for missing). As a plain mkdir would make it:
+        scratch.chmod(0o777 & ~_umask())
         yield scratch
         (scratch / COMPLETE_MARKER).write_text("ok\n")
         _fsync_tree(scratch)  # on the disk before the rename publishes it (a crash then finds it whole)
@@ -267,6 +270,12 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _publish(scratch: Path, final: Path) -> None:

@@ -28,8 +28,8 @@ import numpy as np
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from . import data, datasets, idx
-from .core import (COMPLETE_MARKER, StepError, atomic_directory, cli, field, is_complete, seed_error,
-                   without_password)
+from .core import (ABANDONED_AFTER_S, COMPLETE_MARKER, StepError, atomic_directory, cli, field, is_complete,
+                   seed_error, without_password, write_problem)
 
 log = logging.getLogger("mlsteps.prep")
 
@@ -45,6 +45,13 @@ class DatasetUnavailableError(StepError):
     """No local copy and no mirror could deliver a file."""
 
 
+class CacheWriteError(StepError):
+    """A download could not be written into the cache (disk full, quota, permissions): no mirror can help."""
+
+
+UNVERIFIED = "unverified"  # cache/<name>/unverified/: downloads made with --verify-checksums false
+
+
 @dataclass(frozen=True)
 class PrepConfig:
     data_root: str = field(help="root folder for caches and prepared datasets (a shared PVC in production)")
@@ -55,7 +62,8 @@ class PrepConfig:
     val_fraction: float = field(0.1, help="share of the training set held out for per-epoch validation")
     records_per_shard: int = field(10000, help="TFRecord examples per shard file")
     num_classes: int = field(0, help="classes of a 'custom' dataset (0: largest label + 1, at least 2)")
-    download_timeout: float = field(30.0, help="seconds before one download attempt gives up")
+    download_timeout: float = field(30.0, help="seconds a download attempt may wait for data (to connect, or "
+                                               "between two reads) before it gives up")
     seed: int = field(1234, help="seed of the train/validation split")
 
 
@@ -77,38 +85,92 @@ def _find_in(folder: Path, name: str) -> Path | None:
     return None
 
 
+# What may heal within seconds: a timeout, a connection reset or dropped mid-body (HTTPException: IncompleteRead,
+# or a reply that was no HTTP). A DNS failure, a refused or unreachable host, a certificate error or a file://
+# path that does not exist will not: prep tries the next mirror at once.
+_TRANSIENT = (TimeoutError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.HTTPException)
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500 or exc.code == 429
     if isinstance(exc, urllib.error.URLError):
-        # DNS failures and refused connections will not heal in seconds: try the next mirror instead.
-        return not isinstance(exc.reason, (socket.gaierror, ConnectionRefusedError))
-    # HTTPException: the connection ended mid-body (IncompleteRead), or the server spoke no HTTP.
-    return isinstance(exc, (TimeoutError, ConnectionError, http.client.HTTPException))
+        return isinstance(exc.reason, _TRANSIENT)
+    return isinstance(exc, _TRANSIENT)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a mirror's failure (retries spent) says it serves nothing at all now, so that the other files
+    skip it (a mirror that times out would cost each of them its retries); a file it lacks (HTTP 404, a
+    file:// path) or serves damaged says nothing of the others."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return False
+    if isinstance(exc, urllib.error.URLError):
+        return not isinstance(exc.reason, FileNotFoundError)
+    return isinstance(exc, (TimeoutError, socket.gaierror, ConnectionRefusedError))
+
+
+def _cache_error(path: Path, exc: OSError) -> CacheWriteError:
+    return CacheWriteError(f"cannot write the download into {path.parent} ({exc.strerror or exc}): free space "
+                           "there or make it writable (a pod runs as UID 10001), or point --data-root at "
+                           "another folder; no mirror was at fault")
 
 
 @retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=1, max=8),
        retry=retry_if_exception(_is_transient), reraise=True)
 def _download(url: str, dest: Path, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as response, dest.open("wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
-        done, last_report = 0, 0.0
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-            done += len(chunk)
-            if time.monotonic() - last_report > 2 or done == total:
-                share = f"{100 * done / total:.0f}%" if total else "?"
-                log.info("downloading %s: %.1f MiB (%s)", url, done / 2**20, share)
-                last_report = time.monotonic()
-        if total and done != total:
-            # urllib ends a short body quietly when the server closes the connection early.
-            raise ConnectionError(f"connection closed after {done} of {total} bytes")
-        out.flush()
-        os.fsync(out.fileno())  # on the disk before the rename into the cache (a crash leaves no empty file)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        try:
+            out = dest.open("wb")
+        except OSError as exc:
+            raise _cache_error(dest, exc) from exc
+        with out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, last_report = 0, 0.0
+            while chunk := response.read(1 << 20):
+                try:
+                    out.write(chunk)
+                except OSError as exc:  # the disk's error, not the mirror's: no other mirror would do better
+                    raise _cache_error(dest, exc) from exc
+                done += len(chunk)
+                if time.monotonic() - last_report > 2 or done == total:
+                    share = f"{100 * done / total:.0f}%" if total else "?"
+                    log.info("downloading %s: %.1f MiB (%s)", url, done / 2**20, share)
+                    last_report = time.monotonic()
+            if total and done != total:
+                # urllib ends a short body quietly when the server closes the connection early.
+                raise ConnectionResetError(f"connection closed after {done} of {total} bytes")
+            try:
+                out.flush()
+                os.fsync(out.fileno())  # on the disk before the rename into the cache (a crash leaves no empty file)
+            except OSError as exc:
+                raise _cache_error(dest, exc) from exc
 
 
-def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile) -> Path:
-    """Return a local path for one file, downloading it into the cache when no copy exists."""
+def _remove_abandoned_downloads(folder: Path) -> None:
+    """Temporary download files left by a prep killed outright (SIGKILL, OOM, node loss: no cleanup ran), once
+    older than any download takes."""
+    cutoff = time.time() - ABANDONED_AFTER_S
+    for left in folder.glob(".*.download"):
+        try:
+            if left.stat().st_mtime < cutoff:
+                log.warning("removing %s: the download of a prep killed more than %d h ago", left,
+                            ABANDONED_AFTER_S // 3600)
+                left.unlink()
+        except OSError:
+            pass
+
+
+def _verifiable(config: PrepConfig, data_file: datasets.DataFile) -> bool:
+    return config.verify_checksums and bool(data_file.sha256 or data_file.content_sha256)
+
+
+def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.DataFile,
+            unreachable: dict[str, str] | None = None) -> Path:
+    """Return a local path for one file, downloading it into the cache when no copy exists.
+
+    ``unreachable``: mirrors that served nothing for an earlier file (URL -> why), skipped; filled in here.
+    """
     if config.source_dir:
         if not Path(config.source_dir).is_dir():
             raise StepError(f"--source-dir {config.source_dir}: no such folder; give the folder that holds the "
@@ -119,20 +181,37 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
                             f"{data_file.name.removesuffix('.gz')}); the folder must hold all four IDX files")
         return found
     cache = Path(config.data_root) / "cache" / spec.name
-    searched = [cache, *map(Path, spec.system_dirs)]
+    verified = _verifiable(config, data_file)
+    # A download not checked against the known digests is kept apart: under the official name it would be
+    # taken for the official file by every later run (a checked run would then fail on it; an unchecked one
+    # would train on it as this dataset without a word).
+    downloads = cache if verified else cache / UNVERIFIED
+    searched = [cache, *([downloads] if not verified else []), *map(Path, spec.system_dirs)]
     for folder in searched:
         if found := _find_in(folder, data_file.name):
             return found
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StepError(f"--data-root {config.data_root}: cannot create {downloads} ({exc.strerror or exc}); give "
+                        "a folder this step can write (a pod runs as UID 10001)") from exc
+    _remove_abandoned_downloads(downloads)
+    unreachable = {} if unreachable is None else unreachable
     errors = []
     for base in config.mirrors or spec.mirrors:
         url = base.rstrip("/") + "/" + data_file.name
         shown = without_password(url)
+        if base in unreachable:
+            errors.append(f"{shown}: skipped, {unreachable[base]}")
+            continue
         # A name of its own: two preps downloading the same file at once (make demo beside a DAG run on one
         # data root, a retried pod while the old one still runs) would otherwise write into one file.
-        handle, name = tempfile.mkstemp(dir=cache, prefix=f".{data_file.name}.", suffix=".download")
-        os.fchmod(handle, 0o644)  # as a plain download would be: readable by whoever else uses the cache
-        os.close(handle)
+        try:
+            handle, name = tempfile.mkstemp(dir=downloads, prefix=f".{data_file.name}.", suffix=".download")
+            os.fchmod(handle, 0o644)  # as a plain download would be: readable by whoever else uses the cache
+            os.close(handle)
+        except OSError as exc:
+            raise _cache_error(downloads / data_file.name, exc) from exc
         partial = Path(name)
         try:
             _download(url, partial, config.download_timeout)
@@ -147,13 +226,23 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
                 raise StepError(f"served something that is not an IDX file (it starts with {raw[:24]!r}): a web "
                                 "page from a proxy or captive portal, or a moved file") from exc
             _verify(spec, config, data_file, partial, raw, downloaded=True)
-            target = cache / data_file.name
-            os.replace(partial, target)  # another prep's copy of the same file may have landed meanwhile
+            target = downloads / data_file.name
+            try:
+                os.replace(partial, target)  # another prep's copy of the same file may have landed meanwhile
+            except OSError as exc:
+                raise _cache_error(target, exc) from exc
+            if not verified:
+                log.warning("%s was not checked against the known %s checksums (--verify-checksums false): "
+                            "cached apart, in %s", data_file.name, spec.name, downloads)
             return target
+        except CacheWriteError:
+            raise
         except (OSError, urllib.error.URLError, http.client.HTTPException, StepError) as exc:
             # StepError: bad checksum or not IDX; HTTPException: the connection dropped mid-body
             errors.append(f"{shown}: {getattr(exc, 'reason', exc)}")
             log.warning("mirror failed: %s", errors[-1])
+            if _unreachable(exc):
+                unreachable[base] = f"it failed for {data_file.name}"
         finally:  # whatever ended the download (SIGTERM's SystemExit too); nothing once it took its name
             partial.unlink(missing_ok=True)
     tried = "\n  ".join(errors) or "(no mirrors configured)"
@@ -217,8 +306,9 @@ def _load(spec: datasets.DatasetSpec,
     arrays: dict[str, np.ndarray] = {}
     sources: dict[str, Any] = {}
     content = hashlib.sha256()
+    unreachable: dict[str, str] = {}
     for data_file in spec.files:
-        path = _obtain(spec, config, data_file)
+        path = _obtain(spec, config, data_file, unreachable)
         raw = path.read_bytes()
         payload = _verify(spec, config, data_file, path, raw)
         arrays[data_file.role] = idx.parse(path, payload, expect_ndim=_ndim(data_file))
@@ -330,9 +420,14 @@ def run(config: PrepConfig) -> dict[str, Any]:
                             "https://ossci-datasets.s3.amazonaws.com/mnist/")
         if "@" in parts.netloc:  # urllib sends no credentials from a URL: it takes them for the host and port
             raise StepError(f"--mirrors: {without_password(mirror)!r} holds a user name or password, which "
-                            "prep's downloads cannot send; serve the files without them (a pre-signed URL "
-                            "works), give the folder with --source-dir, or copy the four files into "
+                            "prep's downloads cannot send; serve the files without them, give the folder with "
+                            "--source-dir, or copy the four files into "
                             f"{Path(config.data_root) / 'cache' / config.dataset}/")
+        if parts.query or parts.fragment:  # the file's name is appended to the path: it would land in these
+            raise StepError(f"--mirrors: {without_password(mirror)!r} has a query or fragment (?... or #...); "
+                            "a mirror is a folder URL the four file names are appended to (e.g. "
+                            "https://ossci-datasets.s3.amazonaws.com/mnist/): a pre-signed URL signs one file, "
+                            "not a folder, so give the folder with --source-dir instead")
     spec = _spec(config)
     arrays, sources, spec = _load(spec, config)
     settings = {"format_version": FORMAT_VERSION, "class_names": list(spec.class_names),
@@ -365,6 +460,9 @@ def run(config: PrepConfig) -> dict[str, Any]:
         "val": (arrays["train_images"][val_index], arrays["train_labels"][val_index]),
         "test": (arrays["test_images"], arrays["test_labels"]),
     }
+    if problem := write_problem(manifest_path):
+        raise StepError(f"--data-root {config.data_root}: cannot write the prepared dataset there ({problem}); "
+                        "give a folder this step can write (a pod runs as UID 10001)")
     import tensorflow as tf  # heavy: only once there is work to do
 
     with atomic_directory(out) as scratch:

@@ -146,6 +146,20 @@ def test_atomic_directory_appears_complete_only_after_block(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["result"]
 
 
+def test_atomic_directory_publishes_a_folder_others_can_read_as_a_plain_mkdir_would(tmp_path) -> None:
+    """mkdtemp makes its folder 0700: a dataset prepared so looked missing to every other user of a shared
+    data root (and their prep tried to delete it)."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with core.atomic_directory(tmp_path / "out") as scratch:
+            (scratch / "f").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
 def test_atomic_directory_keeps_the_first_complete_writer(tmp_path) -> None:
     final = tmp_path / "result"
     with core.atomic_directory(final) as scratch:

@@ -21,6 +21,7 @@ from mlsteps import datasets, prep
 from mlsteps.core import StepError
 
 CLOSED_PORT = "http://127.0.0.1:9/"  # discard port: nothing listens, the connection is refused at once
+UNVERIFIED = Path("cache/fashion_mnist/unverified")  # under the data root: downloads made with checksums off
 
 
 @pytest.fixture
@@ -87,16 +88,17 @@ def test_download_lands_files_in_cache_and_prepares_manifest(data_root, prepare,
     _serve_dataset(folder)
     result = prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
 
-    assert _cache_files(data_root) == sorted(f"fashion_mnist/{name}" for name in idxdata.NAMES.values())
+    # Not checked against the known digests: cached apart, never under the official name.
+    assert _cache_files(data_root) == sorted(f"fashion_mnist/unverified/{name}" for name in idxdata.NAMES.values())
     for name in idxdata.NAMES.values():
-        assert (data_root / "cache" / "fashion_mnist" / name).read_bytes() == (folder / name).read_bytes()
+        assert (data_root / UNVERIFIED / name).read_bytes() == (folder / name).read_bytes()
         # Readable by others, as a plain download is (the temporary file it was is created owner-only).
-        assert (data_root / "cache" / "fashion_mnist" / name).stat().st_mode & 0o777 == 0o644
+        assert (data_root / UNVERIFIED / name).stat().st_mode & 0o777 == 0o644
     manifest_path = Path(result["manifest"])
     assert manifest_path.is_file()
     assert manifest_path.parent.parent == data_root / "datasets" / "fashion_mnist"
     sources = json.loads(manifest_path.read_text())["sources"]
-    assert sources["train_images"]["path"] == str(data_root / "cache" / "fashion_mnist" / idxdata.NAMES["train_images"])
+    assert sources["train_images"]["path"] == str(data_root / UNVERIFIED / idxdata.NAMES["train_images"])
     assert sorted(requested) == sorted(f"/{name}" for name in idxdata.NAMES.values())
     assert partial_leftovers(data_root) == []
 
@@ -110,7 +112,7 @@ def test_a_download_is_on_the_disk_before_it_takes_its_name_in_the_cache(data_ro
     events = disk_events(monkeypatch)
     prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
 
-    cache = data_root / "cache" / "fashion_mnist"
+    cache = data_root / UNVERIFIED
     for name in idxdata.NAMES.values():
         publish = events.index(("replace", str(cache / name)))
         assert any(event == "fsync" and Path(path).parent == cache and Path(path).name.startswith(f".{name}.")
@@ -159,7 +161,7 @@ def test_two_preps_downloading_the_same_file_at_once_both_get_it(data_root, no_s
     finally:
         server.shutdown()
         server.server_close()
-    cached = data_root / "cache" / "fashion_mnist" / name
+    cached = data_root / UNVERIFIED / name
     assert outcomes == [cached, cached]
     assert cached.read_bytes() == body
     assert partial_leftovers(data_root) == []
@@ -333,7 +335,7 @@ def test_a_mirror_serving_a_web_page_instead_of_the_files_falls_through_and_cach
     result = prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url + "portal/", url + "good/"))
     assert Path(result["manifest"]).is_file()
     for name in idxdata.NAMES.values():
-        assert (data_root / "cache" / "fashion_mnist" / name).read_bytes() == (folder / "good" / name).read_bytes()
+        assert (data_root / UNVERIFIED / name).read_bytes() == (folder / "good" / name).read_bytes()
     assert partial_leftovers(data_root) == []
 
 
@@ -391,5 +393,114 @@ def test_a_connection_dropped_mid_download_is_retried_then_the_next_mirror_serve
     result = prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(f"{dropping}{transfer}/", url))
     assert Path(result["manifest"]).is_file()
     assert requested.count(f"/{transfer}/{name}") == 3  # a dropped connection is transient: tried 3 times
-    assert (data_root / "cache" / "fashion_mnist" / name).read_bytes() == (folder / name).read_bytes()
+    assert (data_root / UNVERIFIED / name).read_bytes() == (folder / name).read_bytes()
     assert partial_leftovers(data_root) == []
+
+
+def test_an_unchecked_download_is_cached_apart_and_a_checked_run_never_takes_it_for_the_official_file(
+        data_root, prepare, http_mirror, no_system_copies) -> None:
+    """Cached under the official name, a download made with --verify-checksums false failed every checked run
+    on that data root ("does not match ... Delete it"), and fed every unchecked one as this dataset."""
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+    prepare(None, dataset="mnist", verify_checksums=False, mirrors=(url,))
+    assert all(name.startswith("mnist/unverified/") for name in _cache_files(data_root))
+
+    with pytest.raises(prep.DatasetUnavailableError) as caught:  # checked: downloads the official file
+        prepare(None, dataset="mnist", mirrors=(CLOSED_PORT,))
+    assert "127.0.0.1:9/train-images-idx3-ubyte.gz" in str(caught.value)
+    again = prepare(None, dataset="mnist", verify_checksums=False, mirrors=(CLOSED_PORT,))  # unchecked: reused
+    assert again["cached"] is True
+
+
+def test_a_disk_that_cannot_take_the_download_is_named_and_no_other_mirror_is_tried(
+        data_root, prepare, http_mirror, no_system_copies, monkeypatch) -> None:
+    """Taken for the mirror's failure, a full disk fetched the file again from every mirror, then advised
+    going offline (exit 2, nothing retried)."""
+    import errno
+
+    url, folder, requested = http_mirror
+    _serve_dataset(folder / "a")
+    _serve_dataset(folder / "b")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep.os, "fsync", full)
+    with pytest.raises(prep.CacheWriteError) as caught:
+        prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url + "a/", url + "b/"))
+    message = str(caught.value)
+    assert "No space left on device" in message and str(data_root / UNVERIFIED) in message
+    assert "offline" not in message
+    assert requested == ["/a/" + idxdata.NAMES["train_images"]]
+    assert partial_leftovers(data_root) == [] and _cache_files(data_root) == []
+
+
+def test_a_data_root_that_is_a_file_is_named_with_the_fix_instead_of_a_traceback(tmp_path) -> None:
+    data_root = tmp_path / "data"
+    data_root.write_text("not a folder")
+    source = idxdata.write_dataset(tmp_path / "source", train=40, test=10)
+    for extra in (["--source-dir", str(source), "--dataset", "custom"], ["--dataset", "mnist", "--mirrors",
+                                                                         CLOSED_PORT]):
+        done = subprocess.run([sys.executable, "-m", "mlsteps.prep", "--data-root", str(data_root), *extra,
+                               "--result-path", str(tmp_path / "result.json")],
+                              capture_output=True, text=True, env=step_env(), timeout=120)
+        assert done.returncode == 2, done.stderr  # the runners do not retry it
+        assert "Traceback" not in done.stderr
+        assert f"--data-root {data_root}" in done.stderr and "give a folder this step can write" in done.stderr
+
+
+def test_a_mirror_that_times_out_is_skipped_for_the_other_files_and_a_missing_local_file_is_not_retried(
+        data_root, prepare, http_mirror, no_system_copies, monkeypatch, tmp_path) -> None:
+    """A mirror that never answers cost each of the four files three timed-out attempts; a file:// path that
+    does not exist was tried three times."""
+    import socket
+
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    stalled = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+    missing = (tmp_path / "nowhere").as_uri() + "/"
+    opened: list[str] = []
+    real_urlopen = prep.urllib.request.urlopen
+    monkeypatch.setattr(prep.urllib.request, "urlopen",
+                        lambda target, **kw: opened.append(target) or real_urlopen(target, **kw))
+    monkeypatch.setattr(prep._download.retry, "sleep", lambda seconds: None)
+    try:
+        result = prepare(None, dataset="fashion_mnist", verify_checksums=False, download_timeout=0.3,
+                         mirrors=(missing, stalled, url))
+    finally:
+        silent.close()
+    assert Path(result["manifest"]).is_file()
+    assert [u for u in opened if u.startswith(stalled)] == [stalled + idxdata.NAMES["train_images"]] * 3
+    assert [u for u in opened if u.startswith(missing)] == [missing + n for n in idxdata.NAMES.values()]
+
+
+def test_a_mirror_with_a_query_string_is_refused_naming_what_a_mirror_is(data_root, prepare, no_system_copies,
+                                                                       monkeypatch) -> None:
+    """The file's name was appended to the query ("...?X-Amz-Signature=abc/train-images-idx3-ubyte.gz")."""
+    monkeypatch.setattr(prep.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched"))
+    with pytest.raises(StepError, match="has a query or fragment") as caught:
+        prepare(None, dataset="mnist", mirrors=("https://bucket.example/mnist/?X-Amz-Signature=abc",))
+    assert "--source-dir" in str(caught.value)
+
+
+def test_a_download_left_by_a_killed_prep_is_removed_once_abandoned(data_root, prepare, http_mirror,
+                                                                    no_system_copies) -> None:
+    import os
+    import time
+
+    from mlsteps.core import ABANDONED_AFTER_S
+
+    url, folder, _ = http_mirror
+    _serve_dataset(folder)
+    cache = data_root / UNVERIFIED
+    cache.mkdir(parents=True)
+    old, young = cache / ".train-images-idx3-ubyte.gz.abc.download", cache / ".t10k-images-idx3-ubyte.gz.d.download"
+    old.write_bytes(b"half")
+    young.write_bytes(b"half")  # may be a live prep's
+    os.utime(old, (time.time() - ABANDONED_AFTER_S - 60,) * 2)
+    prepare(None, dataset="fashion_mnist", verify_checksums=False, mirrors=(url,))
+    assert not old.exists() and young.exists()
