@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -77,6 +78,11 @@ def parse_space(overrides: str | dict[str, Any] | None) -> dict[str, dict[str, A
                     spec[key] = int(spec[key])
             if "choices" in spec:
                 spec["choices"] = [int(c) for c in spec["choices"]]
+        if spec["type"] == "categorical" and len(set(spec["choices"])) < len(spec["choices"]):
+            # each a category of its own to the samplers: drawn twice as often, listed twice in the plots
+            twice = sorted({c for c in spec["choices"] if spec["choices"].count(c) > 1})
+            raise StepError(f"search space: {name}: {', '.join(map(str, twice))} given more than once in the "
+                            "choices; list each value once")
     return space
 
 
@@ -135,6 +141,13 @@ def _check_domain(name: str, spec: dict[str, Any]) -> None:
             raise StepError(f"search space: {name}: {error}")
 
 
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # a JSON integer too large for a float: _check_domain names it
+        return False
+
+
 def _normalise(name: str, value: Any) -> dict[str, Any]:
     where = f"search space: {name}"
     if isinstance(value, list):
@@ -178,7 +191,7 @@ def _normalise(name: str, value: Any) -> dict[str, Any]:
         if missing:
             raise StepError(f"{where}: missing {' and '.join(missing)}; a range needs low and high")
         low, high, step = value["low"], value["high"], value.get("step")
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
                       for v in (low, high, step or 1))
         if step is not None and numbers and high > low and (expected == "float" or all(
                 float(v).is_integer() for v in (low, high, step))):  # else _distribution names the fraction
@@ -396,6 +409,30 @@ def _storage_class() -> type:
                 self.record_heartbeat(trial_id)  # a waiting trial taken: beating from now, as above
             return changed
 
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            # Optuna passes over a running trial that has no heartbeat yet; its first one is written in a
+            # transaction of its own, after the trial's: a worker killed in between, or a first heartbeat that
+            # failed to write ("database is locked"), left a running trial nothing ever failed, and the other
+            # workers waited on it until the time budget ran out. Without a heartbeat, a trial is stale once
+            # it has been running for the grace period (by its start time, which Optuna stores as naive UTC
+            # from the clock of the worker that took it).
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            stale = super()._get_stale_trial_ids(study_id)
+            grace = self.grace_period or 2 * self.heartbeat_interval
+            cutoff = (datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+                      - datetime.timedelta(seconds=grace))
+            with _create_scoped_session(self.scoped_session) as session:
+                silent = (session.query(models.TrialModel.trial_id)
+                          .outerjoin(models.TrialHeartbeatModel)
+                          .filter(models.TrialModel.study_id == study_id,
+                                  models.TrialModel.state == TrialState.RUNNING,
+                                  models.TrialHeartbeatModel.trial_heartbeat_id.is_(None),
+                                  models.TrialModel._datetime_start_utc < cutoff)
+                          .all())
+            return [*stale, *(trial_id for (trial_id,) in silent if trial_id not in stale)]
+
     return SearchStorage
 
 
@@ -532,13 +569,18 @@ def counts(study: Any) -> Counts:
                   waiting=states[TrialState.WAITING], errored=errored, retrying=retrying)
 
 
+TRIAL_ERROR_ATTR = "error.trial.{number}"  # study attribute: why a trial another worker failed ended
+
+
 def failure_summary(study: Any) -> str:
     """'<n> of <m> failed trials: <most common cause>' for an error message."""
     from optuna.trial import TrialState
 
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
-    errors = [t.user_attrs.get("error") or "worker stopped mid-trial (killed, evicted or out of memory); see that "
-              "worker's log" for t in failed]
+    noted = study.user_attrs
+    errors = [t.user_attrs.get("error") or noted.get(TRIAL_ERROR_ATTR.format(number=t.number))
+              or "worker stopped mid-trial (killed, evicted or out of memory); see that worker's log"
+              for t in failed]
     examples = {}  # kind of cause -> its first message, as it was
     causes = collections.Counter()
     for error in errors:

@@ -231,6 +231,8 @@ def run(config: SelectConfig) -> dict[str, Any]:
                 "search.best_is_start_point": str(bool(best.user_attrs.get("start_point"))).lower()}
         client.log_batch(parent, metrics=[Metric(k, float(v), now, counts.finished) for k, v in metrics.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
+        if "error" in client.get_run(parent).data.tags:  # an earlier select's failure, fixed since (tasks cleared)
+            client.delete_tag(parent, "error")
         client.set_terminated(parent, "FINISHED")
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
     start = best.user_attrs.get("start_point")

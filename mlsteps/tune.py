@@ -270,6 +270,17 @@ def taken_over(config: TuneConfig) -> str:
             "(database slow or unreachable?); its retry trains these hyperparameters again")
 
 
+def note_taken_over(study: Any, number: int, config: Any) -> None:
+    """Record why trial ``number`` failed where select's summary reads it: the trial itself is finished (failed
+    by another worker), so it takes no attribute any more; without this the summary said "killed or out of
+    memory" and sent the user looking for evictions instead of a slow database."""
+    try:
+        study.set_user_attr(search.TRIAL_ERROR_ATTR.format(number=number), taken_over(config)[:500])
+    except Exception as exc:  # noqa: BLE001 (the storage may be what is failing: the worker's log says it)
+        log.warning("worker %d: could not record why trial %d failed (%s)", config.worker, number,
+                    type(exc).__name__)
+
+
 class _Trainer:
     """Runs one trial: builds the model from the trial's hyperparameters, trains, reports every epoch."""
 
@@ -317,12 +328,14 @@ class _Trainer:
         except Exception as exc:
             if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
                 cause = taken_over(self.config)
+                note_taken_over(trial.study, trial.number, self.config)
             else:
                 cause = error_summary(exc)
                 try:  # before any MLflow call: it may be what failed
                     trial.set_user_attr("error", cause[:500])
                 except optuna.exceptions.UpdateFinishedTrialError:  # failed meanwhile by another worker
                     cause = taken_over(self.config)
+                    note_taken_over(trial.study, trial.number, self.config)
             log.warning("worker %d: trial %d failed: %s", self.config.worker, trial.number, cause)
             self._end_run(run_id, "FAIL", "FAILED", error=cause)
             raise
@@ -453,6 +466,7 @@ def optimize_one(study: Any, trainer: _Trainer, config: Any) -> None:
         log.warning("worker %d: trial %d was %s (%s when saving its result); going on", config.worker, number,
                     taken_over(config), type(cause).__name__)
         # Its MLflow run was closed as finished just before the result failed to save: say what happened.
+        note_taken_over(study, number, config)
         trainer._end_run(run_id, "FAIL", "FAILED", error=taken_over(config))
 
 
@@ -490,9 +504,9 @@ def run(config: TuneConfig) -> dict[str, Any]:
             log.info("worker %d: trial budget spent (%d of %d)", config.worker, now.finished, config.trials)
             break
         if now.finished == 0 and now.failed_for_good >= min(3, config.trials):
-            if now.running:
+            if now.running and time.time() < deadline:
                 # Another worker's trial may still finish: its verdict decides (stopping here would leave the
-                # rest of the budget to that worker alone).
+                # rest of the budget to that worker alone); not past the time budget.
                 time.sleep(min(config.heartbeat_seconds, 5))
                 continue
             # Systematic (trials raising errors, or killing their worker: out of memory): stop here; select

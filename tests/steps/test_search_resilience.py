@@ -60,6 +60,75 @@ def test_a_trial_whose_worker_died_before_its_heartbeat_thread_started_is_still_
     assert _states(study) == {0: "FAIL", 1: "FAIL"}  # one retry each (max_retry=1): nothing left running
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_trial_whose_first_heartbeat_failed_to_write_is_still_failed_and_retried(database, tmp_path, monkeypatch,
+                                                                                    request) -> None:
+    """The trial and its first heartbeat are written in two transactions: a first heartbeat lost to "database is
+    locked" (or a kill in between) left a running trial without any, which Optuna's check passes over."""
+    import sqlalchemy.exc
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if database == "sqlite" else request.getfixturevalue("postgresql")
+    study = _study(url, name=f"first-heartbeat-{tmp_path.name}")
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's caching wrapper
+    real, lost = storage.record_heartbeat, []
+
+    def locked_once(trial_id: int) -> None:
+        if not lost:
+            lost.append(trial_id)
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception("database is locked"))
+        real(trial_id)
+
+    monkeypatch.setattr(storage, "record_heartbeat", locked_once)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        _ask(study)  # the worker's optimize ends here; trial 0 stays running, without a heartbeat
+    assert _states(study) == {0: "RUNNING"}
+    search.fail_stale_trials(study)
+    assert _states(study) == {0: "RUNNING"}, "not before the grace period"
+
+    time.sleep(3 * HEARTBEAT + 1)
+    search.fail_stale_trials(study)
+    assert _states(study) == {0: "FAIL", 1: "WAITING"}  # failed, and its retry queued
+
+
+def test_a_worker_waiting_on_another_workers_trial_stops_once_the_time_budget_is_spent(tmp_path,
+                                                                                       monkeypatch) -> None:
+    """The first trials all failed and another worker's trial still runs: the worker waits for its verdict,
+    but it waited past the time budget for good when that trial never ended (up to the task's 12 h timeout,
+    on each try)."""
+    import threading
+
+    from optuna.trial import TrialState, create_trial
+
+    config = _config(tmp_path, timeout_minutes=1.0, trials=5)
+    study, _ = tune.open_study(config, {"digest": "d"}, create=True)
+    study.set_user_attr("created_at", time.time() - 3600)  # the time budget ran out an hour ago
+    for i in range(3):
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"error": f"ValueError: boom {i}"}))
+    other = _ask(study)  # another worker's trial, beating for as long as the test runs
+    storage = getattr(study._storage, "_backend", study._storage)
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.3):
+            storage.record_heartbeat(other._trial_id)
+
+    threading.Thread(target=beat, daemon=True).start()
+    monkeypatch.setattr(tune.data, "load_manifest", lambda path: {"digest": "d"})
+    monkeypatch.setattr(tune.tracking, "connect", lambda uri: types.SimpleNamespace())
+    monkeypatch.setattr(tune, "parent_run", lambda mlflow, config, study: "P")
+    monkeypatch.setattr(tune, "_Trainer", lambda *args: types.SimpleNamespace(trial_numbers=[]))
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(tune.run(config)), daemon=True)
+    try:
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "still waiting on the other trial, an hour past the time budget"
+    finally:
+        beating.set()
+    assert outcome[0]["stopped"] == "every trial failed"
+    assert _states(study)[other.number] == "RUNNING"
+
+
 # --- two workers on one SQLite file -----------------------------------------------------------------------------
 
 
@@ -160,6 +229,8 @@ def test_a_trial_failed_by_another_worker_while_training_ends_that_trial_and_the
     assert ("set_terminated", "FAILED") in runs.calls
     [error] = [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")]
     assert "failed by another worker" in error
+    # select's one error names it too, not "killed or out of memory" (the trial itself takes no attribute now)
+    assert "failed by another worker" in search.failure_summary(study)
 
 
 def _fail_elsewhere_when_saving(study: Any, url: str) -> None:
@@ -207,6 +278,7 @@ def test_a_trial_failed_by_another_worker_when_its_result_is_saved_does_not_cras
     assert ("set_tag", "optuna.state", "FAIL") in runs.calls
     [error] = [c[2] for c in runs.calls if c[:2] == ("set_tag", "error")]
     assert "failed by another worker" in error
+    assert "failed by another worker" in search.failure_summary(study)
 
 
 def test_a_trial_that_failed_on_its_own_keeps_its_cause_when_another_worker_fails_it_while_it_is_saved(

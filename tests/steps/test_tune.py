@@ -140,6 +140,9 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
         ('{"width": {"low": 64, "high": 1024}}', ["width", "1024 is not a possible value", "<= 512"]),
         ('{"batch_size": [64, 16384]}', ["batch_size", "<= 8192"]),
         ('{"learning_rate": {"low": 0.01, "high": 2, "log": true}}', ["learning_rate", "<= 1"]),
+        ('{"width": {"low": 16, "high": 1' + '0' * 400 + '}}', ["width"]),
+        ('{"width": {"low": 16, "high": 64, "step": 1' + '0' * 400 + '}}', ["width"]),
+        ('{"batch_size": [32, 32.0, 64]}', ["batch_size", "32 given more than once"]),
     ],
     ids=["unknown-parameter", "bad-json", "not-an-object", "low-above-high", "log-of-zero", "fractional-int-step",
          "fractional-int-low", "missing-high", "unknown-field", "no-choices", "non-numeric-low", "null",
@@ -151,7 +154,7 @@ def test_suggest_returns_fixed_values_and_searched_values_within_their_ranges() 
          "range-not-a-multiple-of-the-default-step", "range-not-a-multiple-of-its-step", "a-step-of-a-billionth-of-a-billionth",
          "step-on-a-log-scale",
          "log-scale-on-the-default-step", "width-beyond-the-forms", "batch-beyond-the-forms",
-         "learning-rate-beyond-the-forms"],
+         "learning-rate-beyond-the-forms", "huge-integer-high", "huge-integer-step", "a-choice-given-twice"],
 )
 def test_invalid_search_space_is_refused_naming_the_parameter(overrides, names) -> None:
     with pytest.raises(StepError, match=r"^search space") as raised:
@@ -588,6 +591,40 @@ def test_with_no_complete_trial_select_takes_the_pruned_trial_whose_last_epoch_s
     best, kind, value = select.best_trial(study)
 
     assert (best.number, kind, value) == (expected, "pruned", [0.3, 0.4][expected])
+
+
+def test_a_search_run_selected_after_an_earlier_select_failed_no_longer_says_why_it_failed(tmp_path,
+                                                                                         mlflow_server) -> None:
+    """Workers that failed before their first trial (docs: fix, clear, go on): select failed, tagging the search
+    run's error; selected again once trials finished, the run was FINISHED with a best trial and still said
+    "no trial ran"."""
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState, create_trial
+
+    from mlsteps import select
+
+    client = MlflowClient(mlflow_server)
+    parent = client.create_run(client.create_experiment("select_error_cleared")).info.run_id
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    import optuna
+
+    study = optuna.create_study(study_name="k", storage=url, direction="maximize")
+    study.set_user_attr("mlflow_run_id", parent)
+    config = select.SelectConfig(data_root=str(tmp_path), run_key="k", tracking_uri=mlflow_server, storage=url,
+                                 heartbeat_seconds=1)
+    with pytest.raises(StepError):
+        select.run(config)
+    assert "error" in client.get_run(parent).data.tags
+
+    from optuna.distributions import FloatDistribution
+
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.8, params={"learning_rate": 0.01},
+                                 distributions={"learning_rate": FloatDistribution(0.001, 0.1, log=True)},
+                                 intermediate_values={1: 0.8}))
+    select.run(config)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["search.best_trial"] == "0"
+    assert "error" not in run.data.tags
 
 
 def test_select_for_a_run_whose_search_never_started_says_so(tmp_path) -> None:
