@@ -32,11 +32,11 @@ envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
 # From scratch (a package dropped from the requirements does not linger, nor end up in the next lock); the
 # environment it replaces is kept until the new one is whole and put back if the install fails (offline).
 $(AIRFLOW_VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
-	PYTHON="$(PYTHON)" scripts/make_venv.sh $(AIRFLOW_VENV) \
+	PYTHON="$(PYTHON)" MAKE_VENV_INPUTS="$^" scripts/make_venv.sh $(AIRFLOW_VENV) \
 	  -- -r requirements.txt -r requirements-dev.txt -c constraints.txt
 
 $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirements-dev.txt images/steps/constraints.txt pyproject.toml
-	PYTHON="$(PYTHON)" scripts/make_venv.sh $(STEPS_VENV) \
+	PYTHON="$(PYTHON)" MAKE_VENV_INPUTS="$^" scripts/make_venv.sh $(STEPS_VENV) \
 	  -- -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt \
 	  -- --no-deps --no-build-isolation -e .
 
@@ -73,10 +73,12 @@ LOCK_VENV := .venvs/lock
 lock:
 	$(PYTHON) -m venv --clear $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
-	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # Lock of the Airflow environment (pip freeze); regenerate with make lock.' > constraints.txt
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable > $(LOCK_VENV)/freeze.txt
+	sed '1i # Lock of the Airflow environment (pip freeze); regenerate with make lock.' $(LOCK_VENV)/freeze.txt > constraints.txt
 	$(PYTHON) -m venv --clear $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q -r images/steps/requirements.txt -r images/steps/requirements-dev.txt
-	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' > images/steps/constraints.txt
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable > $(LOCK_VENV)/freeze.txt
+	sed '1i # Lock of the steps environment (pip freeze); regenerate with make lock.' $(LOCK_VENV)/freeze.txt > images/steps/constraints.txt
 	$(LOCK_VENV)/bin/python -m pip install -q --dry-run --ignore-installed --report $(LOCK_VENV)/gpu.json \
 	    "tensorflow[and-cuda]" -c images/steps/constraints.txt
 	$(PYTHON) scripts/lock_gpu.py $(LOCK_VENV)/gpu.json images/steps/constraints.txt > $(LOCK_VENV)/gpu.txt

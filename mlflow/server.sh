@@ -7,8 +7,10 @@
 # for this local server they may target http:// and loopback addresses, and webhook secrets are encrypted
 # with a key kept in var/mlflow/webhook-key (MLflow would otherwise make a new one at every start).
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-var=${MLOPS_VAR:-$root/var}
+root=$(cd "$(dirname "$0")/.." && pwd -P)
+# Physical (links resolved): the state folder marks our processes, and must read the same however it is named
+# (make clean gives $(CURDIR)/var, a shell in a linked checkout the path through the link).
+var=$(realpath -m -- "${MLOPS_VAR:-$root/var}")
 state=$var/mlflow
 port=${MLFLOW_PORT:-5000}
 host=${MLFLOW_HOST:-127.0.0.1}

@@ -1,6 +1,6 @@
 # Environment for running this project's Airflow on one machine (sourced by the scripts beside it).
 # bash only (it finds the checkout through BASH_SOURCE): `source scripts/env.sh` from bash.
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$root/var/airflow}
 export AIRFLOW__CORE__DAGS_FOLDER=$root/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER=$root/plugins

@@ -6,8 +6,11 @@
 # that does not resolve, Ctrl-C), the previous environment is put back as it was and the script exits non-zero;
 # its stamp (.installed) is older than the requirements, so the next `make envs` tries again. Both exist
 # side by side meanwhile: twice the disk space at the peak. A <venv> that is a symbolic link is built where
-# it points. Two builds of one environment at once (make demo beside make airflow-ui) take turns.
-# Settings (environment): PYTHON (python3), the interpreter that creates the environment.
+# it points. Two builds of one environment at once (make demo beside make airflow-ui) take turns, and the
+# second finds the environment the first built up to date (given its inputs) and leaves it alone.
+# Settings (environment): PYTHON (python3), the interpreter that creates the environment; MAKE_VENV_INPUTS,
+# the files the environment is built from (make's prerequisites): once the lock is ours, a stamp newer than
+# each of them means another build just made it, and this one does nothing.
 set -euo pipefail
 usage="usage: $0 <venv> -- <pip install arguments> [-- ...]"
 [[ -n ${1:-} && ${2:-} == -- ]] || { echo "$usage" >&2; exit 64; }
@@ -21,6 +24,19 @@ discarded=$venv.discarded
 mkdir -p "$(dirname "$venv")"
 exec 8>"$venv.lock"
 flock 8
+
+# Built while this run waited for the lock (make demo beside make airflow-ui, both finding it stale): rebuilt
+# again, the environment the other make is already running would be moved away under it.
+if [[ -n ${MAKE_VENV_INPUTS:-} && -f $venv/.installed && ! -d $kept ]]; then
+  fresh=1
+  for input in $MAKE_VENV_INPUTS; do
+    [[ $venv/.installed -nt $input ]] || fresh=0
+  done
+  if ((fresh)); then
+    echo "$venv: up to date (built meanwhile)"
+    exit 0
+  fi
+fi
 
 rm -rf "$discarded"  # what a killed run was deleting: the environment before the last whole one
 # Left by a run killed outright (SIGKILL, power loss): a kept environment is the last whole one, unless the

@@ -7,8 +7,10 @@
 # Settings (environment): SERVING_PORT (8501), SERVING_HOST (127.0.0.1), MODEL_NAME (mnist_classifier),
 # MLFLOW_TRACKING_URI (default: mlflow/server.sh url), MLOPS_VAR (<repo>/var), STEPS_PYTHON.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-var=${MLOPS_VAR:-$root/var}
+root=$(cd "$(dirname "$0")/.." && pwd -P)
+# Physical (links resolved): the state folder marks our processes, and must read the same however it is named
+# (make clean gives $(CURDIR)/var, a shell in a linked checkout the path through the link).
+var=$(realpath -m -- "${MLOPS_VAR:-$root/var}")
 state=$var/serving
 port=${SERVING_PORT:-8501}
 host=${SERVING_HOST:-127.0.0.1}

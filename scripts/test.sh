@@ -28,9 +28,19 @@ verdict() {
 }
 
 if [[ ${TEST_SERIAL:-0} == 1 ]]; then
+  # pytest takes Ctrl-C itself and exits 2 (interrupted), which bash cannot tell from a failed run: the
+  # script notes the signal and starts no further part.
+  interrupted=0
+  trap 'interrupted=1' INT
+  trap 'interrupted=1; kill -INT 0' TERM
   echo "$steps_title"; "${steps[@]}"; steps_status=$?
-  echo "$search_title"; "${search[@]}"; search_status=$?
-  echo "$airflow_title"; "${airflow[@]}"; airflow_status=$?
+  ((interrupted)) || { echo "$search_title"; "${search[@]}"; search_status=$?; }
+  ((interrupted)) || { echo "$airflow_title"; "${airflow[@]}"; airflow_status=$?; }
+  trap - INT TERM
+  if ((interrupted)); then
+    echo "== interrupted: the parts after it did not run" >&2
+    exit 130
+  fi
 else
   logs=var/test-logs
   mkdir -p "$logs"

@@ -7,11 +7,19 @@
 # process. The whole group counts: a server whose supervisor (the group's leader) was killed is still ours,
 # even when what is left is a worker whose command line names no state folder (MLflow's uvicorn).
 daemon_running() {
-  local pid group member
+  local pid group member code
   [[ -f $1 ]] && pid=$(cat "$1") && [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
   # Never this script's own group (a pid reused after a reboot): stopping it would signal the caller.
   [[ $pid -ne $(ps -o pgid= -p $$ | tr -d ' ') ]] || return 1
-  group=$(pgrep -a -g "$pid" 2>/dev/null) || return 1
+  # pgrep exits 1 for "no such process"; anything else means it could not look, which must not read as
+  # "not running" (stop would drop the pid file and report success, the server still up).
+  group=$(pgrep -a -g "$pid" 2>/dev/null) || {
+    code=$?
+    ((code == 1)) && return 1
+    echo "error: pgrep failed (exit $code) looking for the process group in $1; is procps installed" \
+      "(apt-get install procps)? Nothing was stopped or started" >&2
+    exit 1
+  }
   [[ $group == *"${daemon_marker:?daemon_marker not set}"* ]] && return 0
   for member in $(pgrep -g "$pid"); do
     # Readable for our own processes only: another user's process never counts as ours.

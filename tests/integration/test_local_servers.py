@@ -284,3 +284,42 @@ def test_a_server_started_before_urls_were_recorded_is_not_stopped_by_a_start_el
     again = _script("mlflow/server.sh", "start", env)  # the same port: that server, found answering
     assert again.returncode == 0 and again.stdout.strip() == f"http://127.0.0.1:{first_port}"
     assert "stopped" in _script("mlflow/server.sh", "stop", env).stdout
+
+
+def _slow_mlflow(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    fake = bin_dir / "mlflow"
+    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
+    fake.chmod(0o755)
+    return fake
+
+
+def test_a_server_started_through_a_linked_folder_is_stopped_through_its_real_path(tmp_path):
+    """make clean names the state folder by its real path ($(CURDIR)), a shell in a linked checkout by the link:
+    the marker did not match, clean said "was not running", deleted var, and the server went on."""
+    fake = _slow_mlflow(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    env = {**os.environ, "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+    assert _script("mlflow/server.sh", "start", {**env, "MLOPS_VAR": str(tmp_path / "link" / "var")}).returncode == 0
+    stopped = _script("mlflow/server.sh", "stop", {**env, "MLOPS_VAR": str(tmp_path / "real" / "var")})
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert _processes(str(fake)) == []
+
+
+def test_a_stop_that_cannot_look_for_the_server_fails_and_keeps_its_pid_file(tmp_path):
+    """pgrep missing or failing (a minimal image without procps) read as "not running": stop dropped the pid
+    file and exited 0 while the server went on answering."""
+    fake = _slow_mlflow(tmp_path)
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+    assert _script("mlflow/server.sh", "start", env).returncode == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pgrep").write_text("#!/bin/sh\nexit 127\n")
+    (broken / "pgrep").chmod(0o755)
+    failed = _script("mlflow/server.sh", "stop", {**env, "PATH": f"{broken}:{os.environ['PATH']}"})
+    assert failed.returncode != 0 and "pgrep failed" in failed.stderr and "procps" in failed.stderr
+    assert (tmp_path / "var" / "mlflow" / "server.pid").exists() and _processes(str(fake))
+    assert _script("mlflow/server.sh", "stop", env).returncode == 0 and _processes(str(fake)) == []
