@@ -38,7 +38,7 @@ $(AIRFLOW_VENV)/.installed: requirements.txt requirements-dev.txt constraints.tx
 $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirements-dev.txt images/steps/constraints.txt pyproject.toml
 	PYTHON="$(PYTHON)" MAKE_VENV_INPUTS="$^" scripts/make_venv.sh $(STEPS_VENV) \
 	  -- -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt \
-	  -- --no-deps --no-build-isolation -e .
+	  -- --no-deps -e .  # built with the backend pyproject.toml pins, as in the images
 
 demo: envs
 	DATASET="$(DATASET)" EPOCHS="$(EPOCHS)" BATCH_SIZE="$(BATCH_SIZE)" SOURCE_DIR="$(SOURCE_DIR)" SEARCH="$(SEARCH)" \
