@@ -47,8 +47,8 @@ from airflow.sdk import DAG, Param
 from mlops_airflow.review import (COMMENT, DECIDED_AT, DECISION, REJECTED, REJECTED_AT, REJECTED_BY,
                                   REJECTED_COMMENT, REVIEW_MODES, REVIEWER, approval, plan_rejection,
                                   plan_review)
-from mlops_airflow.runconf import check_conf
-from mlops_airflow.search import HYPERPARAMETERS, START_FROM, START_FROM_ARGS, hyperparameters, plan_search
+from mlops_airflow.search import (HYPERPARAMETERS, START_FROM, START_FROM_ARGS, check_training_conf,
+                                  hyperparameters, plan_search)
 from mlops_airflow.settings import DATASETS, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MODEL_NAME_PATTERN, load
 from mlops_airflow.steps import RUN_KEY, Resources, xcom
 from mlops_airflow.steps import step as render_step
@@ -162,7 +162,8 @@ with DAG(
     },
 ) as dag:
     prep = step("prep", timeout=timedelta(minutes=30), resources=Resources(cpu="1", memory="2Gi"),
-                pre_execute=check_conf,  # a run's config with a key that is not a param fails here, named
+                # a run's config with a key that is not a param, or a batch train would refuse, fails here, named
+                pre_execute=partial(check_training_conf, runtime=settings.runtime),
                 args={"data_root": settings.data_root, "dataset": "{{ params.dataset }}",
                       "source_dir": "{{ params.source_dir or '' }}"})
     validate = step("validate", timeout=timedelta(minutes=15), resources=Resources(cpu="1", memory="3Gi"),

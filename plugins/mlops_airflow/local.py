@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,24 +53,34 @@ class LocalStepOperator(BaseOperator):
             self.log.info("running: %s", " ".join(command))
             tail: collections.deque[str] = collections.deque(maxlen=30)
             self._process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
+                # A byte that is not UTF-8 (a native library's, a file name's) is shown as such, not taken
+                # for the step's failure: a strict decode raised here and killed a step that was working.
+                text=True, encoding="utf-8", errors="replace",
                 # Same process group as the task, so Airflow's kill of the task reaches the step too.
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
             assert self._process.stdout is not None
+            # Relayed by a thread of its own, so that what the step says while it stops (a timeout's SIGTERM:
+            # its "terminated" line, its cleanup) still reaches the task log, and a full pipe never blocks it.
+            relay = threading.Thread(target=self._relay, args=(self._process.stdout, tail), daemon=True)
+            relay.start()
             try:
-                for line in self._process.stdout:
-                    line = line.rstrip()
-                    tail.append(line)
-                    self.log.info("%s", line)
                 code = self._process.wait()
             finally:  # a timeout or kill of the task must not leave the step running on its own
                 self.on_kill()
+                relay.join(timeout=10)  # the rest of its output (a process it left holding the pipe: not waited for)
             if code == USER_ERROR:
                 # Bad input or data: retrying cannot help, so fail now instead of after the retries.
                 raise AirflowFailException(f"{self.module} rejected its input:\n" + "\n".join(tail))
             if code != 0:
                 raise StepFailed(f"{self.module} exited with code {code}; last lines:\n" + "\n".join(tail))
             return json.loads(result_path.read_text())
+
+    def _relay(self, stream: Any, tail: collections.deque[str]) -> None:
+        for line in stream:
+            line = line.rstrip()
+            tail.append(line)
+            self.log.info("%s", line)
 
     def on_kill(self) -> None:
         if self._process and self._process.poll() is None:

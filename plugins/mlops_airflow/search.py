@@ -23,6 +23,31 @@ START_FROM_ARGS = {
 }
 
 
+def batch_split_error(params: dict[str, Any], runtime: str) -> str | None:
+    """Why train would refuse the form's batch size on the form's GPUs (several GPUs need a batch that splits
+    evenly over them), or None. Only without a search (its study checks every batch size it may pick) and on
+    Kubernetes (a local train uses the machine's GPUs, whatever the form says)."""
+    gpus, batch = int(params.get("gpus") or 0), int(params["batch_size"])
+    if params.get("search") or runtime != "kubernetes" or gpus <= 1 or batch % gpus == 0:
+        return None
+    lower, upper = batch // gpus * gpus, -(-batch // gpus) * gpus
+    options = " or ".join(str(b) for b in dict.fromkeys((lower, upper)) if b >= 8)
+    return (f"batch_size {batch} does not split evenly over the {gpus} GPUs of the form's gpus, so train would "
+            f"refuse it after prep and validate (and after waiting for a {gpus}-GPU node); give a batch size that "
+            f"is a multiple of {gpus} ({options}), or another number of GPUs")
+
+
+def check_training_conf(context: Any, *, runtime: str) -> None:
+    """``pre_execute`` of the training DAG's first task: the run's config (unknown keys), then what train would
+    refuse only hours later."""
+    from mlops_airflow.runconf import check_conf
+
+    check_conf(context)
+    error = batch_split_error(context["params"], runtime)
+    if error:
+        raise AirflowFailException(error)
+
+
 @task.short_circuit(task_id="plan_search", ignore_downstream_trigger_rules=False,
                     execution_timeout=timedelta(minutes=2))
 def plan_search(params: dict[str, Any] | None = None) -> list[list[str]]:

@@ -9,6 +9,8 @@ result JSON becomes the task's XCom.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -75,7 +77,11 @@ def step(name: str, *, args: dict[str, Any], timeout: timedelta, resources: Reso
         from mlops_airflow.local import LocalStepOperator
 
         cls = LocalStepOperator
-        env = {"MLFLOW_TRACKING_URI": settings.tracking_uri}
+        # TensorFlow takes almost all of every visible GPU's memory at start: local steps that run at once (the
+        # search's workers, a compress beside a search) would leave each other none, where growing as needed
+        # they share. A value set in the environment stays.
+        env = {"MLFLOW_TRACKING_URI": settings.tracking_uri,
+               "TF_FORCE_GPU_ALLOW_GROWTH": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH", "true")}
         if settings.optuna_storage:
             env["OPTUNA_STORAGE"] = settings.optuna_storage
         kwargs = dict(task_id=task_id, module=module, arguments=arguments, python=settings.steps_python, env=env,

@@ -159,6 +159,23 @@ def test_a_config_key_that_is_not_a_param_fails_the_first_task_naming_the_param_
     assert f"{dag_id} does not take: '{typo}' (did you mean '{meant}'?)" in log
 
 
+def test_a_batch_that_cannot_split_over_the_forms_gpus_fails_the_first_task_not_train(dagbag, airflow_db, capfd):
+    """Without a search nothing checked it: train refused it after prep, validate and the wait for the node."""
+    from mlops_airflow.search import batch_split_error
+
+    dag = dagbag.dags["mnist_training"]
+    run = dag.test(run_conf={"search": False, "gpus": 3, "batch_size": 128}, mark_success_pattern="(?!prep$).*")
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "failed" and states["prep"] == "failed"
+    assert "batch_size 128 does not split evenly over the 3 GPUs" in capfd.readouterr().out
+    assert "multiple of 3 (126 or 129)" in batch_split_error({"search": False, "gpus": 3, "batch_size": 128},
+                                                           "kubernetes")
+    for fine in ({"search": False, "gpus": 4, "batch_size": 128}, {"search": True, "gpus": 3, "batch_size": 128},
+                 {"search": False, "gpus": 0, "batch_size": 100}):
+        assert batch_split_error(fine, "kubernetes") is None, fine
+    assert batch_split_error({"search": False, "gpus": 3, "batch_size": 128}, "local") is None
+
+
 def test_a_config_with_every_param_as_the_form_sends_it_is_accepted(dagbag):
     from mlops_airflow.runconf import unknown_keys_error
 

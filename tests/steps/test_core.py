@@ -395,6 +395,17 @@ def test_run_keys_become_single_safe_folder_names(tmp_path, run_key, safe) -> No
     assert folder.name == (safe if safe == run_key else f"{safe}-{hashlib.sha256(run_key.encode()).hexdigest()[:8]}")
 
 
+def test_the_longest_run_ids_airflow_takes_get_folders_the_filesystem_takes(tmp_path) -> None:
+    """Airflow's run ids go up to 250 characters: with the DAG id and the hash, the folder name passed the
+    filesystem's 255 and every step failed (errno 36, retried twice)."""
+    keys = [f"mnist_training/{'a' * 249}{c}" for c in "bc"]
+    folders = [tracking.run_dir(str(tmp_path), key) for key in keys]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        assert folder.name.startswith("mnist_training_aaaa") and len(folder.name.encode()) <= 255
+    assert folders[0] != folders[1]
+
+
 def test_run_keys_that_differ_only_in_replaced_characters_get_their_own_folders(tmp_path) -> None:
     keys = ["mnist_training/retrain:v2", "mnist_training/retrain+v2", "mnist_training/retrain_v2",
             "mnist_training_retrain_v2"]
