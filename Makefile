@@ -32,11 +32,11 @@ envs: $(AIRFLOW_VENV)/.installed $(STEPS_VENV)/.installed
 # From scratch (a package dropped from the requirements does not linger, nor end up in the next lock); the
 # environment it replaces is kept until the new one is whole and put back if the install fails (offline).
 $(AIRFLOW_VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
-	PYTHON="$(PYTHON)" MAKE_VENV_INPUTS="$^" scripts/make_venv.sh $(AIRFLOW_VENV) \
+	PYTHON="$(PYTHON)" scripts/make_venv.sh $(AIRFLOW_VENV) \
 	  -- -r requirements.txt -r requirements-dev.txt -c constraints.txt
 
 $(STEPS_VENV)/.installed: images/steps/requirements.txt images/steps/requirements-dev.txt images/steps/constraints.txt pyproject.toml
-	PYTHON="$(PYTHON)" MAKE_VENV_INPUTS="$^" scripts/make_venv.sh $(STEPS_VENV) \
+	PYTHON="$(PYTHON)" scripts/make_venv.sh $(STEPS_VENV) \
 	  -- -r images/steps/requirements.txt -r images/steps/requirements-dev.txt -c images/steps/constraints.txt \
 	  -- --no-deps -e .  # built with the backend pyproject.toml pins, as in the images
 

@@ -244,8 +244,9 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
         # mkdtemp's folder is its owner's alone (0700): published so, other users of a shared data root could
-        # not read the result (and would take it for missing). As a plain mkdir would make it:
-        scratch.chmod(0o777 & ~_umask())
+        # not read the result (and would take it for missing). As a plain mkdir would make it, keeping the
+        # setgid bit it inherited from a group-shared data root:
+        scratch.chmod((0o777 & ~_umask()) | (scratch.stat().st_mode & 0o7000))
         yield scratch
         (scratch / COMPLETE_MARKER).write_text("ok\n")
         _fsync_tree(scratch)  # on the disk before the rename publishes it (a crash then finds it whole)
@@ -273,9 +274,14 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _publish(scratch: Path, final: Path) -> None:

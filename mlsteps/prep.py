@@ -246,9 +246,12 @@ def _obtain(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
         finally:  # whatever ended the download (SIGTERM's SystemExit too); nothing once it took its name
             partial.unlink(missing_ok=True)
     tried = "\n  ".join(errors) or "(no mirrors configured)"
+    unchecked = cache / UNVERIFIED / data_file.name
+    kept_apart = (f"An unchecked copy is in {unchecked}, which only --verify-checksums false uses.\n"
+                  if verified and _find_in(cache / UNVERIFIED, data_file.name) else "")
     raise DatasetUnavailableError(
         f"cannot obtain {spec.name} file {data_file.name}: no local copy in "
-        f"{', '.join(map(str, searched))}, and every mirror failed:\n  {tried}\n"
+        f"{', '.join(map(str, searched))}, and every mirror failed:\n  {tried}\n{kept_apart}"
         "If this machine is offline, point prep at local IDX files with --source-dir DIR "
         "(make demo SOURCE_DIR=DIR), or use DATASET=fashion_mnist after "
         "'apt-get install dataset-fashion-mnist', which installs them under /usr/share/datasets/.")

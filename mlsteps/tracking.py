@@ -32,7 +32,7 @@ class RunStepConfig:
     experiment: str = field("mnist_training", help="MLflow experiment name")
 
 
-MAX_RUN_DIR_PREFIX = 200  # characters of the run key a run folder's name keeps (then "-" and 8 of its hash)
+MAX_RUN_DIR_PREFIX = 200  # bytes (UTF-8) of the run key a run folder's name keeps (then "-" and 8 of its hash)
 
 
 def run_dir(data_root: str, run_key: str) -> Path:
@@ -43,10 +43,10 @@ def run_dir(data_root: str, run_key: str) -> Path:
     otherwise share a folder, and one run's train would delete the other's model.
     """
     name = safe_name(run_key)
-    if len(name) > MAX_RUN_DIR_PREFIX:
+    if len(name.encode()) > MAX_RUN_DIR_PREFIX:
         # Airflow takes run ids of up to 250 characters; a folder name stops at 255 bytes (errno 36, "File name
         # too long", on every step): a long key keeps its start, and its hash tells it from others that share it.
-        name = name[:MAX_RUN_DIR_PREFIX]
+        name = name.encode()[:MAX_RUN_DIR_PREFIX].decode(errors="ignore")
     if name != run_key:
         name += "-" + hashlib.sha256(run_key.encode()).hexdigest()[:8]
     return Path(data_root).resolve() / "runs" / name

@@ -402,8 +402,11 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     # instead of training again. It is removed once the finished model is in place. Two copies: a pod
     # killed while writing one resumes from the other.
     _backup_for(backup_dir, backup_settings)
-    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True,
-                            seed=shuffle_seed(config.seed, backup_dir), drop_remainder=replicas > 1)
+    seed = shuffle_seed(config.seed, backup_dir)
+    if seed != config.seed:
+        log.info("resuming after epoch %d: training data shuffled with seed %d", seed - config.seed, seed)
+    train_ds = data.dataset(manifest, "train", batch_size=config.batch_size, shuffle=True, seed=seed,
+                            drop_remainder=replicas > 1)
     val_ds = data.dataset(manifest, "val", batch_size=val_batch)
     # Images one epoch trains on: several GPUs drop the last partial batch.
     trained_images = n_train if replicas == 1 else steps_per_epoch * config.batch_size

@@ -7,10 +7,8 @@
 # its stamp (.installed) is older than the requirements, so the next `make envs` tries again. Both exist
 # side by side meanwhile: twice the disk space at the peak. A <venv> that is a symbolic link is built where
 # it points. Two builds of one environment at once (make demo beside make airflow-ui) take turns, and the
-# second finds the environment the first built up to date (given its inputs) and leaves it alone.
-# Settings (environment): PYTHON (python3), the interpreter that creates the environment; MAKE_VENV_INPUTS,
-# the files the environment is built from (make's prerequisites): once the lock is ours, a stamp newer than
-# each of them means another build just made it, and this one does nothing.
+# second, finding that the first stamped the environment while it waited, leaves it alone.
+# Settings (environment): PYTHON (python3), the interpreter that creates the environment.
 set -euo pipefail
 usage="usage: $0 <venv> -- <pip install arguments> [-- ...]"
 [[ -n ${1:-} && ${2:-} == -- ]] || { echo "$usage" >&2; exit 64; }
@@ -22,20 +20,17 @@ kept=$venv.previous
 discarded=$venv.discarded
 
 mkdir -p "$(dirname "$venv")"
+waiting_since=$(date +%s.%N)
 exec 8>"$venv.lock"
 flock 8
 
-# Built while this run waited for the lock (make demo beside make airflow-ui, both finding it stale): rebuilt
-# again, the environment the other make is already running would be moved away under it.
-if [[ -n ${MAKE_VENV_INPUTS:-} && -f $venv/.installed && ! -d $kept ]]; then
-  fresh=1
-  for input in $MAKE_VENV_INPUTS; do
-    [[ $venv/.installed -nt $input ]] || fresh=0
-  done
-  if ((fresh)); then
-    echo "$venv: up to date (built meanwhile)"
-    exit 0
-  fi
+# Stamped by another build while this one waited for the lock (make demo beside make airflow-ui, both finding
+# it stale): built again, the environment the other make is already running would be moved away under it.
+# (Not a comparison with the requirements: make -B asks for a build whatever the times say.)
+stamped=$(stat -c %.9Y "$venv/.installed" 2>/dev/null || echo 0)
+if [[ ! -d $kept ]] && awk -v stamped="$stamped" -v since="$waiting_since" 'BEGIN { exit !(stamped > since) }'; then
+  echo "$venv: built by another make while this one waited; left as it is"
+  exit 0
 fi
 
 rm -rf "$discarded"  # what a killed run was deleting: the environment before the last whole one

@@ -28,18 +28,41 @@ verdict() {
 }
 
 if [[ ${TEST_SERIAL:-0} == 1 ]]; then
-  # pytest takes Ctrl-C itself and exits 2 (interrupted), which bash cannot tell from a failed run: the
-  # script notes the signal and starts no further part.
+  # Each part a background job that this script waits on, as below (bash runs a trap only once its foreground
+  # command ends, but interrupts `wait`): Ctrl-C reaches the part from the terminal, a TERM (a CI timeout) is
+  # passed on to it as the Ctrl-C pytest understands, and pytest's exit 2 for an interruption, which bash
+  # cannot tell from a failed run, starts no further part.
   interrupted=0
-  trap 'interrupted=1' INT
-  trap 'interrupted=1; kill -INT 0' TERM
-  echo "$steps_title"; "${steps[@]}"; steps_status=$?
-  ((interrupted)) || { echo "$search_title"; "${search[@]}"; search_status=$?; }
-  ((interrupted)) || { echo "$airflow_title"; "${airflow[@]}"; airflow_status=$?; }
+  part_pid=""
+  trap 'interrupted=130' INT
+  trap 'interrupted=143; [[ -z $part_pid ]] || kill -INT "$part_pid" 2>/dev/null' TERM
+  run_part() {
+    local title=$1
+    shift
+    ((interrupted)) && return 255
+    echo "$title"
+    exec 3<&0
+    ( exec env --default-signal=INT "$@" <&3 3<&- ) &
+    part_pid=$!
+    exec 3<&-
+    local status
+    while :; do
+      wait "$part_pid"
+      status=$?
+      # over 128 with the part still there: a trap interrupted the wait; wait on until the part has ended
+      # (its fixtures' cleanup included)
+      ((status > 128)) && kill -0 "$part_pid" 2>/dev/null || break
+    done
+    part_pid=""
+    return "$status"
+  }
+  run_part "$steps_title" "${steps[@]}"; steps_status=$?
+  run_part "$search_title" "${search[@]}"; search_status=$?
+  run_part "$airflow_title" "${airflow[@]}"; airflow_status=$?
   trap - INT TERM
   if ((interrupted)); then
     echo "== interrupted: the parts after it did not run" >&2
-    exit 130
+    exit "$interrupted"
   fi
 else
   logs=var/test-logs

@@ -77,10 +77,16 @@ class LocalStepOperator(BaseOperator):
             return json.loads(result_path.read_text())
 
     def _relay(self, stream: Any, tail: collections.deque[str]) -> None:
-        for line in stream:
+        failed = False
+        for line in stream:  # read to the end whatever happens: a pipe nobody reads would block the step
             line = line.rstrip()
             tail.append(line)
-            self.log.info("%s", line)
+            if failed:
+                continue
+            try:
+                self.log.info("%s", line)
+            except Exception:  # noqa: BLE001 (the log channel itself broke: the tail still says what happened)
+                failed = True
 
     def on_kill(self) -> None:
         if self._process and self._process.poll() is None:

@@ -158,6 +158,12 @@ def test_atomic_directory_publishes_a_folder_others_can_read_as_a_plain_mkdir_wo
     finally:
         os.umask(mask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a group-shared data root: new folders inherit the group (setgid), as mkdir's do
+    with core.atomic_directory(shared / "out") as scratch:
+        pass
+    assert (shared / "out").stat().st_mode & 0o2000
 
 
 def test_atomic_directory_keeps_the_first_complete_writer(tmp_path) -> None:
@@ -398,11 +404,11 @@ def test_run_keys_become_single_safe_folder_names(tmp_path, run_key, safe) -> No
 def test_the_longest_run_ids_airflow_takes_get_folders_the_filesystem_takes(tmp_path) -> None:
     """Airflow's run ids go up to 250 characters: with the DAG id and the hash, the folder name passed the
     filesystem's 255 and every step failed (errno 36, retried twice)."""
-    keys = [f"mnist_training/{'a' * 249}{c}" for c in "bc"]
+    keys = [f"mnist_training/{'a' * 249}{c}" for c in "bc"] + ["mnist_training/" + "é" * 235]  # 2 bytes each
     folders = [tracking.run_dir(str(tmp_path), key) for key in keys]
     for folder in folders:
         folder.mkdir(parents=True)
-        assert folder.name.startswith("mnist_training_aaaa") and len(folder.name.encode()) <= 255
+        assert folder.name.startswith("mnist_training_") and len(folder.name.encode()) <= 255
     assert folders[0] != folders[1]
 
 

@@ -409,6 +409,7 @@ def test_an_unchecked_download_is_cached_apart_and_a_checked_run_never_takes_it_
     with pytest.raises(prep.DatasetUnavailableError) as caught:  # checked: downloads the official file
         prepare(None, dataset="mnist", mirrors=(CLOSED_PORT,))
     assert "127.0.0.1:9/train-images-idx3-ubyte.gz" in str(caught.value)
+    assert "An unchecked copy is in" in str(caught.value) and "--verify-checksums false" in str(caught.value)
     again = prepare(None, dataset="mnist", verify_checksums=False, mirrors=(CLOSED_PORT,))  # unchecked: reused
     assert again["cached"] is True
 

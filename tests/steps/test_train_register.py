@@ -86,6 +86,7 @@ def test_killed_training_resumes_after_last_finished_epoch(tmp_path, data_root, 
     output = "\n".join(lines)
     assert code == 0, output[-4000:]
     assert "resuming from checkpoint: epoch 2/4" in output
+    assert "resuming after epoch 1: training data shuffled with seed 43" in output  # not epoch 1's order again
     assert _epochs(lines) == [2, 3, 4]
     assert "epoch 1/4" not in output
     result = json.loads(result_path.read_text())
