@@ -42,11 +42,24 @@ case "${1:-}" in
     fi
     [[ -x $mlflow_bin ]] || { echo "error: $mlflow_bin not found; run 'make envs' first" >&2; exit 1; }
     mkdir -p "$state/artifacts"
-    if [[ ! -s $state/webhook-key ]]; then
-      (umask 077; "$(dirname "$mlflow_bin")/python" -c \
-        'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())' >"$state/webhook-key")
+    # One key for the life of the database: the webhook secrets stored in it are encrypted with it, and under
+    # another key MLflow can read no webhook (deliveries stop, scripts/mlflow_webhook.py cannot update it).
+    # A key given in the environment is kept in the file for the starts without it, and must match it.
+    given_key=${MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY:-}
+    if [[ -s $state/webhook-key && -n $given_key && $given_key != "$(cat "$state/webhook-key")" ]]; then
+      echo "error: MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY differs from the key in $state/webhook-key, with which" \
+        "this server's webhook secrets are stored: unset it (or set it to that key)" >&2
+      exit 1
     fi
-    export MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=${MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY:-$(cat "$state/webhook-key")}
+    if [[ ! -s $state/webhook-key ]]; then
+      if [[ -n $given_key ]]; then
+        (umask 077; printf '%s\n' "$given_key" >"$state/webhook-key")
+      else
+        (umask 077; "$(dirname "$mlflow_bin")/python" -c \
+          'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())' >"$state/webhook-key")
+      fi
+    fi
+    export MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$(cat "$state/webhook-key")
     export MLFLOW_WEBHOOK_ALLOWED_SCHEMES=${MLFLOW_WEBHOOK_ALLOWED_SCHEMES:-http,https}
     export MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=${MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS:-true}
     export MLFLOW_WEBHOOK_CACHE_TTL=${MLFLOW_WEBHOOK_CACHE_TTL:-5}

@@ -39,29 +39,35 @@ def main() -> int:
     client = mlflow.MlflowClient(tracking_uri)
     url = args.airflow_url.rstrip("/") + "/mlops/webhooks/mlflow"
     try:
-        existing = _find(client, NAME)
-        if existing is None:
+        existing = _find_all(client, NAME)
+        if not existing:
             hook = client.create_webhook(name=NAME, url=url, events=EVENTS, secret=secret,
                                          description="alias changes -> Airflow model_promotion")
         else:
-            hook = client.update_webhook(existing.webhook_id, url=url, events=EVENTS, secret=secret,
+            hook = client.update_webhook(existing[0].webhook_id, url=url, events=EVENTS, secret=secret,
                                          status="ACTIVE")
+            # Each copy (two registrations at once, an older version of this script) delivers every event
+            # with a delivery id of its own, which the receiver cannot tell for a redelivery.
+            for extra in existing[1:]:
+                client.delete_webhook(extra.webhook_id)
+                print(f"deleted a second webhook named {NAME} ({extra.webhook_id})")
     except mlflow.exceptions.MlflowException as exc:
-        print(f"error: MLflow at {tracking_uri} could not register the webhook: {str(exc).splitlines()[0][:300]} "
+        reason = (str(exc).splitlines() or [repr(exc)])[0][:300]
+        print(f"error: MLflow at {tracking_uri} could not register the webhook: {reason} "
               "(is the server running, version 3.3+ with a SQL backend?)", file=sys.stderr)
         return 2
     print(f"MLflow webhook {hook.name} ({hook.webhook_id}) on {tracking_uri} -> {url}")
     return 0
 
 
-def _find(client, name: str):
-    """The webhook named ``name`` on any page of the server's list (a page holds 100), or None."""
-    token = None
+def _find_all(client, name: str) -> list:
+    """The webhooks named ``name``, on every page of the server's list (a page holds 100)."""
+    found, token = [], None
     while True:
         page = client.list_webhooks(page_token=token)
-        found = next((w for w in page if w.name == name), None)
+        found += [w for w in page if w.name == name]
         token = page.token
-        if found is not None or not token:
+        if not token:
             return found
 
 

@@ -7,14 +7,16 @@ MLflow (3.3+, SQL backend) POSTs registry events to ``<airflow>/mlops/webhooks/m
 - refuses a missing or wrong signature (401) and a timestamp more than ``MAX_SKEW_SECONDS`` away from
   now (401: a replayed old delivery); unsigned requests before their body is read, bodies over
   ``MAX_BODY_BYTES`` (413) before more is read;
-- refuses events it does not handle (422; MLflow logs the refusal); an alias event for another alias
-  than ``champion`` is acknowledged and ignored (200);
+- refuses events it does not handle (422; MLflow does not log a refusal: the API server's log says it); an
+  alias event for another alias than ``champion``, or for another model than this deployment's
+  (``MLOPS_MODEL_NAME``), is acknowledged and ignored (200);
 - turns ``model_version_alias.created`` for ``champion`` into one event of the asset
   ``mlflow_champion_alias`` (extra: model name, version, delivery id), which triggers model_promotion;
   a redelivery of the same delivery id adds nothing.
 
 The shared secret is ``MLOPS_WEBHOOK_SECRET`` on the API server (the ``secret`` given to MLflow's
-``create_webhook``); without it every request gets 503.
+``create_webhook``, at least 16 characters); without it every request gets 503. While a secret is rotated it
+may list the new and the old one, comma-separated: a delivery signed with either is accepted.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's annotations (Request, imported
@@ -60,11 +62,21 @@ def require_signed(headers: dict[str, str]) -> None:
         raise Refused(401, f"missing {', '.join(missing)}")
 
 
+MIN_SECRET_LENGTH = 16  # as scripts/mlflow_webhook.py requires
+
+
+def secrets_of(setting: str) -> list[str]:
+    """The secrets ``MLOPS_WEBHOOK_SECRET`` holds: one, or during a rotation the new and the old, comma-separated."""
+    return [part.strip() for part in setting.split(",") if part.strip()]
+
+
 def check(secret: str, headers: dict[str, str], body: bytes, now: float) -> dict[str, Any]:
     """The verified event, or Refused: the status code and why."""
     require_signed(headers)
     delivery, stamp, given = (headers[h] for h in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
-    if not hmac.compare_digest(given.encode(), signature(secret, delivery, stamp, body).encode()):
+    matches = [hmac.compare_digest(given.encode(), signature(key, delivery, stamp, body).encode())
+               for key in secrets_of(secret)]  # each compared: the time taken says nothing of which matched
+    if not any(matches):
         raise Refused(401, "signature does not match: is MLOPS_WEBHOOK_SECRET the webhook's secret?")
     if not stamp.isdigit() or abs(now - int(stamp)) > MAX_SKEW_SECONDS:
         raise Refused(401, f"timestamp {stamp!r} is more than {MAX_SKEW_SECONDS} s from now (replayed?)")
@@ -125,21 +137,34 @@ async def bounded_body(request: Any) -> bytes:
     return body
 
 
+def _model_name() -> str:
+    from mlops_airflow.settings import load
+
+    return load().model_name
+
+
 def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK_SECRET", ""),
                emit: Callable[[dict[str, Any]], int | None] = emit_asset_event,
-               clock: Callable[[], float] = time.time) -> Any:
+               clock: Callable[[], float] = time.time, model_name: Callable[[], str] = _model_name) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    app = FastAPI(title="MLflow webhook receiver", description=__doc__)
+    # No /docs, /redoc or /openapi.json: the endpoint is open to whoever reaches the API server.
+    app = FastAPI(title="MLflow webhook receiver", description=__doc__, docs_url=None, redoc_url=None,
+                  openapi_url=None)
 
     @app.post("/webhooks/mlflow")
     async def mlflow_event(request: Request) -> JSONResponse:
         key = secret()
-        if not key:
+        if not secrets_of(key):
             return JSONResponse({"error": "receiver not configured: set MLOPS_WEBHOOK_SECRET on the API server"},
                                 status_code=503)
+        if any(len(part) < MIN_SECRET_LENGTH for part in secrets_of(key)):
+            log.error("MLOPS_WEBHOOK_SECRET holds a secret of fewer than %d characters: every delivery refused",
+                      MIN_SECRET_LENGTH)
+            return JSONResponse({"error": f"receiver misconfigured: MLOPS_WEBHOOK_SECRET needs at least "
+                                          f"{MIN_SECRET_LENGTH} characters"}, status_code=503)
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             require_signed(headers)
@@ -149,6 +174,9 @@ def create_app(secret: Callable[[], str] = lambda: os.environ.get("MLOPS_WEBHOOK
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         if event["alias"] != ALIAS:
             return JSONResponse({"ignored": f"alias {event['alias']} is not {ALIAS}"})
+        served = model_name()
+        if event["model_name"] != served:  # MLflow sends every model's events: not this deployment's to promote
+            return JSONResponse({"ignored": f"model {event['model_name']} is not {served}"})
         try:
             # a database write: off the API server's event loop
             event_id = await run_in_threadpool(emit, {k: v for k, v in event.items() if k != "alias"})

@@ -44,9 +44,10 @@ def receiver():
     return client, emitted
 
 
-def _event(alias: str = "champion", entity: str = "model_version_alias", action: str = "created") -> str:
+def _event(alias: str = "champion", entity: str = "model_version_alias", action: str = "created",
+           name: str = "mnist_classifier") -> str:
     return json.dumps({"entity": entity, "action": action, "timestamp": "2027-01-15T08:00:00+00:00",
-                       "data": {"name": "mnist_classifier", "alias": alias, "version": "7"}})
+                       "data": {"name": name, "alias": alias, "version": "7"}})
 
 
 def _post(client, payload: str, *, secret: str = SECRET, delivery: str = "d-1", stamp: int = NOW,
@@ -241,3 +242,44 @@ def test_the_plugin_mounts_the_receiver_on_the_api_server():
     (app,) = mlops_webhooks.MlopsWebhooksPlugin.fastapi_apps
     assert app["url_prefix"] == "/mlops"
     assert "/webhooks/mlflow" in {route.path for route in app["app"].routes}
+
+
+def test_another_models_champion_is_acknowledged_and_starts_no_promotion(receiver):
+    """MLflow sends every model's alias events: each became a model_promotion run (that then did nothing,
+    holding the DAG's one run slot while a real promotion waited)."""
+    client, emitted = receiver
+    response = _post(client, _event(name="fraud_detector"))
+    assert response.status_code == 200 and response.json() == {"ignored": "model fraud_detector is not mnist_classifier"}
+    assert emitted == []
+
+
+def test_while_a_secret_is_rotated_deliveries_signed_with_the_old_or_the_new_are_accepted():
+    """MLflow keeps delivering with the webhook's old secret for a while (its cache); refused, those alias
+    moves were lost (MLflow does not retry a 401)."""
+    from fastapi.testclient import TestClient
+    from mlops_airflow.webhooks import create_app
+
+    old, new = SECRET, "the-new-webhook-secret-2027"
+    emitted: list[dict] = []
+    client = TestClient(create_app(secret=lambda: f"{new}, {old}", emit=lambda e: emitted.append(e) or len(emitted),
+                                   clock=lambda: NOW))
+    assert _post(client, _event(), secret=old, delivery="d-old").status_code == 200
+    assert _post(client, _event(), secret=new, delivery="d-new").status_code == 200
+    assert _post(client, _event(), secret="neither-of-the-two-secrets", delivery="d-x").status_code == 401
+    assert [e["delivery_id"] for e in emitted] == ["d-old", "d-new"]
+
+
+def test_a_secret_too_short_to_be_safe_accepts_nothing():
+    from fastapi.testclient import TestClient
+    from mlops_airflow.webhooks import create_app
+
+    emitted: list[dict] = []
+    client = TestClient(create_app(secret=lambda: "short", emit=emitted.append, clock=lambda: NOW))
+    response = _post(client, _event(), secret="short")
+    assert response.status_code == 503 and "at least 16 characters" in response.json()["error"]
+    assert emitted == []
+
+
+def test_the_receiver_publishes_no_api_description(receiver):
+    client, _ = receiver
+    assert [client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]

@@ -323,3 +323,18 @@ def test_a_stop_that_cannot_look_for_the_server_fails_and_keeps_its_pid_file(tmp
     assert failed.returncode != 0 and "pgrep failed" in failed.stderr and "procps" in failed.stderr
     assert (tmp_path / "var" / "mlflow" / "server.pid").exists() and _processes(str(fake))
     assert _script("mlflow/server.sh", "stop", env).returncode == 0 and _processes(str(fake)) == []
+
+
+def test_a_webhook_key_in_the_environment_that_differs_from_the_servers_is_refused_and_a_first_one_kept(tmp_path):
+    """The webhook secrets in MLflow's database are encrypted with the key: started under another one, MLflow
+    could read no webhook (deliveries stopped, the registration script could not update it)."""
+    fake = _slow_mlflow(tmp_path)
+    state = tmp_path / "var" / "mlflow"
+    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake),
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "key-given-first"}
+    assert _script("mlflow/server.sh", "start", env).returncode == 0
+    assert (state / "webhook-key").read_text().strip() == "key-given-first"  # kept for starts without it
+    assert _script("mlflow/server.sh", "stop", env).returncode == 0
+    refused = _script("mlflow/server.sh", "start", {**env, "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "another-key"})
+    assert refused.returncode != 0 and "differs from the key in" in refused.stderr
+    assert _processes(str(fake)) == []

@@ -142,3 +142,28 @@ finally:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["1"]
+
+
+def test_registering_again_deletes_a_second_webhook_of_the_same_name(mlflow_server):
+    """Two at once (two registrations racing, an older version of this script): every alias move was delivered
+    once per copy, each with a delivery id of its own, so the receiver could not tell them for redeliveries."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLOPS_WEBHOOK_SECRET": SECRET}
+    steps = r"""
+import subprocess, sys, mlflow
+c = mlflow.MlflowClient()
+made = [c.create_webhook(name="airflow-model-promotion", url="http://127.0.0.1:9/x",
+                         events=["model_version_alias.created"], secret="x" * 16).webhook_id for _ in range(2)]
+try:
+    out = subprocess.run([sys.executable, sys.argv[1], "--airflow-url", "http://127.0.0.1:9"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    print(sum(w.name == "airflow-model-promotion" for w in c.list_webhooks()))
+finally:
+    for hook in c.list_webhooks():
+        if hook.name == "airflow-model-promotion":
+            c.delete_webhook(hook.webhook_id)
+"""
+    out = subprocess.run([str(STEPS_PYTHON), "-c", steps, str(ROOT / "scripts" / "mlflow_webhook.py")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1"]
