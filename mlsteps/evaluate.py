@@ -53,6 +53,9 @@ def confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, limit: int
     return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:limit]
 
 
+MAX_LABELLED_CLASSES = 30  # classes up to which the confusion matrix plot shows counts and class names
+
+
 def _plots(out: Path, matrix: np.ndarray, class_names: list[str], images: np.ndarray, labels: np.ndarray,
            probabilities: np.ndarray, max_mistakes: int) -> list[Path]:
     import matplotlib
@@ -61,13 +64,18 @@ def _plots(out: Path, matrix: np.ndarray, class_names: list[str], images: np.nda
     import matplotlib.pyplot as plt
 
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.6 * n))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > matrix.max() / 2 else "black")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
+    # One 0.6-inch cell per class, at least 4 inches (the title of 2 classes fits) and at most 20: past
+    # MAX_LABELLED_CLASSES classes the counts and names are left to report.json (n^2 labels, a picture of
+    # thousands of pixels a side took minutes and a gigabyte), and the colour says it.
+    side = min(20.0, max(4.0, 1 + 0.6 * n))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(matrix, cmap="Blues", vmin=0)  # from 0: the text colours below follow the same scale
+    if n <= MAX_LABELLED_CLASSES:
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > matrix.max() / 2 else "black")
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix (accuracy {np.trace(matrix) / max(1, matrix.sum()):.2%})")
@@ -123,9 +131,13 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
 
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
-    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
+    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment, create=False)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items()])
+    # A retry (or a cleared task) scoring the same model again adds no second point to each metric's history.
+    logged = client.get_run(run_id).data.metrics
+    fresh = {k: v for k, v in metrics.items() if logged.get(k) != v}
+    if fresh:
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in fresh.items()])
     for plot in plots:
         client.log_artifact(run_id, str(plot), "evaluation")
     client.log_dict(run_id, report, "evaluation/report.json")

@@ -198,10 +198,11 @@ def log_params_once(mlflow: Any, run_id: str, params: dict[str, Any], changed_ta
 
 
 def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None = None, tag: str = RUN_KEY_TAG,
-            tags: dict[str, str] | None = None) -> str:
+            tags: dict[str, str] | None = None, create: bool = True) -> str:
     """Return the id of the MLflow run whose ``tag`` is ``run_key``, creating it (and the experiment) if needed.
 
-    ``tags`` are set on a run this call creates.
+    ``tags`` are set on a run this call creates. ``create=False``: a StepError when there is none (a step that
+    adds to the training run must not start an empty run of its own under a mistyped key).
     """
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
@@ -213,6 +214,10 @@ def run_for(mlflow: Any, run_key: str, *, experiment: str, run_name: str | None 
     found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = {quote(run_key)}", max_results=1)
     if found:
         return found[0].info.run_id
+    if not create:
+        raise StepError(f"no MLflow run for run key {run_key!r} in experiment {experiment!r}: this step adds to "
+                        "the training run, which validate and train make; check --run-key and --experiment, or "
+                        "run train first")
     run = client.create_run(exp_id, run_name=run_name or safe_name(run_key), tags={**(tags or {}), tag: run_key})
     log.info("created MLflow run %s for %s", run.info.run_id, run_key)
     return run.info.run_id

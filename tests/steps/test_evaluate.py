@@ -6,7 +6,7 @@ import idxdata
 import numpy as np
 import pytest
 
-from mlsteps import evaluate
+from mlsteps import evaluate, tracking
 
 
 def test_confusion_counts_true_rows_against_predicted_columns() -> None:
@@ -123,7 +123,12 @@ def test_run_scores_the_test_split_and_logs_metrics_report_and_readable_plots(
     config = evaluate.EvaluateConfig(manifest=manifest, data_root=str(data_root), run_key="eval-1",
                                      tracking_uri=mlflow_server, experiment="evaluate-test",
                                      model_path=str(model_path), max_mistakes=7)
+    mlflow.set_tracking_uri(mlflow_server)
+    training_run = tracking.run_for(mlflow, "eval-1", experiment="evaluate-test")  # what validate and train made
     result = evaluate.run(config)
+    assert result["mlflow_run_id"] == training_run
+    evaluate.run(config)  # a retry: the same scores add no second point to the metrics' history
+    assert len(mlflow.MlflowClient().get_metric_history(training_run, "test_accuracy")) == 1
 
     assert result["metrics"]["test_accuracy"] == pytest.approx(0.8)  # every 1 and every 2 is wrong
     report = json.loads(open(result["report"]).read())
@@ -143,6 +148,39 @@ def test_run_scores_the_test_split_and_logs_metrics_report_and_readable_plots(
     grid = matplotlib.image.imread(out / "misclassified.png")
     assert grid.shape[:2] == (440, 1000)  # 7 of the 20 mistakes: two rows of five panels
     assert grid[..., :3].std() > 0.05  # digits drawn, not a blank page
+
+
+def test_a_run_key_without_a_training_run_is_refused_and_starts_no_run(tmp_path, source_dir, data_root, prepare,
+                                                                       mlflow_server) -> None:
+    """A mistyped --run-key (or --experiment) made an empty run of its own, left RUNNING, with the scores of
+    a model it does not hold."""
+    import mlflow
+
+    manifest = prepare(source_dir)["manifest"]
+    model_path = tmp_path / "model.keras"
+    _swapping_classifier(model_path, (1, 2))
+    config = evaluate.EvaluateConfig(manifest=manifest, data_root=str(data_root), run_key="no-such-training",
+                                     tracking_uri=mlflow_server, experiment="evaluate-test",
+                                     model_path=str(model_path))
+    with pytest.raises(evaluate.StepError, match="no MLflow run for run key 'no-such-training'"):
+        evaluate.run(config)
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("evaluate-test")
+    assert experiment is None or not client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = 'no-such-training'")
+
+
+def test_the_confusion_matrix_of_two_classes_keeps_its_title_and_of_many_stays_small(tmp_path) -> None:
+    import matplotlib.image
+
+    rng = np.random.default_rng(0)
+    for n, side in ((2, 400), (150, 2000)):
+        matrix = rng.integers(40, 60, size=(n, n))  # no cell 0: the palest cell's count stays legible
+        labels = np.arange(n) % n
+        probabilities = np.full((n, n), 1 / n)
+        paths = evaluate._plots(tmp_path, matrix, [f"c{i}" for i in range(n)], np.zeros((n, 28, 28)), labels,
+                                probabilities, 0)
+        assert matplotlib.image.imread(paths[0]).shape[:2] == (side, side)
 
 
 def test_run_refuses_a_negative_mistake_count_before_loading_anything(tmp_path) -> None:
