@@ -21,6 +21,9 @@ EVENTS = ["model_version_alias.created"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--airflow-url", required=True, help="Airflow API server as MLflow reaches it")
+    parser.add_argument("--check", action="store_true",
+                        help="then have MLflow send a test delivery and say how the receiver answered (MLflow does "
+                             "not log a refused delivery); needs the Airflow API server running")
     args = parser.parse_args()
     secret = os.environ.get("MLOPS_WEBHOOK_SECRET", "")
     if len(secret) < 16:
@@ -57,7 +60,33 @@ def main() -> int:
               "(is the server running, version 3.3+ with a SQL backend?)", file=sys.stderr)
         return 2
     print(f"MLflow webhook {hook.name} ({hook.webhook_id}) on {tracking_uri} -> {url}")
-    return 0
+    return _check(client, hook.webhook_id, url) if args.check else 0
+
+
+# What a refusal of MLflow's test delivery means (its example event moves an alias that is not champion: a
+# receiver that accepts the signature answers 200 "ignored" and starts nothing).
+_ANSWERS = {401: "the receiver refused the signature: MLOPS_WEBHOOK_SECRET differs between here and the Airflow "
+                 "API server (which reads it when it starts)",
+            404: "nothing answers at that path: is this Airflow's API server, with this project's plugins?",
+            503: "the receiver is not configured: set MLOPS_WEBHOOK_SECRET (16+ characters) on the Airflow API "
+                 "server and restart it"}
+
+
+def _check(client, webhook_id: str, url: str) -> int:
+    import mlflow
+
+    try:
+        result = client.test_webhook(webhook_id)
+    except mlflow.exceptions.MlflowException as exc:
+        print(f"error: MLflow could not send a test delivery: {(str(exc).splitlines() or [repr(exc)])[0][:300]}",
+              file=sys.stderr)
+        return 1
+    if result.success:
+        print(f"test delivery: {url} answered {result.response_status} {(result.response_body or '')[:200]}")
+        return 0
+    why = _ANSWERS.get(result.response_status or 0) or result.error_message or result.response_body or "no answer"
+    print(f"error: test delivery to {url}: {result.response_status or 'no HTTP answer'}: {why}", file=sys.stderr)
+    return 1
 
 
 def _find_all(client, name: str) -> list:

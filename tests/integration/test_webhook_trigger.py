@@ -56,9 +56,15 @@ def test_a_champion_move_in_mlflow_triggers_a_promotion_run_and_a_challenger_mov
     assert status == 200, answer
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "MLOPS_WEBHOOK_SECRET": SECRET,
            "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url", base],
-                         env=env, capture_output=True, text=True, timeout=120)
+    # A secret that differs from the API server's: registered, and the check says so (MLflow logs no refusal).
+    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url", base,
+                          "--check"], env={**env, "MLOPS_WEBHOOK_SECRET": "not-the-api-servers-secret"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "401" in out.stderr and "MLOPS_WEBHOOK_SECRET differs" in out.stderr, out.stderr
+    out = subprocess.run([str(STEPS_PYTHON), str(ROOT / "scripts" / "mlflow_webhook.py"), "--airflow-url", base,
+                          "--check"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "answered 200" in out.stdout and "ignored" in out.stdout  # MLflow's example event: not champion
     request_finalizer(lambda: subprocess.run(  # later alias moves must not post to a stopped Airflow
         [str(STEPS_PYTHON), "-c", "import mlflow; c = mlflow.MlflowClient(); "
          "[c.delete_webhook(w.webhook_id) for w in c.list_webhooks() if w.name == 'airflow-model-promotion']"],
