@@ -51,14 +51,20 @@ def _script(path: str, action: str, env: dict[str, str]) -> subprocess.Completed
     return subprocess.run([str(ROOT / path), action], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_ends_it(tmp_path):
+def _slow_mlflow_env(tmp_path: Path, port: int) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)  # server.sh makes its webhook key with the bin's python
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "python").exists():
+        (bin_dir / "python").symlink_to(sys.executable)  # server.sh makes its webhook key with the bin's python
     fake = bin_dir / "mlflow"
     fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
     fake.chmod(0o755)
-    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+    return {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(port), "MLFLOW_BIN": str(fake)}
+
+
+def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_ends_it(tmp_path):
+    env = _slow_mlflow_env(tmp_path, free_port())
+    fake = Path(env["MLFLOW_BIN"])
 
     first = subprocess.Popen([str(ROOT / "mlflow/server.sh"), "start"], env=env, stdout=subprocess.PIPE, text=True)
     pidfile = tmp_path / "var" / "mlflow" / "server.pid"
@@ -81,13 +87,8 @@ def test_a_second_start_while_mlflow_is_still_starting_waits_for_it_and_stop_end
 def test_two_starts_at_the_same_moment_launch_one_server(tmp_path):
     """make demo beside make airflow-ui: both checked "not running" before either wrote its pid file, and both
     launched one (the pid file could then name the one that lost the port, and stop orphan the other)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    fake = bin_dir / "mlflow"
-    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
-    fake.chmod(0o755)
-    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+    env = _slow_mlflow_env(tmp_path, free_port())
+    fake = Path(env["MLFLOW_BIN"])
 
     starts = [subprocess.Popen([str(ROOT / "mlflow/server.sh"), "start"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -169,17 +170,6 @@ def test_the_mlflow_server_runs_without_the_genai_job_runner(mlflow_server):
     group = subprocess.run(["pgrep", "-a", "-g", str(pid)], capture_output=True, text=True).stdout
     assert "uvicorn" in group  # the server's own processes are there
     assert "huey" not in group, group
-
-
-def _slow_mlflow_env(tmp_path: Path, port: int) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    if not (bin_dir / "python").exists():
-        (bin_dir / "python").symlink_to(sys.executable)  # server.sh makes its webhook key with the bin's python
-    fake = bin_dir / "mlflow"
-    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
-    fake.chmod(0o755)
-    return {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(port), "MLFLOW_BIN": str(fake)}
 
 
 def test_a_start_on_another_port_is_refused_and_leaves_the_running_server_alone(tmp_path):
@@ -286,23 +276,13 @@ def test_a_server_started_before_urls_were_recorded_is_not_stopped_by_a_start_el
     assert "stopped" in _script("mlflow/server.sh", "stop", env).stdout
 
 
-def _slow_mlflow(tmp_path: Path) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    fake = bin_dir / "mlflow"
-    fake.write_text(f"#!{sys.executable}\n" + SLOW_SERVER)
-    fake.chmod(0o755)
-    return fake
-
-
 def test_a_server_started_through_a_linked_folder_is_stopped_through_its_real_path(tmp_path):
     """make clean names the state folder by its real path ($(CURDIR)), a shell in a linked checkout by the link:
     the marker did not match, clean said "was not running", deleted var, and the server went on."""
-    fake = _slow_mlflow(tmp_path)
+    env = _slow_mlflow_env(tmp_path, free_port())
+    fake = Path(env["MLFLOW_BIN"])
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    env = {**os.environ, "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
     assert _script("mlflow/server.sh", "start", {**env, "MLOPS_VAR": str(tmp_path / "link" / "var")}).returncode == 0
     stopped = _script("mlflow/server.sh", "stop", {**env, "MLOPS_VAR": str(tmp_path / "real" / "var")})
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
@@ -312,8 +292,8 @@ def test_a_server_started_through_a_linked_folder_is_stopped_through_its_real_pa
 def test_a_stop_that_cannot_look_for_the_server_fails_and_keeps_its_pid_file(tmp_path):
     """pgrep missing or failing (a minimal image without procps) read as "not running": stop dropped the pid
     file and exited 0 while the server went on answering."""
-    fake = _slow_mlflow(tmp_path)
-    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake)}
+    env = _slow_mlflow_env(tmp_path, free_port())
+    fake = Path(env["MLFLOW_BIN"])
     assert _script("mlflow/server.sh", "start", env).returncode == 0
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -328,10 +308,9 @@ def test_a_stop_that_cannot_look_for_the_server_fails_and_keeps_its_pid_file(tmp
 def test_a_webhook_key_in_the_environment_that_differs_from_the_servers_is_refused_and_a_first_one_kept(tmp_path):
     """The webhook secrets in MLflow's database are encrypted with the key: started under another one, MLflow
     could read no webhook (deliveries stopped, the registration script could not update it)."""
-    fake = _slow_mlflow(tmp_path)
+    env = {**_slow_mlflow_env(tmp_path, free_port()), "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "key-given-first"}
+    fake = Path(env["MLFLOW_BIN"])
     state = tmp_path / "var" / "mlflow"
-    env = {**os.environ, "MLOPS_VAR": str(tmp_path / "var"), "MLFLOW_PORT": str(free_port()), "MLFLOW_BIN": str(fake),
-           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "key-given-first"}
     assert _script("mlflow/server.sh", "start", env).returncode == 0
     assert (state / "webhook-key").read_text().strip() == "key-given-first"  # kept for starts without it
     assert _script("mlflow/server.sh", "stop", env).returncode == 0
