@@ -162,6 +162,7 @@ def _remove_abandoned_downloads(folder: Path) -> None:
 
 
 def _verifiable(config: PrepConfig, data_file: datasets.DataFile) -> bool:
+    """Whether this file is checked against known digests (asked for, and known: not for 'custom')."""
     return config.verify_checksums and bool(data_file.sha256 or data_file.content_sha256)
 
 
@@ -269,7 +270,7 @@ def _verify(spec: datasets.DatasetSpec, config: PrepConfig, data_file: datasets.
     """
     payload = idx.decompress(path, raw)
     named = "" if downloaded else f"{path}: "
-    if not config.verify_checksums or not (data_file.sha256 or data_file.content_sha256):
+    if not _verifiable(config, data_file):
         return payload
     digest = hashlib.sha256(raw).hexdigest()
     if digest in data_file.sha256:

@@ -100,22 +100,21 @@ def inspect(manifest: dict[str, Any], config: ValidateConfig) -> dict[str, Any]:
         got = (stats["train"]["count"] + stats["val"]["count"], stats["test"]["count"])
         _check(checks, "official dataset sizes", got == tuple(expected),
                f"train+val={got[0]}, test={got[1]}; the official {manifest['dataset']} has {expected[0]}/{expected[1]}")
+    hashes = {split: _digests(images) for split, (images, _) in loaded.items()}  # each split's once
     if "train" in loaded and "val" in loaded:
         # Exact duplicates within the user's training images can land on both sides of prep's split: the
         # validation split then scores memorised images, and the search's choice and compress's gate with it.
-        in_train = set(_digests(loaded["train"][0]))
-        val_images = loaded["val"][0]
-        doubled = sum(h in in_train for h in _digests(val_images))
-        share = doubled / max(1, len(val_images))
+        in_train = set(hashes["train"])
+        doubled = sum(h in in_train for h in hashes["val"])
+        share = doubled / max(1, len(hashes["val"]))
         _check(checks, "train/val leakage (exact duplicates)", share <= config.max_leakage,
                f"{doubled} validation images ({share:.2%}) also appear in the train split, allowed "
                f"{config.max_leakage:.2%}: remove the duplicates from the training images", value=share,
                threshold=config.max_leakage, count=doubled)
     if "train" in loaded and "test" in loaded:
-        train_hashes = set(_digests(loaded["train"][0])) | set(_digests(loaded["val"][0]) if "val" in loaded else [])
-        test_images = loaded["test"][0]
-        leaked = sum(h in train_hashes for h in _digests(test_images))
-        share = leaked / max(1, len(test_images))
+        train_hashes = set(hashes["train"]) | set(hashes.get("val", []))
+        leaked = sum(h in train_hashes for h in hashes["test"])
+        share = leaked / max(1, len(hashes["test"]))
         _check(checks, "train/test leakage (exact duplicates)", share <= config.max_leakage,
                f"{leaked} test images ({share:.2%}) also appear in the training data, allowed {config.max_leakage:.2%}",
                value=share, threshold=config.max_leakage, count=leaked)

@@ -203,6 +203,14 @@ def test_run_on_clean_data_passes_and_reuses_the_mlflow_run(source_dir, data_roo
     assert first["passed"] is True
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
 
+    # The pipeline run finished; validate alone cleared and run again: nothing after it would end the run.
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_server)
+    client.set_terminated(first["mlflow_run_id"], "FINISHED")
+    validate.run(config)
+    assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
+
 
 def test_a_deleted_experiment_is_an_input_error_saying_how_to_restore_it(source_dir, data_root, prepare,
                                                                          mlflow_server) -> None:
