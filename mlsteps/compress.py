@@ -423,9 +423,8 @@ def _settings(config: CompressConfig, manifest: dict[str, Any]) -> dict[str, Any
     return settings
 
 
-def compute(config: CompressConfig, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Build and measure every variant into ``out``; return the report (no MLflow)."""
-    net = model_lib.load_trained(config.model_path, manifest)
+def compute(config: CompressConfig, manifest: dict[str, Any], net: Any, out: Path) -> dict[str, Any]:
+    """Build and measure every variant of the trained model ``net`` into ``out``; return the report (no MLflow)."""
     # After Keras 3 has loaded the model: tensorflow-model-optimization switches tf.keras to tf-keras.
     import tf_keras
 
@@ -526,11 +525,10 @@ def _log_table(client: Any, run_id: str, rows: list[dict[str, Any]], path: Path)
         client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*listed, entry]))
 
 
-def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Log the table, the plot, every .tflite and the chosen one as a pyfunc model; return what register needs."""
-    mlflow = tracking.connect(config.tracking_uri)
+def _log(mlflow: Any, run_id: str, report: dict[str, Any], out: Path, config: CompressConfig) -> dict[str, Any]:
+    """Log the table, the plot, every .tflite and the chosen one as a pyfunc model to the training run; return
+    what register needs."""
     client = mlflow.MlflowClient()
-    run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment)
     tags = version_tags(report, config)
     rows = [{"variant": name, **{k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()},
              "accuracy_drop_points": round(100 * (report["float_keras"]["accuracy"] - values["accuracy"]), 4),
@@ -538,9 +536,13 @@ def _log(config: CompressConfig, report: dict[str, Any], out: Path) -> dict[str,
                                                4),
              "chosen": name == report["chosen"]} for name, values in report["variants"].items()]
     now = int(time.time() * 1000)
-    metrics = [mlflow.entities.Metric(f"compression.{row['variant']}.{key}", float(row[key]), now, 0)
-               for row in rows for key in ("accuracy", "size_bytes", "gzip_bytes", "latency_p50_ms",
-                                            "throughput_per_s")]
+    # A retry (a failure after log_batch) logs only what changed: MLflow keeps every point, charts doubled ones.
+    logged = client.get_run(run_id).data.metrics
+    metrics = [mlflow.entities.Metric(key, value, now, 0)
+               for key, value in ((f"compression.{row['variant']}.{name}", float(row[name])) for row in rows
+                                  for name in ("accuracy", "size_bytes", "gzip_bytes", "latency_p50_ms",
+                                               "throughput_per_s"))
+               if logged.get(key) != value]
     client.log_batch(run_id, metrics=metrics, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
     _log_table(client, run_id, rows, out / "variants.json")
     client.log_artifact(run_id, str(out / "tradeoff.png"), "compression")
@@ -587,21 +589,28 @@ def run(config: CompressConfig) -> dict[str, Any]:
     manifest = data.load_manifest(config.manifest)
     out_dir = tracking.run_dir(config.data_root, config.run_key) / "compression"
     settings = _settings(config, manifest)
-    report_path = out_dir / "report.json"
-    if not (is_complete(out_dir) and json.loads(report_path.read_text())["settings"] == settings):
-        # Built for other settings (or another model), or never: a failure keeps the previous complete result.
-        with atomic_directory(out_dir, replace=True) as scratch:
-            report = compute(config, manifest, scratch)
-            report["num_classes"] = manifest["num_classes"]
-            write_json_atomic(scratch / "report.json", report)
-    else:
-        log.info("variants for %s already built with these settings: %s", config.run_key, out_dir)
-    report = json.loads(report_path.read_text())
-    logged_path = out_dir / "logged.json"
-    logged = json.loads(logged_path.read_text()) if logged_path.is_file() else None
+    report_path, logged_path = out_dir / "report.json", out_dir / "logged.json"
+    built = is_complete(out_dir) and json.loads(report_path.read_text())["settings"] == settings
+    logged = json.loads(logged_path.read_text()) if built and logged_path.is_file() else None
     if not logged:
-        logged = _log(config, report, out_dir)
+        net = None if built else model_lib.load_trained(config.model_path, manifest)
+        # The training run, before the fine-tuning: under a mistyped run key (or a deleted run) the variants
+        # went to a new empty run, found only after the whole build.
+        mlflow = tracking.connect(config.tracking_uri)
+        run_id = tracking.run_for(mlflow, config.run_key, experiment=config.experiment, create=False)
+        if not built:
+            # Built for other settings (or another model), or never: a failure keeps the previous complete result.
+            with atomic_directory(out_dir, replace=True) as scratch:
+                report = compute(config, manifest, net, scratch)
+                report["num_classes"] = manifest["num_classes"]
+                write_json_atomic(scratch / "report.json", report)
+        else:
+            log.info("variants for %s already built with these settings: %s", config.run_key, out_dir)
+        logged = _log(mlflow, run_id, json.loads(report_path.read_text()), out_dir, config)
         write_json_atomic(logged_path, logged)
+    else:
+        log.info("variants for %s already built with these settings and logged: %s", config.run_key, out_dir)
+    report = json.loads(report_path.read_text())
     chosen = report["variants"][report["chosen"]]
     return {**logged, "variant": report["chosen"], "reason": report["reason"],
             "tflite_path": str(out_dir / f"{report['chosen']}.tflite"), "report": str(report_path),

@@ -123,6 +123,8 @@ def run(config: GateConfig) -> dict[str, Any]:
         raise StepError(f"--max-regression is in points and cannot be negative, got {config.max_regression}")
     if config.batch_size < 1:
         raise StepError(f"--batch-size must be at least 1 image, got {config.batch_size}")
+    # Invalid, MLflow answers it as an alias naming nothing: a verdict against no champion, kept for good.
+    tracking.check_alias("--champion-alias", config.champion_alias, CHAMPION)
     manifest = data.load_manifest(config.manifest)
     if not manifest["splits"]["test"]["count"]:
         raise StepError(f"{config.manifest}: the test split is empty; the gate needs test data")
@@ -140,7 +142,8 @@ def run(config: GateConfig) -> dict[str, Any]:
                         "dataset it was trained on (its test split is the one it must be judged on)")
     # An outage fails the step (retried): judged as "no champion yet", it would stick (never judged again).
     champion = tracking.version_by_alias(client, name, config.champion_alias)
-    itself = champion is not None and champion.version == version
+    # str(): MLflow's SQL store (a database --tracking-uri) numbers versions as int, its server as str.
+    itself = champion is not None and str(champion.version) == version
     if itself:
         champion = None  # re-judging the champion itself (deployed by hand first): compare with nothing
     images, labels = data.arrays(manifest, "test")
@@ -183,7 +186,7 @@ def run(config: GateConfig) -> dict[str, Any]:
             "gate.dataset_digest": manifest["digest"], "gate.test_digest": test_digest,
             "gate.min_accuracy": f"{config.min_accuracy:g}",
             "gate.max_regression_points": f"{config.max_regression:g}",
-            "gate.champion_version": champion.version if champion is not None else "",
+            "gate.champion_version": str(champion.version) if champion is not None else "",
             "gate.champion_accuracy": f"{champion_accuracy:.6f}" if champion_accuracy is not None else ""}
     # The verdict goes last: its presence means the others are there too.
     for key, value in sorted(tags.items(), key=lambda kv: kv[0] == "gate.verdict"):

@@ -158,7 +158,11 @@ def validate(config: InfraValidateConfig) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="infra-validate-") as tmp:
         log_path = Path(tmp) / "server.log"
-        env = dict(os.environ)
+        # MLflow's own HTTP retries (7, about 4 minutes of backoff; 120 s a request) outlast the load timeout
+        # before the server's status can say the registry is failing: a version "not ready" for an outage.
+        # A few seconds each, and the server's own retries say why in its status.
+        env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")}
         if config.tracking_uri:
             env["MLFLOW_TRACKING_URI"] = config.tracking_uri
         with log_path.open("wb") as out:

@@ -46,7 +46,6 @@ class RegisterConfig:
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # as the DAGs' MODEL_NAME_PATTERN
-ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")  # MLflow's alias rule; "latest" and v<number> are its own
 
 
 def code_version() -> str:
@@ -95,17 +94,15 @@ def run(config: RegisterConfig) -> dict[str, Any]:
     if not MODEL_NAME.fullmatch(config.model_name):
         raise StepError(f"--model-name {config.model_name!r}: use letters, digits, '_', '.' and '-', starting with a "
                         "letter or digit (MLflow refuses '/' and ':'; the model server puts the name in its URLs)")
-    if not ALIAS.fullmatch(config.alias) or config.alias.lower() == "latest" \
-            or re.fullmatch(r"[vV]\d+", config.alias):
-        raise StepError(f"--alias {config.alias!r}: use letters, digits, '_' and '-' (MLflow keeps 'latest' and "
-                        "v<number> for itself), e.g. challenger")
+    tracking.check_alias("--alias", config.alias, CHALLENGER)
     metrics = _json_object("--metrics", config.metrics)
     float_metrics = _json_object("--float-metrics", config.float_metrics)
     extra_tags = {str(k): str(v) for k, v in _json_object("--tags", config.tags).items()}
     mlflow = tracking.connect(config.tracking_uri)
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(
-        f"name = {tracking.quote(config.model_name)} and tags.`{tracking.RUN_KEY_TAG}` = {tracking.quote(config.run_key)}")
+        f"name = {tracking.quote(config.model_name)} and tags.`{tracking.RUN_KEY_TAG}` = {tracking.quote(config.run_key)}",
+        order_by=["version_number ASC"])  # two tries at once may both have registered: the first, always
     if existing:
         version = existing[0]
         # MLflow 3 records a logged model's models:/<model id> URI as the version's source.

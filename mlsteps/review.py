@@ -40,6 +40,7 @@ def run(config: ReviewConfig) -> dict[str, Any]:
     """Tag the version with the decision; on approval (or auto) point the alias at it."""
     if config.decision not in DECISIONS:
         raise StepError(f"--decision must be one of {', '.join(DECISIONS)}, got {config.decision!r}")
+    tracking.check_alias("--alias", config.alias, "champion")
     if config.decision == "none":
         log.info("no review decision to record for %s version %s", config.model_name, config.version)
         return {"model_name": config.model_name, "version": config.version, "decision": "none", "promoted": False}
@@ -56,7 +57,8 @@ def run(config: ReviewConfig) -> dict[str, Any]:
     # An outage fails the step (retried): taken for "no champion", it refused an approval for good (exit 2,
     # "champion is now version (none)"), or let one overwrite a champion set meanwhile.
     named = tracking.version_by_alias(client, name, config.alias)
-    current = named.version if named is not None else None
+    # str(): MLflow's SQL store (a database --tracking-uri) numbers versions as int, its server as str.
+    current = str(named.version) if named is not None else None
     previous = None
     if config.decision == "rejected" and current == version:
         raise StepError(f"{name} version {version} is {config.alias} (approved earlier) and would stay served if "
@@ -76,11 +78,16 @@ def run(config: ReviewConfig) -> dict[str, Any]:
             record.pop("review.time")
             previous = tags.get("review.previous_champion") or None
         record["review.previous_champion"] = previous or ""
+    promoted = config.decision in ("approved", "auto")
+    # The decision last, after the alias moved: a version that says "approved" is (or was) the champion, and
+    # a retry finds the previous champion recorded.
+    decision = record.pop("review.decision")
     for key, value in record.items():
         client.set_model_version_tag(name, version, key, value)
-    promoted = config.decision in ("approved", "auto")
     if promoted:
         client.set_registered_model_alias(name, config.alias, version)
+    client.set_model_version_tag(name, version, "review.decision", decision)
+    if promoted:
         log.info("%s version %s is now %s (was %s), %s by %s", name, version, config.alias, previous or "none",
                  config.decision, record["review.reviewer"])
     else:

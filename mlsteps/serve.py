@@ -501,7 +501,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                  registry=registry)
     ready_gauge = Gauge("model_server_ready", "1 once the model is loaded and warmed up", registry=registry)
     ready_gauge.set_function(lambda: 1.0 if holder.ready else 0.0)
-    deployments = Counter("model_server_deployments", "In-place switches to another version, by outcome",
+    deployments = Counter("model_server_deployments",
+                          "Deployments through /admin/deploy, by outcome (kept: that version served already)",
                           ["outcome"], registry=registry)
 
     def reply(payload: dict[str, Any], status: int = 200, version: str | None = None) -> Response:
@@ -737,7 +738,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None) -> Any:
                       holder.version or "(none)", why)
             return error(422, f"{holder.name} version {version} could not be loaded ({why}); still serving "
                               f"version {holder.version or '(none)'}")
-        deployments.labels("succeeded").inc()
+        # A rollback's restore posts the version served already: kept, not a switch.
+        deployments.labels("kept" if previous == served.version else "succeeded").inc()
         return reply({"model_name": holder.name, "model_version": served.version, "previous_version": previous},
                      version=served.version)
 

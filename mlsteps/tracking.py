@@ -17,6 +17,7 @@ from .core import NodeError, StepError, field, safe_name, without_password
 log = logging.getLogger("mlsteps.tracking")
 
 RUN_KEY_TAG = "pipeline.run_key"
+ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")  # MLflow's alias rule; "latest" and v<number> are its own
 # On a training run trained again with other settings: those values (JSON), the params keeping the first try's.
 TRAIN_SETTINGS_CHANGED = "train.settings_changed"
 
@@ -235,6 +236,14 @@ def registered_version(client: Any, name: str, version: str | int) -> Any:
             raise StepError(f"{name} version {version} is not registered in MLflow; check the model name and the "
                             "version number") from None
         raise
+
+
+def check_alias(flag: str, alias: str, example: str) -> None:
+    """A StepError naming ``flag`` unless ``alias`` is one MLflow lets a version have. MLflow answers an invalid
+    one with the error code of "no such alias" (version_by_alias: none), and resolves "latest" itself."""
+    if not ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise StepError(f"{flag} {alias!r}: use letters, digits, '_' and '-' (MLflow keeps 'latest' and v<number> "
+                        f"for itself), e.g. {example}")
 
 
 def version_by_alias(client: Any, name: str, alias: str) -> Any:

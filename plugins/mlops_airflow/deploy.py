@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 VERSION_LABEL = "mlops/model-version"
 MODEL_URI_ENV = "MODEL_URI"
 MODEL_NAME_ENV = "MODEL_NAME"  # the registered model the Deployment's server serves (k8s/serving)
+STATUS_TIMEOUT_S = 10.0  # the local model server answers its status at once, even while loading
 CONTAINER = "server"
 REPLICAS_ANNOTATION = "mlops/replicas-before-rollback"  # kept while a failed first promotion is scaled to 0
 # On the pod template when a deploy names what the template names already and its rollout made no progress:
@@ -96,13 +97,17 @@ class LocalTarget:
 
         deadline = time.monotonic() + self.settle_timeout
         while True:
-            try:
-                response = self._http.get(f"{self.url}/v1/models/{self.model_name}")
-            except httpx.TransportError as exc:
+            try:  # a status read is quick: a port that takes connections and never answers must not hold plan
+                response = self._http.get(f"{self.url}/v1/models/{self.model_name}", timeout=STATUS_TIMEOUT_S)
+            except httpx.TransportError as exc:  # timeouts included
                 raise self._unavailable(f"does not answer ({type(exc).__name__})") from None
             if response.status_code == 404:
                 raise self._unavailable(f"serves another model, not {self.model_name}")
-            status = response.json()["model_version_status"][0]
+            try:
+                status = response.json()["model_version_status"][0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise self._unavailable(f"answers its status with HTTP {response.status_code} and no model "
+                                        f"status ({response.text[:200]!r}): is it the model server?") from None
             if status["state"] != "LOADING":
                 break
             if time.monotonic() > deadline:

@@ -161,7 +161,11 @@ def smoke(url: str, name: str, version: str, requests: int, timeout: float = 10.
                 raise AssertionError(f"request {i + 1} was answered by version {served}, not {version}"
                                      + (f" ({again} earlier answers of other versions, over {settle:g} s)"
                                         if again else ""))
-            row = response.json()["predictions"][0]
+            try:
+                row = [float(p) for p in response.json()["predictions"][0]]
+            except (ValueError, KeyError, IndexError, TypeError) as exc:  # another service, a proxy's page
+                raise AssertionError(f"request {i + 1}: the answer is not a prediction ({type(exc).__name__}: "
+                                     f"{exc}): {response.text[:300]}") from None
             if len(row) < 2 or abs(sum(row) - 1) > SUM_TOLERANCE:
                 raise AssertionError(f"request {i + 1}: not a probability row: {row}")
             i += 1
@@ -194,10 +198,15 @@ def record(ti: Any = None) -> dict[str, Any]:
                                       "promotion.previous_version": planned["previous_version"] or "",
                                       "promotion.trigger": planned["trigger"],
                                       "promotion.dag_run_id": planned["run_id"] or ""})
+    # One version says "serving": the one served before, and any other still tagged so (what served before was
+    # unknown to plan: a server that had given up loading, pods answering several versions).
     previous = planned["previous_version"]
-    if previous and previous != version and registry.version(name, previous) is not None:  # not deleted since
-        registry.set_tags(name, previous, {"promotion.status": "replaced", "promotion.replaced_by": version,
-                                           "promotion.replaced_at": _now()})
+    replaced = set(registry.versions_tagged(name, "promotion.status", "serving"))
+    if previous and registry.version(name, previous) is not None:  # not deleted since
+        replaced.add(previous)
+    for other in sorted(replaced - {version}, key=int):
+        registry.set_tags(name, other, {"promotion.status": "replaced", "promotion.replaced_by": version,
+                                        "promotion.replaced_at": _now()})
     # Only a version given by hand moves the alias, and only from where plan saw it: a reviewer who approved
     # another version meanwhile wins, and the run that approval's webhook queued deploys it next. Otherwise
     # the alias, moved on or not, stays: it names what must be served.

@@ -1,8 +1,8 @@
 """The few MLflow registry calls promotion makes from Airflow, over MLflow's REST API.
 
-Airflow's environment has no MLflow client (it lives in the steps image); these are six calls to documented
+Airflow's environment has no MLflow client (it lives in the steps image); these are seven calls to documented
 endpoints (``/api/2.0/mlflow/registered-models/alias``: get, set, delete; ``registered-models/get``,
-``model-versions/get``, ``model-versions/set-tag``). Credentials come
+``model-versions/get``, ``model-versions/search``, ``model-versions/set-tag``). Credentials come
 from the same variables MLflow's client reads: ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` or
 ``MLFLOW_TRACKING_TOKEN``. Connection errors and 5xx are retried (tenacity); 4xx are not.
 """
@@ -96,6 +96,14 @@ class Registry:
         found = self._ok(response, f"read {name} version {version}")["model_version"]
         found["tags"] = {t["key"]: t["value"] for t in found.get("tags", [])}
         return found
+
+    def versions_tagged(self, name: str, key: str, value: str) -> list[str]:
+        """The versions of ``name`` whose tag ``key`` is ``value``, lowest first (model names hold no quote: the
+        DAGs' pattern and MLflow's rules)."""
+        response = self._call("GET", "model-versions/search", params={
+            "filter": f"name = '{name}' and tags.`{key}` = '{value}'", "max_results": 1000})
+        found = self._ok(response, f"search versions of {name} tagged {key}={value}").get("model_versions", [])
+        return sorted((str(v["version"]) for v in found), key=int)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._ok(self._call("POST", "registered-models/alias", json={"name": name, "alias": alias, "version": version}),

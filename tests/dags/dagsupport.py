@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.server
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -32,8 +34,10 @@ def airflow_env(home: Path, runtime: str) -> dict[str, str]:
 
 
 # Airflow reads its configuration when first imported, which happens while test modules are collected:
-# set the environment now, before any of them import airflow.
-os.environ.update(airflow_env(Path(tempfile.mkdtemp(prefix="airflow_home_")), "kubernetes"))
+# set the environment now, before any of them import airflow. Removed when the test process ends.
+_HOME = Path(tempfile.mkdtemp(prefix="airflow_home_"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ.update(airflow_env(_HOME, "kubernetes"))
 if str(PLUGINS) not in sys.path:
     sys.path.insert(0, str(PLUGINS))
 

@@ -202,6 +202,9 @@ class RecordingRegistry(FakeRegistry):
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         self.tags.setdefault(version, {}).update(tags)
 
+    def versions_tagged(self, name: str, key: str, value: str) -> list[str]:
+        return sorted((v for v, tags in self.tags.items() if tags.get(key) == value), key=int)
+
 
 class FakeTarget:
     def __init__(self) -> None:
@@ -216,8 +219,9 @@ def after_plan(monkeypatch):
     """Run a task function after plan chose ``planned``, against a recording registry and target."""
     from mlops_airflow import promotion
 
-    def run(task, champion: str | None, **planned):
+    def run(task, champion: str | None, tags: dict[str, dict[str, str]] | None = None, **planned):
         registry, target = RecordingRegistry(champion), FakeTarget()
+        registry.tags.update(copy.deepcopy(tags or {}))
         monkeypatch.setattr(promotion, "_context", lambda: (None, registry))
         monkeypatch.setattr(promotion, "_target", lambda settings, name: target)
         plan = {"model_name": "m", "version": "3", "previous_version": "2", "previous_model_uri": "models:/m/2",
@@ -317,6 +321,19 @@ def test_record_moves_the_alias_only_for_a_version_given_by_hand(after_plan):
     assert registry.moves == [("set", "3")] and registry.tags["3"]["promotion.trigger"] == "manual"
 
 
+def test_record_leaves_one_version_serving_when_what_served_before_was_unknown(after_plan):
+    """plan saw nothing served (a server that had given up loading, pods answering several versions): version 2,
+    still tagged serving, kept saying so beside 3."""
+    from mlops_airflow import promotion
+
+    registry, _, error = after_plan(promotion.record, champion="3", previous_version=None,
+                                    tags={"1": {"promotion.status": "replaced"}, "2": {"promotion.status": "serving"}})
+    assert error is None
+    assert {v: t["promotion.status"] for v, t in registry.tags.items()} == {"1": "replaced", "2": "replaced",
+                                                                           "3": "serving"}
+    assert registry.tags["2"]["promotion.replaced_by"] == "3" and "promotion.replaced_by" not in registry.tags["1"]
+
+
 def test_a_promotion_by_hand_leaves_an_alias_a_reviewer_moved_during_it(after_plan):
     """Version 7 approved while version 3 was deployed by hand: 7 stays champion (its queued run deploys it)."""
     from mlops_airflow import promotion
@@ -369,6 +386,19 @@ def test_the_local_target_waits_for_a_loading_server_instead_of_taking_it_for_an
     state["loading_reads"] = 10**6
     with pytest.raises(TargetUnavailable, match="still loading a model after 0.2 s"):
         LocalTarget(url, "m", token, settle_timeout=0.2, poll_seconds=0.05).current()
+
+
+def test_a_port_that_takes_connections_and_never_answers_is_an_unavailable_target_at_once(monkeypatch, tmp_path):
+    """Its status read waited the 600 s meant for deployments, past plan's 5-minute timeout, retried twice."""
+    import socket
+
+    from mlops_airflow import deploy
+
+    monkeypatch.setattr(deploy, "STATUS_TIMEOUT_S", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nothing reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(deploy.TargetUnavailable, match=r"does not answer \(ReadTimeout\)"):
+            deploy.LocalTarget(url, "m", str(tmp_path / "token"), settle_timeout=60).current()
 
 
 def test_a_wrong_admin_token_is_a_target_problem_not_a_failed_version(local_server, tmp_path):
@@ -488,6 +518,25 @@ def test_smoke_test_refuses_answers_that_are_not_probabilities_over_the_classes(
     url, answer = fake_server
     answer["row"] = row
     with pytest.raises(AssertionError, match="not a probability row"):
+        smoke(url, "m", "3", requests=2)
+
+
+@pytest.mark.parametrize("answer", [{"foo": 1}, {"predictions": "oops"}, [1, 2]])
+def test_smoke_test_fails_an_answer_that_is_not_a_prediction_instead_of_erroring(answer):
+    """A 200 from something else at MLOPS_SERVING_URL (a proxy, another service) raised KeyError or TypeError:
+    the task was retried and no promotion.smoke_test tag said why."""
+    from mlops_airflow.promotion import smoke
+
+    class Handler(JsonHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_json(200, {"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]})
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_json(200, answer, {"X-Model-Version": "3"})
+
+    with http_server(Handler) as url, pytest.raises(AssertionError, match="request 1: the answer is not a "
+                                                                          "prediction"):
         smoke(url, "m", "3", requests=2)
 
 

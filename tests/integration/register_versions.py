@@ -24,7 +24,11 @@ LITERT_MODEL = Path(compress.__file__).with_name("litert_model.py")
 
 def main() -> None:
     name, kinds = sys.argv[1], sys.argv[2:]
-    folder = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as tmp:  # log_model copies the files into MLflow's artifact store
+        print(json.dumps(register(name, kinds, Path(tmp))))
+
+
+def register(name: str, kinds: list[str], folder: Path) -> list[int]:
     good, broken = folder / "good" / "model.tflite", folder / "broken" / "model.tflite"
     good.parent.mkdir()
     broken.parent.mkdir()
@@ -39,7 +43,7 @@ def main() -> None:
                                            pip_requirements=["mlflow"],
                                            artifacts={"tflite": str(good if kind == "good" else broken)})
         versions.append(int(mlflow.register_model(info.model_uri, name).version))
-    print(json.dumps(versions))
+    return versions
 
 
 if __name__ == "__main__":

@@ -74,7 +74,11 @@ def request(method: str, url: str, body: dict | None = None, token: str | None =
         with urllib.request.urlopen(call, timeout=30) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"{}")
+        except ValueError:  # a plain-text error page: "Internal Server Error"
+            return exc.code, {"text": body.decode(errors="replace")}
 
 
 @contextlib.contextmanager

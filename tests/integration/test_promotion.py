@@ -186,3 +186,6 @@ def test_registry_calls_from_airflow_against_the_real_mlflow_server(mlflow_serve
     registry.delete_alias(MODEL, "staging")  # deleting what is gone is fine
     registry.set_tags(MODEL, str(versions[1]), {"promotion.note": "x" * 6000})  # long values are cut, not refused
     assert registry.version(MODEL, str(versions[1]))["tags"]["promotion.note"] == "x" * 5000
+    registry.set_tags(MODEL, str(versions[2]), {"promotion.note": "found"})
+    assert registry.versions_tagged(MODEL, "promotion.note", "found") == [str(versions[2])]
+    assert registry.versions_tagged(MODEL, "promotion.note", "nobody") == []

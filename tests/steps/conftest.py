@@ -127,6 +127,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def mlflow_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tracking URI naming a SQLite database itself (no server), as --tracking-uri may; its experiment
+    "database" keeps artifacts in a local folder. MLflow's SQL store numbers model versions as int where the
+    server's REST API answers str."""
+    import mlflow
+
+    state = tmp_path_factory.mktemp("mlflow-database")
+    uri = f"sqlite:///{state}/mlflow.db"
+    mlflow.MlflowClient(uri).create_experiment("database", artifact_location=str(state / "artifacts"))
+    return uri
+
+
+@pytest.fixture(scope="session")
 def postgresql() -> Iterator[str]:
     """The Optuna database of a real PostgreSQL server set up by mlflow/init-db.sql (pgserver.py), as a user puts
     it in OPTUNA_STORAGE. Skipped where PostgreSQL is not installed (.ci/run installs it)."""

@@ -69,6 +69,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> dic
             "train": train, "common": common}
 
 
+def _training_run(url: str, run_key: str) -> str:
+    """The MLflow run validate and train make for a pipeline run: compress adds to it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    return tracking.run_for(mlflow, run_key, experiment="mnist_training")
+
+
 FAST = ["--finetune-epochs", "1", "--latency-runs", "50", "--representative-examples", "200"]
 
 
@@ -243,6 +251,7 @@ def test_impossible_threshold_keeps_float_and_records_the_reason(trained, mlflow
     import mlflow
 
     result_path = trained["work"] / "impossible.json"
+    _training_run(mlflow_server, "compress/impossible")
     args = [a if a != "compress/base" else "compress/impossible" for a in trained["common"]]
     out = _step("compress", *args, "--model-path", trained["train"]["model_path"], "--sparsity", "0",
                 "--max-accuracy-drop", "-100", *FAST, result=result_path, tracking_uri=mlflow_server)
@@ -272,12 +281,15 @@ def test_rerun_with_the_same_settings_reuses_the_variants_and_the_logged_model(t
     client = mlflow.MlflowClient(mlflow_server)
     table = json.loads(Path(client.download_artifacts(again["mlflow_run_id"], "compression/variants.json")).read_text())
     assert len(table["data"]) == len(compressed["variants"]), "the table is replaced, not appended to"
+    assert [len(client.get_metric_history(again["mlflow_run_id"], f"compression.{name}.accuracy"))
+            for name in compressed["variants"]] == [1] * len(compressed["variants"]), "a retry adds no points"
     tagged = json.loads(client.get_run(again["mlflow_run_id"]).data.tags["mlflow.loggedArtifacts"])
     assert tagged == [{"path": "compression/variants.json", "type": "table"}]
 
 
 def test_quantization_aware_option_keeps_the_pruned_zeros_and_the_accuracy(trained, mlflow_server):
     result_path = trained["work"] / "qat.json"
+    _training_run(mlflow_server, "compress/qat")
     args = [a if a != "compress/base" else "compress/qat" for a in trained["common"]]
     out = _step("compress", *args, "--model-path", trained["train"]["model_path"], "--sparsity", "0.5",
                 "--method", "quantization_aware", "--train-examples", "1000", *FAST, result=result_path,
@@ -319,6 +331,23 @@ def test_missing_or_corrupt_model_fails_clearly_and_writes_nothing(trained, mlfl
     assert not mlflow.MlflowClient(mlflow_server).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_server).search_experiments()],
         filter_string=f"tags.`pipeline.run_key` = '{run_key}'")
+
+
+def test_a_run_key_without_a_training_run_is_refused_before_any_work(trained, mlflow_server, tmp_path):
+    """Under a mistyped key the variants went, after the whole build, to a new MLflow run of their own."""
+    import mlflow
+
+    run_key = "compress/never-trained"
+    args = [a if a != "compress/base" else run_key for a in trained["common"]]
+    out = _step("compress", *args, "--model-path", trained["train"]["model_path"], *FAST,
+                result=tmp_path / "result.json", tracking_uri=mlflow_server)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"no MLflow run for run key '{run_key}'" in out.stderr and "check --run-key" in out.stderr
+    assert "float Keras model" not in out.stdout + out.stderr, "refused before building anything"
+    assert not (tracking.run_dir(str(trained["data_root"]), run_key) / "compression").exists()
+    client = mlflow.MlflowClient(mlflow_server)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.`pipeline.run_key` = '{run_key}'")
 
 
 def _variant(accuracy: float, gz: int, latency: float, size: int = 100_000) -> dict[str, float]:

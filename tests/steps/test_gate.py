@@ -249,6 +249,22 @@ def test_bad_thresholds_and_batch_sizes_are_refused_before_any_work(manifest, th
         gate.run(gate.GateConfig(manifest=manifest, model_name="m", version=1, **threshold))
 
 
+def test_re_judging_the_champion_itself_compares_it_with_no_champion_also_through_a_database_uri(
+        manifest, mlflow_database):
+    """Through a database URI MLflow answers version numbers as int (its server: str)."""
+    mlflow.set_tracking_uri(mlflow_database)
+    experiment = mlflow.MlflowClient(mlflow_database).get_experiment_by_name("database")
+    with mlflow.start_run(experiment_id=experiment.experiment_id):  # set_experiment would outlive the test
+        info = mlflow.pyfunc.log_model(name="model", python_model=Oracle(), pip_requirements=["mlflow"],
+                                       input_example=np.zeros((1, 28, 28), np.float32))
+    name = "gate_database"
+    version = int(mlflow.register_model(info.model_uri, name).version)
+    mlflow.MlflowClient(mlflow_database).set_registered_model_alias(name, "champion", str(version))
+    result = _gate(manifest, name, version, mlflow_database, min_accuracy=0.85)
+    assert result["verdict"] == "passed" and result["champion_version"] is None
+    assert "this version is the champion already: the floor is the only rule" in result["reasons"]
+
+
 def test_re_judging_the_champion_itself_compares_it_with_no_champion(manifest, registry, mlflow_server):
     """A version that is already champion when gated (deployed by hand first) is not compared with itself."""
     name, add = registry
@@ -257,3 +273,13 @@ def test_re_judging_the_champion_itself_compares_it_with_no_champion(manifest, r
     result = _gate(manifest, name, version, mlflow_server, min_accuracy=0.85)
     assert result["verdict"] == "passed" and result["champion_version"] is None
     assert "this version is the champion already: the floor is the only rule" in result["reasons"]
+
+
+@pytest.mark.parametrize("alias", ["my champion", "latest"])
+def test_a_champion_alias_mlflow_cannot_hold_is_refused_before_judging(manifest, registry, mlflow_server, alias):
+    """MLflow answers an invalid alias as one naming nothing: judged on the floor only, a verdict kept for good."""
+    name, add = registry
+    version = add()
+    with pytest.raises(gate.StepError, match=f"--champion-alias '{alias}': use letters, digits"):
+        _gate(manifest, name, version, mlflow_server, champion_alias=alias)
+    assert "gate.verdict" not in mlflow.MlflowClient(mlflow_server).get_model_version(name, str(version)).tags

@@ -136,3 +136,52 @@ def test_a_registry_outage_while_reading_the_champion_fails_for_a_retry_and_reco
     assert "review.decision" not in client.get_model_version(name, str(numbers[1])).tags
     assert client.get_model_version_by_alias(name, "champion").version == str(numbers[0])
     assert _review(name, numbers[1], mlflow_server, "approved", reviewer="ana")["promoted"]  # the retry
+
+
+def test_an_approval_whose_alias_move_failed_says_nothing_was_decided_and_its_retry_promotes(
+        versions, mlflow_server, monkeypatch):
+    """review.decision "approved" was written before the alias moved: with the move failing to the end, the
+    version said approved by ada at 9:00, but never was champion."""
+    from mlflow.exceptions import MlflowException
+
+    name, (old, new), client = versions
+
+    def outage(*args, **kwargs):
+        raise MlflowException("API request failed with error code 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", outage)
+    with pytest.raises(MlflowException, match="503"):
+        _review(name, new, mlflow_server, "approved", reviewer="ada")
+    monkeypatch.undo()
+    assert "review.decision" not in client.get_model_version(name, str(new)).tags
+    assert client.get_model_version_by_alias(name, "champion").version == str(old)
+    assert _review(name, new, mlflow_server, "approved", reviewer="ada")["previous_champion"] == old
+    assert client.get_model_version(name, str(new)).tags["review.decision"] == "approved"
+
+
+@pytest.mark.parametrize("alias", ["my champion", "latest", "v2"])
+def test_an_alias_mlflow_cannot_hold_is_refused_naming_the_flag(versions, mlflow_server, alias):
+    """MLflow answers an invalid alias as one that names nothing, and resolves "latest" to the newest version."""
+    name, (old, new), client = versions
+    with pytest.raises(review.StepError, match=f"--alias '{alias}': use letters, digits"):
+        _review(name, new, mlflow_server, "approved", reviewer="ada", alias=alias)
+    assert not any(k.startswith("review.") for k in client.get_model_version(name, str(new)).tags)
+
+
+def test_a_database_tracking_uri_approves_and_guards_the_champion_as_the_server_does(mlflow_database, tmp_path):
+    """Through a database URI MLflow answers version numbers as int: compared with the str the step holds, an
+    approval was refused ("champion is now version 1, which it was never compared with") and the champion
+    could be rejected while it stayed served."""
+    client = mlflow.MlflowClient(mlflow_database)
+    name = "review_database"
+    client.create_registered_model(name)
+    old, new = (int(client.create_model_version(name, str(tmp_path), tags={"gate.verdict": "passed"}).version)
+                for _ in range(2))
+    client.set_model_version_tag(name, str(new), "gate.champion_version", str(old))
+    client.set_registered_model_alias(name, "champion", str(old))
+    with pytest.raises(review.StepError, match=f"version {old} is champion"):
+        _review(name, old, mlflow_database, "rejected")
+    assert "review.decision" not in client.get_model_version(name, str(old)).tags
+    result = _review(name, new, mlflow_database, "approved", reviewer="ada")
+    assert (result["promoted"], result["previous_champion"]) == (True, old)
+    assert int(client.get_model_version_by_alias(name, "champion").version) == new

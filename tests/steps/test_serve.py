@@ -999,6 +999,10 @@ def test_deploying_in_place_switches_versions_without_a_failed_request(tmp_path,
         assert str(first) in seen and seen[-1] == str(second)
         assert json.loads(record.read_text())["version"] == str(second)
         assert 'model_server_deployments_total{outcome="succeeded"} 1.0' in server.call("GET", "/metrics")[2]
+        # A rollback's restore of the version served: kept, counted apart from switches.
+        assert server.call("POST", "/admin/deploy", {"version": str(second)}, headers=auth)[0] == 200
+        metrics = server.call("GET", "/metrics")[2]
+        assert 'outcome="succeeded"} 1.0' in metrics and 'outcome="kept"} 1.0' in metrics
     finally:
         _stop(server)
     # A restarted server comes back with what was deployed, not with what the alias names.
@@ -1112,6 +1116,37 @@ def test_a_server_still_waiting_for_the_registry_at_the_load_timeout_is_retried_
                                    tmp_path / "server.log", 0.2)
     assert type(stopped.value).__name__ == raised and words in str(stopped.value)
     assert error_message in str(stopped.value)
+
+
+def test_a_registry_answering_503_at_infra_validation_is_retried_not_blamed_on_the_version(monkeypatch):
+    """With MLflow's default HTTP retries (about 4 minutes of backoff) the server's first load attempt outlasted
+    the load timeout before its status could say why: "not ready", a verdict failed, and a rollback."""
+    import http.server
+    import threading
+
+    from mlsteps import infra_validate
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(503)
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    registry = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=registry.serve_forever, daemon=True).start()
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    try:
+        with pytest.raises(NodeError, match="is failing, not the version") as stopped:
+            infra_validate.validate(infra_validate.InfraValidateConfig(
+                model_name=MODEL, version=1, load_timeout_seconds=25,
+                tracking_uri=f"http://127.0.0.1:{registry.server_address[1]}"))
+    finally:
+        registry.shutdown()
+        registry.server_close()
+    assert "503" in str(stopped.value)
 
 
 @pytest.mark.parametrize("requests", [2, 3, 12])

@@ -388,6 +388,15 @@ def test_register_twice_for_one_run_key_creates_one_version(tmp_path, data_root,
     assert (again["version"], again["created"]) == (first["version"], False)
     assert int(client.get_model_version_by_alias("register_tests_model", register.CHALLENGER).version) == later["version"]
 
+    # Two tries at once can both register (search, then register, is no transaction): the run's version is its
+    # first, whichever was updated last (MLflow's default order).
+    first_version = client.get_model_version("register_tests_model", str(first["version"]))
+    duplicate = client.create_model_version("register_tests_model", first_version.source, run_id=first["run_id"],
+                                            tags={tracking.RUN_KEY_TAG: "register/k2"},
+                                            model_id=first_version.source.removeprefix("models:/"))
+    client.set_model_version_tag("register_tests_model", duplicate.version, "gate.verdict", "passed")
+    assert register.run(config)["version"] == first["version"]
+
 
 def test_the_trained_model_is_logged_with_the_requirements_mlflow_would_infer(tmp_path, data_root, prepare,
                                                                               mlflow_server) -> None:

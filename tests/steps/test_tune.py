@@ -1111,7 +1111,7 @@ def test_selecting_a_continued_search_again_updates_the_search_runs_best(tmp_pat
 @integration
 def test_a_val_loss_search_with_the_median_pruner_prunes_and_selects_the_lowest_loss(tmp_path,
                                                                                     mlflow_server) -> None:
-    found = _new_search(tmp_path, mlflow_server, "tune_tests/median", trials=7, max_epochs=4, pruner="median",
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/median", trials=5, max_epochs=3, pruner="median",
                         objective="val_loss", sampler="tpe",
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     found.setup()
@@ -1143,7 +1143,7 @@ def test_a_val_loss_search_with_the_median_pruner_prunes_and_selects_the_lowest_
 @integration
 def test_hyperband_prunes_only_trials_of_brackets_with_a_rung_before_the_last_epoch(tmp_path,
                                                                                    mlflow_server) -> None:
-    found = _new_search(tmp_path, mlflow_server, "tune_tests/hyperband", trials=10, max_epochs=3,
+    found = _new_search(tmp_path, mlflow_server, "tune_tests/hyperband", trials=7, max_epochs=3,
                         pruner="hyperband",
                         space={**FIXED, "learning_rate": {"low": 1e-6, "high": 0.05, "log": True}})
     found.setup()
