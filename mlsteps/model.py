@@ -50,13 +50,16 @@ def size_error(image_shape: tuple[int, ...]) -> str:
 
 
 def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dropout: float = 0.2,
-          keras_module: Any = None) -> Any:
+          keras_module: Any = None, synchronized: bool = False) -> Any:
     """A Keras CNN taking float32 pixels in 0..255 of shape (H, W); scaling is part of the model.
 
     conv(w) at full resolution, conv(2w) at half, conv(2w) at quarter, then a linear classifier over the
     flattened features. Width 32 gives about 88K parameters and ~5.6M multiply-adds per 28x28 image.
     ``keras_module`` builds the same network with another Keras (compress passes ``tf_keras``, which
     tensorflow-model-optimization needs); its weights come in the same order.
+    ``synchronized``: batch normalization over the global batch of a distributed strategy (several GPUs); else
+    each GPU normalizes its own slice and keeps moving statistics of its own, of which the saved model holds
+    GPU 0's. The same variables either way.
     """
     if error := size_error(image_shape):
         raise StepError(error)
@@ -72,7 +75,7 @@ def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dr
         if i:
             x = layers.MaxPooling2D()(x)
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.BatchNormalization(momentum=0.9, **({"synchronized": True} if synchronized else {}))(x)
         x = layers.ReLU()(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
@@ -82,11 +85,12 @@ def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dr
 
 
 def compiled(*, image_shape: tuple[int, int], num_classes: int, width: int, dropout: float, learning_rate: float,
-             decay_steps: int) -> Any:
+             decay_steps: int, synchronized: bool = False) -> Any:
     """:func:`build`, compiled as every training run compiles it: Adam with cosine decay to 0 over ``decay_steps``."""
     import keras
 
-    net = build(image_shape=image_shape, num_classes=num_classes, width=width, dropout=dropout)
+    net = build(image_shape=image_shape, num_classes=num_classes, width=width, dropout=dropout,
+                synchronized=synchronized)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     net.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"])

@@ -390,7 +390,7 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     with strategy.scope():
         net = model_lib.compiled(image_shape=tuple(manifest["image_shape"]), num_classes=manifest["num_classes"],
                                  width=config.width, dropout=config.dropout, learning_rate=config.learning_rate,
-                                 decay_steps=steps_per_epoch * config.epochs)
+                                 decay_steps=steps_per_epoch * config.epochs, synchronized=replicas > 1)
     params = {**{k: v for k, v in settings.items() if k != "run_key"}, "parameters": net.count_params(),
               "gpus": gpus, "train_examples": n_train}
     # Trained again with other settings (select picked another trial, say): those are in train.settings_changed.

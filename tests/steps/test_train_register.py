@@ -491,7 +491,8 @@ def test_training_on_three_replicas_with_uneven_splits_saves_a_model_that_predic
         tmp_path, data_root, prepare, mlflow_server) -> None:
     """MirroredStrategy over 3 logical CPU devices stands in for 3 GPUs (Keras splits batches the same way): 180
     training images in batches of 21 leave 12, and 20 validation images do not divide by 3; before, training
-    failed on both, and the saved model's 2-image predict failed on 3 replicas."""
+    failed on both, and the saved model's 2-image predict failed on 3 replicas. Batch normalization is over
+    the global batch of 21, not each replica's 7."""
     manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=20))["manifest"]
     counts = json.loads(Path(manifest).read_text())["splits"]
     assert (counts["train"]["count"], counts["val"]["count"]) == (180, 20)
@@ -503,16 +504,28 @@ def test_training_on_three_replicas_with_uneven_splits_saves_a_model_that_predic
               "import tensorflow as tf\n"
               "cpu = tf.config.list_physical_devices('CPU')[0]\n"
               "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 3)\n"
-              "from mlsteps import train\n"
+              "from mlsteps import model, train\n"
               "train._strategy = lambda tf_, config: (tf.distribute.MirroredStrategy(\n"
               "    [f'/cpu:{i}' for i in range(3)]), 3)\n"
+              "built = []\n"
+              "compiled = model.compiled\n"
+              "model.compiled = lambda **kw: built.append(compiled(**kw)) or built[-1]\n"
               "result = train.run(train.TrainConfig(**json.loads(sys.argv[1])))\n"
-              "print('RESULT', json.dumps(result['metrics']))\n")
+              "print('RESULT', json.dumps(result['metrics']))\n"
+              "# Each replica's moving statistics of each batch normalization, as the trained model kept them\n"
+              "stats = [[[float(t.numpy().sum()) for t in v.value.values] for v in (layer.moving_mean,\n"
+              "          layer.moving_variance)] for layer in built[0].layers if 'batch_normalization' in layer.name]\n"
+              "print('STATS', json.dumps(stats))\n")
     out = subprocess.run([sys.executable, "-c", script, json.dumps(config)], capture_output=True, text=True,
                          env=step_env(), timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    metrics = json.loads(out.stdout.split("RESULT ", 1)[1])
+    metrics = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert 0 <= metrics["val_accuracy"] <= 1
+    # Normalized over the global batch: every replica holds the same moving statistics (each its own before,
+    # from its slice of 7 images, and the saved model kept replica 0's).
+    stats = json.loads(out.stdout.split("STATS ", 1)[1].splitlines()[0])
+    assert len(stats) == 3 and all(len(set(per_replica)) == 1 and len(per_replica) == 3
+                                   for layer in stats for per_replica in layer), stats
     import keras
     import numpy as np
 
