@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data, tracking
-from .core import (StepError, atomic_directory, cli, field, is_complete, require_gpus, seed_error,
+from .core import (NodeError, StepError, atomic_directory, cli, field, is_complete, require_gpus, seed_error,
                    write_json_atomic)
 
 log = logging.getLogger("mlsteps.train")
@@ -416,8 +416,16 @@ def _train(config: TrainConfig, manifest: dict[str, Any], settings: dict[str, An
     callbacks = [progress,
                  keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False),
                  keras.callbacks.LambdaCallback(on_epoch_end=progress.announce)]
-    history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
-                      shuffle=False)  # the dataset shuffles itself
+    try:
+        history = net.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=0,
+                          shuffle=False)  # the dataset shuffles itself
+    except tf.errors.ResourceExhaustedError as exc:
+        # A NodeError (retried: a shared GPU may have had less free memory), in one line naming what to change;
+        # the epochs done are backed up.
+        where = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "the CPU"
+        raise NodeError(f"out of memory training batches of {config.batch_size} at width {config.width} on "
+                        f"{where} ({str(exc.message).splitlines()[0][:200]}): lower --batch-size or --width, or "
+                        "train on more GPUs (the batch is split over them)") from None
     if keras.mixed_precision.global_policy().name != "float32" or replicas > 1:
         # The variables are float32 already; what is saved, evaluated, compressed and served computes in
         # float32 too (a mixed_float16 model would run in float16 on CPU pods and differ from compress's

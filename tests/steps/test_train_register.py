@@ -210,6 +210,24 @@ def test_a_diverged_training_fails_naming_the_learning_rate_and_saves_no_model(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]  # stopped after epoch 1
 
 
+def test_running_out_of_memory_fails_in_one_line_naming_the_batch_size_and_width_for_a_retry(
+        tmp_path, data_root, prepare, mlflow_server, monkeypatch) -> None:
+    """TensorFlow's ResourceExhaustedError came out as a traceback naming no flag, retried unchanged."""
+    import keras
+    import tensorflow as tf
+
+    manifest = prepare(idxdata.write_dataset(tmp_path / "source", train=200, test=50))["manifest"]
+
+    def out_of_memory(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,8,28,28]\nmore")
+
+    monkeypatch.setattr(keras.Model, "fit", out_of_memory)
+    with pytest.raises(train.NodeError, match=r"out of memory training batches of 64 at width 4 on the CPU \(OOM "
+                                              r"when allocating tensor with shape\[64,8,28,28\]\): lower "
+                                              r"--batch-size or --width"):
+        train.run(_train_config(manifest, data_root, mlflow_server, "train/out-of-memory"))
+
+
 @pytest.mark.parametrize(("override", "flag"), [({"dropout": 1.5}, "--dropout"), ({"learning_rate": 0.0}, "--learning-rate"),
                                                 ({"batch_size": 0}, "--batch-size"), ({"width": 0}, "--width"),
                                                 ({"epochs": 0}, "--epochs"), ({"seed": 2**32}, "--seed")],
