@@ -75,7 +75,7 @@ def build(*, image_shape: tuple[int, int], num_classes: int, width: int = 32, dr
         if i:
             x = layers.MaxPooling2D()(x)
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization(momentum=0.9, **({"synchronized": True} if synchronized else {}))(x)
+        x = layers.BatchNormalization(momentum=0.9, synchronized=synchronized)(x)
         x = layers.ReLU()(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)

@@ -401,6 +401,19 @@ def test_a_port_that_takes_connections_and_never_answers_is_an_unavailable_targe
             deploy.LocalTarget(url, "m", str(tmp_path / "token"), settle_timeout=60).current()
 
 
+def test_something_else_answering_on_the_serving_port_is_an_unavailable_target_not_an_error():
+    """A 200 without a model status (another service on the port) raised KeyError or JSONDecodeError."""
+    from mlops_airflow.deploy import LocalTarget, TargetUnavailable
+
+    class Handler(JsonHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_json(200, {"status": "ok"})
+
+    with http_server(Handler) as url, pytest.raises(TargetUnavailable, match="no model status .*is it the model "
+                                                                             "server?"):
+        LocalTarget(url, "m", "unused-token-file").current()
+
+
 def test_a_wrong_admin_token_is_a_target_problem_not_a_failed_version(local_server, tmp_path):
     """deploy tags a version "failed" and rolls back only for DeployFailed: a token that does not match the
     server's says nothing about the version."""
